@@ -1,0 +1,63 @@
+# sftflow: two commands on a fresh machine -> `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+LS_VENV := .venv-labelstudio
+BIN := $(VENV)/bin
+UV := $(BIN)/uv
+# The CPU build of torch lies on disk here (pip's find-links); never let a resolver fetch CUDA wheels.
+TORCH_WHEELS ?= /opt/wheels
+FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),)
+PYTEST_ARGS ?=
+
+.PHONY: install install-app install-labelstudio lock test test-unit demo stack-up stack-down stack-status lint bench clean
+
+install: install-app install-labelstudio
+
+$(UV):
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q uv==0.13.9
+
+# Exactly the locked versions (uv pip sync removes anything else), then the project itself.
+install-app: $(UV)
+	$(UV) pip sync -q --python $(BIN)/python $(FIND_LINKS) requirements/lock.txt
+	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
+
+# Label Studio's pins clash with the app's: it gets its own virtual environment.
+install-labelstudio: $(UV)
+	test -x $(LS_VENV)/bin/python || $(UV) venv -q -p $(PYTHON) $(LS_VENV)
+	$(UV) pip sync -q --python $(LS_VENV)/bin/python requirements/labelstudio.lock.txt
+
+# Re-pin after editing pyproject.toml dependencies.
+lock: $(UV)
+	$(UV) pip compile -q pyproject.toml --extra train --extra dev $(FIND_LINKS) --python-version 3.11 -o requirements/lock.txt
+	$(UV) pip compile -q requirements/labelstudio.in --python-version 3.11 -o requirements/labelstudio.lock.txt
+
+# The test suite starts (or reuses) the local stack it needs and stops what it started.
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: install-app
+	$(BIN)/pytest -m "not integration and not prefect and not train" $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/sftflow stack up
+	$(BIN)/python -m flows.demo
+
+stack-up: install
+	$(BIN)/sftflow stack up
+stack-down:
+	$(BIN)/sftflow stack down
+stack-status:
+	$(BIN)/sftflow stack status
+
+lint:
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/dedup.py
+
+clean:
+	-$(BIN)/sftflow stack down
+	rm -rf .stack

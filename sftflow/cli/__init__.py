@@ -1,0 +1,57 @@
+"""The ``sftflow`` command line.
+
+Every command that reports something takes ``--json``; failures print one line naming what
+failed and where, and exit non-zero (``--debug`` anywhere on the line shows the traceback).
+Each command group lives in its own module below and registers itself on ``app``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from sftflow.cli._app import app, console_err
+from sftflow.errors import SftflowError
+
+# Command modules register their commands on `app` when imported.
+from sftflow.cli import stack as _stack  # noqa: E402,F401
+
+for _mod in ("ingest", "datasets", "waiting", "webhooks", "finetune", "pipeline"):
+    try:
+        __import__(f"sftflow.cli.{_mod}")
+    except ModuleNotFoundError as _err:  # a command group not written yet
+        if _err.name != f"sftflow.cli.{_mod}":
+            raise
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        app(standalone_mode=False)
+    except SftflowError as err:
+        if debug:
+            raise
+        console_err.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
+        console_err.print("aborted")
+        sys.exit(130)
+    except typer.Exit as ex:
+        sys.exit(ex.exit_code)
+    except Exception as err:  # noqa: BLE001 - one line, unless --debug
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if debug:
+            raise
+        console_err.print(
+            f"[red]error:[/red] {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)

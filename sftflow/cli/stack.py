@@ -1,0 +1,80 @@
+"""``sftflow stack up | status | down | logs``: the local stack on loopback."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import typer
+from rich.table import Table
+
+from infra.stack import SERVICES, LocalStack
+from sftflow.cli._app import JsonOption, app, console, print_json
+from sftflow.errors import SftflowError
+from sftflow.settings import get_settings
+
+stack_app = typer.Typer(help="Start, inspect and stop the local stack (S3, Label Studio, Prefect).")
+app.add_typer(stack_app, name="stack")
+
+ServicesArg = typer.Argument(None, help=f"Services (default all): {', '.join(SERVICES)}.")
+
+
+def _names(services: list[str] | None) -> list[str]:
+    names = services or list(SERVICES)
+    unknown = [n for n in names if n not in SERVICES]
+    if unknown:
+        raise SftflowError(f"unknown service {unknown[0]!r}; choose from {', '.join(SERVICES)}")
+    return names
+
+
+def _print_status(statuses, as_json: bool) -> None:
+    if as_json:
+        print_json({"services": [asdict(s) for s in statuses],
+                    "healthy": all(s.healthy for s in statuses)})
+        return
+    table = Table("service", "url", "health", "pid", "log")
+    for s in statuses:
+        health = "[green]healthy[/green]" if s.healthy else f"[red]down[/red] {s.detail}"
+        table.add_row(s.name, s.url, health, str(s.pid or "-"), s.log)
+    console.print(table)
+
+
+@stack_app.command("up")
+def up(
+    services: list[str] | None = ServicesArg,
+    timeout: float = typer.Option(None, help="Seconds to wait for health (default from settings)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Start the services (reusing running ones) and wait until they are healthy."""
+    stack = LocalStack(get_settings())
+    _print_status(stack.up(_names(services), timeout_s=timeout), as_json)
+
+
+@stack_app.command("status")
+def status(services: list[str] | None = ServicesArg, as_json: bool = JsonOption) -> None:
+    """Each service's URL, health and pid. Exit code 1 if any is unhealthy."""
+    statuses = LocalStack(get_settings()).status(_names(services))
+    _print_status(statuses, as_json)
+    if not all(s.healthy for s in statuses):
+        raise typer.Exit(1)
+
+
+@stack_app.command("down")
+def down(services: list[str] | None = ServicesArg, as_json: bool = JsonOption) -> None:
+    """Stop exactly the processes this stack started (by their pid files)."""
+    stopped = LocalStack(get_settings()).down(_names(services))
+    if as_json:
+        print_json({"stopped": stopped})
+    else:
+        console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@stack_app.command("logs")
+def logs(
+    service: str = typer.Argument(..., help=f"One of {', '.join(SERVICES)}."),
+    lines: int = typer.Option(50, "-n", help="How many lines from the end."),
+) -> None:
+    """The end of a service's log file."""
+    stack = LocalStack(get_settings())
+    _names([service])
+    typer.echo(f"==> {stack.log_path(service)}")
+    typer.echo(stack.tail_log(service, lines))

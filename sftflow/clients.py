@@ -1,0 +1,35 @@
+"""Every external service behind one object, built in one place from the settings.
+
+Flows build ``Clients`` once at their entry point and hand ``clients.s3`` /
+``clients.labelstudio`` to tasks; tasks never read environment variables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from sftflow.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
+
+    from tasks.storage import S3
+
+
+@dataclass
+class Clients:
+    settings: Settings = field(default_factory=get_settings)
+
+    @cached_property
+    def s3(self) -> S3:
+        from tasks.storage import build_s3
+
+        return build_s3(self.settings.s3)
+
+    @cached_property
+    def labelstudio(self) -> LabelStudio:
+        from tasks.labelstudio import build_labelstudio
+
+        return build_labelstudio(self.settings.labelstudio)

@@ -1,0 +1,154 @@
+"""The one settings object of sftflow.
+
+Values come, highest priority first, from: keyword arguments, environment variables with the
+prefix ``SFTFLOW_`` (nested with ``__``, e.g. ``SFTFLOW_S3__ENDPOINT_URL``), a ``.env`` file,
+and an optional TOML file named by ``SFTFLOW_CONFIG`` (default ``sftflow.toml`` if present).
+
+The defaults point at the local stack (``sftflow stack up``), whose credentials are local-only
+and generated for loopback use. Secrets are ``SecretStr``; they may instead name a Prefect
+Secret block (``*_block`` fields), resolved when a client is built.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+# Credentials of the local stack only. They never leave loopback.
+LOCAL_S3_ACCESS_KEY = "sftflow-local"
+LOCAL_S3_SECRET_KEY = "sftflow-local-secret-key"
+LOCAL_LS_TOKEN = "sftflowlocaltoken0000000000000000000001"  # <= 40 chars (LS limit)
+
+
+class S3Settings(BaseModel):
+    endpoint_url: str | None = Field(
+        "http://127.0.0.1:18333",
+        description="S3 endpoint; empty for AWS S3 itself.",
+    )
+    region: str = Field("us-east-1", description="S3 region.")
+    access_key_id: SecretStr | None = Field(
+        SecretStr(LOCAL_S3_ACCESS_KEY), description="Access key id; empty to use boto3's chain."
+    )
+    secret_access_key: SecretStr | None = Field(
+        SecretStr(LOCAL_S3_SECRET_KEY), description="Secret access key."
+    )
+    secret_access_key_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the secret access key."
+    )
+    bucket: str = Field("sftflow", description="Default bucket for prompts, datasets and models.")
+    max_attempts: int = Field(6, ge=1, description="botocore retry attempts (adaptive mode).")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)
+
+
+class LabelStudioSettings(BaseModel):
+    url: str = Field("http://127.0.0.1:18080", description="Label Studio base URL.")
+    api_key: SecretStr | None = Field(
+        SecretStr(LOCAL_LS_TOKEN),
+        description="Legacy API token or personal access token (JWT refresh token).",
+    )
+    api_key_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the API key."
+    )
+    timeout_s: float = Field(120.0, gt=0, description="HTTP timeout per request.")
+
+
+class PrefectSettings(BaseModel):
+    api_url: str = Field(
+        "http://127.0.0.1:14200/api", description="Prefect API URL of the local stack's server."
+    )
+
+
+class DatasetSettings(BaseModel):
+    prefix: str = Field("datasets", description="Key prefix of dataset versions in the bucket.")
+    shard_rows: int = Field(5000, ge=1, description="Rows per content-addressed Parquet shard.")
+
+
+class FinetuneSettings(BaseModel):
+    backend: Literal["trl", "openai"] = "trl"
+    models_prefix: str = Field("models", description="Key prefix of model lineage manifests.")
+    openai_base_url: str = Field("https://api.openai.com/v1")
+    openai_api_key: SecretStr | None = None
+    openai_api_key_block: str | None = None
+
+
+class StackSettings(BaseModel):
+    """Where and on which loopback ports the local stack runs."""
+
+    dir: Path = Field(Path(".stack"), description="Data, logs and pid files of the local stack.")
+    host: str = "127.0.0.1"
+    s3_port: int = 18333
+    weed_master_port: int = 19333
+    weed_volume_port: int = 18081
+    weed_filer_port: int = 18889
+    label_studio_port: int = 18080
+    prefect_port: int = 14200
+    label_studio_bin: Path = Field(
+        Path(".venv-labelstudio/bin/label-studio"),
+        description="label-studio executable (its own virtual environment).",
+    )
+    label_studio_user: str = "admin@sftflow.local"
+    label_studio_password: SecretStr = SecretStr("sftflow-local-admin")
+    health_timeout_s: float = Field(120.0, gt=0)
+
+
+def _config_file() -> Path:
+    return Path(os.environ.get("SFTFLOW_CONFIG", "sftflow.toml"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SFTFLOW_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    s3: S3Settings = S3Settings()
+    labelstudio: LabelStudioSettings = LabelStudioSettings()
+    prefect: PrefectSettings = PrefectSettings()
+    datasets: DatasetSettings = DatasetSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+    stack: StackSettings = StackSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings, dotenv_settings]
+        if _config_file().is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_config_file()))
+        return tuple(sources)
+
+    def redacted(self) -> dict:
+        """The settings as JSON-able data with every secret replaced by ``'**********'``."""
+        return self.model_dump(mode="json")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def resolve_secret(value: SecretStr | None, block: str | None) -> str | None:
+    """The secret's plain value, from a Prefect Secret block when one is named."""
+    if block:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(block).get()
+    return value.get_secret_value() if value is not None else None

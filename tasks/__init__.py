@@ -1,0 +1,1 @@
+"""Small typed functions grouped by concern; Prefect tasks are declared where they are defined."""

@@ -1,0 +1,203 @@
+"""Object storage: one thin, typed S3 client on boto3, and the storage helpers flows share.
+
+Works against AWS S3 and S3-compatible servers (SeaweedFS in the local stack, MinIO).
+Conditional writes (``If-None-Match: *`` to create only, ``If-Match: <etag>`` to compare and
+swap) are what make commits and ledgers safe against crashes and concurrent runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from sftflow.errors import ServiceUnavailable
+from sftflow.settings import S3Settings, resolve_secret
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost: the object exists (If-None-Match) or changed (If-Match)."""
+
+    def __init__(self, bucket: str, key: str):
+        super().__init__(f"precondition failed for s3://{bucket}/{key}")
+        self.bucket, self.key = bucket, key
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    etag: str
+    size: int
+    last_modified: datetime | None = None
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``("bucket", "some/prefix")``."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {uri!r}")
+    return bucket, prefix
+
+
+def _code(err: ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def _status(err: ClientError) -> int:
+    return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+class S3:
+    """A boto3 S3 client bound to a default bucket. ``.client`` is the raw boto3 client."""
+
+    def __init__(self, client: Any, bucket: str, endpoint_url: str | None = None):
+        self.client = client
+        self.bucket = bucket
+        self.endpoint_url = endpoint_url
+        self._fsspec_options: dict[str, Any] = {}
+
+    # -- buckets -------------------------------------------------------------------------------
+    def ensure_bucket(self, bucket: str | None = None) -> None:
+        bucket = bucket or self.bucket
+        try:
+            self.client.head_bucket(Bucket=bucket)
+            return
+        except ClientError as err:
+            if _status(err) not in (404, 403) and _code(err) not in ("404", "NoSuchBucket"):
+                raise
+        try:
+            self.client.create_bucket(Bucket=bucket)
+        except ClientError as err:
+            if _code(err) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+
+    # -- objects -------------------------------------------------------------------------------
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        bucket: str | None = None,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        """Write an object and return its ETag. Conditional writes raise PreconditionFailed."""
+        bucket = bucket or self.bucket
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": data}
+        if if_none_match:
+            kwargs["IfNoneMatch"] = "*"
+        if if_match is not None:
+            kwargs["IfMatch"] = if_match
+        if content_type:
+            kwargs["ContentType"] = content_type
+        try:
+            return str(self.client.put_object(**kwargs)["ETag"])
+        except ClientError as err:
+            # 412 on AWS/SeaweedFS; 409 ConditionalRequestConflict on AWS for concurrent writers.
+            if _status(err) in (409, 412) or _code(err) in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+            ):
+                raise PreconditionFailed(bucket, key) from err
+            raise
+
+    def get_bytes(self, key: str, *, bucket: str | None = None) -> tuple[bytes, str]:
+        """The object's bytes and ETag. Raises KeyError if it does not exist."""
+        bucket = bucket or self.bucket
+        try:
+            resp = self.client.get_object(Bucket=bucket, Key=key)
+        except ClientError as err:
+            if _code(err) in ("NoSuchKey", "404") or _status(err) == 404:
+                raise KeyError(f"s3://{bucket}/{key}") from err
+            raise
+        return resp["Body"].read(), str(resp["ETag"])
+
+    def open(self, key: str, *, bucket: str | None = None) -> Any:
+        """A streaming, file-like body (``.read(n)``, ``.iter_lines()``) of the object."""
+        return self.client.get_object(Bucket=bucket or self.bucket, Key=key)["Body"]
+
+    def head(self, key: str, *, bucket: str | None = None) -> ObjectInfo | None:
+        try:
+            resp = self.client.head_object(Bucket=bucket or self.bucket, Key=key)
+        except ClientError as err:
+            if _status(err) == 404 or _code(err) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return ObjectInfo(key, str(resp["ETag"]), int(resp["ContentLength"]), resp.get("LastModified"))
+
+    def list(self, prefix: str = "", *, bucket: str | None = None) -> Iterator[ObjectInfo]:
+        """Every object under ``prefix``, page by page (never the whole listing in memory)."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket or self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                yield ObjectInfo(obj["Key"], str(obj["ETag"]), int(obj["Size"]), obj.get("LastModified"))
+
+    def delete(self, keys: Iterable[str], *, bucket: str | None = None) -> int:
+        """Delete objects in batches of 1000; returns how many were asked to be deleted."""
+        bucket = bucket or self.bucket
+        batch: list[dict[str, str]] = []
+        n = 0
+        for key in keys:
+            batch.append({"Key": key})
+            if len(batch) == 1000:
+                self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+                n += len(batch)
+                batch = []
+        if batch:
+            self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            n += len(batch)
+        return n
+
+    def uri(self, key: str, *, bucket: str | None = None) -> str:
+        return f"s3://{bucket or self.bucket}/{key}"
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """``storage_options`` for fsspec/s3fs (e.g. ``datasets.load_dataset``)."""
+        return dict(self._fsspec_options)
+
+    def ping(self) -> None:
+        """Raise ServiceUnavailable unless the endpoint answers a bucket listing."""
+        try:
+            self.client.list_buckets()
+        except (EndpointConnectionError, ClientError) as err:
+            raise ServiceUnavailable(f"S3 at {self.endpoint_url or 'AWS'}: {err}") from err
+
+
+def build_s3(settings: S3Settings) -> S3:
+    """The one place an S3 client is built from settings."""
+    secret = resolve_secret(settings.secret_access_key, settings.secret_access_key_block)
+    key_id = settings.access_key_id.get_secret_value() if settings.access_key_id else None
+    config = Config(
+        region_name=settings.region,
+        retries={"max_attempts": settings.max_attempts, "mode": "adaptive"},
+        connect_timeout=settings.connect_timeout_s,
+        read_timeout=settings.read_timeout_s,
+        s3={"addressing_style": "path"},
+        max_pool_connections=32,
+        # S3-compatible servers differ on the newer default checksums; send them only if needed.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=settings.endpoint_url or None,
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+        config=config,
+    )
+    s3 = S3(client, settings.bucket, settings.endpoint_url)
+    opts: dict[str, Any] = {"client_kwargs": {"region_name": settings.region}}
+    if settings.endpoint_url:
+        opts["client_kwargs"]["endpoint_url"] = settings.endpoint_url
+    if key_id and secret:
+        opts.update(key=key_id, secret=secret)
+    s3._fsspec_options = opts
+    return s3
