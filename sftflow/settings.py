@@ -82,6 +82,19 @@ class FinetuneSettings(BaseModel):
     openai_api_key_block: str | None = None
 
 
+class WebhookSettings(BaseModel):
+    """The event bridge (``sftflow webhooks serve``): Label Studio and S3 notifications in."""
+
+    host: str = "127.0.0.1"
+    port: int = 18700
+    secret: SecretStr | None = Field(
+        SecretStr("sftflow-local-webhook-secret"),
+        description="Shared secret expected in the X-Sftflow-Secret header.",
+    )
+    secret_block: str | None = Field(None, description="Prefect Secret block with the secret.")
+    max_body_bytes: int = Field(1_000_000, gt=0, description="Larger bodies get 413.")
+
+
 class StackSettings(BaseModel):
     """Where and on which loopback ports the local stack runs."""
 
@@ -119,6 +132,7 @@ class Settings(BaseSettings):
     prefect: PrefectSettings = PrefectSettings()
     datasets: DatasetSettings = DatasetSettings()
     finetune: FinetuneSettings = FinetuneSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     stack: StackSettings = StackSettings()
 
     @classmethod

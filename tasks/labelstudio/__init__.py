@@ -53,3 +53,38 @@ def check_labelstudio_auth(client: LabelStudio, url: str) -> str:
         raise ServiceUnavailable(f"Label Studio at {url}: {err}") from err
     except httpx.HTTPError as err:
         raise ServiceUnavailable(f"Label Studio at {url}: {err}") from err
+
+
+# -- projects ------------------------------------------------------------------------------------
+#: The Supervised LLM Fine-tuning template: the prompt above a required text area.
+PROMPT_NAME = "prompt"  # <Text name=...> showing task data["prompt"]
+RESPONSE_NAME = "instruction"  # <TextArea name=...>: the template's name for the response
+
+
+def find_project(client: LabelStudio, project: str | int) -> Any | None:
+    """A project by numeric id or exact title; None when there is none.
+
+    A title shared by several projects is an error (never guess which one is meant).
+    """
+    from label_studio_sdk.core.api_error import ApiError
+
+    if isinstance(project, int) or str(project).isdigit():
+        try:
+            return client.projects.get(id=int(project))
+        except ApiError as err:
+            if err.status_code == 404:
+                return None
+            raise
+    matches = [p for p in client.projects.list(title=str(project)) if p.title == str(project)]
+    if len(matches) > 1:
+        ids = ", ".join(str(p.id) for p in matches)
+        raise ConfigError(f"several Label Studio projects are titled {project!r} (ids {ids}); pass an id")
+    return matches[0] if matches else None
+
+
+def require_project(client: LabelStudio, project: str | int) -> Any:
+    """Like ``find_project`` but a missing project is a clear error naming it."""
+    found = find_project(client, project)
+    if found is None:
+        raise ConfigError(f"Label Studio project {project!r} does not exist")
+    return found
