@@ -135,6 +135,8 @@ class LocalStack:
                     f"-master.port={c.weed_master_port}", f"-volume.port={c.weed_volume_port}",
                     f"-filer.port={c.weed_filer_port}", f"-ip={host}", f"-ip.bind={host}",
                     "-master.volumeSizeLimitMB=64", "-volume.max=1000",
+                    # Extra listeners on fixed ports would clash between stacks; not needed.
+                    "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
                 ],
                 env={},
                 url=f"http://{host}:{c.s3_port}",

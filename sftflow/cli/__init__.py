@@ -30,7 +30,9 @@ def main() -> None:
     if debug:
         sys.argv.remove("--debug")
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns an Exit's code instead of raising
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except SftflowError as err:
         if debug:
             raise

@@ -78,3 +78,25 @@ def logs(
     _names([service])
     typer.echo(f"==> {stack.log_path(service)}")
     typer.echo(stack.tail_log(service, lines))
+
+
+@app.command("check")
+def check(as_json: bool = JsonOption) -> None:
+    """Check the configured services: reachable, and our credentials accepted."""
+    from tasks.labelstudio import check_labelstudio_auth, labelstudio_health
+    from sftflow.clients import Clients
+
+    settings = get_settings()
+    clients = Clients(settings)
+    clients.s3.ping()
+    labelstudio_health(settings.labelstudio.url)
+    user = check_labelstudio_auth(clients.labelstudio, settings.labelstudio.url)
+    result = {
+        "s3": {"endpoint": settings.s3.endpoint_url or "aws", "bucket": settings.s3.bucket, "ok": True},
+        "labelstudio": {"url": settings.labelstudio.url, "user": user, "ok": True},
+        "settings": settings.redacted(),
+    }
+    if as_json:
+        print_json(result)
+    else:
+        console.print(f"S3 {result['s3']['endpoint']}: ok; Label Studio {settings.labelstudio.url}: ok as {user}")

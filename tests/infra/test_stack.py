@@ -1,0 +1,74 @@
+"""`sftflow stack up | status | down` for real: a second stack on other ports in a temp folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infra.stack import _group_members
+
+pytestmark = pytest.mark.integration
+
+SFTFLOW = str(Path(sys.executable).parent / "sftflow")
+ROOT = Path(__file__).parents[2]
+
+
+def stack_env(tmp_path: Path, base: int) -> dict[str, str]:
+    ls_bin = ROOT / ".venv-labelstudio" / "bin" / "label-studio"
+    return {
+        **os.environ,
+        "SFTFLOW_STACK__DIR": str(tmp_path / "stack"),
+        "SFTFLOW_STACK__S3_PORT": str(base),
+        "SFTFLOW_STACK__WEED_MASTER_PORT": str(base + 1),
+        "SFTFLOW_STACK__WEED_VOLUME_PORT": str(base + 2),
+        "SFTFLOW_STACK__WEED_FILER_PORT": str(base + 3),
+        "SFTFLOW_STACK__LABEL_STUDIO_PORT": str(base + 4),
+        "SFTFLOW_STACK__PREFECT_PORT": str(base + 5),
+        "SFTFLOW_STACK__LABEL_STUDIO_BIN": str(ls_bin),
+        "SFTFLOW_S3__ENDPOINT_URL": f"http://127.0.0.1:{base}",
+        "SFTFLOW_LABELSTUDIO__URL": f"http://127.0.0.1:{base + 4}",
+        "SFTFLOW_PREFECT__API_URL": f"http://127.0.0.1:{base + 5}/api",
+    }
+
+
+def sftflow(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([SFTFLOW, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_up_status_down_leaves_nothing_running(tmp_path):
+    env = stack_env(tmp_path, 23100)
+    try:
+        up = sftflow(env, "stack", "up", "--json", "--timeout", "180")
+        assert up.returncode == 0, up.stderr + (tmp_path / "stack" / "logs").as_posix()
+        services = {s["name"]: s for s in json.loads(up.stdout)["services"]}
+        assert set(services) == {"s3", "labelstudio", "prefect"}
+        assert all(s["healthy"] and s["managed"] for s in services.values())
+        pids = {name: s["pid"] for name, s in services.items()}
+
+        # `up` again is idempotent: the same processes are reused.
+        again = sftflow(env, "stack", "up", "--json")
+        assert {s["name"]: s["pid"] for s in json.loads(again.stdout)["services"]} == pids
+
+        status = sftflow(env, "stack", "status", "--json")
+        assert status.returncode == 0 and json.loads(status.stdout)["healthy"] is True
+
+        # A second stack folder on the same ports: a clear error naming the port.
+        other = {**env, "SFTFLOW_STACK__DIR": str(tmp_path / "other")}
+        clash = sftflow(other, "stack", "up", "s3")
+        assert clash.returncode == 1 and "Traceback" not in clash.stderr
+        assert f"port {23100} on 127.0.0.1 is in use" in clash.stderr
+    finally:
+        down = sftflow(env, "stack", "down", "--json", timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert sorted(json.loads(down.stdout)["stopped"]) == ["labelstudio", "prefect", "s3"]
+    for pid in pids.values():
+        assert _group_members(pid) == []  # the whole process group is gone
+    assert not list(Path("/tmp").glob("seaweedfs-*-23100.sock"))
+    after = sftflow(env, "stack", "status", "--json")
+    assert after.returncode == 1
+    assert not any(s["healthy"] or s["pid"] for s in json.loads(after.stdout)["services"])

@@ -1,0 +1,37 @@
+"""The one settings object: sources, nesting, and secrets that never show."""
+
+from __future__ import annotations
+
+import json
+
+from sftflow.settings import Settings
+
+
+def test_env_prefix_and_nesting(monkeypatch):
+    monkeypatch.setenv("SFTFLOW_S3__BUCKET", "from-env")
+    monkeypatch.setenv("SFTFLOW_LABELSTUDIO__URL", "http://ls.example:8080")
+    monkeypatch.setenv("SFTFLOW_STACK__S3_PORT", "28333")
+    s = Settings()
+    assert s.s3.bucket == "from-env"
+    assert s.labelstudio.url == "http://ls.example:8080"
+    assert s.stack.s3_port == 28333
+
+
+def test_toml_file_below_env(tmp_path, monkeypatch):
+    cfg = tmp_path / "sftflow.toml"
+    cfg.write_text('[s3]\nbucket = "from-file"\nregion = "eu-west-1"\n')
+    monkeypatch.setenv("SFTFLOW_CONFIG", str(cfg))
+    monkeypatch.setenv("SFTFLOW_S3__REGION", "us-west-2")
+    s = Settings()
+    assert s.s3.bucket == "from-file"  # file fills what env does not set
+    assert s.s3.region == "us-west-2"  # env wins over the file
+
+
+def test_secrets_are_redacted_everywhere(monkeypatch):
+    monkeypatch.setenv("SFTFLOW_S3__SECRET_ACCESS_KEY", "very-secret-s3")
+    monkeypatch.setenv("SFTFLOW_LABELSTUDIO__API_KEY", "very-secret-token")
+    s = Settings()
+    dumped = json.dumps(s.redacted())
+    for text in (dumped, repr(s), str(s)):
+        assert "very-secret-s3" not in text and "very-secret-token" not in text
+    assert s.s3.secret_access_key.get_secret_value() == "very-secret-s3"
