@@ -114,6 +114,8 @@ class LocalStack:
         self.settings = settings
         self.cfg = settings.stack
         self.dir = self.cfg.dir.resolve()
+        #: Services that ``up`` started (not reused) in this object's lifetime.
+        self.started: list[str] = []
 
     # -- paths ---------------------------------------------------------------------------------
     def log_path(self, name: str) -> Path:
@@ -161,10 +163,13 @@ class LocalStack:
                     # Local stack only: webhooks and S3 endpoints on loopback must be allowed.
                     "SSRF_PROTECTION_ENABLED": "false",
                     "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+                    "DJANGO_SETTINGS_MODULE": "sftflow_labelstudio_settings",
+                    "PYTHONPATH": str(self.dir / "labelstudio-settings"),
                 },
                 url=f"http://{host}:{c.label_studio_port}",
                 ports=[c.label_studio_port],
                 health=self._labelstudio_health,
+                before_start=self._write_labelstudio_settings,
             ),
             "prefect": ServiceSpec(
                 name="prefect",
@@ -208,6 +213,24 @@ class LocalStack:
             for p in (port, port + 10000):
                 for sock in Path("/tmp").glob(f"seaweedfs-*-{p}.sock"):
                     sock.unlink(missing_ok=True)
+
+    def _write_labelstudio_settings(self) -> None:
+        # Label Studio's SQLite defaults (rollback journal, deferred transactions, 5 s lock wait)
+        # answer "database is locked" under concurrent writers; WAL + IMMEDIATE + 30 s do not.
+        folder = self.dir / "labelstudio-settings"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "sftflow_labelstudio_settings.py").write_text(
+            # base first: label_studio's own module reads django.conf.settings while importing.
+            "from label_studio.core.settings.base import *  # noqa: F401,F403\n"
+            "from label_studio.core.settings.label_studio import *  # noqa: F401,F403\n"
+            "from label_studio.core.settings.label_studio import DATABASES\n\n"
+            "if DATABASES['default']['ENGINE'].endswith('sqlite3'):\n"
+            "    DATABASES['default']['OPTIONS'] = {\n"
+            "        'timeout': 30,\n"
+            "        'transaction_mode': 'IMMEDIATE',\n"
+            "        'init_command': 'PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;',\n"
+            "    }\n"
+        )
 
     def _write_s3_identities(self) -> None:
         s3 = self.settings.s3
@@ -318,6 +341,7 @@ class LocalStack:
                 json.dumps(asdict(_PidRecord(proc.pid, ticks, [argv[0]])))
             )
             started[name] = proc
+            self.started.append(name)
         self._wait_healthy(names, specs, started, timeout_s)
         return self.status(names)
 

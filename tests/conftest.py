@@ -29,10 +29,10 @@ def stack(settings: Settings) -> Iterator[Settings]:
     needed = ["s3", "labelstudio"]
     missing = [s.name for s in local.status(needed) if not s.healthy]
     if missing:
-        local.up(missing)
+        local.up(missing)  # reuses a running-but-slow service; starts only what is not running
     yield settings
-    if missing:
-        local.down(missing)
+    if local.started:
+        local.down(local.started)
 
 
 @pytest.fixture()
