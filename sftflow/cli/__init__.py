@@ -11,11 +11,10 @@ import sys
 
 import typer
 
+# Command modules register their commands on `app` when imported.
+from sftflow.cli import stack as _stack  # noqa: F401
 from sftflow.cli._app import app, console_err
 from sftflow.errors import SftflowError
-
-# Command modules register their commands on `app` when imported.
-from sftflow.cli import stack as _stack  # noqa: E402,F401
 
 for _mod in ("ingest", "datasets", "waiting", "webhooks", "finetune", "pipeline"):
     try:
@@ -43,7 +42,7 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as ex:
         sys.exit(ex.exit_code)
-    except Exception as err:  # noqa: BLE001 - one line, unless --debug
+    except Exception as err:
         import click
 
         if isinstance(err, click.ClickException):

@@ -83,8 +83,8 @@ def logs(
 @app.command("check")
 def check(as_json: bool = JsonOption) -> None:
     """Check the configured services: reachable, and our credentials accepted."""
-    from tasks.labelstudio import check_labelstudio_auth, labelstudio_health
     from sftflow.clients import Clients
+    from tasks.labelstudio import check_labelstudio_auth, labelstudio_health
 
     settings = get_settings()
     clients = Clients(settings)

@@ -20,21 +20,21 @@ SAMPLE_PATH = Path(__file__).with_name("sample_prompts.jsonl")
 
 HAND_WRITTEN = [
     ("Explain in two sentences what a hash function is.",
-     "A hash function maps data of any size to a fixed-size value, the hash. Good hash functions "
+     ("A hash function maps data of any size to a fixed-size value, the hash. Good hash functions "
      "spread different inputs evenly, so equal inputs always give equal hashes and different "
-     "inputs rarely collide."),
+     "inputs rarely collide.")),
     ("What is the difference between a list and a tuple in Python?",
-     "A list is mutable: you can add, remove and change its items. A tuple is immutable once "
-     "created, which makes it hashable (usable as a dict key) when its items are hashable."),
+     ("A list is mutable: you can add, remove and change its items. A tuple is immutable once "
+     "created, which makes it hashable (usable as a dict key) when its items are hashable.")),
     ("Write a haiku about autumn rain.",
      "Cold rain on the roof\nred leaves slide down the gutter\nthe kettle starts to sing"),
     ("Give three tips for writing a clear commit message.",
-     "1. Start with a short summary line in the imperative mood.\n2. Explain why the change was "
-     "made, not only what changed.\n3. Keep one logical change per commit."),
+     ("1. Start with a short summary line in the imperative mood.\n2. Explain why the change was "
+     "made, not only what changed.\n3. Keep one logical change per commit.")),
     ("Summarise the water cycle in one paragraph.",
-     "Water evaporates from oceans, lakes and plants, rises as vapour, cools and condenses into "
+     ("Water evaporates from oceans, lakes and plants, rises as vapour, cools and condenses into "
      "clouds, and falls back as rain or snow. It then flows over land into rivers or soaks into "
-     "the ground, eventually returning to the sea, where the cycle starts again."),
+     "the ground, eventually returning to the sea, where the cycle starts again.")),
     ("What does HTTP status code 404 mean?",
      "404 Not Found: the server was reached, but it has nothing at the requested URL."),
     ("Suggest a name for a bakery that specialises in sourdough bread.",
@@ -42,8 +42,8 @@ HAND_WRITTEN = [
     ("Translate 'good morning' into French, Spanish and German.",
      "French: bonjour. Spanish: buenos días. German: guten Morgen."),
     ("Why is the sky blue?",
-     "Sunlight is scattered by air molecules, and shorter (blue) wavelengths scatter much more "
-     "than longer (red) ones, so blue light reaches our eyes from every part of the sky."),
+     ("Sunlight is scattered by air molecules, and shorter (blue) wavelengths scatter much more "
+     "than longer (red) ones, so blue light reaches our eyes from every part of the sky.")),
     ("Write a SQL query that counts the rows of a table named orders.",
      "SELECT COUNT(*) FROM orders;"),
     ("What is a prime number?",
@@ -51,16 +51,16 @@ HAND_WRITTEN = [
     ("List the planets of the solar system in order from the Sun.",
      "Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus, Neptune."),
     ("Give an example of a polite way to decline a meeting invitation.",
-     "Thank you for the invitation. Unfortunately I can't attend on Thursday; could you share "
-     "the notes afterwards, or shall we find another time next week?"),
+     ("Thank you for the invitation. Unfortunately I can't attend on Thursday; could you share "
+     "the notes afterwards, or shall we find another time next week?")),
     ("What is the purpose of a unit test?",
-     "A unit test checks that one small piece of code, such as a function, behaves as intended, "
-     "quickly and in isolation, so regressions are caught as soon as they are introduced."),
+     ("A unit test checks that one small piece of code, such as a function, behaves as intended, "
+     "quickly and in isolation, so regressions are caught as soon as they are introduced.")),
     ("Describe the smell of fresh coffee in one sentence.",
      "Warm, roasted and slightly sweet, with a bitter edge that wakes you before the first sip."),
     ("Explain what a Git branch is to a beginner.",
-     "A branch is a movable label on a line of commits: you can work on it without touching the "
-     "main line, and merge your work back when it is ready."),
+     ("A branch is a movable label on a line of commits: you can work on it without touching the "
+     "main line, and merge your work back when it is ready.")),
     ("What is the boiling point of water at sea level in Celsius?", "100 °C."),
     ("Name three renewable sources of energy.", "Solar, wind and hydroelectric power."),
     ("Write a one-line Python expression that squares the numbers 1 to 5.",
@@ -69,8 +69,8 @@ HAND_WRITTEN = [
     ("Rewrite this sentence in the passive voice: The committee approved the budget.",
      "The budget was approved by the committee."),
     ("What is overfitting in machine learning?",
-     "Overfitting is when a model learns the noise and quirks of its training data so closely "
-     "that it performs well on that data but poorly on new, unseen data."),
+     ("Overfitting is when a model learns the noise and quirks of its training data so closely "
+     "that it performs well on that data but poorly on new, unseen data.")),
     ("Give a short definition of latency.",
      "Latency is the time between a request being made and its response arriving."),
     ("请用一句话介绍长城。", "长城是中国古代修建的防御工程，全长两万多公里，是世界著名的文化遗产。"),
@@ -97,8 +97,8 @@ def generated(rng: random.Random) -> list[tuple[str, str]]:
                      f"{km} km is about {_fmt(km * 0.621371)} miles."))
     for _ in range(28):
         a, b, price = rng.randint(2, 12), rng.randint(2, 9), rng.randint(2, 15)
-        rows.append((f"A shop sells {a} boxes with {b} pens each, at {price} euros per box. "
-                     f"How many pens are sold, and what is the total price?",
+        rows.append(((f"A shop sells {a} boxes with {b} pens each, at {price} euros per box. "
+                      f"How many pens are sold, and what is the total price?"),
                      f"{a} x {b} = {a * b} pens, for {a} x {price} = {a * price} euros."))
     for _ in range(24):
         d = date(2020, 1, 1) + timedelta(days=rng.randint(0, 2000))

@@ -37,7 +37,7 @@ def stack_env(tmp_path: Path, base: int) -> dict[str, str]:
 
 
 def sftflow(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([SFTFLOW, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([SFTFLOW, *args], check=False, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_up_status_down_leaves_nothing_running(tmp_path):

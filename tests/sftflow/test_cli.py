@@ -15,7 +15,7 @@ SFTFLOW = str(Path(sys.executable).parent / "sftflow")
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [SFTFLOW, *args], capture_output=True, text=True, timeout=120,
+        [SFTFLOW, *args], check=False, capture_output=True, text=True, timeout=120,
         env={**os.environ, **(env or {})},
     )
 
