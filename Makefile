@@ -42,7 +42,7 @@ test-unit: install-app
 
 demo: install
 	$(BIN)/sftflow stack up
-	$(BIN)/python -m flows.demo
+	$(BIN)/sftflow demo
 
 stack-up: install
 	$(BIN)/sftflow stack up
@@ -57,6 +57,8 @@ lint:
 bench: install
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/dedup.py
+	$(BIN)/python bench/build.py
+	$(BIN)/python bench/events.py
 
 clean:
 	-$(BIN)/sftflow stack down

@@ -146,7 +146,8 @@ class LocalStack:
                 health=self._s3_health,
                 # weed ignores SIGTERM for a long time; SIGINT shuts it down.
                 stop_signal=signal.SIGINT,
-                before_start=lambda: self._remove_weed_sockets(s3_ports),
+                before_start=lambda: (self._remove_weed_sockets(s3_ports),
+                                      self._write_weed_master_toml()),
                 after_stop=lambda: self._remove_weed_sockets(s3_ports),
             ),
             "labelstudio": ServiceSpec(
@@ -213,6 +214,12 @@ class LocalStack:
             for p in (port, port + 10000):
                 for sock in Path("/tmp").glob(f"seaweedfs-*-{p}.sock"):
                     sock.unlink(missing_ok=True)
+
+    def _write_weed_master_toml(self) -> None:
+        # weed reads master.toml from its working directory (the stack folder). Each bucket is a
+        # collection that grows 7 volumes at once by default; 2 lets hundreds of buckets coexist
+        # within -volume.max (tests make a bucket each).
+        (self.dir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 2\ncopy_other = 1\n")
 
     def _write_labelstudio_settings(self) -> None:
         # Label Studio's SQLite defaults (rollback journal, deferred transactions, 5 s lock wait)

@@ -80,6 +80,15 @@ class FinetuneSettings(BaseModel):
     openai_base_url: str = Field("https://api.openai.com/v1")
     openai_api_key: SecretStr | None = None
     openai_api_key_block: str | None = None
+    trl_mode: Literal["deployment", "local"] = Field(
+        "deployment",
+        description="deployment: run the train-trl flow on a work pool (needs a worker); "
+        "local: train inside the orchestrating process (demo, no worker).",
+    )
+    trl_deployment: str = Field(
+        "train-trl/default", description="FLOW/DEPLOYMENT name of the training flow's deployment."
+    )
+    train_work_pool: str = Field("sftflow-train", description="Work pool of the training deployment.")
 
 
 class WebhookSettings(BaseModel):

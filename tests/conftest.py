@@ -3,6 +3,7 @@ test, a Label Studio client, a Prefect test harness, and the shared data folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -22,11 +23,12 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="session")
 def stack(settings: Settings) -> Iterator[Settings]:
-    """S3 and Label Studio, healthy. Reuses a running stack; stops only what it started."""
+    """S3, Label Studio and the Prefect server, healthy. Reuses a running stack; stops only
+    what it started. (Most Prefect tests use the harness; the crash tests need a real server.)"""
     from infra.stack import LocalStack
 
     local = LocalStack(settings)
-    needed = ["s3", "labelstudio"]
+    needed = ["s3", "labelstudio", "prefect"]
     missing = [s.name for s in local.status(needed) if not s.healthy]
     if missing:
         local.up(missing)  # reuses a running-but-slow service; starts only what is not running
@@ -37,13 +39,17 @@ def stack(settings: Settings) -> Iterator[Settings]:
 
 @pytest.fixture()
 def s3(stack: Settings):
-    """An S3 client bound to a new, empty bucket of its own."""
+    """An S3 client bound to a new, empty bucket of its own, deleted afterwards."""
     from tasks.storage import build_s3
 
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     client = build_s3(stack.s3.model_copy(update={"bucket": bucket}))
     client.ensure_bucket()
-    return client
+    yield client
+    # A bucket is a SeaweedFS collection holding volumes: free them for the next tests.
+    client.delete(o.key for o in client.list(""))
+    with contextlib.suppress(Exception):  # not the test's subject: never fail a test here
+        client.client.delete_bucket(Bucket=bucket)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from sftflow.cli import stack as _stack  # noqa: F401
 from sftflow.cli._app import app, console_err
 from sftflow.errors import SftflowError
 
-for _mod in ("ingest", "datasets", "waiting", "webhooks", "finetune", "pipeline"):
+for _mod in ("ingest", "datasets", "waiting", "webhooks", "finetune", "pipeline", "demo"):
     try:
         __import__(f"sftflow.cli.{_mod}")
     except ModuleNotFoundError as _err:  # a command group not written yet

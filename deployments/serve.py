@@ -1,0 +1,160 @@
+"""The sftflow deployments, defined once: schedules, event triggers, concurrency limits.
+
+``sftflow serve`` serves them from this process on the local stack (``prefect.serve``);
+``deployments/prefect.yaml`` declares the same four for work pools (``prefect deploy``).
+``tests/deployments`` checks that the two stay in step.
+
+- ``ingest``: cron schedule over the whole source prefix, and a trigger on
+  ``sftflow.prompts.arrived`` for objects under that prefix (ingests the new object).
+- ``check-annotations``: interval schedule; the reconciliation path that covers lost Label
+  Studio webhooks: when the threshold is reached it starts a build-dataset run.
+- ``build-dataset``: trigger on ``sftflow.annotation.created`` events the bridge labelled
+  ``sftflow.threshold=reached`` for this dataset, one firing per project per ``debounce_s``
+  (``for_each`` project, ``within``); the bridge gives every event of one threshold crossing
+  the same id, so Prefect also drops the repeats. At most one run at a time (extra runs wait).
+- ``finetune``: trigger on ``sftflow.dataset.versioned`` for this dataset.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from sftflow.events import ANNOTATION_CREATED, DATASET_VERSIONED, PROMPTS_ARRIVED
+from tasks.labelstudio.counters import CountMode
+from tasks.storage import parse_s3_uri
+from tasks.webhooks import THRESHOLD_LABEL
+
+#: Deployment names (the flow name is prefixed by Prefect: "<flow>/<deployment>").
+INGEST, CHECK, BUILD, FINETUNE = "ingest", "check-annotations", "build-dataset", "finetune"
+
+
+class ServeConfig(BaseModel):
+    """What the deployments of one prompt source / project / dataset are set up with."""
+
+    source: str = Field(..., description="s3://bucket/prefix where prompt files land.")
+    project: str = Field(..., description="Label Studio project (title or id).")
+    dataset: str = Field(..., description="Dataset name the builds write.")
+    min_new: int = Field(100, ge=1, description="New annotated tasks that trigger a build.")
+    count: CountMode = "tasks"
+    ingest_cron: str = Field("*/30 * * * *", description="Cron of the catch-up ingest.")
+    check_interval_s: int = Field(900, ge=10, description="Interval of check-annotations.")
+    debounce_s: int = Field(300, ge=1, description="At most one build trigger per project per this.")
+    base_model: str | None = Field(
+        None, description="Base model of the finetune deployment (none: no finetune deployment)."
+    )
+    backend: str | None = Field(None, description="finetune backend (settings default if empty).")
+    bucket: str | None = Field(None, description="Bucket of datasets/models (empty: configured).")
+
+
+def _as_text(template: str) -> dict[str, str]:
+    """A trigger parameter rendered as a string: a bare ``{{ x }}`` would keep x's JSON type
+    (a project id would arrive as an int where the flow's parameters want a string)."""
+    return {"__prefect_kind": "jinja", "template": template}
+
+
+def _prefix_pattern(source: str) -> tuple[str, str]:
+    bucket, prefix = parse_s3_uri(source)
+    return bucket, f"sftflow.s3.{bucket}.{prefix}*"
+
+
+def build_deployments(cfg: ServeConfig) -> list[Any]:
+    """The ``RunnerDeployment`` objects (apply them, or hand them to ``prefect.serve``).
+
+    Without ``cfg.base_model`` there is no finetune deployment (its flow needs one).
+    """
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.events import DeploymentEventTrigger
+
+    from flows.build_dataset import build_dataset
+    from flows.check_annotations import check_annotations
+    from flows.finetune import finetune
+    from flows.ingest import ingest_prompts
+
+    one_at_a_time = ConcurrencyLimitConfig(
+        limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+    )
+    bucket, resource_pattern = _prefix_pattern(cfg.source)
+    tags = ["sftflow", f"dataset:{cfg.dataset}"]
+    extra = {"bucket": cfg.bucket} if cfg.bucket else {}
+
+    ingest = ingest_prompts.to_deployment(
+        name=INGEST,
+        description="Import new prompt files from S3 into Label Studio.",
+        cron=cfg.ingest_cron,
+        parameters={"params": {"source": cfg.source, "project": cfg.project}},
+        triggers=[
+            DeploymentEventTrigger(
+                name=f"{INGEST}: prompts arrived under {cfg.source}",
+                expect={PROMPTS_ARRIVED},
+                match={"prefect.resource.id": resource_pattern, "sftflow.bucket": bucket},
+                parameters={"params": {"source": "{{ event.payload.uri }}", "project": cfg.project}},
+            )
+        ],
+        concurrency_limit=one_at_a_time,
+        tags=tags,
+    )
+    check = check_annotations.to_deployment(
+        name=CHECK,
+        description="Reconcile: start a build when enough new annotations exist.",
+        interval=timedelta(seconds=cfg.check_interval_s),
+        parameters={"params": {"project": cfg.project, "dataset": cfg.dataset,
+                               "min_new": cfg.min_new, "count": cfg.count, **extra}},
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
+        ),
+        tags=tags,
+    )
+    build = build_dataset.to_deployment(
+        name=BUILD,
+        description="Export annotations, filter, deduplicate and commit a dataset version.",
+        parameters={"params": {"project": cfg.project, "dataset": cfg.dataset, **extra}},
+        triggers=[
+            DeploymentEventTrigger(
+                name=f"{BUILD}: {cfg.dataset} threshold reached",
+                expect={ANNOTATION_CREATED},
+                match={THRESHOLD_LABEL: "reached", "sftflow.dataset": cfg.dataset},
+                for_each={"prefect.resource.id"},
+                threshold=1,
+                within=timedelta(seconds=cfg.debounce_s),
+                parameters={"params": {"project": _as_text("{{ event.payload.project_id }}"),
+                                       "dataset": "{{ event.payload.dataset }}", **extra}},
+            )
+        ],
+        concurrency_limit=one_at_a_time,
+        tags=tags,
+    )
+    if not cfg.base_model:
+        return [ingest, check, build]
+    finetune_params: dict[str, Any] = {"dataset": cfg.dataset, **extra}
+    trigger_params: dict[str, Any] = {
+        "dataset": "{{ event.payload.dataset }}@{{ event.payload.version }}", **extra
+    }
+    for key in ("base_model", "backend"):
+        if getattr(cfg, key):
+            finetune_params[key] = trigger_params[key] = getattr(cfg, key)
+    tune = finetune.to_deployment(
+        name=FINETUNE,
+        description="Fine-tune on a dataset version and record the model's lineage.",
+        parameters={"params": finetune_params},
+        triggers=[
+            DeploymentEventTrigger(
+                name=f"{FINETUNE}: new version of {cfg.dataset}",
+                expect={DATASET_VERSIONED},
+                match={"prefect.resource.id": f"sftflow.dataset.{cfg.dataset}"},
+                parameters={"params": trigger_params},
+            )
+        ],
+        concurrency_limit=one_at_a_time,
+        tags=tags,
+    )
+    return [ingest, check, build, tune]
+
+
+def serve(cfg: ServeConfig, limit: int | None = None) -> None:
+    """Register the deployments and run their flow runs from this process (blocks)."""
+    import prefect
+
+    prefect.serve(*build_deployments(cfg), limit=limit)

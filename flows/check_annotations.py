@@ -1,0 +1,93 @@
+"""Reconciliation: one look at a project's counters; start a build if the threshold is reached.
+
+Triggered by: the ``check-annotations`` deployment's interval schedule (it covers Label Studio
+webhooks that were lost: they have a 1 s timeout and no retries), or the Prefect UI.
+Inputs: ``CheckParams`` (project, dataset, threshold, the build deployment's name).
+Outputs: a ``CheckReport`` and a table artifact; when the threshold is reached, a flow run of
+the build-dataset deployment (``run_deployment``, not waited for).
+Idempotency: the build run is created with an idempotency key per threshold crossing
+(project, dataset, baseline version, threshold), so checks repeated before the build has
+committed a new version create no second run. One Label Studio API call and two small S3
+reads per check.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.deployments import run_deployment
+from pydantic import BaseModel, Field
+
+from flows.wait_for_annotations import clients_for
+from tasks.labelstudio import require_project
+from tasks.labelstudio.counters import (
+    CountMode,
+    ProjectCounters,
+    Threshold,
+    load_baseline,
+    progress,
+)
+
+
+class CheckParams(BaseModel):
+    project: str = Field(..., description="Label Studio project: title or numeric id.")
+    dataset: str = Field(..., description="Dataset to build; new = since its last version.")
+    min_new: int = Field(..., ge=1, description="New annotated tasks that justify a build.")
+    count: CountMode = Field("tasks", description="'tasks' or 'annotations'.")
+    min_annotations_per_task: int = Field(1, ge=1, description="See wait_for_annotations.")
+    build_deployment: str = Field(
+        "build-dataset/build-dataset", description="The build deployment: '<flow>/<deployment>'."
+    )
+    bucket: str | None = Field(None, description="Bucket of the datasets (empty: configured).")
+
+
+class CheckReport(BaseModel):
+    reached: bool
+    message: str
+    project_id: int
+    new: int
+    min_new: int
+    baseline_version: str | None
+    idempotency_key: str | None = None
+    build_flow_run_id: str | None = None
+
+
+def crossing_key(project_id: int, params: CheckParams, baseline_version: str | None) -> str:
+    return ":".join(
+        str(x) for x in ("build", project_id, params.dataset, baseline_version, params.count,
+                         params.min_annotations_per_task, params.min_new)
+    )
+
+
+@flow(name="check-annotations")
+def check_annotations(params: CheckParams) -> CheckReport:
+    logger = get_run_logger()
+    clients = clients_for(params.bucket)
+    counters = ProjectCounters.from_project(require_project(clients.labelstudio, params.project))
+    version, baseline = load_baseline(
+        clients.s3, params.dataset, clients.settings.datasets.prefix
+    )
+    threshold = Threshold(min_new=params.min_new, count=params.count,
+                          min_annotations_per_task=params.min_annotations_per_task)
+    p = progress(counters, threshold, baseline)
+    report = CheckReport(
+        reached=p.reached, message=p.describe(), project_id=p.project_id, new=p.new,
+        min_new=p.min_new, baseline_version=version,
+    )
+    if p.reached:
+        report.idempotency_key = crossing_key(p.project_id, params, version)
+        run = run_deployment(
+            params.build_deployment,
+            parameters={"params": {"project": str(p.project_id), "dataset": params.dataset}},
+            idempotency_key=report.idempotency_key,
+            timeout=0,
+        )
+        report.build_flow_run_id = str(run.id)
+        logger.info("%s: build run %s (%s)", p.describe(), run.name, run.id)
+    else:
+        logger.info(p.describe())
+    create_table_artifact(
+        [{"figure": k, "value": str(v)} for k, v in report.model_dump().items()],
+        description=report.message,
+    )
+    return report

@@ -1,0 +1,197 @@
+"""Wait until a Label Studio project has enough new annotations, or give up at a deadline.
+
+Triggered by: ``sftflow wait``, the ``sft_pipeline`` flow (as a subflow), or the Prefect UI.
+Inputs: ``WaitParams`` - the project, how many new annotated tasks (or annotations) are
+"enough", counted since the last version of ``dataset`` (the counters recorded in its
+manifest; since the project began when there is none), the deadline and the poll intervals.
+Outputs: a ``WaitReport``; a progress artifact (fraction reached) updated at every poll and
+a table artifact with the final figures. Nothing is written to S3 and no event is emitted.
+Final state: ``Completed`` when enough annotations exist; ``Completed`` named ``NotEnough``
+with the message "not enough annotations yet: 37 of 500" at the deadline (not an exception).
+A deleted or missing project fails the run with an error naming it.
+Cost: one Label Studio API call per poll; polls are at least ``min_interval_s`` apart, so the
+default 60 s means at most about 60 calls per hour of waiting.
+Idempotency: read-only; rerunning it is always safe.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.states import Completed
+from pydantic import BaseModel, Field, model_validator
+
+from sftflow.clients import Clients
+from sftflow.errors import ConfigError
+from sftflow.settings import get_settings
+from tasks.labelstudio import require_project
+from tasks.labelstudio.counters import (
+    CountMode,
+    ProjectCounters,
+    Threshold,
+    fetch_counters,
+    load_baseline,
+    progress,
+)
+from tasks.polling import Backoff
+
+
+class WaitParams(BaseModel):
+    project: str = Field(..., description="Label Studio project: title or numeric id.")
+    min_new: int = Field(..., ge=1, description="How many new annotated tasks are enough.")
+    dataset: str | None = Field(
+        None,
+        description="Count what is new since the last version of this dataset "
+        "(empty: count everything in the project).",
+    )
+    count: CountMode = Field(
+        "tasks", description="'tasks': annotated tasks; 'annotations': total annotations."
+    )
+    min_annotations_per_task: int = Field(
+        1, ge=1, description="Annotations a task needs to count (above 1: the project overlap)."
+    )
+    timeout_s: float = Field(3600.0, gt=0, description="Give up after this many seconds.")
+    min_interval_s: float = Field(
+        60.0, ge=0.05, description="Shortest pause between polls (60 s: <= ~60 API calls/hour)."
+    )
+    max_interval_s: float = Field(600.0, ge=0.05, description="Longest pause between polls.")
+    bucket: str | None = Field(
+        None, description="Bucket holding the dataset versions (empty: the configured bucket)."
+    )
+
+    @model_validator(mode="after")
+    def _intervals(self) -> WaitParams:
+        if self.max_interval_s < self.min_interval_s:
+            raise ValueError("max_interval_s must be >= min_interval_s")
+        return self
+
+    def threshold(self) -> Threshold:
+        return Threshold(
+            min_new=self.min_new,
+            count=self.count,
+            min_annotations_per_task=self.min_annotations_per_task,
+        )
+
+
+class WaitReport(BaseModel):
+    reached: bool
+    message: str
+    project: str
+    project_id: int | None = None
+    counter: str | None = None
+    current: int | None = None
+    baseline: int = 0
+    baseline_version: str | None = None
+    new: int = 0
+    min_new: int
+    polls: int = 0
+    api_calls: int = 0
+    failed_polls: int = 0
+    last_error: str | None = None
+    waited_s: float = 0.0
+
+
+def _progress_key(project: str) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in project.lower()).strip("-")[:40]
+    return f"wait-annotations-{slug or 'project'}"
+
+
+def clients_for(bucket: str | None) -> Clients:
+    """The clients of the configured settings, with another default bucket if asked."""
+    settings = get_settings()
+    if bucket and bucket != settings.s3.bucket:
+        settings = settings.model_copy(
+            update={"s3": settings.s3.model_copy(update={"bucket": bucket})}
+        )
+    return Clients(settings)
+
+
+@flow(name="wait-for-annotations")
+def wait_for_annotations(params: WaitParams) -> WaitReport:
+    """Returns the report; the run ends Completed, or Completed named NotEnough at the deadline."""
+    logger = get_run_logger()
+    clients = clients_for(params.bucket)
+    ls = clients.labelstudio
+    threshold = params.threshold()
+    baseline_version, baseline = load_baseline(
+        clients.s3, params.dataset, clients.settings.datasets.prefix
+    )
+    logger.info(
+        "waiting for %d new %s in project %r (baseline: %s), deadline %.0f s",
+        params.min_new, params.count, params.project, baseline_version or "none", params.timeout_s,
+    )
+
+    backoff = Backoff(params.min_interval_s, params.max_interval_s)
+    started = time.monotonic()
+    deadline = started + params.timeout_s
+    report = WaitReport(
+        reached=False, message="", project=params.project, min_new=params.min_new,
+        baseline_version=baseline_version,
+    )
+    artifact_id = create_progress_artifact(
+        0.0, key=_progress_key(params.project),
+        description=f"New annotations in {params.project!r}: fraction of {params.min_new}",
+    )
+    project_id: int | None = None
+    last_new: int | None = None
+
+    for _ in range(backoff.max_polls(params.timeout_s)):
+        report.polls += 1
+        report.api_calls += 1
+        try:
+            if project_id is None:  # resolve once (title -> id); the listing carries counters
+                counters = ProjectCounters.from_project(require_project(ls, params.project))
+                project_id = counters.project_id
+            else:
+                counters = fetch_counters(ls, project_id)
+        except ConfigError:
+            raise  # missing/deleted project, bad threshold: not something waiting fixes
+        except Exception as err:  # noqa: BLE001 - service down: try again within the deadline
+            report.failed_polls += 1
+            report.last_error = f"{type(err).__name__}: {err}"[:300]
+            logger.warning("poll %d failed: %s", report.polls, report.last_error)
+            now_progress = None
+        else:
+            p = progress(counters, threshold, baseline)
+            report.project_id, report.counter = p.project_id, p.counter
+            report.current, report.baseline, report.new = p.current, p.baseline, p.new
+            update_progress_artifact(artifact_id, round(100 * p.fraction, 1))
+            logger.info("poll %d: %s", report.polls, p.describe())
+            if p.reached:
+                report.reached = True
+                report.message = p.describe()
+                break
+            now_progress = p.new
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        progressed = now_progress is not None and last_new is not None and now_progress > last_new
+        if now_progress is not None:
+            last_new = now_progress
+        time.sleep(min(backoff.next_delay(progressed), deadline - now))
+
+    report.waited_s = round(time.monotonic() - started, 3)
+    if not report.reached:
+        report.message = f"not enough annotations yet: {max(0, report.new)} of {params.min_new}"
+        if report.current is None and report.last_error:
+            report.message += f" (Label Studio unreachable: {report.last_error})"
+    _summary_artifact(report)
+    logger.info(report.message)
+    if report.reached:
+        return Completed(message=report.message, data=report)
+    return Completed(name="NotEnough", message=report.message, data=report)
+
+
+def _summary_artifact(report: WaitReport) -> None:
+    rows = [
+        {"figure": k, "value": str(v)}
+        for k, v in report.model_dump().items()
+        if k not in ("message",)
+    ]
+    create_table_artifact(rows, description=report.message)

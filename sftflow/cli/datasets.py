@@ -1,0 +1,263 @@
+"""``sftflow build`` and ``sftflow datasets list|show|diff|pull|tag|gc``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from sftflow.cli._app import JsonOption, app, console, print_json
+from sftflow.cli._prefect_api import prefect_api
+from sftflow.errors import ConfigError
+from sftflow.settings import get_settings
+
+datasets_app = typer.Typer(help="Dataset versions in the bucket: list, show, diff, pull, tag, gc.",
+                           no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+DestArgument = typer.Argument(..., help="Local folder (loadable with load_dataset(DIR)).")
+BucketOption = typer.Option(None, "--bucket", help="Bucket of the datasets (default: settings).")
+
+
+def _s3(bucket: str | None):
+    from tasks.storage import build_s3
+
+    settings = get_settings()
+    s3_settings = settings.s3 if not bucket else settings.s3.model_copy(update={"bucket": bucket})
+    return build_s3(s3_settings), settings.datasets.prefix
+
+
+@app.command("build")
+def build(
+    project: str = typer.Option(..., "--project", "-p", help="Label Studio project title or id."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name."),
+    policy: str = typer.Option(
+        "latest", "--policy", help="Annotations per task: latest | ground_truth_first | all."
+    ),
+    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Clusters in eval."),
+    pii: str = typer.Option("redact", "--pii", help="E-mails, phones: drop | redact | off."),
+    secrets: str = typer.Option("drop", "--secrets", help="Keys, tokens: drop | redact | off."),
+    dedup_on: str = typer.Option(
+        "prompt_response", "--dedup-on", help="Compare prompt | prompt_response."
+    ),
+    threshold: float = typer.Option(0.8, "--threshold", help="Near-duplicate Jaccard threshold."),
+    tag: str = typer.Option(None, "--tag", help="Also point this tag at the version."),
+    bucket: str = BucketOption,
+    dask_address: str = typer.Option(
+        None, "--dask-address", help="Run mapped tasks on this dask.distributed scheduler."
+    ),
+    as_json: bool = JsonOption,
+) -> None:
+    """Export the project's annotations and commit a dataset version (no-op if unchanged)."""
+    from pydantic import ValidationError
+
+    from flows.build_dataset import BuildParams, build_dataset, build_dataset_on
+    from tasks.dedup import DedupConfig
+    from tasks.filters import FilterConfig
+
+    try:
+        params = BuildParams(
+            project=project, dataset=dataset, annotation_policy=policy,
+            eval_fraction=eval_fraction, tag=tag, bucket=bucket,
+            filters=FilterConfig(pii=pii, secrets=secrets),
+            dedup=DedupConfig(on=dedup_on, threshold=threshold),
+        )
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "parameters"
+        raise ConfigError(f"build {where}: {first['msg']}") from None
+    flow_fn = build_dataset_on(dask_address) if dask_address else build_dataset
+    with prefect_api(get_settings()):
+        report = flow_fn(params)
+    if as_json:
+        print_json(report.model_dump(mode="json"))
+        return
+    console.print(report.message, highlight=False)
+    for stage in ("export", "filters", "dedup"):
+        counts = report.counts.get(stage) or {}
+        shown = ", ".join(f"{k}: {v}" for k, v in counts.items() if v and isinstance(v, int))
+        console.print(f"  {stage}: {shown}", highlight=False)
+    if report.uri:
+        console.print(f"  manifest: {report.uri}  ({report.bytes_written:,} bytes written)",
+                      highlight=False)
+
+
+@datasets_app.command("list")
+def list_cmd(
+    dataset: str = typer.Argument(None, help="A dataset: list its versions."),
+    bucket: str = BucketOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """The datasets in the bucket, or the versions of one dataset."""
+    from tasks import versioning
+
+    s3, prefix = _s3(bucket)
+    if dataset:
+        latest = versioning.latest_version(s3, dataset, prefix=prefix)
+        tags = versioning.list_tags(s3, dataset, prefix=prefix)
+        out: Any = [
+            {**v, "latest": v["version"] == latest,
+             "tags": sorted(t for t, tv in tags.items() if tv == v["version"])}
+            for v in versioning.list_versions(s3, dataset, prefix=prefix)
+        ]
+        if as_json:
+            print_json(out)
+            return
+        table = Table("version", "created_at", "train", "eval", "parent", "latest/tags")
+        for v in out:
+            marks = (["latest"] if v["latest"] else []) + v["tags"]
+            table.add_row(v["version"], v["created_at"][:19], str(v["rows"].get("train", 0)),
+                          str(v["rows"].get("eval", 0)), v["parent"] or "-", ", ".join(marks))
+        console.print(table)
+        return
+    out = []
+    for name in versioning.list_datasets(s3, prefix=prefix):
+        latest = versioning.latest_version(s3, name, prefix=prefix)
+        rows = {}
+        if latest:
+            rows = versioning.load_manifest(s3, name, latest, verify=False, prefix=prefix)["rows"]
+        out.append({"dataset": name, "latest": latest, "rows": rows})
+    if as_json:
+        print_json(out)
+        return
+    table = Table("dataset", "latest", "train", "eval")
+    for d in out:
+        table.add_row(d["dataset"], d["latest"] or "-", str(d["rows"].get("train", "-")),
+                      str(d["rows"].get("eval", "-")))
+    console.print(table)
+
+
+@datasets_app.command("show")
+def show(
+    ref: str = typer.Argument(..., help="NAME[@VERSION|@TAG] (default: latest)."),
+    verify: bool = typer.Option(False, "--verify", help="Check every file's sha256."),
+    bucket: str = BucketOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """A version's manifest summary: rows, files, source, stats."""
+    from tasks import versioning
+
+    s3, prefix = _s3(bucket)
+    name, version = versioning.parse_ref(ref)
+    m = versioning.load_manifest(s3, name, version, verify=verify, prefix=prefix)
+    summary = {
+        "dataset": m["dataset"], "version": m["version"], "parent": m.get("parent"),
+        "created_at": m["created_at"], "rows": m["rows"], "source": m.get("source"),
+        "config_hash": m.get("config_hash"), "code_version": m.get("code_version"),
+        "run_id": m.get("run_id"), "verified": verify,
+        "files": {fmt: sum(1 for f in m["files"] if f["format"] == fmt)
+                  for fmt in sorted({f["format"] for f in m["files"]})},
+        "bytes": sum(f["size"] for f in m["files"]),
+        "stats": {k: {kk: vv for kk, vv in v.items() if kk != "examples"}
+                  if isinstance(v, dict) else v for k, v in (m.get("stats") or {}).items()},
+        "train_files": versioning.data_files(s3, m, "train"),
+        "eval_files": versioning.data_files(s3, m, "eval"),
+    }
+    if as_json:
+        print_json(summary)
+        return
+    console.print(f"[bold]{m['dataset']}@{m['version']}[/bold] (parent {m.get('parent')}, "
+                  f"{m['created_at'][:19]}){' verified' if verify else ''}", highlight=False)
+    console.print(f"rows: {m['rows']}; files: {summary['files']}; {summary['bytes']:,} bytes",
+                  highlight=False)
+    src = m.get("source") or {}
+    console.print(f"source: project {src.get('project_title')!r} (id {src.get('project_id')}), "
+                  f"export {src.get('export_id')} at {src.get('snapshot_at')}", highlight=False)
+    for stage, counts in summary["stats"].items():
+        console.print(f"{stage}: {counts}", highlight=False)
+
+
+@datasets_app.command("diff")
+def diff(
+    a: str = typer.Argument(..., help="NAME@VERSION (or NAME for latest)."),
+    b: str = typer.Argument(..., help="NAME@VERSION or just VERSION (same dataset as A)."),
+    bucket: str = BucketOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Rows added, removed, changed and unchanged from A to B."""
+    from tasks import versioning
+
+    s3, prefix = _s3(bucket)
+    name, va = versioning.parse_ref(a)
+    if "@" in b:
+        name_b, vb = versioning.parse_ref(b)
+        if name_b != name:
+            raise ConfigError(f"diff compares versions of one dataset, not {name!r} and {name_b!r}")
+    else:
+        vb = b
+    out = versioning.diff_versions(s3, name, va, vb, prefix=prefix)
+    if as_json:
+        print_json(out)
+        return
+    console.print(f"{name}: {out['a']} -> {out['b']}", highlight=False)
+    for k in ("added", "removed", "changed"):
+        console.print(f"  {k}: {out[k]}", highlight=False)
+    console.print(f"  unchanged: {out['unchanged']}; {out['bytes_shared_with_a']:,} of "
+                  f"{out['bytes_b']:,} bytes shared with {out['a']}", highlight=False)
+
+
+@datasets_app.command("pull")
+def pull(
+    ref: str = typer.Argument(..., help="NAME[@VERSION|@TAG]."),
+    dest: Path = DestArgument,
+    bucket: str = BucketOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Download a version, checksums verified."""
+    from tasks import versioning
+
+    s3, prefix = _s3(bucket)
+    name, version = versioning.parse_ref(ref)
+    out = versioning.pull_version(s3, name, version, dest, prefix=prefix)
+    if as_json:
+        print_json(out)
+        return
+    console.print(f"{name}@{out['version']} -> {out['dir']} ({out['files']} files, "
+                  f"{out['bytes_downloaded']:,} bytes downloaded)", highlight=False)
+
+
+@datasets_app.command("tag")
+def tag(
+    ref: str = typer.Argument(..., help="NAME@VERSION (or NAME for latest)."),
+    name_of_tag: str = typer.Argument(..., metavar="TAG", help="Tag name."),
+    bucket: str = BucketOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Point a tag at a version."""
+    from tasks import versioning
+
+    s3, prefix = _s3(bucket)
+    name, version = versioning.parse_ref(ref)
+    version = versioning.resolve(s3, name, version, prefix=prefix)
+    versioning.set_tag(s3, name, name_of_tag, version, prefix=prefix)
+    out = {"dataset": name, "tag": name_of_tag, "version": version}
+    if as_json:
+        print_json(out)
+        return
+    console.print(f"{name}: {name_of_tag} -> {version}", highlight=False)
+
+
+@datasets_app.command("gc")
+def gc(
+    dataset: str = typer.Argument(..., help="Dataset name."),
+    dry_run: bool = typer.Option(True, "--dry-run/--delete",
+                                 help="Only report (default), or delete."),
+    min_age_s: float = typer.Option(3600.0, "--min-age-s",
+                                    help="Keep unreferenced objects younger than this."),
+    bucket: str = BucketOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Objects no manifest references (crashed commits); deleted only with --delete."""
+    from tasks import versioning
+
+    s3, prefix = _s3(bucket)
+    out = versioning.gc(s3, dataset, prefix=prefix, dry_run=dry_run, min_age_s=min_age_s)
+    if as_json:
+        print_json(out)
+        return
+    verb = "would delete" if dry_run else "deleted"
+    console.print(f"{dataset}: {out['versions']} versions, {out['objects']} objects; {verb} "
+                  f"{out['unreferenced']} unreferenced ({out['unreferenced_bytes']:,} bytes); "
+                  f"{out['kept_too_young']} too young to collect", highlight=False)

@@ -1,0 +1,232 @@
+"""``sftflow demo``: the whole loop on the project's own sample, against the local stack.
+
+1. builds a tiny Llama-style model locally (no hub) and registers the ``train-trl`` deployment
+   on a process work pool, with a worker that this demo starts and stops by pid;
+2. uploads ``sample_prompts.jsonl`` to ``s3://<bucket>/demo/prompts/``;
+3. runs the ``sft_pipeline`` flow on the stack's Prefect server: ingest -> wait -> build ->
+   fine-tune, while SIMULATED annotators answer the new tasks through the Label Studio API with the
+   sample's reference answers (a stand-in for people, and labelled so in the output);
+4. prints where to look.
+
+A second run reuses everything: nothing new is imported, there is nothing to annotate, the wait
+stage ends at once in its "not enough" state, and the existing version and model are shown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from sftflow.clients import Clients
+from sftflow.demo.sample import SAMPLE_PATH
+from sftflow.errors import SftflowError
+from sftflow.settings import Settings
+
+PROJECT = "sftflow-demo"
+DATASET = "demo"
+PROMPTS_PREFIX = "demo/prompts/"
+TRAIN_POOL = "sftflow-demo-train"
+console = Console()
+
+
+def _sample_answers() -> dict[str, str]:
+    """prompt_id -> reference response, for the simulated annotators."""
+    from tasks.prompts import prompt_id
+
+    answers = {}
+    for line in SAMPLE_PATH.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            answers[prompt_id(row["prompt"])] = row.get("response", "")
+    return answers
+
+
+class SimulatedAnnotators(threading.Thread):
+    """Answers every unannotated task of the demo project until told to stop or a deadline.
+
+    This is a simulation of human annotators: it writes the sample's reference answers through
+    the same Label Studio API a person's browser uses.
+    """
+
+    def __init__(self, clients: Clients, deadline_s: float = 600.0):
+        super().__init__(daemon=True, name="simulated-annotators")
+        self.clients = clients
+        self.deadline = time.monotonic() + deadline_s
+        self.stop = threading.Event()
+        self.answered = 0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        from tasks.labelstudio import find_project
+
+        ls = self.clients.labelstudio
+        answers = _sample_answers()
+        delay = 0.5
+        while not self.stop.is_set() and time.monotonic() < self.deadline:
+            try:
+                project = find_project(ls, PROJECT)
+                if project is not None:
+                    self._answer(ls, project.id, answers)
+            except Exception as err:  # noqa: BLE001 - a simulation keeps going, and reports it
+                self.errors.append(str(err)[:200])
+            self.stop.wait(delay)
+            delay = min(delay * 1.5, 3.0)
+
+    def _answer(self, ls: Any, project_id: int, answers: dict[str, str]) -> None:
+        for task in ls.tasks.list(project=project_id, fields="all"):
+            if self.stop.is_set() or (task.total_annotations or 0) > 0:
+                continue
+            data = task.data or {}
+            text = answers.get(data.get("prompt_id", ""))
+            if text is None:
+                continue
+            ls.annotations.create(
+                id=task.id,
+                result=[{"from_name": "instruction", "to_name": "prompt", "type": "textarea",
+                         "value": {"text": [text]}}],
+            )
+            self.answered += 1
+
+
+def _upload_sample(clients: Clients) -> str:
+    s3 = clients.s3
+    s3.ensure_bucket()
+    key = PROMPTS_PREFIX + "sample.jsonl"
+    body = SAMPLE_PATH.read_bytes()
+    try:
+        current, _ = s3.get_bytes(key)
+    except KeyError:
+        current = None
+    if current != body:
+        s3.put_bytes(key, body, content_type="application/x-ndjson")
+    return s3.uri(PROMPTS_PREFIX)
+
+
+def _tiny_model(workdir: Path) -> Path:
+    from tasks.finetune.tiny_model import build_tiny_model
+
+    out = workdir / "tiny-model"
+    if not (out / "config.json").exists():
+        texts = [json.loads(line).get("response", "") for line in SAMPLE_PATH.open(encoding="utf-8")]
+        build_tiny_model(out, [t for t in texts if isinstance(t, str)])
+    return out
+
+
+def _start_worker(settings: Settings, workdir: Path) -> subprocess.Popen:
+    from flows.train_trl import deploy_train_trl
+
+    deploy_train_trl(TRAIN_POOL, "default")
+    log = (workdir / "worker.log").open("ab")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", TRAIN_POOL,
+         "--type", "process"],
+        env={**os.environ, "PREFECT_API_URL": settings.prefect.api_url,
+             "PREFECT_WORKER_QUERY_SECONDS": "2"},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    log.close()
+    return proc
+
+
+def _stop_worker(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+def run_demo(settings: Settings, workdir: Path = Path(".demo")) -> dict[str, Any]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.pipeline import PipelineParams, sft_pipeline
+    from tasks.labelstudio import find_project
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ["SFTFLOW_FINETUNE__TRL_DEPLOYMENT"] = "train-trl/default"
+    clients = Clients(settings)
+    started = time.monotonic()
+    console.rule("[bold]sftflow demo")
+    source = _upload_sample(clients)
+    console.print(f"sample: {SAMPLE_PATH.name} ({sum(1 for _ in SAMPLE_PATH.open())} rows) -> {source}")
+    model = _tiny_model(workdir)
+    console.print(f"base model: tiny Llama-style model built locally at {model}")
+
+    existing = find_project(clients.labelstudio, PROJECT)
+    rerun = existing is not None and (existing.task_number or 0) > 0
+    annotators = SimulatedAnnotators(clients)
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect.api_url}):
+        worker = _start_worker(settings, workdir)
+        try:
+            console.print("[yellow]SIMULATION[/yellow]: simulated annotators answer new tasks "
+                          "through the Label Studio API with the sample's reference answers")
+            annotators.start()
+            report = sft_pipeline(PipelineParams(
+                source=source, project=PROJECT, dataset=DATASET,
+                # First run: wait until the simulated annotators answered every sample prompt.
+                min_new=1 if rerun else len(_sample_answers()),
+                wait_timeout_s=15 if rerun else 300,
+                min_interval_s=2, max_interval_s=5, base_model=str(model.resolve()),
+            ))
+        finally:
+            annotators.stop.set()
+            annotators.join(timeout=30)
+            _stop_worker(worker)
+    return _summary(settings, clients, report.model_dump(mode="json"), annotators,
+                    time.monotonic() - started)
+
+
+def _summary(settings: Settings, clients: Clients, report: dict, annotators: SimulatedAnnotators,
+             seconds: float) -> dict[str, Any]:
+    from tasks.labelstudio import find_project
+    from tasks.versioning import latest_version
+
+    project = find_project(clients.labelstudio, PROJECT)
+    version = latest_version(clients.s3, DATASET, prefix=settings.datasets.prefix)
+    models_prefix = settings.finetune.models_prefix
+    ft = report.get("finetune") or {}
+    if not ft.get("job"):  # a rerun stops before fine-tuning: show the newest existing model
+        from tasks.finetune.lineage import list_records
+
+        records = list_records(clients.s3, models_prefix, dataset=DATASET)
+        ft = records[-1] if records else {}  # oldest submission first
+    summary = {
+        "stage": report["stage"],
+        "message": report["message"],
+        "seconds": round(seconds, 1),
+        "simulated_annotations": annotators.answered,
+        "simulation_errors": annotators.errors[:3],
+        "ingest": report.get("ingest"),
+        "prefect_ui": settings.prefect.api_url.removesuffix("/api") + "/runs",
+        "labelstudio_project": f"{settings.labelstudio.url}/projects/{project.id}" if project else None,
+        "dataset_version": (f"s3://{settings.s3.bucket}/{settings.datasets.prefix}/{DATASET}/"
+                            f"versions/{version}/manifest.json") if version else None,
+        "model_manifest": ft.get("lineage_uri")
+        or (f"s3://{settings.s3.bucket}/{models_prefix}/{ft['job']}/manifest.json"
+            if ft.get("job") else None),
+    }
+    if version is None:
+        raise SftflowError(f"the demo made no dataset version: {report['message']}")
+    console.rule("[bold]where to look")
+    console.print(f"Prefect UI (flow runs):   {summary['prefect_ui']}")
+    console.print(f"Label Studio project:     {summary['labelstudio_project']}")
+    console.print(f"dataset version:          {summary['dataset_version']}")
+    console.print(f"                          sftflow datasets show {DATASET}")
+    console.print(f"model lineage manifest:   {summary['model_manifest']}")
+    console.print("                          sftflow models list")
+    console.print(f"simulated annotations this run: {annotators.answered}; "
+                  f"pipeline stage reached: {report['stage']} ({report['message']}); "
+                  f"{seconds:.0f} s")
+    return summary

@@ -1,0 +1,187 @@
+"""Row filters and the PII / secret scan: pure functions over lists of row dicts.
+
+Every dropped row comes back as an exclusion with its reason, every decision is counted, so
+the build can report what it kept and why it dropped the rest. ``filter_rows`` is applied per
+shard (a Prefect task mapped over shards by the build flow).
+
+Token counts are approximate: UTF-8 bytes / 4, which is close to BPE tokenisers for English
+(about 4 bytes a token) and for CJK text (3 bytes a character, about one token a character).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from tasks._prefect import compute_task
+
+ScanPolicy = Literal["drop", "redact", "off"]
+
+
+class FilterConfig(BaseModel):
+    min_chars: int = Field(1, ge=0, description="Responses shorter than this (characters) are dropped.")
+    max_chars: int = Field(20_000, ge=1, description="Prompt or response longer than this is dropped.")
+    min_tokens: int = Field(0, ge=0, description="Responses with fewer approximate tokens are dropped.")
+    max_tokens: int = Field(
+        4_096, ge=1, description="Prompt + response with more approximate tokens are dropped."
+    )
+    drop_equal_to_prompt: bool = Field(True, description="Drop responses that repeat the prompt.")
+    drop_control_chars: bool = Field(
+        True, description="Drop rows with control characters (other than tab and newlines)."
+    )
+    pii: ScanPolicy = Field(
+        "redact", description="E-mail addresses and phone numbers: drop the row, redact, or off."
+    )
+    secrets: ScanPolicy = Field(
+        "drop",
+        description="Cloud keys, private keys, bearer and API tokens: drop the row, redact, or off.",
+    )
+
+
+# -- scanners ------------------------------------------------------------------------------------
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+PII_PATTERNS: dict[str, re.Pattern[str]] = {
+    "email": re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
+    # International (+CC ...) or North-American style numbers with separators; 10-15 digits.
+    "phone": re.compile(
+        r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){2,4}"
+        r"|\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4})(?![\w])"
+    ),
+}
+
+SECRET_PATTERNS: dict[str, re.Pattern[str]] = {
+    "private_key": re.compile(
+        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?",
+        re.DOTALL,
+    ),
+    "aws_access_key": re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA)[0-9A-Z]{16}\b"),
+    "aws_secret_key": re.compile(
+        r"(?i)aws_?secret_?(?:access_?)?key\W{0,3}[=:]\W{0,3}[A-Za-z0-9/+]{40}"
+    ),
+    "gcp_api_key": re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"),
+    "github_token": re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})\b"),
+    "slack_token": re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{10,}\b"),
+    "openai_key": re.compile(r"\bsk-(?:proj-)?[A-Za-z0-9_-]{20,}\b"),
+    "bearer_token": re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/-]{16,}=*"),
+}
+
+
+def _digits(s: str) -> int:
+    return sum(ch.isdigit() for ch in s)
+
+
+def find_sensitive(text: str, patterns: dict[str, re.Pattern[str]]) -> list[tuple[str, int, int]]:
+    """``(kind, start, end)`` of every match; phone matches need 10 to 15 digits."""
+    hits = []
+    for kind, pattern in patterns.items():
+        for m in pattern.finditer(text):
+            if kind == "phone" and not 10 <= _digits(m.group()) <= 15:
+                continue
+            hits.append((kind, m.start(), m.end()))
+    return hits
+
+
+def redact(text: str, hits: list[tuple[str, int, int]]) -> str:
+    """Replace each hit by ``[KIND]`` (overlapping hits merge into the first one's label)."""
+    out, last = [], 0
+    for kind, start, end in sorted(hits, key=lambda h: (h[1], -h[2])):
+        if start < last:
+            last = max(last, end)
+            continue
+        out.append(text[last:start])
+        out.append(f"[{kind.upper()}]")
+        last = end
+    out.append(text[last:])
+    return "".join(out)
+
+
+def approx_tokens(text: str) -> int:
+    return math.ceil(len(text.encode("utf-8", "surrogatepass")) / 4)
+
+
+# -- the filter ----------------------------------------------------------------------------------
+@dataclass
+class FilterResult:
+    kept: list[dict[str, Any]] = field(default_factory=list)
+    excluded: list[dict[str, Any]] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)  # "dropped:<reason>", "redacted:<kind>"
+
+
+def _drop_reason(row: dict[str, Any], cfg: FilterConfig) -> str | None:
+    prompt, completion = row["prompt"], row["completion"]
+    stripped = completion.strip()
+    if not stripped:
+        return "empty_response"
+    if cfg.drop_equal_to_prompt and " ".join(stripped.casefold().split()) == " ".join(
+        prompt.strip().casefold().split()
+    ):
+        return "response_equals_prompt"
+    if len(stripped) < cfg.min_chars:
+        return "too_short_chars"
+    if len(prompt) > cfg.max_chars or len(completion) > cfg.max_chars:
+        return "too_long_chars"
+    if approx_tokens(completion) < cfg.min_tokens:
+        return "too_short_tokens"
+    if approx_tokens(prompt) + approx_tokens(completion) > cfg.max_tokens:
+        return "too_long_tokens"
+    if cfg.drop_control_chars and (_CONTROL.search(prompt) or _CONTROL.search(completion)):
+        return "control_characters"
+    return None
+
+
+def _scan(row: dict[str, Any], kinds: dict[str, re.Pattern[str]], policy: ScanPolicy,
+          family: str, counts: Counter) -> str | None:
+    """Apply one scan family to prompt and completion; returns a drop reason or None."""
+    if policy == "off":
+        return None
+    found = {name: find_sensitive(row[name], kinds) for name in ("prompt", "completion")}
+    if not any(found.values()):
+        return None
+    kinds_found = sorted({h[0] for hits in found.values() for h in hits})
+    if policy == "drop":
+        return f"{family}:{kinds_found[0]}"
+    for name, hits in found.items():
+        if hits:
+            row[name] = redact(row[name], hits)
+    for kind in kinds_found:
+        counts[f"redacted:{kind}"] += 1
+    return None
+
+
+def filter_rows(rows: list[dict[str, Any]], cfg: FilterConfig) -> FilterResult:
+    """Keep, redact or drop each row. Rows are copied, never changed in place."""
+    out = FilterResult()
+    for row in rows:
+        row = dict(row)
+        reason = _drop_reason(row, cfg)
+        if reason is None:
+            reason = _scan(row, SECRET_PATTERNS, cfg.secrets, "secret", out.counts)
+        if reason is None:
+            reason = _scan(row, PII_PATTERNS, cfg.pii, "pii", out.counts)
+        if reason is None:
+            out.kept.append(row)
+            continue
+        out.counts[f"dropped:{reason}"] += 1
+        excluded = {
+            "stage": "filter", "reason": reason, "detail": "",
+            "task_id": row.get("task_id"), "annotation_id": row.get("annotation_id"),
+            "prompt": row["prompt"], "completion": row["completion"],
+        }
+        if reason.startswith(("pii:", "secret:")):
+            # The exclusions file is stored with the dataset: never copy the secret into it.
+            for name in ("prompt", "completion"):
+                hits = find_sensitive(excluded[name], {**SECRET_PATTERNS, **PII_PATTERNS})
+                excluded[name] = redact(excluded[name], hits)
+        out.excluded.append(excluded)
+    out.counts["kept"] += len(out.kept)
+    return out
+
+
+#: ``filter_rows`` as a Prefect task, mapped over shards by the build flow.
+filter_shard = compute_task(name="filter-shard")(filter_rows)

@@ -1,0 +1,1 @@
+"""Fine-tuning: backends (trl, openai), training code, lineage, gates, chat JSONL checks."""

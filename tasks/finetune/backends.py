@@ -1,0 +1,128 @@
+"""The fine-tuning backend protocol and its registry.
+
+A backend turns a :class:`JobSpec` into a running job somewhere else (a Prefect deployment on a
+GPU work pool, the OpenAI API, ...) and answers four questions about it: ``submit``, ``status``,
+``cancel`` and ``result``, plus ``preflight`` (checks that must pass before anything is
+submitted). The ``finetune`` flow only talks to this protocol, so a new backend (SageMaker, a
+Kubernetes Job) is a new module that calls :func:`register_backend`, not a change to the flow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+from sftflow.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sftflow.clients import Clients
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class Hyperparameters(BaseModel):
+    """Training knobs shared by the backends (each maps what it supports)."""
+
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: epochs decide).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(8, ge=1, description="Examples per device per step.")
+    max_length: int = Field(1024, ge=8, description="Tokens per example (longer ones are cut).")
+    lora_r: int = Field(16, ge=1, description="LoRA rank (method=lora).")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (method=lora).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (method=lora).")
+    seed: int = Field(42, description="Random seed.")
+
+
+class Baseline(BaseModel):
+    """A previously trained model to evaluate on the same eval split (the eval gate)."""
+
+    job: str
+    model_uri: str = Field(description="s3:// prefix of the saved model or adapter.")
+    base_model: str
+    method: Literal["full", "lora"]
+
+
+class JobSpec(BaseModel):
+    """Everything a backend needs to run one fine-tuning job."""
+
+    job: str = Field(description="sftflow job name: the idempotency key of (version, config).")
+    dataset: str
+    version: str
+    base_model: str
+    method: Literal["full", "lora"] = "lora"
+    hyperparameters: Hyperparameters = Hyperparameters()
+    train_files: list[str] = Field(description="s3:// URIs of the train split (parquet).")
+    eval_files: list[str] = Field(description="s3:// URIs of the eval split (parquet).")
+    chat_train_files: list[str] = Field(default_factory=list, description="openai_chat JSONL.")
+    chat_eval_files: list[str] = Field(default_factory=list, description="openai_chat JSONL.")
+    output_uri: str = Field(description="s3:// prefix where the job writes its model and result.")
+    baseline: Baseline | None = None
+
+
+class JobStatus(BaseModel):
+    backend_job_id: str
+    state: JobState
+    error: str | None = None
+    detail: str | None = Field(None, description="The backend's own status word.")
+
+
+class JobResult(BaseModel):
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    artifacts: dict[str, str] = Field(default_factory=dict, description="name -> location")
+    fine_tuned_model: str | None = None
+    history: list[dict[str, Any]] = Field(default_factory=list, description="loss per step")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    def preflight(self, spec: JobSpec) -> dict[str, Any]:
+        """Raise SftflowError if the job cannot work (missing base model, bad files)."""
+
+    def submit(self, spec: JobSpec) -> str:
+        """Start the job; the same ``spec.job`` submitted twice must not start two jobs."""
+
+    def status(self, backend_job_id: str) -> JobStatus: ...
+
+    def cancel(self, backend_job_id: str) -> None: ...
+
+    def result(self, backend_job_id: str, spec: JobSpec) -> JobResult:
+        """Metrics and artifact locations of a succeeded job."""
+
+
+BackendFactory = Callable[["Clients"], Backend]
+_REGISTRY: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    _REGISTRY[name] = factory
+
+
+def _register_builtins() -> None:
+    if "trl" not in _REGISTRY:
+        from tasks.finetune.trl_backend import TrlBackend
+
+        register_backend("trl", TrlBackend.from_clients)
+    if "openai" not in _REGISTRY:
+        from tasks.finetune.openai_backend import OpenAIBackend
+
+        register_backend("openai", OpenAIBackend.from_clients)
+
+
+def backend_names() -> list[str]:
+    _register_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_backend(name: str, clients: Clients) -> Backend:
+    _register_builtins()
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown fine-tuning backend {name!r} (known: {', '.join(sorted(_REGISTRY))})") from None
+    return factory(clients)

@@ -1,0 +1,138 @@
+"""Backend ``trl``: the ``train-trl`` flow, run as its own deployment on a work pool.
+
+``submit`` creates a flow run of the deployment (``settings.finetune.trl_deployment``) with the
+job name as Prefect idempotency key, so submitting the same job twice returns the same run;
+``status`` maps the run's Prefect state; ``cancel`` moves it to Cancelling; ``result`` reads the
+``result.json`` the training flow wrote next to the model.
+
+With ``settings.finetune.trl_mode = "local"`` (demo, no worker) ``submit`` runs the training
+flow in this process and returns when it ends; ``status`` then reads ``result.json``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sftflow.errors import SftflowError
+from tasks.finetune.backends import JobResult, JobSpec, JobStatus
+from tasks.finetune.files import read_json
+from tasks.storage import S3
+
+if TYPE_CHECKING:
+    from sftflow.clients import Clients
+
+LOCAL_PREFIX = "local:"
+
+_PREFECT_STATES = {
+    "SCHEDULED": "queued",
+    "PENDING": "queued",
+    "PAUSED": "queued",
+    "RUNNING": "running",
+    "CANCELLING": "running",
+    "COMPLETED": "succeeded",
+    "FAILED": "failed",
+    "CRASHED": "failed",
+    "CANCELLED": "cancelled",
+}
+
+
+def map_prefect_state(state_type: str) -> str:
+    return _PREFECT_STATES.get(state_type.upper(), "running")
+
+
+class TrlBackend:
+    name = "trl"
+
+    def __init__(self, s3: S3, mode: str = "deployment", deployment: str = "train-trl/default"):
+        self.s3 = s3
+        self.mode = mode
+        self.deployment = deployment
+
+    @classmethod
+    def from_clients(cls, clients: Clients) -> TrlBackend:
+        ft = clients.settings.finetune
+        return cls(clients.s3, ft.trl_mode, ft.trl_deployment)
+
+    def preflight(self, spec: JobSpec) -> dict[str, Any]:
+        from tasks.finetune.training import base_model_kind
+
+        checks = {"base_model": base_model_kind(self.s3, spec.base_model)}
+        if self.mode == "deployment":
+            checks["deployment"] = self._check_deployment()
+        return checks
+
+    def _check_deployment(self) -> str:
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        with get_client(sync_client=True) as client:
+            try:
+                dep = client.read_deployment_by_name(self.deployment)
+            except ObjectNotFound:
+                raise SftflowError(
+                    f"training deployment {self.deployment!r} not found on the Prefect API: "
+                    "register it with `sftflow trainer deploy` (and start a worker), or set "
+                    "SFTFLOW_FINETUNE__TRL_MODE=local"
+                ) from None
+        return f"{self.deployment} on pool {dep.work_pool_name}"
+
+    def submit(self, spec: JobSpec) -> str:
+        if self.mode == "local":
+            from flows.train_trl import result_uri, train_trl
+
+            train_trl(spec, return_state=True)  # a failure is read back through status()
+            return LOCAL_PREFIX + result_uri(spec)
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(
+            name=self.deployment,
+            parameters={"params": spec.model_dump(mode="json")},
+            timeout=0,
+            idempotency_key=spec.job,
+            flow_run_name=spec.job,
+            tags=["sftflow", "train", f"dataset:{spec.dataset}"],
+        )
+        return str(run.id)
+
+    def status(self, backend_job_id: str) -> JobStatus:
+        if backend_job_id.startswith(LOCAL_PREFIX):
+            return self._local_status(backend_job_id)
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(backend_job_id)
+        state_type = run.state.type.value if run.state else "PENDING"
+        state = map_prefect_state(state_type)
+        error = None
+        if state in ("failed", "cancelled"):
+            error = (run.state.message if run.state else None) or f"flow run {state_type.lower()}"
+        return JobStatus(backend_job_id=backend_job_id, state=state, error=error, detail=state_type)
+
+    def _local_status(self, backend_job_id: str) -> JobStatus:
+        uri = backend_job_id[len(LOCAL_PREFIX):]
+        try:
+            result = read_json(self.s3, uri)
+        except KeyError:
+            return JobStatus(backend_job_id=backend_job_id, state="failed",
+                             error=f"the local training run wrote no {uri}")
+        return JobStatus(backend_job_id=backend_job_id, state=result["status"],
+                         error=result.get("error"), detail=result["status"])
+
+    def cancel(self, backend_job_id: str) -> None:
+        if backend_job_id.startswith(LOCAL_PREFIX):
+            return
+        from prefect.client.orchestration import get_client
+        from prefect.states import Cancelling
+
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(backend_job_id, Cancelling(message="cancelled by sftflow"))
+
+    def result(self, backend_job_id: str, spec: JobSpec) -> JobResult:
+        from flows.train_trl import result_uri
+
+        data = read_json(self.s3, result_uri(spec))
+        return JobResult(
+            metrics=data.get("metrics", {}),
+            artifacts=data.get("artifacts", {}),
+            history=data.get("history", []),
+        )

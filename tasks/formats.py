@@ -1,0 +1,155 @@
+"""What a dataset version is made of, as bytes: Parquet shards, OpenAI chat JSONL, TRL
+prompt/completion JSONL and a Hugging Face dataset card. Pure functions, deterministic output.
+
+Parquet shards are byte-identical for identical rows (pinned writer options, no timestamps in
+the file), which is what lets versions share content-addressed shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+#: Columns of every Parquet shard, in this order.
+SCHEMA = pa.schema([
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("completion", pa.string(), nullable=False),
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("task_id", pa.int64(), nullable=False),
+    pa.field("annotation_id", pa.int64(), nullable=False),
+    pa.field("annotator", pa.string(), nullable=False),
+    pa.field("updated_at", pa.string(), nullable=False),
+    pa.field("ground_truth", pa.bool_(), nullable=False),
+    pa.field("cluster_id", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("row_hash", pa.string(), nullable=False),
+])
+COLUMNS = tuple(SCHEMA.names)
+
+_PARQUET_OPTIONS = {
+    "compression": "zstd",
+    "compression_level": 3,
+    "use_dictionary": ["prompt_id", "annotator", "split", "cluster_id"],
+    "write_statistics": False,
+    "version": "2.6",
+    "data_page_version": "1.0",
+    "store_schema": True,
+}
+
+
+def row_hash(row: dict[str, Any]) -> str:
+    """Content hash of one stored row: every column but ``row_hash`` itself (32 hex chars)."""
+    payload = json.dumps([row[c] for c in COLUMNS if c != "row_hash"], ensure_ascii=False,
+                         separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def schema_json() -> dict[str, str]:
+    return {f.name: str(f.type) for f in SCHEMA}
+
+
+def parquet_bytes(rows: Sequence[dict[str, Any]]) -> bytes:
+    """One Parquet file (one row group) holding ``rows`` in the given order."""
+    table = pa.Table.from_pylist([{c: r[c] for c in COLUMNS} for r in rows], schema=SCHEMA)
+    sink = io.BytesIO()
+    pq.write_table(table, sink, row_group_size=max(1, len(rows)), **_PARQUET_OPTIONS)
+    return sink.getvalue()
+
+
+def _jsonl(records: Iterable[dict[str, Any]]) -> bytes:
+    return b"".join(
+        json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass")
+        + b"\n"
+        for r in records
+    )
+
+
+def openai_chat_jsonl(rows: Iterable[dict[str, Any]], system_prompt: str | None = None) -> bytes:
+    """OpenAI fine-tuning chat format: ``{"messages": [system?, user, assistant]}`` a line."""
+
+    def messages(r: dict[str, Any]) -> dict[str, Any]:
+        msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        msgs += [{"role": "user", "content": r["prompt"]},
+                 {"role": "assistant", "content": r["completion"]}]
+        return {"messages": msgs}
+
+    return _jsonl(messages(r) for r in rows)
+
+
+def trl_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
+    """TRL's standard prompt-completion format: ``{"prompt": ..., "completion": ...}``."""
+    return _jsonl({"prompt": r["prompt"], "completion": r["completion"]} for r in rows)
+
+
+def exclusions_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
+    return _jsonl(rows)
+
+
+def _yaml_str(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid YAML scalar
+
+
+def dataset_card(
+    *,
+    dataset: str,
+    version: str,
+    rows: dict[str, int],
+    sizes: dict[str, int],
+    stats: dict[str, Any],
+    source: dict[str, Any],
+    config: dict[str, Any],
+) -> str:
+    """A README.md with Hugging Face YAML front matter. ``data_files`` point at the layout of
+    ``sftflow datasets pull`` (``data/<split>/*.parquet``), so the pulled folder loads with
+    ``datasets.load_dataset(<folder>)``. The JSONL copies (``openai/<split>/``,
+    ``trl/<split>/``) are not configs: ``datasets`` infers one file format per repository."""
+    splits = [s for s in ("train", "eval") if rows.get(s)]
+    lines = ["---", "configs:", "- config_name: default", "  default: true", "  data_files:"]
+    for s in splits:
+        lines += [f"  - split: {s}", f"    path: data/{s}/*.parquet"]
+    lines += ["dataset_info:", "  features:"]
+    for f in SCHEMA:
+        lines += [f"  - name: {f.name}", f"    dtype: {'int64' if f.type == pa.int64() else 'bool' if f.type == pa.bool_() else 'string'}"]
+    lines += ["  splits:"]
+    for s in splits:
+        lines += [f"  - name: {s}", f"    num_examples: {rows[s]}", f"    num_bytes: {sizes.get(s, 0)}"]
+    lines += [f"pretty_name: {_yaml_str(dataset)}", "task_categories:", "- text-generation",
+              "tags:", "- sft", "- sftflow", "---", ""]
+    body = [
+        f"# {dataset} @ {version}",
+        "",
+        ("Supervised fine-tuning pairs written by annotators in Label Studio, filtered, "
+        "deduplicated and split by dedup cluster (no near-duplicate straddles train and eval)."),
+        "",
+        "| split | rows | parquet bytes |",
+        "| --- | ---: | ---: |",
+        *[f"| {s} | {rows[s]} | {sizes.get(s, 0)} |" for s in splits],
+        "",
+        "## Source",
+        "",
+        *[f"- {k}: {v}" for k, v in source.items()],
+        "",
+        "## What was kept and dropped",
+        "",
+        "```json",
+        json.dumps(stats, indent=2, sort_keys=True, ensure_ascii=False),
+        "```",
+        "",
+        "## Build configuration",
+        "",
+        "```json",
+        json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False),
+        "```",
+        "",
+        ("Formats: `data/` Parquet (all columns, lineage included), `openai/` chat JSONL "
+        "(`{\"messages\": [...]}`), `trl/` prompt/completion JSONL, one file per shard in "
+        "`<format>/<split>/`: load those with `load_dataset(\"json\", data_files=...)`."),
+        "",
+    ]
+    return "\n".join(lines + body)

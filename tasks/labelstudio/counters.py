@@ -1,0 +1,185 @@
+"""Label Studio project counters and the "enough new annotations?" arithmetic.
+
+One ``GET /api/projects/<id>`` returns every counter we need, so one poll costs one API call.
+The same counters arrive in the ``project`` object of every Label Studio webhook payload,
+so the webhook bridge and ``wait_for_annotations`` share the threshold logic below.
+
+What the counters mean (checked against Label Studio 1.23 with annotations created through
+the API): ``num_tasks_with_annotations`` counts tasks with at least one non-cancelled
+annotation, ``total_annotations_number`` counts non-cancelled annotations,
+``finished_task_number`` counts tasks that reached the project's overlap
+(``maximum_annotations``), ``skipped_annotations_number`` counts cancelled ones.
+Tasks imported with annotations attached are counted in ``total_annotations_number`` but not
+always in ``num_tasks_with_annotations`` (see docs/events.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from sftflow.errors import ConfigError
+from tasks._prefect import io_task
+
+CountMode = Literal["tasks", "annotations"]
+
+_FIELDS = (
+    "task_number",
+    "num_tasks_with_annotations",
+    "total_annotations_number",
+    "finished_task_number",
+    "skipped_annotations_number",
+)
+
+
+class ProjectCounters(BaseModel):
+    project_id: int
+    title: str = ""
+    task_number: int = 0
+    num_tasks_with_annotations: int = 0
+    total_annotations_number: int = 0
+    finished_task_number: int = 0
+    skipped_annotations_number: int = 0
+    maximum_annotations: int = 1
+
+    @classmethod
+    def from_project(cls, project: Any) -> ProjectCounters:
+        """From an SDK project object or the ``project`` dict of a webhook payload."""
+        get = project.get if isinstance(project, dict) else lambda k, d=None: getattr(project, k, d)
+        if get("id") is None:
+            raise ValueError("project has no id")
+        values = {k: int(get(k) or 0) for k in _FIELDS}
+        return cls(
+            project_id=int(get("id")),
+            title=str(get("title") or ""),
+            maximum_annotations=int(get("maximum_annotations") or 1),
+            **values,
+        )
+
+
+class Threshold(BaseModel):
+    """What "enough" means: ``min_new`` more tasks (or annotations) than at the baseline."""
+
+    min_new: int = Field(..., ge=1, description="How many new annotated tasks (or annotations).")
+    count: CountMode = Field(
+        "tasks",
+        description="'tasks': tasks with at least `min_annotations_per_task` non-cancelled "
+        "annotations; 'annotations': total non-cancelled annotations.",
+    )
+    min_annotations_per_task: int = Field(
+        1,
+        ge=1,
+        description="For count='tasks': annotations a task needs to count. Values above 1 must "
+        "equal the project's overlap (maximum_annotations), whose counter Label Studio keeps.",
+    )
+
+
+def counter_field(threshold: Threshold, maximum_annotations: int) -> str:
+    """The name of the project counter that measures ``threshold``."""
+    if threshold.count == "annotations":
+        return "total_annotations_number"
+    k = threshold.min_annotations_per_task
+    if k == 1:
+        return "num_tasks_with_annotations"
+    if k == maximum_annotations:
+        return "finished_task_number"
+    raise ConfigError(
+        f"min_annotations_per_task={k} needs the project's overlap (maximum_annotations, now "
+        f"{maximum_annotations}) set to {k}: Label Studio only counts tasks that reach it"
+    )
+
+
+class Progress(BaseModel):
+    """Where a project stands against a threshold."""
+
+    project_id: int
+    project: str
+    counter: str
+    current: int
+    baseline: int
+    new: int
+    min_new: int
+    reached: bool
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, max(0, self.new) / self.min_new)
+
+    def describe(self) -> str:
+        if self.reached:
+            return f"enough annotations: {self.new} of {self.min_new} new ({self.counter})"
+        return f"not enough annotations yet: {max(0, self.new)} of {self.min_new}"
+
+
+def baseline_value(baseline: dict[str, Any] | None, field: str, project_id: int) -> int:
+    """The counter's value at the last dataset version (0 when there is none).
+
+    A baseline recorded for another project (the dataset was built from a different one)
+    does not apply. ``finished_task_number`` falls back to ``num_tasks_with_annotations``
+    when the manifest did not record it.
+    """
+    if not baseline:
+        return 0
+    recorded = baseline.get("project_id")
+    if recorded is not None and str(recorded) != str(project_id):
+        return 0
+    value = baseline.get(field)
+    if value is None and field == "finished_task_number":
+        value = baseline.get("num_tasks_with_annotations")
+    return int(value or 0)
+
+
+def progress(
+    counters: ProjectCounters, threshold: Threshold, baseline: dict[str, Any] | None
+) -> Progress:
+    field = counter_field(threshold, counters.maximum_annotations)
+    current = int(getattr(counters, field))
+    base = baseline_value(baseline, field, counters.project_id)
+    new = current - base
+    return Progress(
+        project_id=counters.project_id,
+        project=counters.title,
+        counter=field,
+        current=current,
+        baseline=base,
+        new=new,
+        min_new=threshold.min_new,
+        reached=new >= threshold.min_new,
+    )
+
+
+# No task-level retries: the caller polls in a loop that owns backoff and the deadline.
+@task(name="poll-project-counters", retries=0, cache_policy=NO_CACHE)
+def fetch_counters(client: Any, project_id: int) -> ProjectCounters:
+    """One API call. A missing (deleted) project is a ConfigError naming it."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        return ProjectCounters.from_project(client.projects.get(id=int(project_id)))
+    except ApiError as err:
+        if err.status_code == 404:
+            raise ConfigError(
+                f"Label Studio project {project_id} does not exist (deleted?)"
+            ) from err
+        raise
+
+
+@io_task(name="load-baseline")
+def load_baseline(
+    s3: Any, dataset: str | None, prefix: str | None = None
+) -> tuple[str | None, dict[str, Any] | None]:
+    """``(version, counters)`` recorded by the last version of ``dataset`` (under the datasets
+    ``prefix``); ``(None, None)`` before the first version or without a dataset."""
+    if not dataset:
+        return None, None
+    from tasks import versioning
+
+    kw = {"prefix": prefix} if prefix else {}
+    version = versioning.latest_version(s3, dataset, **kw)
+    if version is None:
+        return None, None
+    manifest = versioning.load_manifest(s3, dataset, version, verify=False, **kw)
+    return version, dict(manifest.get("source") or {})

@@ -1,0 +1,586 @@
+"""Prompt files: reading, validating, normalising, ``prompt_id``, quarantine and the ingest ledger.
+
+Pure logic (``normalise``, ``prompt_id``, ``parse_stream``, ``FieldMapping``) needs neither
+Prefect nor services. The S3-facing parts take an ``S3`` client and never read settings.
+
+State written into the *source* bucket, under ``<state_prefix>/`` (default ``_sftflow/``)::
+
+    ingest/project-<id>/meta.json                   which Label Studio project this ledger is for
+    ingest/project-<id>/snapshot.json               prompt_ids in the project at the last full
+                                                    reconcile, and its task count then
+    ingest/project-<id>/segments/<batch>.json       prompt_ids of each confirmed import batch
+    ingest/project-<id>/pending/<batch>.json        a batch sent whose outcome is not yet known
+    ingest/project-<id>/objects/<key-hash>/<etag>   a source object fully processed
+    quarantine/records/<key>@<etag>.jsonl           rejected records, with reason and line/row
+    quarantine/files/<key>@<etag>                   a copy of a rejected file (+ ``.reason.json``)
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import gzip
+import hashlib
+import io
+import json
+import shutil
+import string
+import tempfile
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, BinaryIO, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from tasks._prefect import io_task
+from tasks.storage import S3, ObjectInfo, PreconditionFailed
+
+
+# -- prompt identity --------------------------------------------------------------------------
+def normalise(text: str) -> str:
+    """NFKC, casefold, whitespace runs collapsed to one space, ends stripped."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def prompt_id(text: str) -> str:
+    """The stable id of a prompt: first 32 hex chars of sha256 of its normalised text."""
+    return hashlib.sha256(normalise(text).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+# -- configuration ----------------------------------------------------------------------------
+#: Task data keys written by ingest; ``keep_fields`` may not reuse them.
+RESERVED_KEYS = frozenset({"prompt", "prompt_id", "source", "source_etag", "source_row", "ingest_batch"})
+
+
+class FieldMapping(BaseModel):
+    """Where the prompt is in each input record."""
+
+    prompt_field: str = Field("prompt", description="Record field holding the prompt text.")
+    input_field: str | None = Field(
+        None,
+        description="Optional second field joined to the prompt (Alpaca style: prompt_field="
+        "'instruction', input_field='input'). Empty or absent input leaves the prompt alone.",
+    )
+    join_template: str = Field(
+        "{prompt}\n\n{input}",
+        description="How prompt and input are joined; must contain {prompt} and {input}.",
+    )
+    keep_fields: list[str] = Field(
+        default_factory=list,
+        description="Other record fields copied into the Label Studio task data (provenance).",
+    )
+
+    @field_validator("join_template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        names = {n for _, n, _, _ in string.Formatter().parse(v) if n is not None}
+        if names != {"prompt", "input"}:
+            raise ValueError("join_template must use exactly the fields {prompt} and {input}")
+        return v
+
+    @field_validator("keep_fields")
+    @classmethod
+    def _not_reserved(cls, v: list[str]) -> list[str]:
+        clash = sorted(set(v) & RESERVED_KEYS)
+        if clash:
+            raise ValueError(f"keep_fields may not name ingest's own keys: {clash}")
+        return v
+
+
+class Limits(BaseModel):
+    max_prompt_chars: int = Field(100_000, gt=0, description="Longer prompts are quarantined.")
+    max_file_bytes: int = Field(
+        512 * 2**20, gt=0, description="Larger source objects are quarantined without reading."
+    )
+
+
+# -- parsing ----------------------------------------------------------------------------------
+Format = Literal["jsonl", "json", "csv", "tsv", "parquet"]
+_EXT: dict[str, Format] = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+class FileProblem(Exception):
+    """The whole file cannot be read; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    prompt: str
+    prompt_id: str
+    row: int  # 1-based line (JSONL/CSV, header excluded for CSV) or array/row index + 1
+    extra: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    row: int
+    reason: str  # invalid_json | invalid_utf8 | not_object | missing_prompt | wrong_type | ...
+    detail: str = ""
+    raw: str = ""
+
+
+def detect_format(key: str) -> tuple[Format, bool]:
+    """``("jsonl", True)`` for ``x.jsonl.gz``. Unknown extensions raise FileProblem."""
+    name = key.rsplit("/", 1)[-1].lower()
+    gz = name.endswith(".gz")
+    if gz:
+        name = name[:-3]
+    for ext, fmt in _EXT.items():
+        if name.endswith(ext):
+            return fmt, gz
+    raise FileProblem("unsupported_type", f"no reader for {key.rsplit('/', 1)[-1]!r}")
+
+
+def _raw_preview(raw: Any, limit: int = 500) -> str:
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    elif not isinstance(raw, str):
+        raw = json.dumps(raw, default=str, ensure_ascii=False)
+    return raw[:limit]
+
+
+def _jsonable(v: Any) -> Any:
+    return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
+
+
+def to_prompt(
+    record: Any, row: int, mapping: FieldMapping, limits: Limits, raw: Any = None
+) -> Prompt | Rejected:
+    """Validate one decoded record and build its prompt, or say why it is rejected."""
+    if not isinstance(record, dict):
+        return Rejected(row, "not_object", type(record).__name__, _raw_preview(raw or record))
+    text = record.get(mapping.prompt_field)
+    if text is None:
+        return Rejected(row, "missing_prompt", mapping.prompt_field, _raw_preview(raw or record))
+    if not isinstance(text, str):
+        return Rejected(row, "wrong_type", f"{mapping.prompt_field} is {type(text).__name__}",
+                        _raw_preview(raw or record))
+    if mapping.input_field:
+        extra_input = record.get(mapping.input_field)
+        if extra_input is not None and not isinstance(extra_input, str):
+            return Rejected(row, "wrong_type", f"{mapping.input_field} is {type(extra_input).__name__}",
+                            _raw_preview(raw or record))
+        if extra_input and extra_input.strip():
+            text = mapping.join_template.format(prompt=text, input=extra_input)
+    if not text.strip():
+        return Rejected(row, "empty_prompt", mapping.prompt_field, _raw_preview(raw or record))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return Rejected(row, "invalid_utf8", "prompt has undecodable bytes", _raw_preview(raw or record))
+    if len(text) > limits.max_prompt_chars:
+        return Rejected(row, "too_large", f"{len(text)} chars > {limits.max_prompt_chars}",
+                        _raw_preview(raw or record))
+    extra = {f: _jsonable(record.get(f)) for f in mapping.keep_fields} or None
+    return Prompt(text, prompt_id(text), row, extra)
+
+
+def _sniff(stream: BinaryIO, n: int = 8192) -> tuple[bytes, BinaryIO]:
+    """Peek at the first bytes without losing them."""
+    head = stream.read(n)
+    return head, _Prefixed(head, stream)
+
+
+class _Prefixed(io.RawIOBase):
+    """A read-only stream: ``head`` then the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream: BinaryIO):
+        self._head, self._stream = memoryview(head), stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._head:
+            n = min(len(b), len(self._head))
+            b[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._stream.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _decompressed(stream: BinaryIO, gz: bool) -> BinaryIO:
+    head, stream = _sniff(stream, 2)
+    if head[:2] == b"\x1f\x8b":  # gzip magic, whatever the name says
+        return gzip.GzipFile(fileobj=io.BufferedReader(stream, 1 << 20))  # type: ignore[arg-type]
+    if gz:
+        raise FileProblem("unparseable", "named .gz but not gzip data")
+    return io.BufferedReader(stream, 1 << 20)  # type: ignore[arg-type]
+
+
+def _check_text(head: bytes) -> None:
+    if b"\x00" in head:
+        raise FileProblem("binary", "NUL bytes in a text format")
+    if head.startswith(b"PAR1"):
+        raise FileProblem("binary", "Parquet data under a text extension")
+
+
+def _iter_jsonl(stream: BinaryIO, mapping: FieldMapping, limits: Limits) -> Iterator[Prompt | Rejected]:
+    for row, line in enumerate(stream, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield Rejected(row, "invalid_utf8", str(err), _raw_preview(line))
+            continue
+        try:
+            record = json.loads(text)
+        except ValueError as err:
+            yield Rejected(row, "invalid_json", str(err), text[:500])
+            continue
+        yield to_prompt(record, row, mapping, limits, raw=text)
+
+
+def _iter_json(stream: BinaryIO, mapping: FieldMapping, limits: Limits) -> Iterator[Prompt | Rejected]:
+    data = stream.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise FileProblem("invalid_utf8", str(err)) from err
+    stripped = text.lstrip()
+    if not stripped.startswith("["):  # one object, or JSON lines under a .json name
+        yield from _iter_jsonl(io.BytesIO(data), mapping, limits)
+        return
+    try:
+        records = json.loads(text)
+    except ValueError as err:
+        raise FileProblem("unparseable", f"JSON array: {err}") from err
+    del data, text, stripped
+    for row, record in enumerate(records, 1):
+        yield to_prompt(record, row, mapping, limits)
+
+
+def _iter_csv(
+    stream: BinaryIO, mapping: FieldMapping, limits: Limits, delimiter: str
+) -> Iterator[Prompt | Rejected]:
+    # surrogateescape keeps bad bytes visible per row instead of failing the whole file
+    reader_stream = codecs.getreader("utf-8")(stream, errors="surrogateescape")
+    reader = csv.DictReader(reader_stream, delimiter=delimiter)
+    try:
+        for row, record in enumerate(reader, 1):
+            if None in record:  # more cells than header columns
+                record.pop(None)
+            yield to_prompt(record, row, mapping, limits)
+    except csv.Error as err:
+        raise FileProblem("unparseable", f"CSV: {err}") from err
+
+
+def _iter_parquet(
+    source: Any, mapping: FieldMapping, limits: Limits
+) -> Iterator[Prompt | Rejected]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(source)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise FileProblem("unparseable", f"Parquet: {err}") from err
+    names = set(pf.schema_arrow.names)
+    wanted = [mapping.prompt_field, mapping.input_field, *mapping.keep_fields]
+    columns = [c for c in dict.fromkeys(wanted) if c and c in names]
+    row = 0
+    for batch in pf.iter_batches(batch_size=4096, columns=columns):
+        for record in batch.to_pylist():
+            row += 1
+            yield to_prompt(record, row, mapping, limits)
+
+
+def parse_stream(
+    stream: BinaryIO, fmt: Format, gz: bool, mapping: FieldMapping, limits: Limits
+) -> Iterator[Prompt | Rejected]:
+    """Records of one file, streamed. Raises FileProblem for problems of the whole file.
+
+    Parquet needs random access: pass a seekable stream (a gzip-wrapped Parquet file is
+    spooled to a temporary file first).
+    """
+    if fmt == "parquet":
+        if gz or not stream.seekable():
+            with tempfile.SpooledTemporaryFile(max_size=64 * 2**20) as spool:
+                shutil.copyfileobj(_decompressed(stream, gz), spool, 1 << 20)
+                spool.seek(0)
+                yield from _iter_parquet(spool, mapping, limits)
+        else:
+            yield from _iter_parquet(stream, mapping, limits)
+        return
+    stream = _decompressed(stream, gz)
+    try:
+        head, stream = _sniff(stream)
+        _check_text(head)
+        stream = io.BufferedReader(stream, 1 << 20)  # type: ignore[arg-type]
+        if fmt == "jsonl":
+            yield from _iter_jsonl(stream, mapping, limits)
+        elif fmt == "json":
+            yield from _iter_json(stream, mapping, limits)
+        else:
+            yield from _iter_csv(stream, mapping, limits, "\t" if fmt == "tsv" else ",")
+    except (EOFError, gzip.BadGzipFile, OSError) as err:  # truncated or corrupt compression
+        raise FileProblem("unparseable", f"{type(err).__name__}: {err}") from err
+
+
+# -- one source object ------------------------------------------------------------------------
+@dataclass
+class ParsedFile:
+    """What reading one source object gave: prompts, rejected records, or a file problem."""
+
+    key: str
+    etag: str
+    size: int
+    prompts: list[Prompt] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    problem: FileProblem | None = None
+
+    @property
+    def records(self) -> int:
+        return len(self.prompts) + len(self.rejected)
+
+    def reasons(self) -> Counter[str]:
+        return Counter(r.reason for r in self.rejected)
+
+
+def _clean_etag(etag: str) -> str:
+    return etag.strip('"')
+
+
+def quarantine_keys(state_prefix: str, key: str, etag: str) -> tuple[str, str]:
+    """(records quarantine key, file quarantine key) of one source object version."""
+    tag = _clean_etag(etag)
+    base = f"{state_prefix.rstrip('/')}/quarantine"
+    return f"{base}/records/{key}@{tag}.jsonl", f"{base}/files/{key}@{tag}"
+
+
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """A vanished or forbidden object does not come back by retrying."""
+    from botocore.exceptions import ClientError
+
+    err = state.data
+    if isinstance(err, ClientError):
+        return err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (403, 404)
+    return not isinstance(err, FileNotFoundError | PermissionError)
+
+
+@io_task(name="read-prompt-file", retry_condition_fn=_worth_retrying)
+def read_prompt_file(
+    s3: S3, bucket: str, obj: ObjectInfo, mapping: FieldMapping, limits: Limits, state_prefix: str
+) -> ParsedFile:
+    """Read, parse and validate one source object; quarantine what cannot be used.
+
+    Record-level rejects go to one JSONL quarantine object; a file-level problem copies the file
+    into quarantine next to a ``.reason.json``. Both keys depend only on (key, etag), so a
+    retry or rerun rewrites the same objects.
+    """
+    parsed = ParsedFile(obj.key, obj.etag, obj.size)
+    try:
+        fmt, gz = detect_format(obj.key)
+        if obj.size > limits.max_file_bytes:
+            raise FileProblem("too_large", f"{obj.size} bytes > {limits.max_file_bytes}")
+        if fmt == "parquet":
+            import s3fs
+
+            fs = s3fs.S3FileSystem(**s3.fsspec_options())
+            with fs.open(f"{bucket}/{obj.key}", "rb", block_size=8 * 2**20) as fh:
+                for item in parse_stream(fh, fmt, gz, mapping, limits):
+                    (parsed.prompts if isinstance(item, Prompt) else parsed.rejected).append(item)
+        else:
+            body = s3.open(obj.key, bucket=bucket)
+            try:
+                for item in parse_stream(body, fmt, gz, mapping, limits):
+                    (parsed.prompts if isinstance(item, Prompt) else parsed.rejected).append(item)
+            finally:
+                body.close()
+    except FileProblem as problem:
+        parsed.problem = problem
+    records_key, file_key = quarantine_keys(state_prefix, obj.key, obj.etag)
+    source = s3.uri(obj.key, bucket=bucket)
+    if parsed.rejected:
+        lines = (
+            json.dumps(
+                {"reason": r.reason, "detail": r.detail, "source": source, "etag": obj.etag,
+                 "row": r.row, "raw": r.raw},
+                ensure_ascii=False,
+            )
+            for r in parsed.rejected
+        )
+        s3.put_bytes(records_key, ("\n".join(lines) + "\n").encode("utf-8", "replace"),
+                     bucket=bucket, content_type="application/x-ndjson")
+    if parsed.problem is not None:
+        reason = {
+            "reason": parsed.problem.reason, "detail": parsed.problem.detail, "source": source,
+            "etag": obj.etag, "size": obj.size,
+            "records_before_problem": parsed.records,
+        }
+        if obj.size <= limits.max_file_bytes:
+            s3.client.copy_object(Bucket=bucket, Key=file_key,
+                                  CopySource={"Bucket": bucket, "Key": obj.key})
+            reason["copy"] = s3.uri(file_key, bucket=bucket)
+        s3.put_bytes(f"{file_key}.reason.json", json.dumps(reason, indent=2).encode(),
+                     bucket=bucket, content_type="application/json")
+    return parsed
+
+
+def bucket_exists(s3: S3, bucket: str) -> bool:
+    """Whether the bucket exists (checked first: some S3 servers create buckets on write)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.client.head_bucket(Bucket=bucket)
+    except ClientError as err:
+        if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (403, 404):
+            return False
+        raise
+    return True
+
+
+# -- the ledger -------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+@dataclass
+class LedgerState:
+    """What the ledger says about a project: its prompt_ids and the task count to expect."""
+
+    ids: set[str]
+    expected_tasks: int
+    pending: list[str]  # batches sent whose outcome is not known (a run stopped midway)
+    segment_keys: list[str]
+    found: bool  # False: no ledger for this project yet (or one for another project instance)
+
+
+class Ledger:
+    """Per-project record of imported prompt_ids and processed source objects, in S3.
+
+    Every write is a whole small object, so a crash leaves either the old or the new state.
+    A batch is written as ``pending`` before it is sent and as a ``segment`` once confirmed;
+    pending markers left by a crash are resolved by reconciling against the project.
+    """
+
+    def __init__(self, s3: S3, bucket: str, state_prefix: str, project_id: int):
+        self.s3, self.bucket = s3, bucket
+        self.root = f"{state_prefix.rstrip('/')}/ingest/project-{project_id}"
+        self.project_id = project_id
+
+    def uri(self) -> str:
+        return self.s3.uri(self.root + "/", bucket=self.bucket)
+
+    # reading
+    def _get_json(self, key: str) -> Any:
+        return json.loads(self.s3.get_bytes(key, bucket=self.bucket)[0])
+
+    def _read_many(self, keys: list[str]) -> list[Any]:
+        if not keys:
+            return []
+        with ThreadPoolExecutor(max_workers=min(16, len(keys))) as pool:
+            return list(pool.map(self._get_json, keys))
+
+    def load(self, project_created_at: str) -> LedgerState:
+        """The ledger's view. A ledger written for another project instance (same id, other
+        creation time, e.g. after a Label Studio reset) is wiped and reported as not found."""
+        try:
+            meta = self._get_json(f"{self.root}/meta.json")
+        except KeyError:
+            meta = None
+        if meta is not None and meta.get("project_created_at") != project_created_at:
+            self.s3.delete((o.key for o in self.s3.list(self.root + "/", bucket=self.bucket)),
+                           bucket=self.bucket)
+            meta = None
+        if meta is None:
+            self.s3.put_bytes(
+                f"{self.root}/meta.json",
+                json.dumps({"project_id": self.project_id, "project_created_at": project_created_at,
+                            "created_at": _now()}).encode(),
+                bucket=self.bucket,
+            )
+            return LedgerState(set(), 0, [], [], found=False)
+        keys = [o.key for o in self.s3.list(f"{self.root}/segments/", bucket=self.bucket)]
+        pending = sorted(o.key.rsplit("/", 1)[-1].removesuffix(".json")
+                         for o in self.s3.list(f"{self.root}/pending/", bucket=self.bucket))
+        try:
+            snap = self._get_json(f"{self.root}/snapshot.json")
+        except KeyError:
+            snap = {"ids": [], "task_number": 0}
+        ids = set(snap["ids"])
+        expected = int(snap["task_number"])
+        for seg in self._read_many(keys):
+            ids.update(seg["ids"])
+            expected += int(seg["tasks_added"])
+        return LedgerState(ids, expected, pending, keys, found=True)
+
+    def processed_objects(self) -> dict[str, set[str]]:
+        """key hash -> etags already processed (one listing, no reads)."""
+        done: dict[str, set[str]] = {}
+        prefix = f"{self.root}/objects/"
+        for o in self.s3.list(prefix, bucket=self.bucket):
+            khash, _, etag = o.key[len(prefix):].partition("/")
+            done.setdefault(khash, set()).add(etag)
+        return done
+
+    @staticmethod
+    def is_processed(done: dict[str, set[str]], obj: ObjectInfo) -> bool:
+        return _clean_etag(obj.etag) in done.get(_key_hash(obj.key), ())
+
+    # writing
+    def segment_key(self, batch: str) -> str:
+        return f"{self.root}/segments/{batch}.json"
+
+    def drop_pending(self, batch: str) -> None:
+        self.s3.delete([f"{self.root}/pending/{batch}.json"], bucket=self.bucket)
+
+    def mark_pending(self, batch: str, tasks: int) -> None:
+        """Before a batch is sent. Recovery finds its tasks by ``data.ingest_batch``."""
+        self.s3.put_bytes(f"{self.root}/pending/{batch}.json",
+                          json.dumps({"batch": batch, "tasks": tasks, "at": _now()}).encode(),
+                          bucket=self.bucket)
+
+    def confirm(self, batch: str, ids: Iterable[str], tasks_added: int) -> str:
+        """Record a batch's landed prompt_ids, then drop its pending marker."""
+        key = self.segment_key(batch)
+        body = json.dumps({"batch": batch, "ids": sorted(ids), "tasks_added": tasks_added,
+                           "at": _now()}).encode()
+        try:
+            self.s3.put_bytes(key, body, bucket=self.bucket, if_none_match=True)
+        except PreconditionFailed:
+            pass  # already confirmed by an earlier attempt: same batch, same content
+        self.drop_pending(batch)
+        return key
+
+    def write_snapshot(self, ids: Iterable[str], task_number: int, superseded: list[str]) -> None:
+        """Replace the ledger by what the project holds now; older segments are dropped.
+
+        A crash between the two steps leaves extra segments, so the expected task count is
+        too high and the next run reconciles again: slower, never wrong.
+        """
+        self.s3.put_bytes(
+            f"{self.root}/snapshot.json",
+            json.dumps({"ids": sorted(ids), "task_number": task_number, "at": _now()}).encode(),
+            bucket=self.bucket,
+        )
+        self.s3.delete(superseded, bucket=self.bucket)
+
+    def mark_object(self, obj: ObjectInfo, summary: dict[str, Any]) -> None:
+        key = f"{self.root}/objects/{_key_hash(obj.key)}/{_clean_etag(obj.etag)}"
+        self.s3.put_bytes(key, json.dumps({"key": obj.key, "etag": obj.etag, **summary,
+                                           "at": _now()}).encode(), bucket=self.bucket)

@@ -1,0 +1,621 @@
+"""Immutable, content-addressed dataset versions in object storage.
+
+Layout under ``s3://<bucket>/<prefix>/<dataset>/`` (the *dataset root*)::
+
+    shards/<sha256>.parquet                 rows, content-addressed, shared between versions
+    shards/openai/<sha256>.jsonl            the same rows as OpenAI chat JSONL
+    shards/trl/<sha256>.jsonl               the same rows as TRL prompt/completion JSONL
+    versions/<version>/README.md            dataset card (HF YAML front matter)
+    versions/<version>/exclusions.jsonl     every dropped row with its reason
+    versions/<version>/manifest.json        the version: files + sha256 + sizes + rows, ...
+    refs/latest                             text: a version id (moved with If-Match CAS)
+    refs/tags/<tag>                         text: a version id
+
+Commit protocol: (1) upload shards (HEAD first, skip the ones that exist) and the version's
+own files, (2) write ``manifest.json`` with ``If-None-Match: *``, (3) move ``refs/latest`` with
+``If-Match`` on its ETag, re-reading and retrying on 412. Readers trust only refs and
+manifests and verify checksums, so a crash before (2) leaves unreferenced objects (``gc``
+removes them) and a crash between (2) and (3) leaves a complete version that a rerun points
+``refs/latest`` at. ``refs/latest`` never moves to a version built from an older Label
+Studio snapshot than the one it names (concurrent builds: the freshest export wins, no
+update is lost to a blind overwrite).
+
+The version id is a hash of the sorted row hashes (each row hash covers the split) and of
+the build configuration: unchanged annotations rebuild to the same id, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from sftflow.errors import SftflowError
+from sftflow.settings import DatasetSettings
+from tasks import formats
+from tasks.storage import S3, PreconditionFailed
+
+DEFAULT_PREFIX: str = DatasetSettings.model_fields["prefix"].default
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SPLITS = ("train", "eval")
+#: Parent shards with fewer rows than ``shard_rows // MERGE_BELOW`` are merged, not reused.
+MERGE_BELOW = 4
+
+Hook = Callable[[str], None]
+
+
+def check_name(kind: str, name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise SftflowError(
+            f"invalid {kind} name {name!r}: use letters, digits, '.', '_' or '-' (max 128)"
+        )
+    return name
+
+
+def dataset_root(settings_or_prefix: Any, dataset: str) -> str:
+    """Key prefix of a dataset (no trailing slash): ``<prefix>/<dataset>``."""
+    prefix = settings_or_prefix
+    if hasattr(prefix, "datasets"):  # the Settings object
+        prefix = prefix.datasets.prefix
+    elif hasattr(prefix, "prefix"):  # DatasetSettings
+        prefix = prefix.prefix
+    prefix = str(prefix or "").strip("/")
+    check_name("dataset", dataset)
+    return f"{prefix}/{dataset}" if prefix else dataset
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str).encode()
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return _sha(canonical_json(config))[:16]
+
+
+def version_id(row_hashes: Iterable[str], cfg_hash: str) -> str:
+    """16 hex chars of sha256 over the config hash and the sorted row hashes."""
+    h = hashlib.sha256(cfg_hash.encode() + b"\n")
+    for rh in sorted(row_hashes):
+        h.update(rh.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """``NAME[@VERSION_OR_TAG]`` -> ``(name, version_or_tag | None)``."""
+    name, _, version = ref.partition("@")
+    return check_name("dataset", name), (version or None)
+
+
+# -- refs and manifests --------------------------------------------------------------------------
+def _read_text(s3: S3, key: str) -> tuple[str, str] | None:
+    try:
+        data, etag = s3.get_bytes(key)
+    except KeyError:
+        return None
+    return data.decode().strip(), etag
+
+
+def latest_version(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX) -> str | None:
+    got = _read_text(s3, f"{dataset_root(prefix, dataset)}/refs/latest")
+    return got[0] if got else None
+
+
+def get_tag(s3: S3, dataset: str, tag: str, *, prefix: str = DEFAULT_PREFIX) -> str | None:
+    got = _read_text(s3, f"{dataset_root(prefix, dataset)}/refs/tags/{check_name('tag', tag)}")
+    return got[0] if got else None
+
+
+def set_tag(s3: S3, dataset: str, tag: str, version: str, *, prefix: str = DEFAULT_PREFIX) -> None:
+    """Point ``refs/tags/<tag>`` at an existing version (tags may be moved)."""
+    root = dataset_root(prefix, dataset)
+    if s3.head(f"{root}/versions/{version}/manifest.json") is None:
+        raise SftflowError(f"dataset {dataset!r} has no version {version!r} ({s3.uri(root)})")
+    s3.put_bytes(f"{root}/refs/tags/{check_name('tag', tag)}", version.encode(),
+                 content_type="text/plain")
+
+
+def list_tags(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX) -> dict[str, str]:
+    root = dataset_root(prefix, dataset)
+    out = {}
+    for obj in s3.list(f"{root}/refs/tags/"):
+        got = _read_text(s3, obj.key)
+        if got:
+            out[obj.key.rsplit("/", 1)[-1]] = got[0]
+    return out
+
+
+def resolve(s3: S3, dataset: str, version: str | None, *, prefix: str = DEFAULT_PREFIX) -> str:
+    """A version id from None (latest), a tag or an id; clear error when there is none."""
+    root = dataset_root(prefix, dataset)
+    if version is None:
+        found = latest_version(s3, dataset, prefix=prefix)
+        if found is None:
+            raise SftflowError(f"dataset {dataset!r} has no version yet ({s3.uri(root)}/refs/latest)")
+        return found
+    if s3.head(f"{root}/versions/{version}/manifest.json") is not None:
+        return version
+    if _NAME.match(version):
+        tagged = get_tag(s3, dataset, version, prefix=prefix)
+        if tagged:
+            return tagged
+    raise SftflowError(f"dataset {dataset!r} has no version or tag {version!r} ({s3.uri(root)})")
+
+
+def file_key(manifest: dict[str, Any], path: str) -> str:
+    return f"{manifest['root']}/{path}"
+
+
+def verify_files(s3: S3, manifest: dict[str, Any], files: Sequence[dict] | None = None) -> None:
+    """Download every listed file and check size and sha256; SftflowError names the first bad one."""
+
+    def check(f: dict[str, Any]) -> None:
+        key = file_key(manifest, f["path"])
+        try:
+            data, _ = s3.get_bytes(key)
+        except KeyError:
+            raise SftflowError(
+                f"{manifest['dataset']}@{manifest['version']}: file {s3.uri(key)} is missing"
+            ) from None
+        if len(data) != f["size"] or _sha(data) != f["sha256"]:
+            raise SftflowError(
+                f"{manifest['dataset']}@{manifest['version']}: checksum mismatch for {s3.uri(key)}"
+            )
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(check, files if files is not None else manifest["files"]))
+
+
+def load_manifest(
+    s3: S3, dataset: str, version: str | None = None, verify: bool = True, *,
+    prefix: str = DEFAULT_PREFIX,
+) -> dict[str, Any]:
+    """The manifest of ``version`` (an id or a tag; None: ``refs/latest``), its files verified."""
+    version = resolve(s3, dataset, version, prefix=prefix)
+    key = f"{dataset_root(prefix, dataset)}/versions/{version}/manifest.json"
+    try:
+        data, _ = s3.get_bytes(key)
+    except KeyError:
+        raise SftflowError(f"dataset {dataset!r} has no version {version!r} ({s3.uri(key)})") from None
+    try:
+        manifest = json.loads(data)
+    except ValueError as err:
+        raise SftflowError(f"manifest {s3.uri(key)} is not valid JSON: {err}") from err
+    if verify:
+        verify_files(s3, manifest)
+    return manifest
+
+
+def data_files(s3: S3, manifest: dict[str, Any], split: str | None, fmt: str = "parquet") -> list[str]:
+    """s3:// URIs of the version's files of one split and format, in manifest order."""
+    return [
+        s3.uri(file_key(manifest, f["path"]))
+        for f in manifest["files"]
+        if f["format"] == fmt and (split is None or f["split"] == split)
+    ]
+
+
+def last_source_counters(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX) -> dict | None:
+    """The Label Studio counters recorded by the latest version (``project_id``,
+    ``num_tasks_with_annotations``, ``total_annotations_number``, ...); None before the first."""
+    if latest_version(s3, dataset, prefix=prefix) is None:
+        return None
+    return dict(load_manifest(s3, dataset, None, verify=False, prefix=prefix).get("source") or {})
+
+
+def list_datasets(s3: S3, *, prefix: str = DEFAULT_PREFIX) -> list[str]:
+    base = (prefix.strip("/") + "/") if prefix.strip("/") else ""
+    names = []
+    for page in s3.client.get_paginator("list_objects_v2").paginate(
+        Bucket=s3.bucket, Prefix=base, Delimiter="/"
+    ):
+        for cp in page.get("CommonPrefixes", []):
+            names.append(cp["Prefix"][len(base):].rstrip("/"))
+    return sorted(n for n in names if _NAME.match(n))
+
+
+def list_versions(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX) -> list[dict[str, Any]]:
+    """Every committed version (a manifest exists), oldest first, with summary fields."""
+    root = dataset_root(prefix, dataset)
+    keys = [o.key for o in s3.list(f"{root}/versions/") if o.key.endswith("/manifest.json")]
+
+    def summary(key: str) -> dict[str, Any]:
+        m = json.loads(s3.get_bytes(key)[0])
+        return {"version": m["version"], "parent": m.get("parent"), "created_at": m["created_at"],
+                "rows": m["rows"], "run_id": m.get("run_id"),
+                "snapshot_at": (m.get("source") or {}).get("snapshot_at")}
+
+    with ThreadPoolExecutor(8) as pool:
+        out = list(pool.map(summary, keys))
+    return sorted(out, key=lambda v: v["created_at"])
+
+
+# -- commit --------------------------------------------------------------------------------------
+@dataclass
+class CommitResult:
+    dataset: str
+    version: str
+    created: bool  # this run wrote the manifest
+    ref_updated: bool  # this run moved refs/latest
+    latest: str | None  # refs/latest afterwards
+    parent: str | None
+    rows: dict[str, int] = field(default_factory=dict)
+    bytes_written: int = 0  # bytes this run uploaded (skipped, existing objects not counted)
+    bytes_total: int = 0  # bytes of every file the version lists
+    shards_written: int = 0
+    shards_reused: int = 0
+    cas_retries: int = 0
+    superseded_by: str | None = None  # refs/latest was left on a version from a newer snapshot
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sort_key(row: dict[str, Any]) -> tuple:
+    return (row["split"], row["prompt_id"], row["task_id"], row["annotation_id"], row["row_hash"])
+
+
+def _put_if_absent(s3: S3, key: str, data: bytes, content_type: str) -> int:
+    """Upload unless the object exists (content-addressed keys). Returns bytes uploaded."""
+    if s3.head(key) is not None:
+        return 0
+    try:
+        s3.put_bytes(key, data, if_none_match=True, content_type=content_type)
+    except PreconditionFailed:
+        return 0
+    return len(data)
+
+
+def _put_immutable(s3: S3, key: str, data: bytes, content_type: str) -> tuple[str, int, int]:
+    """Create ``key`` once; when it exists already (an earlier, crashed run of the same
+    version), keep it and describe what is there. Returns (sha256, size, bytes uploaded)."""
+    try:
+        s3.put_bytes(key, data, if_none_match=True, content_type=content_type)
+        return _sha(data), len(data), len(data)
+    except PreconditionFailed:
+        existing, _ = s3.get_bytes(key)
+        return _sha(existing), len(existing), 0
+
+
+def _shard_row_hashes(s3: S3, key: str) -> list[str]:
+    data, _ = s3.get_bytes(key)
+    return pq.read_table(io.BytesIO(data), columns=["row_hash"]).column(0).to_pylist()
+
+
+def plan_shards(
+    s3: S3, root: str, rows: Sequence[dict[str, Any]], parent: dict[str, Any] | None,
+    shard_rows: int,
+) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """Which parent shards the new version can reuse whole, and the leftover rows cut into
+    new shards. A parent shard is reused when every row in it is still in the version with
+    the same split; small parent shards are merged into the new ones (bounded fragmentation).
+    Returns (reused parquet file entries, new shards as sorted row lists)."""
+    by_hash = {r["row_hash"]: r for r in rows}
+    remaining = set(by_hash)
+    reused: list[dict[str, Any]] = []
+    if parent:
+        candidates = [f for f in parent["files"] if f["format"] == "parquet"
+                      and f["rows"] >= max(1, shard_rows // MERGE_BELOW)]
+        with ThreadPoolExecutor(8) as pool:
+            hashes = list(pool.map(lambda f: _shard_row_hashes(s3, file_key(parent, f["path"])),
+                                   candidates))
+        for f, hs in zip(candidates, hashes, strict=True):
+            if hs and all(h in remaining and by_hash[h]["split"] == f["split"] for h in hs):
+                reused.append(f)
+                remaining.difference_update(hs)
+    leftover = sorted((by_hash[h] for h in remaining), key=_sort_key)
+    shards: list[list[dict[str, Any]]] = []
+    for split in SPLITS:
+        part = [r for r in leftover if r["split"] == split]
+        shards += [part[i:i + shard_rows] for i in range(0, len(part), shard_rows)]
+    return reused, shards
+
+
+def _companions(parent: dict[str, Any] | None, parquet_sha: str) -> list[dict[str, Any]]:
+    """The JSONL shard entries that were written with a reused parquet shard."""
+    if not parent:
+        return []
+    return [f for f in parent["files"] if f.get("of") == parquet_sha]
+
+
+def advance_latest(
+    s3: S3, root: str, version: str, snapshot_at: str | None, *, max_attempts: int = 20,
+    hook: Hook | None = None,
+) -> tuple[bool, str | None, int, str | None]:
+    """Move ``refs/latest`` to ``version`` with compare-and-swap, unless it names a version
+    built from a newer snapshot. Returns (moved, latest afterwards, CAS retries, superseded_by)."""
+    key = f"{root}/refs/latest"
+    rng = random.Random()
+    retries = 0
+    for attempt in range(max_attempts):
+        current = _read_text(s3, key)
+        if current and current[0] == version:
+            return False, version, retries, None
+        if current and snapshot_at:
+            try:
+                cur = json.loads(s3.get_bytes(f"{root}/versions/{current[0]}/manifest.json")[0])
+                cur_snap = (cur.get("source") or {}).get("snapshot_at") or ""
+            except KeyError:
+                cur_snap = ""
+            if cur_snap and cur_snap > snapshot_at:
+                return False, current[0], retries, current[0]
+        try:
+            if current is None:
+                s3.put_bytes(key, version.encode(), if_none_match=True, content_type="text/plain")
+            else:
+                s3.put_bytes(key, version.encode(), if_match=current[1], content_type="text/plain")
+            return True, version, retries, None
+        except PreconditionFailed:
+            retries += 1
+            if hook:
+                hook("cas-retry")
+            time.sleep(min(2.0, 0.05 * 2**attempt) * rng.uniform(0.5, 1.5))
+    raise SftflowError(f"could not move {s3.uri(key)} after {max_attempts} attempts (contention)")
+
+
+def commit_version(
+    s3: S3,
+    dataset: str,
+    rows: Sequence[dict[str, Any]],
+    *,
+    config: dict[str, Any],
+    source: dict[str, Any],
+    stats: dict[str, Any],
+    exclusions: Sequence[dict[str, Any]] = (),
+    prefix: str = DEFAULT_PREFIX,
+    shard_rows: int = 5000,
+    run_id: str | None = None,
+    code_version: str = "",
+    system_prompt: str | None = None,
+    hook: Hook | None = None,
+) -> CommitResult:
+    """Write ``rows`` (each with every column of ``formats.SCHEMA``) as a version of ``dataset``
+    and move ``refs/latest`` to it. Idempotent: the same rows and config give the same version,
+    and a rerun after a crash at any point completes the commit.
+
+    ``hook(step)`` is called after each step (``shard``, ``files``, ``manifest``, ``ref``) so
+    tests can stop the process exactly there."""
+    root = dataset_root(prefix, dataset)
+    step = hook or (lambda _step: None)
+    cfg_hash = config_hash(config)
+    vid = version_id((r["row_hash"] for r in rows), cfg_hash)
+    counts = Counter(r["split"] for r in rows)
+    row_counts = {s: int(counts.get(s, 0)) for s in SPLITS}
+    mkey = f"{root}/versions/{vid}/manifest.json"
+    snapshot_at = source.get("snapshot_at")
+
+    if s3.head(mkey) is not None:  # a rebuild of the same content, or a rerun past the manifest
+        existing = json.loads(s3.get_bytes(mkey)[0])
+        moved, latest, retries, sup = advance_latest(s3, root, vid, snapshot_at, hook=hook)
+        step("ref")
+        return CommitResult(dataset, vid, False, moved, latest, existing.get("parent"), row_counts,
+                            0, sum(f["size"] for f in existing["files"]), 0, 0, retries, sup)
+
+    parent_id = latest_version(s3, dataset, prefix=prefix)
+    parent = None
+    if parent_id:
+        try:
+            parent = load_manifest(s3, dataset, parent_id, verify=False, prefix=prefix)
+        except SftflowError:
+            parent = None  # unreadable parent: build everything fresh, never fail the build
+    reused, new_shards = plan_shards(s3, root, rows, parent, shard_rows)
+
+    files: list[dict[str, Any]] = []
+    written = 0
+    for f in reused:
+        files.append(dict(f))
+        files += [dict(c) for c in _companions(parent, f["sha256"])]
+
+    def write_shard(shard: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+        split = shard[0]["split"]
+        pq_bytes = formats.parquet_bytes(shard)
+        pq_sha = _sha(pq_bytes)
+        entries = [{"path": f"shards/{pq_sha}.parquet", "split": split, "format": "parquet",
+                    "sha256": pq_sha, "size": len(pq_bytes), "rows": len(shard)}]
+        n = _put_if_absent(s3, f"{root}/shards/{pq_sha}.parquet", pq_bytes,
+                           "application/vnd.apache.parquet")
+        for fmt, sub, data in (
+            ("openai_chat", "openai", formats.openai_chat_jsonl(shard, system_prompt)),
+            ("trl", "trl", formats.trl_jsonl(shard)),
+        ):
+            sha = _sha(data)
+            entries.append({"path": f"shards/{sub}/{sha}.jsonl", "split": split, "format": fmt,
+                            "sha256": sha, "size": len(data), "rows": len(shard), "of": pq_sha})
+            n += _put_if_absent(s3, f"{root}/shards/{sub}/{sha}.jsonl", data, "application/jsonl")
+        return entries, n
+
+    with ThreadPoolExecutor(4) as pool:
+        for entries, n in pool.map(write_shard, new_shards):
+            files += entries
+            written += n
+            step("shard")
+
+    split_order = {s: i for i, s in enumerate(SPLITS)}
+    files.sort(key=lambda f: (split_order.get(f["split"], 9), f["format"], f["path"]))
+    sizes = {s: sum(f["size"] for f in files if f["split"] == s and f["format"] == "parquet")
+             for s in SPLITS}
+
+    ex_data = formats.exclusions_jsonl(exclusions)
+    sha, size, n = _put_immutable(s3, f"{root}/versions/{vid}/exclusions.jsonl", ex_data,
+                                  "application/jsonl")
+    written += n
+    files.append({"path": f"versions/{vid}/exclusions.jsonl", "split": None,
+                  "format": "exclusions", "sha256": sha, "size": size, "rows": len(exclusions)})
+    card = formats.dataset_card(dataset=dataset, version=vid, rows=row_counts, sizes=sizes,
+                                stats=stats, source=source, config=config).encode()
+    sha, size, n = _put_immutable(s3, f"{root}/versions/{vid}/README.md", card, "text/markdown")
+    written += n
+    files.append({"path": f"versions/{vid}/README.md", "split": None, "format": "card",
+                  "sha256": sha, "size": size, "rows": 0})
+    step("files")
+
+    manifest = {
+        "dataset": dataset,
+        "version": vid,
+        "parent": parent_id,
+        "root": root,
+        "created_at": datetime.now(UTC).isoformat(),
+        "files": files,
+        "rows": row_counts,
+        "schema": formats.schema_json(),
+        "source": source,
+        "stats": stats,
+        "config": config,
+        "config_hash": cfg_hash,
+        "code_version": code_version,
+        "run_id": run_id,
+    }
+    body = json.dumps(manifest, indent=1, ensure_ascii=False, default=str).encode()
+    created = True
+    try:
+        s3.put_bytes(mkey, body, if_none_match=True, content_type="application/json")
+        written += len(body)
+    except PreconditionFailed:  # a concurrent build of the same content committed first
+        created = False
+        manifest = json.loads(s3.get_bytes(mkey)[0])
+    step("manifest")
+    moved, latest, retries, sup = advance_latest(s3, root, vid, snapshot_at, hook=hook)
+    step("ref")
+    return CommitResult(
+        dataset=dataset, version=vid, created=created, ref_updated=moved, latest=latest,
+        parent=manifest.get("parent"), rows=row_counts, bytes_written=written,
+        bytes_total=sum(f["size"] for f in manifest["files"]),
+        shards_written=len(new_shards), shards_reused=len(reused), cas_retries=retries,
+        superseded_by=sup,
+    )
+
+
+# -- readers: diff, pull, gc ---------------------------------------------------------------------
+def _row_index(s3: S3, manifest: dict[str, Any]) -> dict[str, tuple[str, int, str]]:
+    """row_hash -> (split, annotation_id, prompt) for every row of a version."""
+    files = [f for f in manifest["files"] if f["format"] == "parquet"]
+
+    def read(f: dict[str, Any]) -> list[tuple]:
+        data, _ = s3.get_bytes(file_key(manifest, f["path"]))
+        t = pq.read_table(io.BytesIO(data), columns=["row_hash", "split", "annotation_id", "prompt"])
+        return list(zip(*(t.column(i).to_pylist() for i in range(4)), strict=True))
+
+    out = {}
+    with ThreadPoolExecutor(8) as pool:
+        for part in pool.map(read, files):
+            out.update({h: (s, a, p) for h, s, a, p in part})
+    return out
+
+
+def diff_versions(s3: S3, dataset: str, a: str | None, b: str | None, *,
+                  prefix: str = DEFAULT_PREFIX, examples: int = 3) -> dict[str, Any]:
+    """Rows added, removed, changed (same annotation, new content) and unchanged from a to b,
+    per split, and how many bytes of b's files a already had."""
+    ma = load_manifest(s3, dataset, a, verify=False, prefix=prefix)
+    mb = load_manifest(s3, dataset, b, verify=False, prefix=prefix)
+    ra, rb = _row_index(s3, ma), _row_index(s3, mb)
+    ann_a = {v[1]: h for h, v in ra.items()}
+    added = [h for h in rb if h not in ra]
+    removed = [h for h in ra if h not in rb]
+    changed = [h for h in added if rb[h][1] in ann_a and ann_a[rb[h][1]] in removed]
+    changed_old = {ann_a[rb[h][1]] for h in changed}
+    added_only = [h for h in added if h not in set(changed)]
+    removed_only = [h for h in removed if h not in changed_old]
+
+    def per_split(hs: list[str], idx: dict) -> dict[str, int]:
+        c = Counter(idx[h][0] for h in hs)
+        return {s: c.get(s, 0) for s in SPLITS}
+
+    paths_a = {f["path"] for f in ma["files"]}
+    shared = sum(f["size"] for f in mb["files"] if f["path"] in paths_a)
+    return {
+        "dataset": dataset, "a": ma["version"], "b": mb["version"],
+        "rows_a": ma["rows"], "rows_b": mb["rows"],
+        "added": per_split(added_only, rb), "removed": per_split(removed_only, ra),
+        "changed": per_split(changed, rb),
+        "unchanged": len(rb) - len(added),
+        "bytes_b": sum(f["size"] for f in mb["files"]), "bytes_shared_with_a": shared,
+        "examples": {
+            "added": [rb[h][2][:120] for h in sorted(added_only)[:examples]],
+            "removed": [ra[h][2][:120] for h in sorted(removed_only)[:examples]],
+        },
+    }
+
+
+def local_path(f: dict[str, Any]) -> str:
+    """Where ``pull`` puts a manifest file: the layout the dataset card describes."""
+    name = f["path"].rsplit("/", 1)[-1]
+    if f["format"] == "parquet":
+        return f"data/{f['split']}/{name}"
+    if f["format"] in ("openai_chat", "trl"):
+        return f"{'openai' if f['format'] == 'openai_chat' else 'trl'}/{f['split']}/{name}"
+    return name
+
+
+def pull_version(s3: S3, dataset: str, version: str | None, dest: str | Path, *,
+                 prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
+    """Download a version into ``dest`` (checksums verified, files written atomically)."""
+    manifest = load_manifest(s3, dataset, version, verify=False, prefix=prefix)
+    dest = Path(dest)
+
+    def fetch(f: dict[str, Any]) -> int:
+        out = dest / local_path(f)
+        if out.is_file() and out.stat().st_size == f["size"] and _sha(out.read_bytes()) == f["sha256"]:
+            return 0
+        data, _ = s3.get_bytes(file_key(manifest, f["path"]))
+        if _sha(data) != f["sha256"]:
+            raise SftflowError(f"checksum mismatch for {s3.uri(file_key(manifest, f['path']))}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(out)
+        return len(data)
+
+    with ThreadPoolExecutor(8) as pool:
+        downloaded = sum(pool.map(fetch, manifest["files"]))
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    return {"dataset": dataset, "version": manifest["version"], "dir": str(dest),
+            "files": len(manifest["files"]), "bytes_downloaded": downloaded}
+
+
+def gc(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX, dry_run: bool = True,
+       min_age_s: float = 3600.0) -> dict[str, Any]:
+    """Objects under the dataset root that no manifest and no ref references, older than
+    ``min_age_s`` (so a commit in progress keeps its fresh uploads). Deleted unless dry run."""
+    root = dataset_root(prefix, dataset)
+    objects = list(s3.list(f"{root}/"))
+    manifests = [o.key for o in objects if o.key.endswith("/manifest.json")
+                 and o.key.startswith(f"{root}/versions/")]
+    referenced = set(manifests)
+    for key in manifests:
+        m = json.loads(s3.get_bytes(key)[0])
+        referenced.update(file_key(m, f["path"]) for f in m["files"])
+    cutoff = datetime.now(UTC) - timedelta(seconds=min_age_s)
+    garbage = [
+        o for o in objects
+        if o.key not in referenced and not o.key.startswith(f"{root}/refs/")
+        and (o.last_modified is None or o.last_modified <= cutoff)
+    ]
+    young = [o for o in objects if o.key not in referenced and o not in garbage
+             and not o.key.startswith(f"{root}/refs/")]
+    if not dry_run and garbage:
+        s3.delete(o.key for o in garbage)
+    return {
+        "dataset": dataset, "dry_run": dry_run, "versions": len(manifests),
+        "objects": len(objects), "unreferenced": len(garbage),
+        "unreferenced_bytes": sum(o.size for o in garbage),
+        "kept_too_young": len(young), "deleted": 0 if dry_run else len(garbage),
+        "keys": [o.key for o in garbage[:50]],
+    }

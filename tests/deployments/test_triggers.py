@@ -1,0 +1,187 @@
+"""Events -> deployment runs, end to end: real Label Studio webhooks through the bridge into a
+real Prefect API (test harness, whose server runs triggers), with the project's deployments.
+
+The flow runs the triggers create are counted, not executed (no runner polls the harness):
+what is under test is which runs exist and with which parameters.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from deployments.serve import BUILD, INGEST, ServeConfig, build_deployments
+from flows.check_annotations import CheckParams, check_annotations
+from tasks.labelstudio.projects import SFT_LABEL_CONFIG
+from tasks.webhooks import SECRET_HEADER, ThresholdQuery, register_webhook, webhook_url
+from tests.conftest import unique
+
+pytestmark = [pytest.mark.integration, pytest.mark.prefect]
+
+DATASET = "d"
+MIN_NEW = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def bridge(prefect_harness, settings, s3):
+    """The real bridge app on a loopback port, emitting to the harness, baseline from `s3`."""
+    from sftflow.webhooks import create_app
+
+    cfg = settings.model_copy(update={"s3": settings.s3.model_copy(update={"bucket": s3.bucket})})
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    ctx = contextvars.copy_context()  # carries the harness's PREFECT_API_URL into the thread
+    thread = threading.Thread(target=ctx.run, args=(server.run,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    yield f"http://127.0.0.1:{port}", cfg.webhooks.secret.get_secret_value()
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture()
+def deployments(prefect_harness, s3):
+    cfg = ServeConfig(source=f"s3://{s3.bucket}/prompts/", project="unused", dataset=DATASET,
+                      min_new=MIN_NEW, bucket=s3.bucket, debounce_s=600)
+    ids = {d.name: d.apply() for d in build_deployments(cfg)}
+    time.sleep(2)  # the trigger service picks up new automations within about a second
+    return ids
+
+
+def runs_of(deployment_id, match: dict, settle_s: float = 4.0, timeout_s: float = 30.0,
+            want: int = 1):
+    """Flow runs of a deployment whose ``params`` include ``match``, once their number has
+    stopped changing for ``settle_s`` (the harness is shared by the tests of the session)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    flt = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+    with get_client(sync_client=True) as client:
+        deadline, seen, stable_since = time.monotonic() + timeout_s, None, time.monotonic()
+        while time.monotonic() < deadline:
+            runs = [r for r in client.read_flow_runs(deployment_filter=flt)
+                    if match.items() <= r.parameters.get("params", {}).items()]
+            if seen is None or len(runs) != len(seen):
+                seen, stable_since = runs, time.monotonic()
+            elif len(runs) >= want and time.monotonic() - stable_since >= settle_s:
+                break
+            time.sleep(0.5)
+        return seen
+
+
+def annotate(client, task_id: int) -> None:
+    client.annotations.create(id=task_id, result=[{
+        "from_name": "instruction", "to_name": "prompt", "type": "textarea",
+        "value": {"text": ["a response"]}}])
+
+
+@pytest.fixture()
+def projects(labelstudio):
+    made = []
+
+    def make():
+        p = labelstudio.projects.create(title=unique("t-trig"), label_config=SFT_LABEL_CONFIG)
+        made.append(p.id)
+        ids = labelstudio.projects.import_tasks(
+            id=p.id, request=[{"prompt": f"q {i}"} for i in range(4)], return_task_ids=True
+        ).task_ids
+        return p, ids
+
+    yield make
+    for pid in made:
+        labelstudio.projects.delete(id=pid)
+
+
+def project_payload(settings, project_id: int) -> dict:
+    """What Label Studio puts in a webhook's ``project`` (same serializer fields as the API)."""
+    resp = httpx.get(f"{settings.labelstudio.url}/api/projects/{project_id}",
+                     headers={"Authorization": f"Token {settings.labelstudio.api_key.get_secret_value()}"})
+    resp.raise_for_status()
+    return resp.json()
+
+
+def test_signed_webhooks_crossing_the_threshold_make_exactly_one_build(
+    settings, labelstudio, bridge, deployments, projects
+):
+    url, secret = bridge
+    p, task_ids = projects()
+    hook = register_webhook(labelstudio, p.id,
+                            webhook_url(f"{url}/labelstudio", ThresholdQuery(MIN_NEW, DATASET)),
+                            secret)
+    assert hook["created"] and SECRET_HEADER not in str(hook)
+    again = register_webhook(labelstudio, p.id, webhook_url(f"{url}/labelstudio",
+                             ThresholdQuery(MIN_NEW, DATASET)), secret)
+    assert again == {**hook, "created": False}  # idempotent: one webhook, updated in place
+
+    for task_id in task_ids[:3]:  # Label Studio itself calls the bridge: below, reached, reached
+        annotate(labelstudio, task_id)
+    health = httpx.get(f"{url}/health").json()["counts"]
+    assert health["emitted"] == 3 and health.get("unauthorized", 0) == 0
+
+    body = {"action": "ANNOTATION_CREATED", "annotation": {"id": 1},
+            "project": project_payload(settings, p.id)}
+    for _ in range(20):  # the same webhook again, 20 times
+        r = httpx.post(f"{url}/labelstudio?min_new={MIN_NEW}&dataset={DATASET}", json=body,
+                       headers={SECRET_HEADER: secret})
+        assert r.status_code == 200
+
+    runs = runs_of(deployments[BUILD], {"project": str(p.id)})
+    assert len(runs) == 1 and runs[0].parameters["params"]["dataset"] == DATASET
+
+
+def test_unsigned_webhooks_make_no_build(settings, labelstudio, bridge, deployments, projects):
+    url, _ = bridge
+    p, task_ids = projects()
+    for task_id in task_ids[:MIN_NEW]:
+        annotate(labelstudio, task_id)  # no webhook registered: we post the crossing ourselves
+    body = {"action": "ANNOTATION_CREATED", "project": project_payload(settings, p.id)}
+    query = f"min_new={MIN_NEW}&dataset={DATASET}"
+    for headers in ({}, {SECRET_HEADER: "wrong"}):
+        r = httpx.post(f"{url}/labelstudio?{query}", json=body, headers=headers)
+        assert r.status_code == 401
+    assert httpx.get(f"{url}/health").json()["counts"].get("emitted", 0) == 0
+    assert runs_of(deployments[BUILD], {"project": str(p.id)}, settle_s=3, timeout_s=6, want=0) == []
+
+
+def test_s3_notification_starts_an_ingest_run(bridge, deployments, s3):
+    url, secret = bridge
+    record = {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": s3.bucket},
+              "object": {"key": "prompts/batch-1.jsonl", "size": 10, "eTag": "abc"}}}
+    elsewhere = {**record, "s3": {**record["s3"], "object": {"key": "datasets/x.parquet"}}}
+    r = httpx.post(f"{url}/s3", json={"Records": [record, elsewhere]},
+                   headers={SECRET_HEADER: secret})
+    assert r.status_code == 200 and len(r.json()["emitted"]) == 2
+    # The object outside the source prefix does not match the trigger: one run, not two.
+    assert len(runs_of(deployments[INGEST], {})) == 1
+    runs = runs_of(deployments[INGEST], {"source": f"s3://{s3.bucket}/prompts/batch-1.jsonl"})
+    assert len(runs) == 1
+
+
+def test_scheduled_check_starts_one_build_per_threshold_crossing(
+    labelstudio, deployments, projects, s3
+):
+    p, task_ids = projects()
+    params = CheckParams(project=p.title, dataset=DATASET, min_new=MIN_NEW, bucket=s3.bucket)
+    assert not check_annotations(params).reached
+    for task_id in task_ids[:MIN_NEW]:
+        annotate(labelstudio, task_id)
+    first, second = check_annotations(params), check_annotations(params)
+    assert first.reached and first.build_flow_run_id == second.build_flow_run_id
+    runs = runs_of(deployments[BUILD], {"project": str(p.id)}, settle_s=1)
+    assert [str(r.id) for r in runs] == [first.build_flow_run_id]

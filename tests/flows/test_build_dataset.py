@@ -1,0 +1,207 @@
+"""The build_dataset flow end to end on the real stack: Label Studio -> S3 version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.build_dataset import BuildParams, build_dataset, split_groups
+from tasks import versioning
+from tests.conftest import unique
+from tests.tasks._datasets import annotation, make_project, textarea
+
+pytestmark = [pytest.mark.integration, pytest.mark.prefect]
+
+
+def _tasks() -> list[dict]:
+    """60 distinct Q/A tasks plus every kind of trouble, each with a known fate."""
+    tasks = [
+        {"data": {"prompt": f"In one sentence, what does the word number {i} mean?"},
+         "annotations": [annotation(f"Word {i} means thing {i}; it is used in context {i * 7}.")]}
+        for i in range(60)
+    ]
+    tasks += [
+        # exact duplicate of task 0 (same prompt and response, other task): dedup drops one
+        {"data": {"prompt": "In one sentence, what does the word number 0 mean?"},
+         "annotations": [annotation("Word 0 means thing 0; it is used in context 0.")]},
+        # several annotations: 'latest' keeps the last one only
+        {"data": {"prompt": "Name a primary colour."},
+         "annotations": [annotation("Red is a primary colour.", ground_truth=True),
+                         annotation("Blue is a primary colour.")]},
+        {"data": {"prompt": "Skipped task"}, "annotations": [annotation("x", cancelled=True)]},
+        {"data": {"prompt": "Empty answer"}, "annotations": [annotation("   ")]},
+        {"data": {"prompt": "Echo"}, "annotations": [annotation("Echo")]},
+        {"data": {"prompt": "Contact?"},
+         "annotations": [annotation("Mail support@example.com for help with the account.")]},
+        {"data": {"prompt": "Credentials?"},
+         "annotations": [annotation("Use AKIAIOSFODNN7EXAMPLE as the access key id.")]},
+        {"data": {"prompt": "Other widget"},
+         "annotations": [annotation(None, result=[textarea(["x"], from_name="comment")])]},
+        {"data": {"prompt": "Bad text"},
+         "annotations": [annotation(None, result=[textarea("not a list")])]},
+        {"data": {"prompt": "Nobody answered yet"}},
+    ]
+    return tasks
+
+
+@pytest.fixture()
+def project(labelstudio):
+    p = make_project(labelstudio, unique("t"), _tasks())
+    yield p
+    labelstudio.projects.delete(id=p.id)
+
+
+def test_build_counts_everything_commits_and_rebuilds_as_noop(prefect_harness, s3, labelstudio,
+                                                              project):
+    params = BuildParams(project=project.title, dataset="qa", bucket=s3.bucket)
+    report = build_dataset(params)
+    assert report.created and report.ref_updated and report.version
+    export, filters, dedup = (report.counts[k] for k in ("export", "filters", "dedup"))
+    assert export["tasks"] == 70 and export["cancelled"] == 1
+    assert export["excluded:unknown_from_name"] == 1 and export["excluded:malformed_text"] == 1
+    assert export["superseded_annotations"] == 1 and export["rows"] == 66
+    assert filters["dropped:empty_response"] == 1
+    assert filters["dropped:response_equals_prompt"] == 1
+    assert filters["dropped:secret:aws_access_key"] == 1 and filters["redacted:email"] == 1
+    assert filters["kept"] == 63
+    assert dedup["dropped:exact_duplicate"] == 1 and dedup["leakage_clusters"] == 0
+    assert sum(report.rows.values()) == 62 and report.rows["eval"] > 0
+
+    m = versioning.load_manifest(s3, "qa", report.version)  # verified
+    assert m["source"]["project_id"] == project.id and m["source"]["export_id"] > 0
+    assert m["source"]["total_annotations_number"] >= 66
+    assert m["stats"]["filters"]["kept"] == 63 and m["run_id"]
+    ex_file = next(f for f in m["files"] if f["format"] == "exclusions")
+    lines = [json.loads(x) for x in s3.get_bytes(versioning.file_key(m, ex_file["path"]))[0]
+             .decode().splitlines()]
+    reasons = sorted(e["reason"] for e in lines)
+    assert reasons == sorted(["unknown_from_name", "malformed_text", "empty_response",
+                              "response_equals_prompt", "secret:aws_access_key", "duplicate"])
+    assert "AKIAIOSFODNN7EXAMPLE" not in json.dumps(lines)
+
+    rows = _rows(s3, m)
+    assert {r["completion"] for r in rows if r["prompt"] == "Name a primary colour."} == {
+        "Blue is a primary colour."}
+    assert any("[EMAIL]" in r["completion"] for r in rows)
+    assert all(r["task_id"] and r["annotation_id"] and r["prompt_id"] for r in rows)
+
+    again = build_dataset(params)
+    assert again.version == report.version and not again.created and again.bytes_written == 0
+
+    labelstudio.projects.import_tasks(id=project.id, request=[
+        {"data": {"prompt": "A new question arrives?"},
+         "annotations": [annotation("And a new, careful answer follows it.")]}])
+    third = build_dataset(params)
+    assert third.created and third.parent == report.version
+    assert sum(third.rows.values()) == 63
+    assert third.bytes_written < report.bytes_written
+
+
+def _rows(s3, manifest) -> list[dict]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    out = []
+    for f in manifest["files"]:
+        if f["format"] == "parquet":
+            data, _ = s3.get_bytes(versioning.file_key(manifest, f["path"]))
+            out += pq.read_table(io.BytesIO(data)).to_pylist()
+    return out
+
+
+def test_empty_project_makes_no_version(prefect_harness, s3, labelstudio):
+    p = make_project(labelstudio, unique("t"), [{"data": {"prompt": "unanswered"}}])
+    try:
+        report = build_dataset(BuildParams(project=str(p.id), dataset="empty", bucket=s3.bucket))
+    finally:
+        labelstudio.projects.delete(id=p.id)
+    assert report.version is None and not report.created
+    assert "no version made" in report.message
+    assert list(s3.list("datasets/")) == []
+
+
+def test_dask_cluster_builds_the_identical_version(prefect_harness, s3, project):
+    from dask.distributed import LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    params = BuildParams(project=project.title, dataset="threads", bucket=s3.bucket, shard_rows=10)
+    on_threads = build_dataset(params)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+        flow = build_dataset.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))
+        on_dask = flow(params.model_copy(update={"dataset": "dask"}))
+    assert on_dask.created and on_dask.version == on_threads.version
+    a = versioning.load_manifest(s3, "threads", on_threads.version)
+    b = versioning.load_manifest(s3, "dask", on_dask.version)
+    assert [f["sha256"] for f in a["files"] if f["format"] == "parquet"] == [
+        f["sha256"] for f in b["files"] if f["format"] == "parquet"]
+
+
+def test_several_annotators_per_prompt_never_straddle_the_split(prefect_harness, s3, labelstudio,
+                                                                shared_data: Path):
+    """Real data: 8 models' answers to the same 60 prompts, one annotation each, policy 'all'."""
+    files = sorted((shared_data / "user_oriented").glob("*_predictions.jsonl"))[:8]
+    answers: dict[str, list[str]] = {}
+    for path in files:
+        for line in path.read_text().splitlines()[:60]:
+            rec = json.loads(line)
+            answers.setdefault(rec["prompt"], []).append(rec.get("response") or "")
+    tasks = [{"data": {"prompt": p}, "annotations": [annotation(a) for a in ans]}
+             for p, ans in answers.items()]
+    p = make_project(labelstudio, unique("t"), tasks)
+    try:
+        report = build_dataset(BuildParams(project=p.title, dataset="uo", bucket=s3.bucket,
+                                           annotation_policy="all", eval_fraction=0.2))
+    finally:
+        labelstudio.projects.delete(id=p.id)
+    m = versioning.load_manifest(s3, "uo", report.version)
+    rows = _rows(s3, m)
+    assert len(rows) == sum(report.rows.values()) > len(answers)  # several answers per prompt
+    split_of: dict[str, set] = {}
+    for r in rows:
+        split_of.setdefault(r["prompt_id"], set()).add(r["split"])
+        split_of.setdefault("c" + r["cluster_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in split_of.values())
+    assert report.rows["eval"] > 0 and report.rows["train"] > 0
+
+
+def test_split_groups_join_clusters_sharing_a_prompt():
+    import numpy as np
+
+    groups = split_groups(np.array([5, 3, 9, 7]), ["a", "b", "a", "c"])
+    assert groups.tolist() == [5, 3, 5, 7]
+
+
+def test_cli_build_and_datasets_commands(prefect_harness, s3, project, tmp_path):
+    from typer.testing import CliRunner
+
+    from sftflow.cli import app
+
+    runner = CliRunner()
+
+    def run(*args: str) -> dict | list:
+        result = runner.invoke(app, [*args, "--bucket", s3.bucket, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout[result.stdout.index("{") if result.stdout.lstrip()
+                                         .startswith("{") else result.stdout.index("["):])
+
+    built = run("build", "--project", project.title, "--dataset", "cli")
+    assert built["created"] and built["version"]
+    listed = run("datasets", "list")
+    assert listed == [{"dataset": "cli", "latest": built["version"], "rows": built["rows"]}]
+    shown = run("datasets", "show", f"cli@{built['version']}", "--verify")
+    assert shown["verified"] and shown["rows"] == built["rows"] and shown["train_files"]
+    assert "api_key" not in json.dumps(shown)
+    tagged = run("datasets", "tag", "cli", "gold")
+    assert tagged["version"] == built["version"]
+    diff = run("datasets", "diff", "cli@gold", built["version"])
+    assert diff["unchanged"] == sum(built["rows"].values())
+    pulled = run("datasets", "pull", "cli@gold", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "README.md").is_file() and pulled["files"] > 0
+    gc = run("datasets", "gc", "cli")
+    assert gc["dry_run"] and gc["unreferenced"] == 0
+    bad = runner.invoke(app, ["datasets", "show", "cli@nope", "--bucket", s3.bucket])
+    assert bad.exit_code != 0

@@ -1,0 +1,122 @@
+"""Export snapshots and the streaming parse of Label Studio's JSON export."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from sftflow.errors import SftflowError
+from tasks.labelstudio.export import iter_json_array, parse_export_file, parse_tasks, task_rows
+from tasks.prompts import prompt_id
+from tests.conftest import unique
+from tests.tasks._datasets import annotation, make_project, textarea
+
+
+def _task(tid: int, anns: list, prompt: object = "What is 2+2?", **data) -> dict:
+    ann_list = []
+    for j, a in enumerate(anns):
+        if not isinstance(a, dict):
+            ann_list.append(a)
+            continue
+        a = dict(a)
+        a.setdefault("id", tid * 10 + j)
+        a.setdefault("completed_by", 7)
+        a.setdefault("updated_at", f"2026-01-0{j + 1}T00:00:00Z")
+        ann_list.append(a)
+    d = {"prompt": prompt, **data} if prompt is not None else dict(data)
+    return {"id": tid, "data": d, "annotations": ann_list, "drafts": []}
+
+
+def test_iter_json_array_matches_json_loads_at_any_chunk_size():
+    doc = [_task(i, [annotation(f"réponse {i} 中文 ✓")]) for i in range(50)]
+    raw = json.dumps(doc, ensure_ascii=False, indent=1).encode()
+    for size in (1, 7, 64, 1 << 20):
+        assert list(iter_json_array(io.BytesIO(raw), chunk_size=size)) == doc
+    assert list(iter_json_array(io.BytesIO(b" [ ] "))) == []
+
+
+@pytest.mark.parametrize("raw", [b'{"a": 1}', b'[{"id": 1}, {"id": 2', b"", b"[1,"])
+def test_iter_json_array_rejects_non_arrays_and_truncation(raw):
+    with pytest.raises(ValueError):
+        list(iter_json_array(io.BytesIO(raw), chunk_size=4))
+
+
+def test_policies_pick_latest_ground_truth_or_all():
+    t = _task(1, [annotation("first", ground_truth=True), annotation("second"),
+                  annotation("third", cancelled=True)])
+    latest = task_rows(t, "latest")
+    assert [r["completion"] for r in latest.rows] == ["second"]
+    assert latest.counts["cancelled"] == 1 and latest.counts["superseded_annotations"] == 1
+    assert [r["completion"] for r in task_rows(t, "ground_truth_first").rows] == ["first"]
+    every = task_rows(t, "all").rows
+    assert [r["completion"] for r in every] == ["first", "second"]
+    row = every[0]
+    assert row["task_id"] == 1 and row["annotation_id"] == 10 and row["annotator"] == "7"
+    assert row["updated_at"] == "2026-01-01T00:00:00Z" and row["ground_truth"] is True
+    assert row["prompt_id"] == prompt_id("What is 2+2?")  # computed when ingest did not set it
+    assert task_rows(_task(2, [annotation("x")], prompt_id="given"), "latest").rows[0][
+        "prompt_id"] == "given"
+
+
+def test_multi_part_text_is_joined_and_drafts_are_not_rows():
+    t = _task(1, [annotation(None, result=[textarea(["line one", "line two"])])])
+    t["drafts"] = [{"result": [textarea(["draft"])]}]
+    out = task_rows(t)
+    assert [r["completion"] for r in out.rows] == ["line one\nline two"]
+    assert out.counts["drafts_ignored"] == 1
+
+
+def test_malformed_rows_are_counted_and_excluded_never_raised():
+    tasks = [
+        _task(1, [annotation("ok")]),
+        _task(2, [annotation("x")], prompt=None, text="no prompt field"),
+        _task(3, [annotation("x")], prompt=42),
+        _task(4, [annotation(None, result=[textarea("not a list")])]),
+        _task(5, [annotation(None, result=[textarea(["x"], from_name="other")])]),
+        _task(6, [annotation(None, result=[textarea(["x"], type_="choices")])]),
+        _task(7, [annotation(None, result="garbage")]),
+        _task(8, ["not an annotation"]),
+        "not a task",
+        _task(9, []),
+    ]
+    out = parse_tasks(tasks)
+    assert [r["task_id"] for r in out.rows] == [1]
+    expected = {"missing_prompt": 2, "malformed_text": 1, "unknown_from_name": 1,
+                "wrong_result_type": 1, "malformed_result": 1, "malformed_annotation": 1,
+                "malformed_task": 1}
+    assert {k.split(":", 1)[1]: v for k, v in out.counts.items()
+            if k.startswith("excluded:")} == expected
+    assert sorted(e["reason"] for e in out.exclusions) == sorted(
+        r for r, n in expected.items() for _ in range(n))
+    assert out.counts["tasks"] == 10 and out.counts["tasks_without_annotations"] == 1
+
+
+def test_parse_export_file_names_the_file_when_not_json(tmp_path):
+    bad = tmp_path / "export.json"
+    bad.write_text("<html>oops</html>")
+    with pytest.raises(SftflowError, match="export.json"):
+        parse_export_file.fn(bad)
+
+
+@pytest.mark.integration
+def test_snapshot_roundtrip_on_real_labelstudio(labelstudio, tmp_path):
+    from tasks.labelstudio.export import create_snapshot, delete_snapshot, download_snapshot
+
+    tasks = [{"data": {"prompt": f"p{i}"}, "annotations": [annotation(f"answer {i}")]}
+             for i in range(30)]
+    tasks.append({"data": {"prompt": "skipped"},
+                  "annotations": [annotation("no", cancelled=True)]})
+    tasks.append({"data": {"prompt": "unannotated"}})
+    project = make_project(labelstudio, unique("t"), tasks)
+    try:
+        snap = create_snapshot.fn(labelstudio, project.id, timeout_s=120)
+        assert snap.export_id > 0 and snap.created_at
+        path = download_snapshot.fn(labelstudio, snap, tmp_path / "e.json")
+        out = parse_export_file.fn(path)
+        assert sorted(r["completion"] for r in out.rows) == sorted(f"answer {i}" for i in range(30))
+        assert out.counts["cancelled"] == 1 and out.counts["tasks"] == 32
+        assert delete_snapshot(labelstudio, snap)
+    finally:
+        labelstudio.projects.delete(id=project.id)

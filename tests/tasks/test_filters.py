@@ -1,0 +1,84 @@
+"""Row filters and the PII / secret scan."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.filters import FilterConfig, approx_tokens, filter_rows
+
+
+def _row(prompt: str = "Tell me about cats.", completion: str = "Cats are small felines.") -> dict:
+    return {"prompt": prompt, "completion": completion, "task_id": 1, "annotation_id": 2}
+
+
+@pytest.mark.parametrize(
+    ("completion", "reason", "cfg"),
+    [
+        ("   \n\t", "empty_response", {}),
+        ("  tell me ABOUT   cats. ", "response_equals_prompt", {}),
+        ("ok", "too_short_chars", {"min_chars": 5}),
+        ("x" * 101, "too_long_chars", {"max_chars": 100}),
+        ("short", "too_short_tokens", {"min_tokens": 3}),
+        ("word " * 100, "too_long_tokens", {"max_tokens": 50}),
+        ("bell \x07 here", "control_characters", {}),
+    ],
+)
+def test_each_drop_reason_is_counted_and_written_as_exclusion(completion, reason, cfg):
+    out = filter_rows([_row(completion=completion), _row()], FilterConfig(**cfg))
+    assert len(out.kept) == 1 and out.counts["kept"] == 1
+    assert out.counts[f"dropped:{reason}"] == 1
+    assert out.excluded[0]["reason"] == reason and out.excluded[0]["task_id"] == 1
+
+
+def test_tabs_and_newlines_are_not_control_characters():
+    out = filter_rows([_row(completion="a\tb\r\nc")], FilterConfig())
+    assert len(out.kept) == 1
+
+
+def test_pii_redacted_by_default_and_input_not_modified():
+    row = _row(completion="Write to jane.doe@example.org or call +1 415-555-0199 today.")
+    out = filter_rows([row], FilterConfig())
+    assert out.kept[0]["completion"] == "Write to [EMAIL] or call [PHONE] today."
+    assert out.counts["redacted:email"] == 1 and out.counts["redacted:phone"] == 1
+    assert "jane.doe" in row["completion"]  # the caller's row is untouched
+
+
+def test_pii_drop_policy_and_years_are_not_phones():
+    rows = [_row(completion="mail me: a.b@corp.co.uk"),
+            _row(completion="From 1990-2000 the population grew; call 555-0100 (7 digits).")]
+    out = filter_rows(rows, FilterConfig(pii="drop"))
+    assert [r["completion"][:4] for r in out.kept] == ["From"]
+    assert out.counts["dropped:pii:email"] == 1
+    assert out.excluded[0]["completion"] == "mail me: [EMAIL]"  # no PII in the exclusions file
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("aws key AKIAIOSFODNN7EXAMPLE ok", "aws_access_key"),
+        ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "aws_secret_key"),
+        ("-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----", "private_key"),
+        ("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.abcdefghijkl", "bearer_token"),
+        ("token ghp_" + "a" * 36, "github_token"),
+        ("key AIza" + "B" * 35, "gcp_api_key"),
+        ("sk-proj-" + "c" * 40, "openai_key"),
+    ],
+)
+def test_secrets_dropped_by_default_and_redacted_in_exclusions(text, kind):
+    out = filter_rows([_row(completion=f"Here: {text}")], FilterConfig())
+    assert not out.kept and out.counts[f"dropped:secret:{kind}"] == 1
+    excluded = out.excluded[0]["completion"]
+    assert f"[{kind.upper()}]" in excluded or "[" in excluded
+    assert text not in excluded
+
+
+def test_secret_redact_and_off_policies():
+    row = _row(completion="use AKIAIOSFODNN7EXAMPLE")
+    assert filter_rows([row], FilterConfig(secrets="redact")).kept[0]["completion"] == (
+        "use [AWS_ACCESS_KEY]")
+    assert filter_rows([row], FilterConfig(secrets="off")).kept[0]["completion"] == row["completion"]
+
+
+def test_approx_tokens_counts_bytes():
+    assert approx_tokens("abcd" * 10) == 10
+    assert approx_tokens("中文字") == 3  # 9 UTF-8 bytes

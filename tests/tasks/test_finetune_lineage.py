@@ -1,0 +1,46 @@
+"""Lineage records and model refs in the real S3: create-only, compare-and-swap updates."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sftflow.errors import SftflowError
+from tasks.finetune import lineage
+from tasks.storage import PreconditionFailed
+
+pytestmark = pytest.mark.integration
+
+
+def test_record_is_created_once_and_updates_never_lose_a_change(s3):
+    _, created = lineage.create_record(s3, "models", {"job": "ft-a", "dataset": "qa", "status": "submitted"})
+    assert created
+    again, created = lineage.create_record(s3, "models", {"job": "ft-a", "dataset": "qa", "status": "other"})
+    assert not created and again["status"] == "submitted"
+
+    with ThreadPoolExecutor(8) as pool:  # 16 concurrent writers, each sets its own key
+        list(pool.map(lambda i: lineage.update_record(s3, "models", "ft-a", {f"k{i}": i}, event=f"e{i}",
+                                                      attempts=50), range(16)))
+    final = lineage.load_record(s3, "models", "ft-a")
+    assert all(final[f"k{i}"] == i for i in range(16)) and len(final["history"]) == 16
+
+    lineage.create_record(s3, "models", {"job": "ft-b", "dataset": "other", "submitted_at": "2"})
+    assert lineage.list_jobs(s3, "models") == ["ft-a", "ft-b"]
+    assert [r["job"] for r in lineage.list_records(s3, "models", "qa")] == ["ft-a"]
+    with pytest.raises(SftflowError, match="no model 'ft-zz'"):
+        lineage.load_record(s3, "models", "ft-zz")
+
+
+def test_best_ref_moves_only_from_the_state_it_was_read_in(s3):
+    assert lineage.read_model_ref(s3, "models", "qa") == (None, None)
+    lineage.set_model_ref(s3, "models", "qa", "ft-a", None)
+    job, etag = lineage.read_model_ref(s3, "models", "qa")
+    assert job == "ft-a"
+    with pytest.raises(PreconditionFailed):
+        lineage.set_model_ref(s3, "models", "qa", "ft-c", None)  # it exists now
+    lineage.set_model_ref(s3, "models", "qa", "ft-b", etag)
+    with pytest.raises(PreconditionFailed):
+        lineage.set_model_ref(s3, "models", "qa", "ft-c", etag)  # stale ETag
+    assert lineage.read_model_ref(s3, "models", "qa")[0] == "ft-b"
+    assert lineage.list_jobs(s3, "models") == []  # refs are not models

@@ -1,0 +1,115 @@
+"""Project bootstrap and exactly-once bulk import against the real Label Studio."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from sftflow.errors import ConfigError
+from tasks.labelstudio import build_labelstudio
+from tasks.labelstudio.imports import (
+    ImportOutcomeUnknown,
+    import_batch,
+    iter_project_tasks,
+    remove_unannotated,
+    scan_project,
+    send_tasks,
+    task_count,
+)
+from tasks.labelstudio.projects import SFT_LABEL_CONFIG, config_problems, ensure_project
+from tasks.prompts import prompt_id
+from tests.conftest import unique
+
+pytestmark = pytest.mark.integration
+
+
+def tasks_for(texts: list[str], batch: str) -> list[dict]:
+    return [{"prompt": t, "prompt_id": prompt_id(t), "ingest_batch": batch} for t in texts]
+
+
+def prompt_ids_in(client, project_id: int) -> Counter:
+    return Counter(d["prompt_id"] for _, d in iter_project_tasks(client, project_id))
+
+
+@pytest.fixture()
+def project(labelstudio):
+    p = ensure_project(labelstudio, unique("t"))
+    yield p
+    labelstudio.projects.delete(id=p.id)
+
+
+def test_config_check():
+    assert config_problems(SFT_LABEL_CONFIG) == []
+    bad = '<View><Text name="text" value="$text"/><Choices name="c" toName="text"/></View>'
+    assert config_problems(bad) == ['no <Text name="prompt">', 'no <TextArea name="instruction">']
+    assert "not valid XML" in config_problems("<View>")[0]
+
+
+def test_ensure_project_creates_once_and_refuses_incompatible(labelstudio):
+    title = unique("t")
+    first = ensure_project(labelstudio, title)
+    try:
+        assert config_problems(first.label_config) == []
+        assert 'maxSubmissions="1"' in first.label_config
+        assert ensure_project(labelstudio, title).id == first.id
+        assert ensure_project(labelstudio, str(first.id)).id == first.id
+    finally:
+        labelstudio.projects.delete(id=first.id)
+
+    other = labelstudio.projects.create(
+        title=unique("t"),
+        label_config='<View><Text name="text" value="$text"/>'
+        '<Choices name="c" toName="text"><Choice value="a"/></Choices></View>',
+    )
+    try:
+        with pytest.raises(ConfigError, match="incompatible labeling config"):
+            ensure_project(labelstudio, other.title)
+        assert labelstudio.projects.get(id=other.id).label_config.count("Choices") == 2  # untouched
+    finally:
+        labelstudio.projects.delete(id=other.id)
+    with pytest.raises(ConfigError, match="does not exist"):
+        ensure_project(labelstudio, unique("t"), create=False)
+
+
+def test_refused_tasks_are_isolated_by_bisection(labelstudio, project):
+    good = tasks_for([f"question {i}" for i in range(9)], "b1")
+    bad = {"prompt_id": "no-prompt-key", "ingest_batch": "b1"}  # the config needs $prompt
+    landed, refused, requests = send_tasks(labelstudio, project.id, good[:4] + [bad] + good[4:])
+    assert len(landed) == 9 and [t for t, _ in refused] == [bad]
+    assert refused[0][1].startswith("rejected_by_labelstudio: 400")
+    assert requests > 1 and task_count(labelstudio, project.id) == 9
+
+
+def test_unknown_outcome_is_reconciled_without_duplicates(labelstudio, project, settings):
+    batch = tasks_for([f"prompt number {i} " * 20 for i in range(3000)], "b-timeout")
+    # A real timeout: the server goes on importing after the client stopped waiting.
+    with pytest.raises(ImportOutcomeUnknown, match="Timeout"):
+        send_tasks(labelstudio, project.id, batch, timeout_s=0.05)
+    retry = import_batch.fn(labelstudio, project.id, "b-timeout", batch, reconcile_first=True,
+                            settle_s=1.0)
+    ids = prompt_ids_in(labelstudio, project.id)
+    assert len(ids) == 3000 and set(ids.values()) == {1}  # each prompt exactly once
+    assert sorted(retry.landed) == sorted(t["prompt_id"] for t in batch)
+    assert retry.reconciled > 0  # the timed-out request had landed (some or all of it)
+
+    # Nothing listening: the outcome is certain (nothing landed) and the retry sends it all.
+    dead = build_labelstudio(settings.labelstudio.model_copy(update={"url": "http://127.0.0.1:9"}))
+    more = tasks_for([f"later prompt {i}" for i in range(50)], "b-refused")
+    with pytest.raises(ImportOutcomeUnknown, match="ConnectError"):
+        import_batch.fn(dead, project.id, "b-refused", more)
+    retry = import_batch.fn(labelstudio, project.id, "b-refused", more, reconcile_first=True,
+                            settle_s=0)
+    assert (retry.reconciled, len(retry.landed)) == (0, 50)
+    assert task_count(labelstudio, project.id) == 3050
+
+
+def test_scan_finds_ids_of_foreign_tasks_and_removes_unannotated_duplicates(labelstudio, project):
+    send_tasks(labelstudio, project.id, tasks_for(["alpha", "beta"], "b1"))
+    labelstudio.projects.import_tasks(id=project.id, request=[{"data": {"prompt": "Gamma "}}])
+    send_tasks(labelstudio, project.id, tasks_for(["Alpha"], "b2"))  # same normalised prompt
+    scan = scan_project(labelstudio, project.id, prompt_id)
+    assert scan.ids == {prompt_id("alpha"), prompt_id("beta"), prompt_id("gamma")}
+    assert (scan.task_number, scan.without_id, len(scan.duplicates)) == (4, 1, 1)
+    assert remove_unannotated(labelstudio, scan.duplicates) == scan.duplicates
+    assert task_count(labelstudio, project.id) == 3

@@ -1,0 +1,178 @@
+"""Prompt files: parsing every format, rejecting bad records with reasons, prompt ids, ledger."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.prompts import (
+    FieldMapping,
+    FileProblem,
+    Ledger,
+    Limits,
+    Prompt,
+    Rejected,
+    detect_format,
+    normalise,
+    parse_stream,
+    prompt_id,
+)
+from tasks.storage import ObjectInfo
+
+MAP = FieldMapping()
+LIM = Limits()
+
+
+def parse(data: bytes, name: str, mapping: FieldMapping = MAP, limits: Limits = LIM):
+    fmt, gz = detect_format(name)
+    items = list(parse_stream(io.BytesIO(data), fmt, gz, mapping, limits))
+    return [i for i in items if isinstance(i, Prompt)], [i for i in items if isinstance(i, Rejected)]
+
+
+def test_prompt_id_is_stable_under_case_width_and_whitespace():
+    a = prompt_id("What is  the capital\tof France?")
+    assert a == prompt_id("  what is the CAPITAL of france? \n")
+    assert a == prompt_id("What is the capital of Ｆｒａｎｃｅ?")  # NFKC: full-width letters
+    assert a != prompt_id("What is the capital of Spain?")
+    assert len(a) == 32 and int(a, 16) >= 0
+    assert normalise("Straße\u00a0 X") == "strasse x"
+
+
+def test_jsonl_plain_and_gzip_give_the_same_prompts_with_rows():
+    lines = [json.dumps({"prompt": f"p{i}", "template": "t"}) for i in range(5)]
+    raw = ("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n").encode()
+    plain, rej = parse(raw, "a/x.jsonl")
+    zipped, _ = parse(gzip.compress(raw), "a/x.jsonl.gz")
+    assert rej == [] and [p.prompt for p in plain] == [f"p{i}" for i in range(5)]
+    assert [p.row for p in plain] == [1, 2, 4, 5, 6]  # line numbers; the blank line is no record
+    assert plain == zipped
+
+
+def test_gzip_is_detected_by_magic_bytes_whatever_the_name():
+    data = gzip.compress(b'{"prompt": "hello"}\n')
+    prompts, _ = parse(data, "x.jsonl")
+    assert [p.prompt for p in prompts] == ["hello"]
+
+
+def test_every_record_level_problem_has_its_reason():
+    lines = [
+        b'{"prompt": "fine"}',
+        b'{"prompt": "bad \xff\xfe bytes"}',
+        b"{not json",
+        b'["a", "list"]',
+        b'{"other": "x"}',
+        b'{"prompt": null}',
+        b'{"prompt": 42}',
+        b'{"prompt": "   "}',
+        b'{"prompt": "' + b"x" * 50 + b'"}',
+        b'{"prompt": "lone \\ud800 surrogate"}',
+    ]
+    prompts, rejected = parse(b"\n".join(lines), "r.jsonl", limits=Limits(max_prompt_chars=40))
+    assert [p.prompt for p in prompts] == ["fine"]
+    assert [(r.row, r.reason) for r in rejected] == [
+        (2, "invalid_utf8"), (3, "invalid_json"), (4, "not_object"), (5, "missing_prompt"),
+        (6, "missing_prompt"), (7, "wrong_type"), (8, "empty_prompt"), (9, "too_large"),
+        (10, "invalid_utf8"),
+    ]
+    assert rejected[2].raw == '["a", "list"]'  # the raw record travels to the quarantine
+
+
+def test_json_array_and_alpaca_style_instruction_plus_input():
+    rows = [
+        {"instruction": "Translate to French", "input": "good morning", "output": "bonjour"},
+        {"instruction": "Name a colour", "input": "", "output": "red"},
+        {"instruction": "Sum", "input": 3},
+    ]
+    mapping = FieldMapping(prompt_field="instruction", input_field="input", keep_fields=["output"])
+    prompts, rejected = parse(json.dumps(rows).encode(), "alpaca.json", mapping)
+    assert [p.prompt for p in prompts] == ["Translate to French\n\ngood morning", "Name a colour"]
+    assert prompts[0].extra == {"output": "bonjour"} and prompts[1].row == 2
+    assert [(r.row, r.reason) for r in rejected] == [(3, "wrong_type")]
+
+
+def test_json_file_holding_json_lines_is_read_as_lines():
+    prompts, _ = parse(b'{"prompt": "a"}\n{"prompt": "b"}\n', "x.json")
+    assert [p.prompt for p in prompts] == ["a", "b"]
+
+
+def test_csv_and_tsv_with_bad_bytes_in_one_row():
+    csv_data = b'prompt,lang\n"Hello, world",en\nbad \xff row,xx\n"multi\nline",en\n'
+    prompts, rejected = parse(csv_data, "p.csv")
+    assert [p.prompt for p in prompts] == ["Hello, world", "multi\nline"]
+    assert [(r.row, r.reason) for r in rejected] == [(2, "invalid_utf8")]
+    prompts, _ = parse(b"prompt\tx\nfirst\t1\n", "p.tsv")
+    assert [p.prompt for p in prompts] == ["first"]
+
+
+def test_parquet_plain_and_gzip():
+    table = pa.table({"prompt": ["a", None, "c"], "n": [1, 2, 3]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    for name, data in (("t.parquet", buf.getvalue()), ("t.parquet.gz", gzip.compress(buf.getvalue()))):
+        prompts, rejected = parse(data, name)
+        assert [(p.prompt, p.row) for p in prompts] == [("a", 1), ("c", 3)]
+        assert [(r.row, r.reason) for r in rejected] == [(2, "missing_prompt")]
+
+
+@pytest.mark.parametrize(
+    ("data", "name", "reason"),
+    [
+        (b"\x00\x01\x02binary", "x.jsonl", "binary"),
+        (b"PAR1....", "x.csv", "binary"),
+        (b"[1, 2", "x.json", "unparseable"),
+        (b"[1, 2]", "x.json.gz", "unparseable"),  # named .gz, not gzip
+        (gzip.compress(b'{"prompt": "a"}\n' * 1000)[:-30], "x.jsonl.gz", "unparseable"),
+        (b'{"prompt": "\xff"}', "x.json", "invalid_utf8"),
+        (b"not parquet at all", "x.parquet", "unparseable"),
+    ],
+)
+def test_file_level_problems(data, name, reason):
+    with pytest.raises(FileProblem) as err:
+        parse(data, name)
+    assert err.value.reason == reason
+
+
+def test_unsupported_extension():
+    with pytest.raises(FileProblem, match="unsupported_type"):
+        detect_format("notes/readme.md")
+    assert detect_format("a/b.NDJSON.GZ") == ("jsonl", True)
+
+
+def test_mapping_validation():
+    with pytest.raises(ValueError, match="join_template"):
+        FieldMapping(join_template="{prompt} only")
+    with pytest.raises(ValueError, match="keep_fields"):
+        FieldMapping(keep_fields=["prompt_id"])
+
+
+@pytest.mark.integration
+def test_ledger_roundtrip_pending_snapshot_and_reset(s3):
+    ledger = Ledger(s3, s3.bucket, "_sftflow", 7)
+    state = ledger.load("2026-01-01")
+    assert not state.found and state.ids == set() and state.expected_tasks == 0
+    ledger.mark_pending("b1", 2)
+    ledger.confirm("b0", ["a", "b"], 2)
+    ledger.confirm("b0", ["a", "b"], 2)  # a retried confirm changes nothing
+    state = ledger.load("2026-01-01")
+    assert state.found and state.ids == {"a", "b"} and state.expected_tasks == 2
+    assert state.pending == ["b1"]
+    ledger.confirm("b1", ["x"], 1)
+    ledger.write_snapshot({"a", "b", "x", "z"}, 5, ledger.load("2026-01-01").segment_keys)
+    state = ledger.load("2026-01-01")
+    assert (state.ids, state.expected_tasks, state.pending) == ({"a", "b", "x", "z"}, 5, [])
+
+    obj = ObjectInfo("in/a.jsonl", '"etag1"', 10)
+    ledger.mark_object(obj, {"records": 3})
+    done = ledger.processed_objects()
+    assert Ledger.is_processed(done, obj)
+    assert not Ledger.is_processed(done, ObjectInfo("in/a.jsonl", '"etag2"', 10))  # changed
+
+    # Same project id, another project instance (e.g. Label Studio was reset): start over.
+    state = ledger.load("2027-02-02")
+    assert not state.found and state.ids == set()
+    assert ledger.processed_objects() == {}

@@ -1,0 +1,207 @@
+"""Content-addressed versions on the real S3 (SeaweedFS): commit, reuse, refs CAS, readers,
+crashes at every commit step, concurrent commits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from sftflow.errors import SftflowError
+from tasks import versioning
+from tests.tasks._datasets import final_rows
+
+pytestmark = pytest.mark.integration
+
+CFG = {"eval_fraction": 0.1}
+ROOT = Path(__file__).parents[2]
+
+
+def _commit(s3, rows, snapshot_at="2026-01-01T00:00:00", dataset="d", **kw):
+    return versioning.commit_version(
+        s3, dataset, rows, config=CFG, source={"project_id": 1, "snapshot_at": snapshot_at,
+                                              "num_tasks_with_annotations": len(rows)},
+        stats={"filters": {"kept": len(rows)}}, shard_rows=kw.pop("shard_rows", 100), **kw)
+
+
+def test_commit_then_rebuild_is_a_noop_and_readers_verify(s3):
+    rows = final_rows(450)
+    first = _commit(s3, rows)
+    assert first.created and first.ref_updated and first.parent is None
+    assert first.rows == {"train": 405, "eval": 45}
+    assert versioning.latest_version(s3, "d") == first.version
+    m = versioning.load_manifest(s3, "d")  # verify=True: every sha256 checked
+    assert m["version"] == first.version and m["rows"] == first.rows
+    assert {f["format"] for f in m["files"]} == {"parquet", "openai_chat", "trl", "card",
+                                                 "exclusions"}
+    assert sum(f["rows"] for f in m["files"] if f["format"] == "parquet") == 450
+    assert versioning.last_source_counters(s3, "d")["num_tasks_with_annotations"] == 450
+
+    again = _commit(s3, list(reversed(rows)), snapshot_at="2026-01-02T00:00:00")
+    assert again.version == first.version and not again.created and again.bytes_written == 0
+
+
+def test_one_percent_new_rows_reuse_shards(s3):
+    base = final_rows(2000)
+    first = _commit(s3, base)
+    second = _commit(s3, base + final_rows(20, start=2000), snapshot_at="2026-01-02")
+    assert second.created and second.parent == first.version
+    assert second.shards_reused >= 17  # full parent shards kept as they are
+    assert second.bytes_written <= 0.10 * first.bytes_written
+    d = versioning.diff_versions(s3, "d", first.version, second.version)
+    assert sum(d["added"].values()) == 20 and sum(d["removed"].values()) == 0
+    assert d["unchanged"] == 2000
+    changed = [dict(r) for r in base[:1]]
+    changed[0]["completion"] += " (edited)"
+    from tasks import formats
+
+    changed[0]["row_hash"] = formats.row_hash(changed[0])
+    third = _commit(s3, changed + base[1:], snapshot_at="2026-01-03")
+    d3 = versioning.diff_versions(s3, "d", second.version, third.version)
+    assert sum(d3["changed"].values()) == 1 and sum(d3["removed"].values()) == 20
+
+
+def test_corrupted_file_fails_verification_naming_it(s3):
+    first = _commit(s3, final_rows(120))
+    m = versioning.load_manifest(s3, "d", first.version, verify=False)
+    shard = next(f for f in m["files"] if f["format"] == "parquet")
+    s3.put_bytes(versioning.file_key(m, shard["path"]), b"garbage")
+    with pytest.raises(SftflowError, match=shard["path"].rsplit("/", 1)[-1]):
+        versioning.load_manifest(s3, "d", first.version)
+    with pytest.raises(SftflowError, match="no version or tag"):
+        versioning.load_manifest(s3, "d", "nope")
+    with pytest.raises(SftflowError, match="no version yet"):
+        versioning.load_manifest(s3, "empty")
+
+
+def test_tags_data_files_pull_and_load_dataset(s3, tmp_path):
+    from datasets import load_dataset
+
+    v = _commit(s3, final_rows(230)).version
+    versioning.set_tag(s3, "d", "trained-by-job1", v)
+    assert versioning.resolve(s3, "d", "trained-by-job1") == v
+    with pytest.raises(SftflowError):
+        versioning.set_tag(s3, "d", "x", "0000000000000000")
+    m = versioning.load_manifest(s3, "d", "trained-by-job1")
+    files = {s: versioning.data_files(s3, m, s) for s in ("train", "eval")}
+    assert all(u.startswith(f"s3://{s3.bucket}/datasets/d/shards/") for u in files["train"])
+    ds = load_dataset("parquet", data_files=files, storage_options=s3.fsspec_options(),
+                      cache_dir=str(tmp_path / "cache"))
+    assert (ds["train"].num_rows, ds["eval"].num_rows) == (207, 23)
+    assert set(ds["train"]["split"]) == {"train"}
+
+    out = versioning.pull_version(s3, "d", v, tmp_path / "pulled")
+    assert out["files"] == len(m["files"])
+    local = load_dataset(str(tmp_path / "pulled"), cache_dir=str(tmp_path / "cache2"))
+    assert (local["train"].num_rows, local["eval"].num_rows) == (207, 23)
+    chat = load_dataset("json", data_files={"train": str(tmp_path / "pulled/openai/train/*.jsonl")},
+                        cache_dir=str(tmp_path / "cache3"))
+    assert chat["train"].num_rows == 207
+    assert chat["train"][0]["messages"][1]["role"] == "assistant"
+
+
+def test_gc_removes_only_unreferenced_objects(s3):
+    v = _commit(s3, final_rows(150)).version
+    s3.put_bytes("datasets/d/shards/orphan.parquet", b"x" * 10)
+    s3.put_bytes("datasets/d/versions/deadbeefdeadbeef/README.md", b"crashed commit")
+    young = versioning.gc(s3, "d")
+    assert young["unreferenced"] == 0 and young["kept_too_young"] == 2
+    dry = versioning.gc(s3, "d", min_age_s=0)
+    assert dry["unreferenced"] == 2 and dry["deleted"] == 0
+    assert s3.head("datasets/d/shards/orphan.parquet") is not None
+    done = versioning.gc(s3, "d", min_age_s=0, dry_run=False)
+    assert done["deleted"] == 2 and s3.head("datasets/d/shards/orphan.parquet") is None
+    versioning.load_manifest(s3, "d", v)  # still complete
+
+
+def test_older_snapshot_never_replaces_newer_latest(s3):
+    new = _commit(s3, final_rows(50), snapshot_at="2026-02-01T00:00:00")
+    old = _commit(s3, final_rows(60), snapshot_at="2026-01-01T00:00:00")
+    assert old.created and not old.ref_updated and old.superseded_by == new.version
+    assert versioning.latest_version(s3, "d") == new.version
+
+
+# -- crashes -------------------------------------------------------------------------------------
+_CHILD = r"""
+import sys, time
+from sftflow.settings import Settings
+from tasks.storage import build_s3
+from tasks import versioning
+from tests.tasks._datasets import final_rows
+bucket, step, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s3 = build_s3(Settings().s3.model_copy(update={"bucket": bucket}))
+seen = {"n": 0}
+def hook(name):
+    if name == step:
+        seen["n"] += 1
+        if seen["n"] == 1:
+            print("PAUSED", flush=True)
+            time.sleep(120)
+versioning.commit_version(s3, "d", final_rows(n), config={"eval_fraction": 0.1},
+    source={"project_id": 1, "snapshot_at": "2026-03-01"}, stats={}, shard_rows=100, hook=hook)
+print("DONE", flush=True)
+"""
+
+
+@pytest.mark.parametrize("step", ["shard", "files", "manifest"])
+def test_kill_during_commit_leaves_old_version_and_rerun_completes(s3, step):
+    old = _commit(s3, final_rows(300))
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, s3.bucket, step, "600"],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "PAUSED"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    # Readers still see the old, complete version.
+    assert versioning.latest_version(s3, "d") == old.version
+    versioning.load_manifest(s3, "d")
+    new_id = versioning.version_id((r["row_hash"] for r in final_rows(600)),
+                                   versioning.config_hash(CFG))
+    has_manifest = s3.head(f"datasets/d/versions/{new_id}/manifest.json") is not None
+    assert has_manifest == (step == "manifest")
+    # A rerun completes the commit.
+    rerun = _commit(s3, final_rows(600), snapshot_at="2026-03-01")
+    assert rerun.version == new_id and rerun.ref_updated and rerun.created == (not has_manifest)
+    m = versioning.load_manifest(s3, "d")
+    assert m["version"] == new_id and m["rows"] == {"train": 540, "eval": 60}
+    if not has_manifest:
+        assert m["parent"] == old.version
+
+
+def test_concurrent_commits_lose_no_ref_update(s3):
+    """Six writers, different content, same dataset, at once (threads share nothing but S3)."""
+    base = _commit(s3, final_rows(100))
+    results, errors = [], []
+    barrier = threading.Barrier(6)
+
+    def writer(i: int) -> None:
+        try:
+            barrier.wait()
+            results.append(_commit(s3, final_rows(100 + 10 * (i + 1)),
+                                   snapshot_at=f"2026-04-0{i + 1}T00:00:00"))
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert len({r.version for r in results}) == 6 and all(r.created for r in results)
+    newest = max(results, key=lambda r: r.rows["train"] + r.rows["eval"])  # snapshot 04-06
+    assert versioning.latest_version(s3, "d") == newest.version
+    versions = {v["version"] for v in versioning.list_versions(s3, "d")}
+    assert versions == {base.version} | {r.version for r in results}
+    for r in results:
+        versioning.load_manifest(s3, "d", r.version)  # every one complete and verifiable
+        assert r.latest is not None
+        # Each writer either moved the ref or saw a version from a newer snapshot there.
+        assert r.ref_updated or r.superseded_by is not None
