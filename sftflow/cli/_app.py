@@ -15,8 +15,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-console_err = Console(stderr=True)
+console = Console(emoji=False)
+console_err = Console(stderr=True, emoji=False)
 
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
 

@@ -35,7 +35,7 @@ PROJECT = "sftflow-demo"
 DATASET = "demo"
 PROMPTS_PREFIX = "demo/prompts/"
 TRAIN_POOL = "sftflow-demo-train"
-console = Console()
+console = Console(emoji=False)
 
 
 def _sample_answers() -> dict[str, str]:
@@ -219,6 +219,19 @@ def _summary(settings: Settings, clients: Clients, report: dict, annotators: Sim
     }
     if version is None:
         raise SftflowError(f"the demo made no dataset version: {report['message']}")
+    console.rule("[bold]what happened to every record")
+    ing = report.get("ingest") or {}
+    if ing:
+        reasons = ", ".join(f"{k}: {v}" for k, v in (ing.get("reasons") or {}).items()) or "none"
+        console.print(f"ingest: {ing.get('records', 0)} records -> {ing.get('imported', 0)} imported, "
+                      f"{ing.get('duplicate', 0)} duplicate, {ing.get('quarantined', 0)} quarantined "
+                      f"({reasons})")
+    built = report.get("build") or {}
+    for step in ("export", "filters", "dedup"):
+        counts = (built.get("counts") or {}).get(step)
+        if counts:
+            console.print(f"build {step}: " + ", ".join(f"{k}: {v}" for k, v in counts.items()
+                                                         if not isinstance(v, (dict, list))))
     console.rule("[bold]where to look")
     console.print(f"Prefect UI (flow runs):   {summary['prefect_ui']}")
     console.print(f"Label Studio project:     {summary['labelstudio_project']}")
