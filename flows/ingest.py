@@ -59,6 +59,7 @@ from tasks.labelstudio.imports import (
     wait_settled,
 )
 from tasks.labelstudio.projects import ensure_project_task
+from tasks.locks import global_lock
 from tasks.prompts import (
     FieldMapping,
     Ledger,
@@ -138,28 +139,6 @@ class IngestReport(BaseModel):
 
 
 # -- helpers (orchestration only) ---------------------------------------------------------------
-@contextlib.contextmanager
-def _project_lock(project_id: int, timeout_s: float) -> Iterator[None]:
-    """One ingest per project at a time: a Prefect global concurrency limit of 1 slot."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    name = f"sftflow-ingest-project-{project_id}"
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):  # another run created it just now
-                client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=1)
-                )
-    # A crashed holder's lease expires after lease_duration (the server's minimum is 60 s).
-    with concurrency(name, occupy=1, timeout_seconds=timeout_s, lease_duration=60, strict=True):
-        yield
-
-
 def _task_data(p: Any, obj: ObjectInfo, uri: str, batch: str, keep: dict | None) -> dict[str, Any]:
     data = {"prompt": p.prompt, "prompt_id": p.prompt_id, "source": uri,
             "source_etag": obj.etag.strip('"'), "source_row": p.row, "ingest_batch": batch}
@@ -209,7 +188,9 @@ def ingest_prompts(params: IngestParams) -> IngestReport:
 
     with contextlib.ExitStack() as held:
         with timed("lock"):
-            held.enter_context(_project_lock(project.id, params.lock_timeout_s))
+            held.enter_context(
+                global_lock(f"sftflow-ingest-project-{project.id}", params.lock_timeout_s)
+            )
         # 1. What is in the project already: ledger, then pending batches, then a count check.
         phase_t = time.monotonic()
         state = ledger.load(str(project.created_at))

@@ -118,8 +118,7 @@ class DedupConfig(BaseModel):
 def normalize(text: str) -> str:
     """NFKC, casefold, whitespace runs collapsed to one space, ends stripped.
 
-    Same result as ``tasks.prompts.normalise`` (str.split and re's ``\\s`` use the same
-    whitespace set), written with ``str.split`` because it is about 2.5x faster.
+    Also what ``tasks.prompts.prompt_id`` hashes (as ``tasks.prompts.normalise``).
     """
     if text.isascii():  # NFKC is the identity and casefold is lower on ASCII
         return " ".join(text.lower().split())

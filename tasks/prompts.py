@@ -26,7 +26,6 @@ import json
 import shutil
 import string
 import tempfile
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,13 +36,13 @@ from typing import Any, BinaryIO, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from tasks._prefect import io_task
+from tasks.dedup import normalize
 from tasks.storage import S3, ObjectInfo, PreconditionFailed
 
-
 # -- prompt identity --------------------------------------------------------------------------
-def normalise(text: str) -> str:
-    """NFKC, casefold, whitespace runs collapsed to one space, ends stripped."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+# One normalisation for prompt identity and dedup's exact keys: NFKC, casefold, whitespace
+# runs collapsed to one space, ends stripped.
+normalise = normalize
 
 
 def prompt_id(text: str) -> str:
