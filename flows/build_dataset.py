@@ -41,7 +41,6 @@ from pydantic import BaseModel, Field
 import sftflow
 from sftflow import events
 from sftflow.clients import Clients
-from sftflow.settings import get_settings
 from tasks import dedup as dd
 from tasks import formats, versioning
 from tasks._prefect import compute_task, io_task
@@ -225,15 +224,6 @@ def commit(s3: Any, params: BuildParams, rows: list[dict], *, prefix: str, shard
 
 
 # -- the flow ----------------------------------------------------------------------------------
-def _clients(bucket: str | None) -> Clients:
-    settings = get_settings()
-    if bucket and bucket != settings.s3.bucket:
-        settings = settings.model_copy(
-            update={"s3": settings.s3.model_copy(update={"bucket": bucket})}
-        )
-    return Clients(settings)
-
-
 def _counts_table(counts: dict[str, Any]) -> list[dict[str, Any]]:
     table = []
     for stage in ("export", "filters", "dedup"):
@@ -251,7 +241,7 @@ def build_dataset(params: BuildParams) -> BuildReport:
     """Export, filter, dedup, split and commit one dataset version; see the module docstring."""
     logger = get_run_logger()
     versioning.check_name("dataset", params.dataset)
-    clients = _clients(params.bucket)
+    clients = Clients.for_bucket(params.bucket)
     settings = clients.settings
     prefix = settings.datasets.prefix
     shard_rows = params.shard_rows or settings.datasets.shard_rows

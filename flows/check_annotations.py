@@ -18,7 +18,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.deployments import run_deployment
 from pydantic import BaseModel, Field
 
-from flows.wait_for_annotations import clients_for
+from sftflow.clients import Clients
 from tasks.labelstudio import require_project
 from tasks.labelstudio.counters import (
     CountMode,
@@ -62,7 +62,7 @@ def crossing_key(project_id: int, params: CheckParams, baseline_version: str | N
 @flow(name="check-annotations")
 def check_annotations(params: CheckParams) -> CheckReport:
     logger = get_run_logger()
-    clients = clients_for(params.bucket)
+    clients = Clients.for_bucket(params.bucket)
     counters = ProjectCounters.from_project(require_project(clients.labelstudio, params.project))
     version, baseline = load_baseline(
         clients.s3, params.dataset, clients.settings.datasets.prefix

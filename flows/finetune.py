@@ -39,7 +39,6 @@ import sftflow
 from sftflow import events
 from sftflow.clients import Clients
 from sftflow.errors import SftflowError
-from sftflow.settings import get_settings
 from tasks._prefect import compute_task, io_task
 from tasks.finetune import gate, lineage
 from tasks.finetune.backends import (
@@ -246,10 +245,8 @@ def _watch(backend: Backend, backend_job_id: str, params: FinetuneParams, on_cha
 @flow(name="finetune")
 def finetune(params: FinetuneParams) -> FinetuneReport:
     logger = get_run_logger()
-    settings = get_settings()
-    if params.bucket and params.bucket != settings.s3.bucket:
-        settings = settings.model_copy(update={"s3": settings.s3.model_copy(update={"bucket": params.bucket})})
-    clients = Clients(settings)
+    clients = Clients.for_bucket(params.bucket)
+    settings = clients.settings
     s3 = clients.s3
     prefix = settings.finetune.models_prefix
     backend_name = params.backend or settings.finetune.backend

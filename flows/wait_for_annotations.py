@@ -29,7 +29,6 @@ from pydantic import BaseModel, Field, model_validator
 
 from sftflow.clients import Clients
 from sftflow.errors import ConfigError
-from sftflow.settings import get_settings
 from tasks.labelstudio import require_project
 from tasks.labelstudio.counters import (
     CountMode,
@@ -102,21 +101,11 @@ def _progress_key(project: str) -> str:
     return f"wait-annotations-{slug or 'project'}"
 
 
-def clients_for(bucket: str | None) -> Clients:
-    """The clients of the configured settings, with another default bucket if asked."""
-    settings = get_settings()
-    if bucket and bucket != settings.s3.bucket:
-        settings = settings.model_copy(
-            update={"s3": settings.s3.model_copy(update={"bucket": bucket})}
-        )
-    return Clients(settings)
-
-
 @flow(name="wait-for-annotations")
 def wait_for_annotations(params: WaitParams) -> WaitReport:
     """Returns the report; the run ends Completed, or Completed named NotEnough at the deadline."""
     logger = get_run_logger()
-    clients = clients_for(params.bucket)
+    clients = Clients.for_bucket(params.bucket)
     ls = clients.labelstudio
     threshold = params.threshold()
     baseline_version, baseline = load_baseline(

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 class Clients:
     settings: Settings = field(default_factory=get_settings)
 
+    @classmethod
+    def for_bucket(cls, bucket: str | None) -> Clients:
+        """Clients of the configured settings, with another default bucket if one is given."""
+        return cls(get_settings().with_bucket(bucket))
+
     @cached_property
     def s3(self) -> S3:
         from tasks.storage import build_s3

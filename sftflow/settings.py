@@ -158,6 +158,12 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_config_file()))
         return tuple(sources)
 
+    def with_bucket(self, bucket: str | None) -> Settings:
+        """These settings with another default bucket (``None`` or empty: unchanged)."""
+        if not bucket or bucket == self.s3.bucket:
+            return self
+        return self.model_copy(update={"s3": self.s3.model_copy(update={"bucket": bucket})})
+
     def redacted(self) -> dict:
         """The settings as JSON-able data with every secret replaced by ``'**********'``."""
         return self.model_dump(mode="json")

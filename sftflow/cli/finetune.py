@@ -9,6 +9,7 @@ from rich.table import Table
 
 from sftflow.cli._app import JsonOption, app, console, print_json
 from sftflow.cli._prefect_api import prefect_api
+from sftflow.clients import Clients
 from sftflow.errors import ConfigError
 from sftflow.settings import get_settings
 
@@ -85,11 +86,8 @@ def finetune_cmd(
 
 
 def _s3(bucket: str | None):
-    from tasks.storage import build_s3
-
-    settings = get_settings()
-    s3_settings = settings.s3 if not bucket else settings.s3.model_copy(update={"bucket": bucket})
-    return build_s3(s3_settings), settings.finetune.models_prefix
+    clients = Clients.for_bucket(bucket)
+    return clients.s3, clients.settings.finetune.models_prefix
 
 
 def _row(rec: dict[str, Any], best: set[str]) -> dict[str, Any]:

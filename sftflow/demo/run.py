@@ -26,6 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
+from sftflow.cli._prefect_api import prefect_api
 from sftflow.clients import Clients
 from sftflow.demo.sample import SAMPLE_PATH
 from sftflow.errors import SftflowError
@@ -121,7 +122,7 @@ def _tiny_model(workdir: Path) -> Path:
     return out
 
 
-def _start_worker(settings: Settings, workdir: Path) -> subprocess.Popen:
+def _start_worker(api_url: str, workdir: Path) -> subprocess.Popen:
     from flows.train_trl import deploy_train_trl
 
     deploy_train_trl(TRAIN_POOL, "default")
@@ -129,7 +130,7 @@ def _start_worker(settings: Settings, workdir: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", TRAIN_POOL,
          "--type", "process"],
-        env={**os.environ, "PREFECT_API_URL": settings.prefect.api_url,
+        env={**os.environ, "PREFECT_API_URL": api_url,
              "PREFECT_WORKER_QUERY_SECONDS": "2"},
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -149,8 +150,6 @@ def _stop_worker(proc: subprocess.Popen) -> None:
 
 
 def run_demo(settings: Settings, workdir: Path = Path(".demo")) -> dict[str, Any]:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from flows.pipeline import PipelineParams, sft_pipeline
     from tasks.labelstudio import find_project
 
@@ -167,8 +166,8 @@ def run_demo(settings: Settings, workdir: Path = Path(".demo")) -> dict[str, Any
     existing = find_project(clients.labelstudio, PROJECT)
     rerun = existing is not None and (existing.task_number or 0) > 0
     annotators = SimulatedAnnotators(clients)
-    with temporary_settings(updates={PREFECT_API_URL: settings.prefect.api_url}):
-        worker = _start_worker(settings, workdir)
+    with prefect_api(settings) as api_url:  # an explicit PREFECT_API_URL wins over the stack's
+        worker = _start_worker(api_url, workdir)
         try:
             console.print("[yellow]SIMULATION[/yellow]: simulated annotators answer new tasks "
                           "through the Label Studio API with the sample's reference answers")
