@@ -19,14 +19,17 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
 
 from sftflow.errors import ServiceUnavailable, SftflowError
 from sftflow.settings import Settings
+from tasks.orchestrator import ServiceError, service_errors
 
 SERVICES = ("s3", "labelstudio", "prefect")
+_START_MARKER = "--- sftflow stack up"
 
 
 @dataclass
@@ -51,6 +54,8 @@ class ServiceStatus:
     managed: bool  # started by this stack folder (pid file), not found running elsewhere
     log: str
     detail: str = ""
+    #: "healthy", "down" (no answer), or "failing" (answers, but its services log errors)
+    state: str = "down"
 
 
 @dataclass
@@ -331,7 +336,7 @@ class LocalStack:
             self._data_path(name).mkdir(parents=True, exist_ok=True)
             argv = self._resolve_argv(spec.argv)
             log = self.log_path(name).open("ab")
-            log.write(f"\n--- sftflow stack up {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+            log.write(f"\n{_START_MARKER} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
             log.flush()
             proc = subprocess.Popen(
                 argv,
@@ -396,9 +401,15 @@ class LocalStack:
             rec = self._running(name)
             try:
                 spec.health() if name != "s3" else self._s3_ping()
-                healthy, detail = True, ""
+                healthy, detail, state = True, "", "healthy"
             except Exception as err:  # noqa: BLE001
-                healthy, detail = False, (str(err).splitlines() or [type(err).__name__])[0][:200]
+                healthy, state = False, "down"
+                detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            if healthy and name == "prefect":
+                failing = self.prefect_service_errors()
+                if failing:
+                    healthy, state = False, "failing"
+                    detail = "; ".join(e.describe() for e in failing)[:400]
             out.append(
                 ServiceStatus(
                     name=name,
@@ -408,9 +419,19 @@ class LocalStack:
                     managed=rec is not None,
                     log=str(self.log_path(name)),
                     detail=detail,
+                    state=state,
                 )
             )
         return out
+
+    def prefect_service_errors(
+        self, window: timedelta = timedelta(minutes=10)
+    ) -> list[ServiceError]:
+        """Errors the Prefect server's background services (scheduler, event persister, ...)
+        logged within ``window``, since the server was last started by this stack."""
+        text = self.tail_log("prefect", lines=20_000)
+        text = text.rsplit(_START_MARKER, 1)[-1]
+        return service_errors(text, datetime.now(), window)
 
     def _s3_ping(self) -> None:
         from tasks.storage import build_s3

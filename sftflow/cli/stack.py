@@ -33,7 +33,7 @@ def _print_status(statuses, as_json: bool) -> None:
         return
     table = Table("service", "url", "health", "pid", "log")
     for s in statuses:
-        health = "[green]healthy[/green]" if s.healthy else f"[red]down[/red] {s.detail}"
+        health = "[green]healthy[/green]" if s.healthy else f"[red]{s.state}[/red] {s.detail}"
         table.add_row(s.name, s.url, health, str(s.pid or "-"), s.log)
     console.print(table)
 
@@ -80,9 +80,36 @@ def logs(
     typer.echo(stack.tail_log(service, lines))
 
 
+def _check_prefect(settings) -> dict:
+    """The Prefect API answers, its scheduler creates the runs of scheduled deployments, and
+    (for the local stack's server) its services log no errors."""
+    import httpx
+
+    from sftflow.cli._prefect_api import prefect_api
+    from sftflow.errors import ServiceUnavailable
+    from tasks.orchestrator import unscheduled_deployments
+
+    with prefect_api(settings) as api_url:
+        try:
+            httpx.get(f"{api_url.rstrip('/')}/health", timeout=10).raise_for_status()
+        except httpx.HTTPError as err:
+            raise ServiceUnavailable(f"Prefect at {api_url}: {err}") from err
+        problems = [f"{name} has an active schedule but no upcoming run: the server's "
+                    "scheduler is not creating runs" for name in unscheduled_deployments()]
+    stack = LocalStack(settings)
+    if api_url.rstrip("/") == stack.specs_url("prefect") + "/api":
+        problems += [e.describe() for e in stack.prefect_service_errors()]
+    if problems:
+        raise ServiceUnavailable(f"Prefect at {api_url}: " + "; ".join(problems)[:600]
+                                 + (f"; see {stack.log_path('prefect')}"
+                                    if stack.log_path("prefect").exists() else ""))
+    return {"url": api_url, "ok": True}
+
+
 @app.command("check")
 def check(as_json: bool = JsonOption) -> None:
-    """Check the configured services: reachable, and our credentials accepted."""
+    """Check the configured services: reachable, our credentials accepted, and the Prefect
+    server's scheduler and event services working (not only answering)."""
     from sftflow.clients import Clients
     from tasks.labelstudio import check_labelstudio_auth, labelstudio_health
 
@@ -91,12 +118,15 @@ def check(as_json: bool = JsonOption) -> None:
     clients.s3.ping()
     labelstudio_health(settings.labelstudio.url)
     user = check_labelstudio_auth(clients.labelstudio, settings.labelstudio.url)
+    prefect = _check_prefect(settings)
     result = {
         "s3": {"endpoint": settings.s3.endpoint_url or "aws", "bucket": settings.s3.bucket, "ok": True},
         "labelstudio": {"url": settings.labelstudio.url, "user": user, "ok": True},
+        "prefect": prefect,
         "settings": settings.redacted(),
     }
     if as_json:
         print_json(result)
     else:
-        console.print(f"S3 {result['s3']['endpoint']}: ok; Label Studio {settings.labelstudio.url}: ok as {user}")
+        console.print(f"S3 {result['s3']['endpoint']}: ok; Label Studio {settings.labelstudio.url}: "
+                      f"ok as {user}; Prefect {prefect['url']}: ok")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,29 @@ def test_up_status_down_leaves_nothing_running(tmp_path):
     after = sftflow(env, "stack", "status", "--json")
     assert after.returncode == 1
     assert not any(s["healthy"] or s["pid"] for s in json.loads(after.stdout)["services"])
+
+
+def test_status_says_failing_when_the_prefect_services_log_errors(tmp_path, stack):
+    """A Prefect server that answers /api/health but whose scheduler fails is not 'healthy'.
+    The real server of the stack answers; its log (in a stack folder of the test's own) holds
+    the scheduler failure of issue #13, stamped as if it had just happened."""
+    env = {**os.environ, "SFTFLOW_STACK__DIR": str(tmp_path / "stack"),
+           "SFTFLOW_STACK__PREFECT_PORT": str(stack.stack.prefect_port)}
+    logs = tmp_path / "stack" / "logs"
+    logs.mkdir(parents=True)
+    failing = (ROOT / "tests" / "tasks" / "data" / "prefect-scheduler-failing.log").read_text()
+    now = time.strftime("%H:%M:%S")
+    failing = "\n".join(now + line[8:] if line[:2].isdigit() else line
+                        for line in failing.splitlines())
+    (logs / "prefect.log").write_text("--- sftflow stack up 2026-11-24T06:57:48\n" + failing)
+
+    res = sftflow(env, "stack", "status", "prefect", "--json")
+    assert res.returncode == 1, res.stdout + res.stderr
+    prefect = json.loads(res.stdout)["services"][0]
+    assert prefect["state"] == "failing" and not prefect["healthy"]
+    assert "schedule_deployments failing" in prefect["detail"]
+    assert "Can't evaluate bulk DML statement" in prefect["detail"]
+
+    (logs / "prefect.log").write_text(failing + "\n--- sftflow stack up 2026-11-24T07:02:24\n")
+    res = sftflow(env, "stack", "status", "prefect", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["services"][0]["state"] == "healthy"
