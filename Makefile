@@ -5,9 +5,12 @@ VENV := .venv
 LS_VENV := .venv-labelstudio
 BIN := $(VENV)/bin
 UV := $(BIN)/uv
-# The CPU build of torch lies on disk here (pip's find-links); never let a resolver fetch CUDA wheels.
+# The lock pins torch's CPU build (2.13.0+cpu). On the project's machines that wheel lies on disk
+# (TORCH_WHEELS); elsewhere it comes from the PyTorch CPU wheel index, which has no CUDA builds,
+# so no resolver ever fetches CUDA wheels.
 TORCH_WHEELS ?= /opt/wheels
-FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),--extra-index-url $(TORCH_CPU_INDEX) --index-strategy unsafe-best-match)
 PYTEST_ARGS ?=
 
 .PHONY: install install-app install-labelstudio lock test test-unit demo stack-up stack-down stack-status lint bench clean

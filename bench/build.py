@@ -44,9 +44,9 @@ def _peak_rss_mb() -> float:
 
 # -- children ------------------------------------------------------------------------------------
 def child_sftflow(project: str, dataset: str) -> dict:
-    from flows.build_dataset import BuildParams, build_dataset
+    from sftflow.flows.build_dataset import BuildParams, build_dataset
     from sftflow.cli._prefect_api import prefect_api
-    from sftflow.settings import get_settings
+    from sftflow.core.settings import get_settings
 
     with prefect_api(get_settings()):
         t0 = time.perf_counter()
@@ -63,10 +63,10 @@ def child_naive(project_id: int, dataset: str, version: int) -> dict:
     not benchmarked at 55k tasks on the shared stack.)"""
     import numpy as np
 
-    from sftflow.clients import Clients
-    from tasks import dedup, formats
-    from tasks.filters import FilterConfig, filter_rows
-    from tasks.labelstudio.export import create_snapshot, delete_snapshot, parse_tasks
+    from sftflow.tasks.clients import Clients
+    from sftflow.tasks import dedup, formats
+    from sftflow.tasks.filters import FilterConfig, filter_rows
+    from sftflow.tasks.labelstudio.export import create_snapshot, delete_snapshot, parse_tasks
 
     clients = Clients()
     t0 = time.perf_counter()
@@ -164,8 +164,8 @@ def main() -> None:
         print(json.dumps(out, default=str))
         return
 
-    from sftflow.clients import Clients
-    from tasks.labelstudio.projects import ensure_project
+    from sftflow.tasks.clients import Clients
+    from sftflow.tasks.labelstudio.projects import ensure_project
 
     clients = Clients()
     ls, s3 = clients.labelstudio, clients.s3

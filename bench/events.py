@@ -82,7 +82,7 @@ def _free_port() -> int:
 def start_bridge(settings):
     import uvicorn
 
-    from sftflow.webhooks import create_app
+    from sftflow.bridge import create_app
 
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1",
                                            port=_free_port(), log_level="warning"))
@@ -124,10 +124,10 @@ def latency_part(settings, ls, s3, crossings: int) -> dict:
     import httpx
     from prefect import get_client
 
-    from deployments.serve import BUILD, ServeConfig, build_deployments
-    from flows.check_annotations import CheckParams, check_annotations
-    from tasks.labelstudio.projects import SFT_LABEL_CONFIG
-    from tasks.webhooks import SECRET_HEADER, ThresholdQuery, register_webhook, webhook_url
+    from sftflow.deployments.serve import BUILD, ServeConfig, build_deployments
+    from sftflow.flows.check_annotations import CheckParams, check_annotations
+    from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG
+    from sftflow.tasks.webhooks import SECRET_HEADER, ThresholdQuery, register_webhook, webhook_url
 
     cfg = ServeConfig(source=f"s3://{s3.bucket}/prompts/", project="-", dataset="bench",
                       min_new=MIN_NEW, bucket=s3.bucket, debounce_s=600)
@@ -193,8 +193,8 @@ def latency_part(settings, ls, s3, crossings: int) -> dict:
 
 
 def api_calls_part(settings, ls, scale: float) -> dict:
-    from flows.wait_for_annotations import WaitParams, wait_for_annotations
-    from tasks.labelstudio.projects import SFT_LABEL_CONFIG
+    from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
+    from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG
 
     counter = RequestCounter(settings.labelstudio.url)
     p = retry(ls.projects.create, title=f"bench-wait-{os.getpid()}", label_config=SFT_LABEL_CONFIG)
@@ -228,9 +228,9 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from sftflow.settings import get_settings
-    from tasks.labelstudio import build_labelstudio
-    from tasks.storage import build_s3
+    from sftflow.core.settings import get_settings
+    from sftflow.tasks.labelstudio import build_labelstudio
+    from sftflow.tasks.storage import build_s3
 
     settings = get_settings()
     bucket = f"bench-events-{os.getpid()}"

@@ -35,11 +35,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sftflow.settings import get_settings
-from tasks.labelstudio import build_labelstudio
-from tasks.labelstudio.projects import ensure_project
-from tasks.prompts import prompt_id
-from tasks.storage import build_s3
+from sftflow.core.settings import get_settings
+from sftflow.tasks.labelstudio import build_labelstudio
+from sftflow.tasks.labelstudio.projects import ensure_project
+from sftflow.tasks.prompts import prompt_id
+from sftflow.tasks.storage import build_s3
 
 DATA = Path(os.environ.get("SFTFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "bench" / "results" / "ingest.json"
@@ -54,8 +54,8 @@ TARGETS = {
 CHILD = """
 import json, sys, time
 from sftflow.cli._prefect_api import prefect_api
-from sftflow.settings import get_settings
-from flows.ingest import IngestParams, ingest_prompts
+from sftflow.core.settings import get_settings
+from sftflow.flows.ingest import IngestParams, ingest_prompts
 params = IngestParams(source=sys.argv[1], project=sys.argv[2], batch_size=10_000)
 with prefect_api(get_settings()):
     t = time.perf_counter()

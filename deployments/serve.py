@@ -22,10 +22,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from sftflow.events import ANNOTATION_CREATED, DATASET_VERSIONED, PROMPTS_ARRIVED
-from tasks.labelstudio.counters import CountMode
-from tasks.storage import parse_s3_uri
-from tasks.webhooks import THRESHOLD_LABEL
+from sftflow.core.events import ANNOTATION_CREATED, DATASET_VERSIONED, PROMPTS_ARRIVED
+from sftflow.tasks.labelstudio.counters import CountMode
+from sftflow.tasks.storage import parse_s3_uri
+from sftflow.tasks.webhooks import THRESHOLD_LABEL
 
 #: Deployment names (the flow name is prefixed by Prefect: "<flow>/<deployment>").
 INGEST, CHECK, BUILD, FINETUNE = "ingest", "check-annotations", "build-dataset", "finetune"
@@ -68,10 +68,10 @@ def build_deployments(cfg: ServeConfig) -> list[Any]:
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.events import DeploymentEventTrigger
 
-    from flows.build_dataset import build_dataset
-    from flows.check_annotations import check_annotations
-    from flows.finetune import finetune
-    from flows.ingest import ingest_prompts
+    from sftflow.flows.build_dataset import build_dataset
+    from sftflow.flows.check_annotations import check_annotations
+    from sftflow.flows.finetune import finetune
+    from sftflow.flows.ingest import ingest_prompts
 
     one_at_a_time = ConcurrencyLimitConfig(
         limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE

@@ -39,14 +39,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 import sftflow
-from sftflow import events
-from sftflow.clients import Clients
-from tasks import dedup as dd
-from tasks import formats, versioning
-from tasks._prefect import compute_task, io_task
-from tasks.filters import FilterConfig, filter_shard
-from tasks.labelstudio import RESPONSE_NAME, require_project
-from tasks.labelstudio.export import (
+from sftflow.core import events
+from sftflow.tasks.clients import Clients
+from sftflow.tasks import dedup as dd
+from sftflow.tasks import formats, versioning
+from sftflow.tasks._prefect import compute_task, io_task
+from sftflow.tasks.filters import FilterConfig, filter_shard
+from sftflow.tasks.labelstudio import RESPONSE_NAME, require_project
+from sftflow.tasks.labelstudio.export import (
     AnnotationPolicy,
     create_snapshot,
     delete_snapshot,

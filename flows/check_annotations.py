@@ -18,9 +18,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.deployments import run_deployment
 from pydantic import BaseModel, Field
 
-from sftflow.clients import Clients
-from tasks.labelstudio import require_project
-from tasks.labelstudio.counters import (
+from sftflow.tasks.clients import Clients
+from sftflow.tasks.labelstudio import require_project
+from sftflow.tasks.labelstudio.counters import (
     CountMode,
     ProjectCounters,
     Threshold,

@@ -36,12 +36,12 @@ from prefect.events import emit_event
 from pydantic import BaseModel, Field
 
 import sftflow
-from sftflow import events
-from sftflow.clients import Clients
-from sftflow.errors import SftflowError
-from tasks._prefect import compute_task, io_task
-from tasks.finetune import gate, lineage
-from tasks.finetune.backends import (
+from sftflow.core import events
+from sftflow.tasks.clients import Clients
+from sftflow.core.errors import SftflowError
+from sftflow.tasks._prefect import compute_task, io_task
+from sftflow.tasks.finetune import gate, lineage
+from sftflow.tasks.finetune.backends import (
     TERMINAL,
     Backend,
     Baseline,
@@ -50,8 +50,8 @@ from tasks.finetune.backends import (
     JobStatus,
     get_backend,
 )
-from tasks.polling import Backoff
-from tasks.storage import S3
+from sftflow.tasks.polling import Backoff
+from sftflow.tasks.storage import S3
 
 
 class FinetuneParams(BaseModel):
@@ -104,7 +104,7 @@ io_checked = io_task(retry_condition_fn=_not_user_error)
 @io_checked
 def read_version(s3: S3, datasets_prefix: str, ref: str) -> dict[str, Any]:
     """The verified manifest of ``NAME[@VERSION]`` and the sha256 of its bytes."""
-    from tasks import versioning
+    from sftflow.tasks import versioning
 
     name, ref_version = versioning.parse_ref(ref.strip())
     version = versioning.resolve(s3, name, ref_version, prefix=datasets_prefix)  # id, tag or latest
@@ -195,7 +195,7 @@ def promote(s3: S3, prefix: str, dataset: str, job: str, expected_etag: str | No
 
 @io_task
 def tag_version(s3: S3, datasets_prefix: str, dataset: str, version: str, job: str) -> str:
-    from tasks import versioning
+    from sftflow.tasks import versioning
 
     tag = f"trained-{job}"
     versioning.set_tag(s3, dataset, tag, version, prefix=datasets_prefix)
@@ -270,7 +270,7 @@ def finetune(params: FinetuneParams) -> FinetuneReport:
                                "change the config to train again")
         return _report(earlier, True, gates)
 
-    from tasks import versioning
+    from sftflow.tasks import versioning
 
     files = v["manifest"]
     spec = JobSpec(

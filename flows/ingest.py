@@ -45,11 +45,11 @@ from prefect.artifacts import (
 from prefect.events import emit_event
 from pydantic import BaseModel, Field, field_validator
 
-from sftflow.clients import Clients
-from sftflow.errors import ConfigError
-from sftflow.events import PROMPTS_INGESTED, project_resource
-from sftflow.settings import get_settings
-from tasks.labelstudio.imports import (
+from sftflow.tasks.clients import Clients
+from sftflow.core.errors import ConfigError
+from sftflow.core.events import PROMPTS_INGESTED, project_resource
+from sftflow.core.settings import get_settings
+from sftflow.tasks.labelstudio.imports import (
     BatchResult,
     batch_prompt_ids,
     import_batch,
@@ -58,9 +58,9 @@ from tasks.labelstudio.imports import (
     task_count,
     wait_settled,
 )
-from tasks.labelstudio.projects import ensure_project_task
-from tasks.locks import global_lock
-from tasks.prompts import (
+from sftflow.tasks.labelstudio.projects import ensure_project_task
+from sftflow.tasks.locks import global_lock
+from sftflow.tasks.prompts import (
     FieldMapping,
     Ledger,
     Limits,
@@ -69,7 +69,7 @@ from tasks.prompts import (
     prompt_id,
     read_prompt_file,
 )
-from tasks.storage import ObjectInfo, parse_s3_uri
+from sftflow.tasks.storage import ObjectInfo, parse_s3_uri
 
 
 class IngestParams(BaseModel):

@@ -20,12 +20,12 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed
 from pydantic import BaseModel, Field
 
-from flows.build_dataset import BuildParams, build_dataset
-from flows.finetune import FinetuneParams, finetune
-from flows.ingest import IngestParams, ingest_prompts
-from flows.wait_for_annotations import WaitParams, wait_for_annotations
-from tasks.labelstudio.counters import CountMode
-from tasks.locks import build_lock_name, global_lock
+from sftflow.flows.build_dataset import BuildParams, build_dataset
+from sftflow.flows.finetune import FinetuneParams, finetune
+from sftflow.flows.ingest import IngestParams, ingest_prompts
+from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
+from sftflow.tasks.labelstudio.counters import CountMode
+from sftflow.tasks.locks import build_lock_name, global_lock
 
 
 class PipelineParams(BaseModel):

@@ -27,10 +27,10 @@ from prefect.artifacts import (
 from prefect.states import Completed
 from pydantic import BaseModel, Field, model_validator
 
-from sftflow.clients import Clients
-from sftflow.errors import ConfigError
-from tasks.labelstudio import require_project
-from tasks.labelstudio.counters import (
+from sftflow.tasks.clients import Clients
+from sftflow.core.errors import ConfigError
+from sftflow.tasks.labelstudio import require_project
+from sftflow.tasks.labelstudio.counters import (
     CountMode,
     ProjectCounters,
     Threshold,
@@ -38,7 +38,7 @@ from tasks.labelstudio.counters import (
     load_baseline,
     progress,
 )
-from tasks.polling import Backoff
+from sftflow.tasks.polling import Backoff
 
 
 class WaitParams(BaseModel):

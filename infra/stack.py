@@ -24,9 +24,9 @@ from pathlib import Path
 
 import httpx
 
-from sftflow.errors import ServiceUnavailable, SftflowError
-from sftflow.settings import Settings
-from tasks.orchestrator import ServiceError, service_errors
+from sftflow.core.errors import ServiceUnavailable, SftflowError
+from sftflow.core.settings import Settings
+from sftflow.tasks.orchestrator import ServiceError, service_errors
 
 SERVICES = ("s3", "labelstudio", "prefect")
 _START_MARKER = "--- sftflow stack up"
@@ -268,7 +268,7 @@ class LocalStack:
 
     # -- health --------------------------------------------------------------------------------
     def _s3_health(self) -> None:
-        from tasks.storage import build_s3
+        from sftflow.tasks.storage import build_s3
 
         s3 = build_s3(self.settings.s3.model_copy(update={"max_attempts": 1}))
         s3.ping()
@@ -277,7 +277,7 @@ class LocalStack:
         s3.put_bytes("_sftflow/health", b"ok")
 
     def _labelstudio_health(self) -> None:
-        from tasks.labelstudio import labelstudio_health
+        from sftflow.tasks.labelstudio import labelstudio_health
 
         labelstudio_health(self.specs_url("labelstudio"))
 
@@ -434,7 +434,7 @@ class LocalStack:
         return service_errors(text, datetime.now(), window)
 
     def _s3_ping(self) -> None:
-        from tasks.storage import build_s3
+        from sftflow.tasks.storage import build_s3
 
         build_s3(self.settings.s3.model_copy(update={"max_attempts": 1})).ping()
 

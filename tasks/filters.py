@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from tasks._prefect import compute_task
+from sftflow.tasks._prefect import compute_task
 
 ScanPolicy = Literal["drop", "redact", "off"]
 

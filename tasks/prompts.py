@@ -35,9 +35,9 @@ from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from tasks._prefect import io_task
-from tasks.dedup import normalize
-from tasks.storage import S3, ObjectInfo, PreconditionFailed
+from sftflow.tasks._prefect import io_task
+from sftflow.tasks.dedup import normalize
+from sftflow.tasks.storage import S3, ObjectInfo, PreconditionFailed
 
 # -- prompt identity --------------------------------------------------------------------------
 # One normalisation for prompt identity and dedup's exact keys: NFKC, casefold, whitespace

@@ -16,8 +16,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from sftflow.errors import ServiceUnavailable
-from sftflow.settings import S3Settings, resolve_secret
+from sftflow.core.errors import ServiceUnavailable
+from sftflow.core.settings import S3Settings, resolve_secret
 
 
 class PreconditionFailed(Exception):

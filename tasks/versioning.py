@@ -42,10 +42,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from sftflow.errors import SftflowError
-from sftflow.settings import DatasetSettings
-from tasks import formats
-from tasks.storage import S3, PreconditionFailed
+from sftflow.core.errors import SftflowError
+from sftflow.core.settings import DatasetSettings
+from sftflow.tasks import formats
+from sftflow.tasks.storage import S3, PreconditionFailed
 
 DEFAULT_PREFIX: str = DatasetSettings.model_fields["prefix"].default
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

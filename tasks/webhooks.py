@@ -29,8 +29,8 @@ from urllib.parse import unquote_plus
 
 from pydantic import ValidationError
 
-from sftflow.events import ANNOTATION_CREATED, PROMPTS_ARRIVED, bucket_resource, project_resource
-from tasks.labelstudio.counters import CountMode, ProjectCounters, Threshold, progress
+from sftflow.core.events import ANNOTATION_CREATED, PROMPTS_ARRIVED, bucket_resource, project_resource
+from sftflow.tasks.labelstudio.counters import CountMode, ProjectCounters, Threshold, progress
 
 SECRET_HEADER = "X-Sftflow-Secret"
 LABELSTUDIO_ACTIONS = frozenset(

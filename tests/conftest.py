@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.settings import Settings
+from sftflow.core.settings import Settings
 
 SHARED_DATA = Path(os.environ.get("SFTFLOW_SHARED_DATA", Path(__file__).parents[1] / ".." / "shared" / "data")).resolve()
 
@@ -25,7 +25,7 @@ def settings() -> Settings:
 def stack(settings: Settings) -> Iterator[Settings]:
     """S3, Label Studio and the Prefect server, healthy. Reuses a running stack; stops only
     what it started. (Most Prefect tests use the harness; the crash tests need a real server.)"""
-    from infra.stack import LocalStack
+    from sftflow.infra.stack import LocalStack
 
     local = LocalStack(settings)
     needed = ["s3", "labelstudio", "prefect"]
@@ -40,7 +40,7 @@ def stack(settings: Settings) -> Iterator[Settings]:
 @pytest.fixture()
 def s3(stack: Settings):
     """An S3 client bound to a new, empty bucket of its own, deleted afterwards."""
-    from tasks.storage import build_s3
+    from sftflow.tasks.storage import build_s3
 
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     client = build_s3(stack.s3.model_copy(update={"bucket": bucket}))
@@ -54,7 +54,7 @@ def s3(stack: Settings):
 
 @pytest.fixture(scope="session")
 def labelstudio(stack: Settings):
-    from tasks.labelstudio import build_labelstudio
+    from sftflow.tasks.labelstudio import build_labelstudio
 
     return build_labelstudio(stack.labelstudio)
 

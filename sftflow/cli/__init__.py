@@ -14,7 +14,7 @@ import typer
 # Command modules register their commands on `app` when imported.
 from sftflow.cli import stack as _stack  # noqa: F401
 from sftflow.cli._app import app, console_err
-from sftflow.errors import SftflowError
+from sftflow.core.errors import SftflowError
 
 for _mod in ("ingest", "datasets", "waiting", "webhooks", "finetune", "pipeline", "demo"):
     try:

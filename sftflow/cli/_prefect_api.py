@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sftflow.settings import Settings
+from sftflow.core.settings import Settings
 
 
 @contextmanager

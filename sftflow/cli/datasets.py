@@ -10,9 +10,9 @@ from rich.table import Table
 
 from sftflow.cli._app import JsonOption, app, console, print_json
 from sftflow.cli._prefect_api import prefect_api
-from sftflow.clients import Clients
-from sftflow.errors import ConfigError
-from sftflow.settings import get_settings
+from sftflow.tasks.clients import Clients
+from sftflow.core.errors import ConfigError
+from sftflow.core.settings import get_settings
 
 datasets_app = typer.Typer(help="Dataset versions in the bucket: list, show, diff, pull, tag, gc.",
                            no_args_is_help=True)
@@ -51,9 +51,9 @@ def build(
     """Export the project's annotations and commit a dataset version (no-op if unchanged)."""
     from pydantic import ValidationError
 
-    from flows.build_dataset import BuildParams, build_dataset, build_dataset_on
-    from tasks.dedup import DedupConfig
-    from tasks.filters import FilterConfig
+    from sftflow.flows.build_dataset import BuildParams, build_dataset, build_dataset_on
+    from sftflow.tasks.dedup import DedupConfig
+    from sftflow.tasks.filters import FilterConfig
 
     try:
         params = BuildParams(
@@ -89,7 +89,7 @@ def list_cmd(
     as_json: bool = JsonOption,
 ) -> None:
     """The datasets in the bucket, or the versions of one dataset."""
-    from tasks import versioning
+    from sftflow.tasks import versioning
 
     s3, prefix = _s3(bucket)
     if dataset:
@@ -135,7 +135,7 @@ def show(
     as_json: bool = JsonOption,
 ) -> None:
     """A version's manifest summary: rows, files, source, stats."""
-    from tasks import versioning
+    from sftflow.tasks import versioning
 
     s3, prefix = _s3(bucket)
     name, version = versioning.parse_ref(ref)
@@ -175,7 +175,7 @@ def diff(
     as_json: bool = JsonOption,
 ) -> None:
     """Rows added, removed, changed and unchanged from A to B."""
-    from tasks import versioning
+    from sftflow.tasks import versioning
 
     s3, prefix = _s3(bucket)
     name, va = versioning.parse_ref(a)
@@ -204,7 +204,7 @@ def pull(
     as_json: bool = JsonOption,
 ) -> None:
     """Download a version, checksums verified."""
-    from tasks import versioning
+    from sftflow.tasks import versioning
 
     s3, prefix = _s3(bucket)
     name, version = versioning.parse_ref(ref)
@@ -224,7 +224,7 @@ def tag(
     as_json: bool = JsonOption,
 ) -> None:
     """Point a tag at a version."""
-    from tasks import versioning
+    from sftflow.tasks import versioning
 
     s3, prefix = _s3(bucket)
     name, version = versioning.parse_ref(ref)
@@ -248,7 +248,7 @@ def gc(
     as_json: bool = JsonOption,
 ) -> None:
     """Objects no manifest references (crashed commits); deleted only with --delete."""
-    from tasks import versioning
+    from sftflow.tasks import versioning
 
     s3, prefix = _s3(bucket)
     out = versioning.gc(s3, dataset, prefix=prefix, dry_run=dry_run, min_age_s=min_age_s)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from sftflow.cli._app import JsonOption, app, print_json
-from sftflow.settings import get_settings
+from sftflow.core.settings import get_settings
 
 WorkdirOption = typer.Option(Path(".demo"), help="Where the tiny model and worker log go.")
 

@@ -9,9 +9,9 @@ from rich.table import Table
 
 from sftflow.cli._app import JsonOption, app, console, print_json
 from sftflow.cli._prefect_api import prefect_api
-from sftflow.clients import Clients
-from sftflow.errors import ConfigError
-from sftflow.settings import get_settings
+from sftflow.tasks.clients import Clients
+from sftflow.core.errors import ConfigError
+from sftflow.core.settings import get_settings
 
 models_app = typer.Typer(help="Fine-tuned models and their lineage: list, show.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -43,8 +43,8 @@ def finetune_cmd(
     """Train on a dataset version, watch the job to the end, and record its lineage."""
     from pydantic import ValidationError
 
-    from flows.finetune import FinetuneParams, finetune
-    from tasks.finetune.backends import Hyperparameters
+    from sftflow.flows.finetune import FinetuneParams, finetune
+    from sftflow.tasks.finetune.backends import Hyperparameters
 
     try:
         params = FinetuneParams(
@@ -108,7 +108,7 @@ def list_cmd(
     as_json: bool = JsonOption,
 ) -> None:
     """Every fine-tuned model with its dataset version, status and eval loss."""
-    from tasks.finetune import lineage
+    from sftflow.tasks.finetune import lineage
 
     s3, prefix = _s3(bucket)
     records = lineage.list_records(s3, prefix, dataset)
@@ -133,7 +133,7 @@ def show_cmd(
     as_json: bool = JsonOption,
 ) -> None:
     """The full lineage record of one model."""
-    from tasks.finetune import lineage
+    from sftflow.tasks.finetune import lineage
 
     s3, prefix = _s3(bucket)
     rec = lineage.load_record(s3, prefix, job)
@@ -159,7 +159,7 @@ def deploy_cmd(
     as_json: bool = JsonOption,
 ) -> None:
     """Register train-trl on a process work pool (created if missing) of the Prefect API."""
-    from flows.train_trl import deploy_train_trl
+    from sftflow.flows.train_trl import deploy_train_trl
 
     settings = get_settings()
     pool = pool or settings.finetune.train_work_pool

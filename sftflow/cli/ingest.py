@@ -6,8 +6,8 @@ import typer
 
 from sftflow.cli._app import JsonOption, app, console, print_json
 from sftflow.cli._prefect_api import prefect_api
-from sftflow.errors import ConfigError
-from sftflow.settings import get_settings
+from sftflow.core.errors import ConfigError
+from sftflow.core.settings import get_settings
 
 _KEEP_FIELD = typer.Option(
     None, "--keep-field", help="Record field copied into the task data (repeatable)."
@@ -32,8 +32,8 @@ def ingest(
     """Import every new prompt under SOURCE into the project, exactly once."""
     from pydantic import ValidationError
 
-    from flows.ingest import IngestParams, ingest_prompts
-    from tasks.prompts import FieldMapping
+    from sftflow.flows.ingest import IngestParams, ingest_prompts
+    from sftflow.tasks.prompts import FieldMapping
 
     try:
         params = IngestParams(

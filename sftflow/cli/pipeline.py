@@ -6,8 +6,8 @@ import typer
 
 from sftflow.cli._app import JsonOption, app, console, print_json
 from sftflow.cli._prefect_api import prefect_api
-from sftflow.errors import ConfigError
-from sftflow.settings import get_settings
+from sftflow.core.errors import ConfigError
+from sftflow.core.settings import get_settings
 
 
 @app.command("run")
@@ -23,7 +23,7 @@ def run(
     as_json: bool = JsonOption,
 ) -> None:
     """Ingest -> wait -> build -> fine-tune, as subflows of one run. Exit 2 if the wait timed out."""
-    from flows.pipeline import PipelineParams, sft_pipeline
+    from sftflow.flows.pipeline import PipelineParams, sft_pipeline
 
     params = PipelineParams(
         source=source, project=project, dataset=dataset, min_new=min_new, wait_timeout_s=timeout,
@@ -59,8 +59,8 @@ def serve(
     """
     from pydantic import ValidationError
 
-    from deployments.serve import ServeConfig
-    from deployments.serve import serve as serve_deployments
+    from sftflow.deployments.serve import ServeConfig
+    from sftflow.deployments.serve import serve as serve_deployments
 
     try:
         cfg = ServeConfig(source=source, project=project, dataset=dataset, min_new=min_new,

@@ -7,10 +7,10 @@ from dataclasses import asdict
 import typer
 from rich.table import Table
 
-from infra.stack import SERVICES, LocalStack
+from sftflow.infra.stack import SERVICES, LocalStack
 from sftflow.cli._app import JsonOption, app, console, print_json
-from sftflow.errors import SftflowError
-from sftflow.settings import get_settings
+from sftflow.core.errors import SftflowError
+from sftflow.core.settings import get_settings
 
 stack_app = typer.Typer(help="Start, inspect and stop the local stack (S3, Label Studio, Prefect).")
 app.add_typer(stack_app, name="stack")
@@ -86,8 +86,8 @@ def _check_prefect(settings) -> dict:
     import httpx
 
     from sftflow.cli._prefect_api import prefect_api
-    from sftflow.errors import ServiceUnavailable
-    from tasks.orchestrator import unscheduled_deployments
+    from sftflow.core.errors import ServiceUnavailable
+    from sftflow.tasks.orchestrator import unscheduled_deployments
 
     with prefect_api(settings) as api_url:
         try:
@@ -110,8 +110,8 @@ def _check_prefect(settings) -> dict:
 def check(as_json: bool = JsonOption) -> None:
     """Check the configured services: reachable, our credentials accepted, and the Prefect
     server's scheduler and event services working (not only answering)."""
-    from sftflow.clients import Clients
-    from tasks.labelstudio import check_labelstudio_auth, labelstudio_health
+    from sftflow.tasks.clients import Clients
+    from sftflow.tasks.labelstudio import check_labelstudio_auth, labelstudio_health
 
     settings = get_settings()
     clients = Clients(settings)

@@ -6,7 +6,7 @@ import typer
 
 from sftflow.cli._app import JsonOption, app, console, print_json
 from sftflow.cli._prefect_api import prefect_api
-from sftflow.settings import get_settings
+from sftflow.core.settings import get_settings
 
 #: Exit code when the deadline passed without enough annotations (not an error).
 EXIT_NOT_ENOUGH = 2
@@ -27,9 +27,9 @@ def wait(
 
     Exit code 0 when they do, 2 when the deadline passed first ("not enough annotations yet").
     """
-    from flows.wait_for_annotations import WaitParams, wait_for_annotations
-    from sftflow.clients import Clients
-    from tasks.labelstudio import require_project
+    from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
+    from sftflow.tasks.clients import Clients
+    from sftflow.tasks.labelstudio import require_project
 
     settings = get_settings()
     # A missing project fails here as one line, before a flow run logs a traceback.

@@ -6,8 +6,8 @@ import typer
 
 from sftflow.cli._app import JsonOption, app, console, print_json
 from sftflow.cli._prefect_api import prefect_api
-from sftflow.errors import ConfigError
-from sftflow.settings import get_settings, resolve_secret
+from sftflow.core.errors import ConfigError
+from sftflow.core.settings import get_settings, resolve_secret
 
 webhooks_app = typer.Typer(help="The event bridge: webhooks in, Prefect events out.")
 app.add_typer(webhooks_app, name="webhooks")
@@ -23,7 +23,7 @@ def serve(
     """Run the bridge: POST /labelstudio, POST /s3, GET /health (blocks until Ctrl-C)."""
     import uvicorn
 
-    from sftflow.webhooks import create_app
+    from sftflow.bridge import create_app
 
     settings = get_settings()
     host = host or settings.webhooks.host
@@ -44,10 +44,10 @@ def register_webhook(
     as_json: bool = JsonOption,
 ) -> None:
     """Register (or update) the project's webhook with the shared-secret header."""
-    from sftflow.clients import Clients
-    from tasks.labelstudio import require_project
-    from tasks.webhooks import BadRequest, ThresholdQuery, webhook_url
-    from tasks.webhooks import register_webhook as register
+    from sftflow.tasks.clients import Clients
+    from sftflow.tasks.labelstudio import require_project
+    from sftflow.tasks.webhooks import BadRequest, ThresholdQuery, webhook_url
+    from sftflow.tasks.webhooks import register_webhook as register
 
     settings = get_settings()
     secret = resolve_secret(settings.webhooks.secret, settings.webhooks.secret_block)

@@ -27,10 +27,10 @@ from typing import Any
 from rich.console import Console
 
 from sftflow.cli._prefect_api import prefect_api
-from sftflow.clients import Clients
+from sftflow.tasks.clients import Clients
 from sftflow.demo.sample import SAMPLE_PATH
-from sftflow.errors import SftflowError
-from sftflow.settings import Settings
+from sftflow.core.errors import SftflowError
+from sftflow.core.settings import Settings
 
 PROJECT = "sftflow-demo"
 DATASET = "demo"
@@ -41,7 +41,7 @@ console = Console(emoji=False)
 
 def _sample_answers() -> dict[str, str]:
     """prompt_id -> reference response, for the simulated annotators."""
-    from tasks.prompts import prompt_id
+    from sftflow.tasks.prompts import prompt_id
 
     answers = {}
     for line in SAMPLE_PATH.read_text(encoding="utf-8").splitlines():
@@ -67,7 +67,7 @@ class SimulatedAnnotators(threading.Thread):
         self.errors: list[str] = []
 
     def run(self) -> None:
-        from tasks.labelstudio import find_project
+        from sftflow.tasks.labelstudio import find_project
 
         ls = self.clients.labelstudio
         answers = _sample_answers()
@@ -113,7 +113,7 @@ def _upload_sample(clients: Clients) -> str:
 
 
 def _tiny_model(workdir: Path) -> Path:
-    from tasks.finetune.tiny_model import build_tiny_model
+    from sftflow.tasks.finetune.tiny_model import build_tiny_model
 
     out = workdir / "tiny-model"
     if not (out / "config.json").exists():
@@ -123,7 +123,7 @@ def _tiny_model(workdir: Path) -> Path:
 
 
 def _start_worker(api_url: str, workdir: Path) -> subprocess.Popen:
-    from flows.train_trl import deploy_train_trl
+    from sftflow.flows.train_trl import deploy_train_trl
 
     deploy_train_trl(TRAIN_POOL, "default")
     log = (workdir / "worker.log").open("ab")
@@ -150,8 +150,8 @@ def _stop_worker(proc: subprocess.Popen) -> None:
 
 
 def run_demo(settings: Settings, workdir: Path = Path(".demo")) -> dict[str, Any]:
-    from flows.pipeline import PipelineParams, sft_pipeline
-    from tasks.labelstudio import find_project
+    from sftflow.flows.pipeline import PipelineParams, sft_pipeline
+    from sftflow.tasks.labelstudio import find_project
 
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ["SFTFLOW_FINETUNE__TRL_DEPLOYMENT"] = "train-trl/default"
@@ -189,15 +189,15 @@ def run_demo(settings: Settings, workdir: Path = Path(".demo")) -> dict[str, Any
 
 def _summary(settings: Settings, clients: Clients, report: dict, annotators: SimulatedAnnotators,
              seconds: float) -> dict[str, Any]:
-    from tasks.labelstudio import find_project
-    from tasks.versioning import latest_version
+    from sftflow.tasks.labelstudio import find_project
+    from sftflow.tasks.versioning import latest_version
 
     project = find_project(clients.labelstudio, PROJECT)
     version = latest_version(clients.s3, DATASET, prefix=settings.datasets.prefix)
     models_prefix = settings.finetune.models_prefix
     ft = report.get("finetune") or {}
     if not ft.get("job"):  # a rerun stops before fine-tuning: show the newest existing model
-        from tasks.finetune.lineage import list_records
+        from sftflow.tasks.finetune.lineage import list_records
 
         records = list_records(clients.s3, models_prefix, dataset=DATASET)
         ft = records[-1] if records else {}  # oldest submission first

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
-from sftflow.errors import ConfigError
+from sftflow.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from sftflow.clients import Clients
+    from sftflow.tasks.clients import Clients
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -105,11 +105,11 @@ def register_backend(name: str, factory: BackendFactory) -> None:
 
 def _register_builtins() -> None:
     if "trl" not in _REGISTRY:
-        from tasks.finetune.trl_backend import TrlBackend
+        from sftflow.tasks.finetune.trl_backend import TrlBackend
 
         register_backend("trl", TrlBackend.from_clients)
     if "openai" not in _REGISTRY:
-        from tasks.finetune.openai_backend import OpenAIBackend
+        from sftflow.tasks.finetune.openai_backend import OpenAIBackend
 
         register_backend("openai", OpenAIBackend.from_clients)
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks.storage import S3, parse_s3_uri
+from sftflow.tasks.storage import S3, parse_s3_uri
 
 
 def upload_dir(s3: S3, local_dir: str | Path, uri: str) -> list[str]:

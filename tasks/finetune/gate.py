@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sftflow.errors import SftflowError
+from sftflow.core.errors import SftflowError
 
 
 def version_gates(manifest: dict[str, Any], *, backend: str, min_train_rows: int,

@@ -20,8 +20,8 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sftflow.errors import SftflowError
-from tasks.storage import S3, PreconditionFailed
+from sftflow.core.errors import SftflowError
+from sftflow.tasks.storage import S3, PreconditionFailed
 
 REFS = "_refs"
 

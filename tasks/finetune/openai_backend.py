@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from sftflow.errors import ConfigError, ServiceUnavailable, SftflowError
-from sftflow.settings import resolve_secret
-from tasks.finetune.backends import JobResult, JobSpec, JobStatus
-from tasks.finetune.files import read_lines
-from tasks.finetune.validate import validate_chat_lines
-from tasks.storage import S3
+from sftflow.core.errors import ConfigError, ServiceUnavailable, SftflowError
+from sftflow.core.settings import resolve_secret
+from sftflow.tasks.finetune.backends import JobResult, JobSpec, JobStatus
+from sftflow.tasks.finetune.files import read_lines
+from sftflow.tasks.finetune.validate import validate_chat_lines
+from sftflow.tasks.storage import S3
 
 if TYPE_CHECKING:
-    from sftflow.clients import Clients
+    from sftflow.tasks.clients import Clients
 
 _STATES = {
     "validating_files": "queued",

@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sftflow.errors import SftflowError
-from tasks.finetune.backends import Baseline, JobSpec
-from tasks.finetune.files import download_prefix, prefix_has
-from tasks.storage import S3
+from sftflow.core.errors import SftflowError
+from sftflow.tasks.finetune.backends import Baseline, JobSpec
+from sftflow.tasks.finetune.files import download_prefix, prefix_has
+from sftflow.tasks.storage import S3
 
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sftflow.errors import SftflowError
-from tasks.finetune.backends import JobResult, JobSpec, JobStatus
-from tasks.finetune.files import read_json
-from tasks.storage import S3
+from sftflow.core.errors import SftflowError
+from sftflow.tasks.finetune.backends import JobResult, JobSpec, JobStatus
+from sftflow.tasks.finetune.files import read_json
+from sftflow.tasks.storage import S3
 
 if TYPE_CHECKING:
-    from sftflow.clients import Clients
+    from sftflow.tasks.clients import Clients
 
 LOCAL_PREFIX = "local:"
 
@@ -54,7 +54,7 @@ class TrlBackend:
         return cls(clients.s3, ft.trl_mode, ft.trl_deployment)
 
     def preflight(self, spec: JobSpec) -> dict[str, Any]:
-        from tasks.finetune.training import base_model_kind
+        from sftflow.tasks.finetune.training import base_model_kind
 
         checks = {"base_model": base_model_kind(self.s3, spec.base_model)}
         if self.mode == "deployment":
@@ -78,7 +78,7 @@ class TrlBackend:
 
     def submit(self, spec: JobSpec) -> str:
         if self.mode == "local":
-            from flows.train_trl import result_uri, train_trl
+            from sftflow.flows.train_trl import result_uri, train_trl
 
             train_trl(spec, return_state=True)  # a failure is read back through status()
             return LOCAL_PREFIX + result_uri(spec)
@@ -128,7 +128,7 @@ class TrlBackend:
             client.set_flow_run_state(backend_job_id, Cancelling(message="cancelled by sftflow"))
 
     def result(self, backend_job_id: str, spec: JobSpec) -> JobResult:
-        from flows.train_trl import result_uri
+        from sftflow.flows.train_trl import result_uri
 
         data = read_json(self.s3, result_uri(spec))
         return JobResult(

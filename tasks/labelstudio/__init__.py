@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 from label_studio_sdk import LabelStudio
 
-from sftflow.errors import ConfigError, ServiceUnavailable
-from sftflow.settings import LabelStudioSettings, resolve_secret
+from sftflow.core.errors import ConfigError, ServiceUnavailable
+from sftflow.core.settings import LabelStudioSettings, resolve_secret
 
 
 def build_labelstudio(settings: LabelStudioSettings) -> LabelStudio:

@@ -21,8 +21,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from sftflow.errors import ConfigError
-from tasks._prefect import io_task
+from sftflow.core.errors import ConfigError
+from sftflow.tasks._prefect import io_task
 
 CountMode = Literal["tasks", "annotations"]
 
@@ -175,7 +175,7 @@ def load_baseline(
     ``prefix``); ``(None, None)`` before the first version or without a dataset."""
     if not dataset:
         return None, None
-    from tasks import versioning
+    from sftflow.tasks import versioning
 
     kw = {"prefix": prefix} if prefix else {}
     version = versioning.latest_version(s3, dataset, **kw)

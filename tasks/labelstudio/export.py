@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from sftflow.errors import SftflowError
-from tasks._prefect import compute_task, io_task
-from tasks.labelstudio import PROMPT_NAME, RESPONSE_NAME
-from tasks.polling import Backoff
-from tasks.prompts import prompt_id as compute_prompt_id
+from sftflow.core.errors import SftflowError
+from sftflow.tasks._prefect import compute_task, io_task
+from sftflow.tasks.labelstudio import PROMPT_NAME, RESPONSE_NAME
+from sftflow.tasks.polling import Backoff
+from sftflow.tasks.prompts import prompt_id as compute_prompt_id
 
 AnnotationPolicy = Literal["latest", "ground_truth_first", "all"]
 

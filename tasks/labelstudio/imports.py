@@ -20,7 +20,7 @@ import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
-from tasks._prefect import io_task
+from sftflow.tasks._prefect import io_task
 
 #: Label Studio refuses these for the request as a whole (bad task, body too large).
 _REJECTED = (400, 413, 422)

@@ -13,9 +13,9 @@ from typing import Any
 
 from label_studio_sdk import LabelStudio
 
-from sftflow.errors import ConfigError
-from tasks._prefect import io_task
-from tasks.labelstudio import PROMPT_NAME, RESPONSE_NAME, find_project
+from sftflow.core.errors import ConfigError
+from sftflow.tasks._prefect import io_task
+from sftflow.tasks.labelstudio import PROMPT_NAME, RESPONSE_NAME, find_project
 
 #: Label Studio's "Supervised Language Model Fine-tuning" template (generative-ai/supervised-llm).
 SFT_LABEL_CONFIG = f"""<View className="root">

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from deployments.serve import ServeConfig, build_deployments
+from sftflow.deployments.serve import ServeConfig, build_deployments
 
 YAML = Path(__file__).parents[2] / "deployments" / "prefect.yaml"
 
@@ -29,7 +29,7 @@ def test_same_deployments_flows_and_parameters():
                                                 "finetune"}
     for name, d in declared.items():
         module, _, func = d["entrypoint"].partition(":")
-        flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), func)
+        flow = getattr(importlib.import_module("sftflow." + module.removesuffix(".py").replace("/", ".")), func)
         assert flow.name == served[name].flow_name
         assert d["parameters"] == served[name].parameters, name
         # The default parameters are a valid form for the flow's one parameter model.

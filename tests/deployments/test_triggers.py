@@ -16,10 +16,10 @@ import httpx
 import pytest
 import uvicorn
 
-from deployments.serve import BUILD, INGEST, ServeConfig, build_deployments
-from flows.check_annotations import CheckParams, check_annotations
-from tasks.labelstudio.projects import SFT_LABEL_CONFIG
-from tasks.webhooks import SECRET_HEADER, ThresholdQuery, register_webhook, webhook_url
+from sftflow.deployments.serve import BUILD, INGEST, ServeConfig, build_deployments
+from sftflow.flows.check_annotations import CheckParams, check_annotations
+from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG
+from sftflow.tasks.webhooks import SECRET_HEADER, ThresholdQuery, register_webhook, webhook_url
 from tests.conftest import unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
@@ -37,7 +37,7 @@ def _free_port() -> int:
 @pytest.fixture()
 def bridge(prefect_harness, settings, s3):
     """The real bridge app on a loopback port, emitting to the harness, baseline from `s3`."""
-    from sftflow.webhooks import create_app
+    from sftflow.bridge import create_app
 
     cfg = settings.model_copy(update={"s3": settings.s3.model_copy(update={"bucket": s3.bucket})})
     port = _free_port()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.build_dataset import BuildParams, build_dataset, split_groups
-from tasks import versioning
+from sftflow.flows.build_dataset import BuildParams, build_dataset, split_groups
+from sftflow.tasks import versioning
 from tests.conftest import unique
 from tests.tasks._datasets import annotation, make_project, textarea
 

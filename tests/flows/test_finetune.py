@@ -12,12 +12,12 @@ import time
 import httpx
 import pytest
 
-from flows.finetune import FinetuneParams, finetune
-from sftflow import events
-from sftflow.errors import SftflowError
-from tasks import versioning
-from tasks.finetune import lineage
-from tasks.finetune.backends import Hyperparameters
+from sftflow.flows.finetune import FinetuneParams, finetune
+from sftflow.core import events
+from sftflow.core.errors import SftflowError
+from sftflow.tasks import versioning
+from sftflow.tasks.finetune import lineage
+from sftflow.tasks.finetune.backends import Hyperparameters
 from tests.contract.openai_server import OpenAIContractServer
 from tests.tasks._finetune import flow_settings, make_version, tiny_model, train_worker  # noqa: F401
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.ingest import IngestParams, ingest_prompts
-from sftflow.errors import ConfigError
-from tasks.labelstudio.imports import iter_project_tasks, task_count, wait_settled
-from tasks.prompts import FieldMapping, Limits, prompt_id
+from sftflow.flows.ingest import IngestParams, ingest_prompts
+from sftflow.core.errors import ConfigError
+from sftflow.tasks.labelstudio.imports import iter_project_tasks, task_count, wait_settled
+from sftflow.tasks.prompts import FieldMapping, Limits, prompt_id
 from tests.conftest import unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
@@ -156,7 +156,7 @@ def test_concurrent_runs_on_one_project_do_not_double_import(prefect_harness, s3
     for f in range(4):
         put_jsonl(s3, f"in/{f}.jsonl", [f"file {f} prompt {i}" for i in range(300)])
     params = IngestParams(source=f"s3://{s3.bucket}/in/", project=title, batch_size=200)
-    from tasks.labelstudio.projects import ensure_project
+    from sftflow.tasks.labelstudio.projects import ensure_project
 
     ensure_project(labelstudio, title)  # both runs find it (creation races are covered apart)
     with ThreadPoolExecutor(2) as pool:
@@ -168,7 +168,7 @@ def test_concurrent_runs_on_one_project_do_not_double_import(prefect_harness, s3
 
 KILLED_RUN = """
 import sys
-from flows.ingest import IngestParams, ingest_prompts
+from sftflow.flows.ingest import IngestParams, ingest_prompts
 ingest_prompts(IngestParams(source=sys.argv[1], project=sys.argv[2], batch_size=400))
 """
 
@@ -196,7 +196,7 @@ def test_killed_mid_import_then_rerun_leaves_each_prompt_once(
     prompts = [f"Killed run prompt {i}: " + "lorem ipsum " * 30 for i in range(4000)]
     for f in range(10):
         put_jsonl(s3, f"in/{f:02d}.jsonl", prompts[f * 400:(f + 1) * 400])
-    from tasks.labelstudio.projects import ensure_project
+    from sftflow.tasks.labelstudio.projects import ensure_project
 
     project = ensure_project(labelstudio, title)
     env = {**os.environ, "PREFECT_API_URL": stack_prefect}

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from flows.pipeline import PipelineParams, sft_pipeline
-from tasks.labelstudio import find_project
+from sftflow.flows.pipeline import PipelineParams, sft_pipeline
+from sftflow.tasks.labelstudio import find_project
 from tests.conftest import unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]

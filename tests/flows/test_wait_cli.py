@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.labelstudio.projects import SFT_LABEL_CONFIG
+from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG
 from tests.conftest import unique
 
 pytestmark = pytest.mark.integration

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from flows.wait_for_annotations import WaitParams, wait_for_annotations
-from sftflow.errors import ConfigError
-from tasks.labelstudio.projects import SFT_LABEL_CONFIG
+from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
+from sftflow.core.errors import ConfigError
+from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG
 from tests.conftest import unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
@@ -96,7 +96,7 @@ def test_a_deleted_project_is_an_error_naming_it(prefect_harness, labelstudio, p
 
 
 def test_label_studio_down_retries_until_the_deadline(prefect_harness, monkeypatch):
-    from sftflow.settings import get_settings
+    from sftflow.core.settings import get_settings
 
     monkeypatch.setenv("SFTFLOW_LABELSTUDIO__URL", "http://127.0.0.1:9")
     get_settings.cache_clear()

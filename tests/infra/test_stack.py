@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.stack import _group_members
+from sftflow.infra.stack import _group_members
 
 pytestmark = pytest.mark.integration
 

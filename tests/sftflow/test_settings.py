@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sftflow.settings import Settings
+from sftflow.core.settings import Settings
 
 
 def test_env_prefix_and_nesting(monkeypatch):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import versioning
+from sftflow.tasks import versioning
 from tests.tasks._datasets import final_rows
 
 ROOT = Path(__file__).parents[2]
@@ -36,7 +36,7 @@ def make_version(s3, dataset: str, n: int = 40, *, eval_every: int = 5, tag: str
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny Llama-style model whose tokenizer learnt the test rows' vocabulary."""
-    from tasks.finetune.tiny_model import build_tiny_model
+    from sftflow.tasks.finetune.tiny_model import build_tiny_model
 
     texts = [r["prompt"] + " " + r["completion"] for r in final_rows(200)]
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), texts)
@@ -45,7 +45,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture()
 def flow_settings(monkeypatch, s3):
     """Point the flow's settings at the test bucket (the flow reads the cached settings)."""
-    from sftflow.settings import get_settings
+    from sftflow.core.settings import get_settings
 
     def apply(**env: str) -> None:
         for key, value in env.items():
@@ -64,7 +64,7 @@ def train_worker(prefect_harness, tmp_path_factory) -> Iterator[str]:
     with a ``prefect worker`` subprocess serving it; the worker is stopped by its pid."""
     from prefect.settings import PREFECT_API_URL
 
-    from flows.train_trl import deploy_train_trl
+    from sftflow.flows.train_trl import deploy_train_trl
 
     pool = f"train-test-{uuid.uuid4().hex[:8]}"
     deploy_train_trl(pool, "default", source=ROOT)

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from sftflow.errors import ConfigError
-from tasks.labelstudio.counters import ProjectCounters, Threshold, counter_field, progress
-from tasks.polling import Backoff
+from sftflow.core.errors import ConfigError
+from sftflow.tasks.labelstudio.counters import ProjectCounters, Threshold, counter_field, progress
+from sftflow.tasks.polling import Backoff
 
 PROJECT = {"id": 7, "title": "p", "task_number": 100, "num_tasks_with_annotations": 40,
            "total_annotations_number": 55, "finished_task_number": 12,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from tasks import dedup as D
-from tasks.dedup import (
+from sftflow.tasks import dedup as D
+from sftflow.tasks.dedup import (
     DedupConfig,
     Fingerprints,
     cluster,
@@ -109,7 +109,7 @@ EDGE_TEXTS = [
 
 
 def test_normalize_matches_prompt_id_normalisation():
-    from tasks.prompts import normalise
+    from sftflow.tasks.prompts import normalise
 
     samples = EDGE_TEXTS + ["A\u00a0B\u2003C\u3000D", "  MiXeD\r\nCase\x1c sep  ", "Ǆ ǅ ǆ ß ﬃ"]
     for s in samples:

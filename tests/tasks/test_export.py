@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from sftflow.errors import SftflowError
-from tasks.labelstudio.export import iter_json_array, parse_export_file, parse_tasks, task_rows
-from tasks.prompts import prompt_id
+from sftflow.core.errors import SftflowError
+from sftflow.tasks.labelstudio.export import iter_json_array, parse_export_file, parse_tasks, task_rows
+from sftflow.tasks.prompts import prompt_id
 from tests.conftest import unique
 from tests.tasks._datasets import annotation, make_project, textarea
 
@@ -102,7 +102,7 @@ def test_parse_export_file_names_the_file_when_not_json(tmp_path):
 
 @pytest.mark.integration
 def test_snapshot_roundtrip_on_real_labelstudio(labelstudio, tmp_path):
-    from tasks.labelstudio.export import create_snapshot, delete_snapshot, download_snapshot
+    from sftflow.tasks.labelstudio.export import create_snapshot, delete_snapshot, download_snapshot
 
     tasks = [{"data": {"prompt": f"p{i}"}, "annotations": [annotation(f"answer {i}")]}
              for i in range(30)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.filters import FilterConfig, approx_tokens, filter_rows
+from sftflow.tasks.filters import FilterConfig, approx_tokens, filter_rows
 
 
 def _row(prompt: str = "Tell me about cats.", completion: str = "Cats are small felines.") -> dict:

@@ -6,9 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sftflow.errors import SftflowError
-from tasks.finetune import lineage
-from tasks.storage import PreconditionFailed
+from sftflow.core.errors import SftflowError
+from sftflow.tasks.finetune import lineage
+from sftflow.tasks.storage import PreconditionFailed
 
 pytestmark = pytest.mark.integration
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from sftflow.errors import SftflowError
-from tasks import formats
-from tasks.finetune import gate, lineage
-from tasks.finetune.validate import validate_chat_lines
+from sftflow.core.errors import SftflowError
+from sftflow.tasks import formats
+from sftflow.tasks.finetune import gate, lineage
+from sftflow.tasks.finetune.validate import validate_chat_lines
 
 
 def _chat(user: str = "Hi?", assistant: str = "Hello.", **extra) -> str:

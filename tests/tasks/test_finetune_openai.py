@@ -12,10 +12,10 @@ import json
 
 import pytest
 
-from sftflow.errors import ConfigError, SftflowError
-from tasks import versioning
-from tasks.finetune.backends import Hyperparameters, JobSpec
-from tasks.finetune.openai_backend import OpenAIBackend
+from sftflow.core.errors import ConfigError, SftflowError
+from sftflow.tasks import versioning
+from sftflow.tasks.finetune.backends import Hyperparameters, JobSpec
+from sftflow.tasks.finetune.openai_backend import OpenAIBackend
 from tests.contract.openai_server import OpenAIContractServer
 from tests.tasks._finetune import make_version
 

@@ -8,7 +8,7 @@ import json
 import pyarrow.parquet as pq
 import yaml
 
-from tasks import formats
+from sftflow.tasks import formats
 from tests.tasks._datasets import final_rows
 
 

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from sftflow.errors import ConfigError
-from tasks.labelstudio import build_labelstudio
-from tasks.labelstudio.imports import (
+from sftflow.core.errors import ConfigError
+from sftflow.tasks.labelstudio import build_labelstudio
+from sftflow.tasks.labelstudio.imports import (
     ImportOutcomeUnknown,
     import_batch,
     iter_project_tasks,
@@ -17,8 +17,8 @@ from tasks.labelstudio.imports import (
     send_tasks,
     task_count,
 )
-from tasks.labelstudio.projects import SFT_LABEL_CONFIG, config_problems, ensure_project
-from tasks.prompts import prompt_id
+from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG, config_problems, ensure_project
+from sftflow.tasks.prompts import prompt_id
 from tests.conftest import unique
 
 pytestmark = pytest.mark.integration

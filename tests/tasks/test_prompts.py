@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.prompts import (
+from sftflow.tasks.prompts import (
     FieldMapping,
     FileProblem,
     Ledger,
@@ -22,7 +22,7 @@ from tasks.prompts import (
     parse_stream,
     prompt_id,
 )
-from tasks.storage import ObjectInfo
+from sftflow.tasks.storage import ObjectInfo
 
 MAP = FieldMapping()
 LIM = Limits()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.storage import PreconditionFailed, parse_s3_uri
+from sftflow.tasks.storage import PreconditionFailed, parse_s3_uri
 
 pytestmark = pytest.mark.integration
 

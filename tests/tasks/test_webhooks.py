@@ -7,10 +7,10 @@ import json
 import pytest
 from starlette.testclient import TestClient
 
-from sftflow.events import ANNOTATION_CREATED, PROMPTS_ARRIVED
-from sftflow.settings import Settings
-from sftflow.webhooks import create_app
-from tasks.webhooks import (
+from sftflow.core.events import ANNOTATION_CREATED, PROMPTS_ARRIVED
+from sftflow.core.settings import Settings
+from sftflow.bridge import create_app
+from sftflow.tasks.webhooks import (
     SECRET_HEADER,
     THRESHOLD_LABEL,
     BadRequest,

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from sftflow.settings import Settings, get_settings
+from sftflow.core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
 
-    from tasks.storage import S3
+    from sftflow.tasks.storage import S3
 
 
 @dataclass
@@ -29,12 +29,12 @@ class Clients:
 
     @cached_property
     def s3(self) -> S3:
-        from tasks.storage import build_s3
+        from sftflow.tasks.storage import build_s3
 
         return build_s3(self.settings.s3)
 
     @cached_property
     def labelstudio(self) -> LabelStudio:
-        from tasks.labelstudio import build_labelstudio
+        from sftflow.tasks.labelstudio import build_labelstudio
 
         return build_labelstudio(self.settings.labelstudio)

@@ -29,9 +29,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from sftflow.errors import ConfigError
-from sftflow.settings import Settings, resolve_secret
-from tasks.webhooks import (
+from sftflow.core.errors import ConfigError
+from sftflow.core.settings import Settings, resolve_secret
+from sftflow.tasks.webhooks import (
     SECRET_HEADER,
     BadRequest,
     EventSpec,
@@ -43,7 +43,7 @@ from tasks.webhooks import (
     secret_ok,
 )
 
-logger = logging.getLogger("sftflow.webhooks")
+logger = logging.getLogger("sftflow.bridge")
 
 Emitter = Callable[[list[EventSpec]], Awaitable[None]]
 BaselineLoader = Callable[[str | None], tuple[str | None, dict[str, Any] | None]]
@@ -93,8 +93,8 @@ def _prefect_emitter() -> tuple[Emitter, Callable[[], Awaitable[None]], Callable
 
 
 def _s3_baseline_loader(settings: Settings) -> BaselineLoader:
-    from sftflow.clients import Clients
-    from tasks.labelstudio.counters import load_baseline
+    from sftflow.tasks.clients import Clients
+    from sftflow.tasks.labelstudio.counters import load_baseline
 
     clients = Clients(settings)
 
