@@ -44,9 +44,9 @@ def _peak_rss_mb() -> float:
 
 # -- children ------------------------------------------------------------------------------------
 def child_sftflow(project: str, dataset: str) -> dict:
-    from sftflow.flows.build_dataset import BuildParams, build_dataset
     from sftflow.cli._prefect_api import prefect_api
     from sftflow.core.settings import get_settings
+    from sftflow.flows.build_dataset import BuildParams, build_dataset
 
     with prefect_api(get_settings()):
         t0 = time.perf_counter()
@@ -63,8 +63,8 @@ def child_naive(project_id: int, dataset: str, version: int) -> dict:
     not benchmarked at 55k tasks on the shared stack.)"""
     import numpy as np
 
-    from sftflow.tasks.clients import Clients
     from sftflow.tasks import dedup, formats
+    from sftflow.tasks.clients import Clients
     from sftflow.tasks.filters import FilterConfig, filter_rows
     from sftflow.tasks.labelstudio.export import create_snapshot, delete_snapshot, parse_tasks
 

@@ -40,10 +40,10 @@ from pydantic import BaseModel, Field
 
 import sftflow
 from sftflow.core import events
-from sftflow.tasks.clients import Clients
 from sftflow.tasks import dedup as dd
 from sftflow.tasks import formats, versioning
 from sftflow.tasks._prefect import compute_task, io_task
+from sftflow.tasks.clients import Clients
 from sftflow.tasks.filters import FilterConfig, filter_shard
 from sftflow.tasks.labelstudio import RESPONSE_NAME, require_project
 from sftflow.tasks.labelstudio.export import (

@@ -37,9 +37,9 @@ from pydantic import BaseModel, Field
 
 import sftflow
 from sftflow.core import events
-from sftflow.tasks.clients import Clients
 from sftflow.core.errors import SftflowError
 from sftflow.tasks._prefect import compute_task, io_task
+from sftflow.tasks.clients import Clients
 from sftflow.tasks.finetune import gate, lineage
 from sftflow.tasks.finetune.backends import (
     TERMINAL,

@@ -45,10 +45,10 @@ from prefect.artifacts import (
 from prefect.events import emit_event
 from pydantic import BaseModel, Field, field_validator
 
-from sftflow.tasks.clients import Clients
 from sftflow.core.errors import ConfigError
 from sftflow.core.events import PROMPTS_INGESTED, project_resource
 from sftflow.core.settings import get_settings
+from sftflow.tasks.clients import Clients
 from sftflow.tasks.labelstudio.imports import (
     BatchResult,
     batch_prompt_ids,

@@ -28,8 +28,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from sftflow.tasks.clients import Clients
 from sftflow.tasks._prefect import compute_task, io_task
+from sftflow.tasks.clients import Clients
 from sftflow.tasks.finetune.backends import JobSpec
 from sftflow.tasks.finetune.files import read_json, upload_dir, write_json
 from sftflow.tasks.finetune.training import base_model_kind, train_sft

@@ -27,8 +27,8 @@ from prefect.artifacts import (
 from prefect.states import Completed
 from pydantic import BaseModel, Field, model_validator
 
-from sftflow.tasks.clients import Clients
 from sftflow.core.errors import ConfigError
+from sftflow.tasks.clients import Clients
 from sftflow.tasks.labelstudio import require_project
 from sftflow.tasks.labelstudio.counters import (
     CountMode,

@@ -29,7 +29,12 @@ from urllib.parse import unquote_plus
 
 from pydantic import ValidationError
 
-from sftflow.core.events import ANNOTATION_CREATED, PROMPTS_ARRIVED, bucket_resource, project_resource
+from sftflow.core.events import (
+    ANNOTATION_CREATED,
+    PROMPTS_ARRIVED,
+    bucket_resource,
+    project_resource,
+)
 from sftflow.tasks.labelstudio.counters import CountMode, ProjectCounters, Threshold, progress
 
 SECRET_HEADER = "X-Sftflow-Secret"

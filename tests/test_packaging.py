@@ -17,7 +17,7 @@ UV = Path(sys.executable).parent / "uv"
 
 @pytest.mark.skipif(not UV.exists(), reason="uv is installed by `make install`")
 def test_wheel_installs_only_the_sftflow_namespace_and_runs(tmp_path):
-    run = lambda *argv: subprocess.run(  # noqa: E731
+    run = lambda *argv: subprocess.run(
         [str(a) for a in argv], check=True, capture_output=True, text=True, timeout=600)
     run(UV, "build", "--wheel", "-q", "-o", tmp_path / "dist", ROOT)
     wheel = next((tmp_path / "dist").glob("sftflow-*.whl"))

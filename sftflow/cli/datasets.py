@@ -10,9 +10,9 @@ from rich.table import Table
 
 from sftflow.cli._app import JsonOption, app, console, print_json
 from sftflow.cli._prefect_api import prefect_api
-from sftflow.tasks.clients import Clients
 from sftflow.core.errors import ConfigError
 from sftflow.core.settings import get_settings
+from sftflow.tasks.clients import Clients
 
 datasets_app = typer.Typer(help="Dataset versions in the bucket: list, show, diff, pull, tag, gc.",
                            no_args_is_help=True)

@@ -9,9 +9,9 @@ from rich.table import Table
 
 from sftflow.cli._app import JsonOption, app, console, print_json
 from sftflow.cli._prefect_api import prefect_api
-from sftflow.tasks.clients import Clients
 from sftflow.core.errors import ConfigError
 from sftflow.core.settings import get_settings
+from sftflow.tasks.clients import Clients
 
 models_app = typer.Typer(help="Fine-tuned models and their lineage: list, show.", no_args_is_help=True)
 app.add_typer(models_app, name="models")

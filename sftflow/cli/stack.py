@@ -7,10 +7,10 @@ from dataclasses import asdict
 import typer
 from rich.table import Table
 
-from sftflow.infra.stack import SERVICES, LocalStack
 from sftflow.cli._app import JsonOption, app, console, print_json
 from sftflow.core.errors import SftflowError
 from sftflow.core.settings import get_settings
+from sftflow.infra.stack import SERVICES, LocalStack
 
 stack_app = typer.Typer(help="Start, inspect and stop the local stack (S3, Label Studio, Prefect).")
 app.add_typer(stack_app, name="stack")

@@ -179,8 +179,8 @@ def test_flow_and_bridge_events_are_persisted_and_read_back(served):
     notification are stored by the event persister and returned by the events API."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from sftflow.core.events import DATASET_VERSIONED, PROMPTS_ARRIVED, PROMPTS_INGESTED
     from sftflow.bridge import create_app
+    from sftflow.core.events import DATASET_VERSIONED, PROMPTS_ARRIVED, PROMPTS_INGESTED
     from sftflow.tasks.webhooks import SECRET_HEADER
 
     api, log, since = served["api"], served["log"], served["started"]

@@ -12,9 +12,9 @@ import time
 import httpx
 import pytest
 
-from sftflow.flows.finetune import FinetuneParams, finetune
 from sftflow.core import events
 from sftflow.core.errors import SftflowError
+from sftflow.flows.finetune import FinetuneParams, finetune
 from sftflow.tasks import versioning
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.finetune.backends import Hyperparameters

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.flows.ingest import IngestParams, ingest_prompts
 from sftflow.core.errors import ConfigError
+from sftflow.flows.ingest import IngestParams, ingest_prompts
 from sftflow.tasks.labelstudio.imports import iter_project_tasks, task_count, wait_settled
 from sftflow.tasks.prompts import FieldMapping, Limits, prompt_id
 from tests.conftest import unique

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
 from sftflow.core.errors import ConfigError
+from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
 from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG
 from tests.conftest import unique
 

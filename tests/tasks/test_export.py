@@ -8,7 +8,12 @@ import json
 import pytest
 
 from sftflow.core.errors import SftflowError
-from sftflow.tasks.labelstudio.export import iter_json_array, parse_export_file, parse_tasks, task_rows
+from sftflow.tasks.labelstudio.export import (
+    iter_json_array,
+    parse_export_file,
+    parse_tasks,
+    task_rows,
+)
 from sftflow.tasks.prompts import prompt_id
 from tests.conftest import unique
 from tests.tasks._datasets import annotation, make_project, textarea

@@ -7,9 +7,9 @@ import json
 import pytest
 from starlette.testclient import TestClient
 
+from sftflow.bridge import create_app
 from sftflow.core.events import ANNOTATION_CREATED, PROMPTS_ARRIVED
 from sftflow.core.settings import Settings
-from sftflow.bridge import create_app
 from sftflow.tasks.webhooks import (
     SECRET_HEADER,
     THRESHOLD_LABEL,
