@@ -44,9 +44,9 @@ def _peak_rss_mb() -> float:
 
 # -- children ------------------------------------------------------------------------------------
 def child_sftflow(project: str, dataset: str) -> dict:
-    from sftflow.cli._prefect_api import prefect_api
     from sftflow.core.settings import get_settings
     from sftflow.flows.build_dataset import BuildParams, build_dataset
+    from sftflow.tasks.clients import prefect_api
 
     with prefect_api(get_settings()):
         t0 = time.perf_counter()

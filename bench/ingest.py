@@ -53,7 +53,7 @@ TARGETS = {
 
 CHILD = """
 import json, sys, time
-from sftflow.cli._prefect_api import prefect_api
+from sftflow.tasks.clients import prefect_api
 from sftflow.core.settings import get_settings
 from sftflow.flows.ingest import IngestParams, ingest_prompts
 params = IngestParams(source=sys.argv[1], project=sys.argv[2], batch_size=10_000)

@@ -22,10 +22,14 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from sftflow.core.events import ANNOTATION_CREATED, DATASET_VERSIONED, PROMPTS_ARRIVED
+from sftflow.core.events import (
+    ANNOTATION_CREATED,
+    DATASET_VERSIONED,
+    PROMPTS_ARRIVED,
+    THRESHOLD_LABEL,
+)
 from sftflow.tasks.labelstudio.counters import CountMode
 from sftflow.tasks.storage import parse_s3_uri
-from sftflow.tasks.webhooks import THRESHOLD_LABEL
 
 #: Deployment names (the flow name is prefixed by Prefect: "<flow>/<deployment>").
 INGEST, CHECK, BUILD, FINETUNE = "ingest", "check-annotations", "build-dataset", "finetune"

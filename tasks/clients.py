@@ -6,6 +6,8 @@ Flows build ``Clients`` once at their entry point and hand ``clients.s3`` /
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -38,3 +40,19 @@ class Clients:
         from sftflow.tasks.labelstudio import build_labelstudio
 
         return build_labelstudio(self.settings.labelstudio)
+
+@contextmanager
+def prefect_api(settings: Settings) -> Iterator[str]:
+    """Point Prefect at the configured API for the duration of a command (otherwise a flow
+    called from the CLI or the demo starts Prefect's ephemeral server). An explicit
+    ``PREFECT_API_URL`` in the environment (or the active Prefect profile) wins."""
+    import os
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    current = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if current:
+        yield current
+        return
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect.api_url}):
+        yield settings.prefect.api_url

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from sftflow.core.events import (
     ANNOTATION_CREATED,
     PROMPTS_ARRIVED,
+    THRESHOLD_LABEL,
     bucket_resource,
     project_resource,
 )
@@ -44,7 +45,6 @@ LABELSTUDIO_ACTIONS = frozenset(
 _NAMESPACE = uuid.UUID("6f1c3a52-3d0e-4a8e-9a55-5f7d1f0a1e21")
 
 #: Resource label the build trigger matches on: "reached" | "below" | "unset".
-THRESHOLD_LABEL = "sftflow.threshold"
 
 
 class BadRequest(ValueError):

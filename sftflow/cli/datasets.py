@@ -9,10 +9,9 @@ import typer
 from rich.table import Table
 
 from sftflow.cli._app import JsonOption, app, console, print_json
-from sftflow.cli._prefect_api import prefect_api
 from sftflow.core.errors import ConfigError
 from sftflow.core.settings import get_settings
-from sftflow.tasks.clients import Clients
+from sftflow.tasks.clients import Clients, prefect_api
 
 datasets_app = typer.Typer(help="Dataset versions in the bucket: list, show, diff, pull, tag, gc.",
                            no_args_is_help=True)

@@ -8,10 +8,9 @@ import typer
 from rich.table import Table
 
 from sftflow.cli._app import JsonOption, app, console, print_json
-from sftflow.cli._prefect_api import prefect_api
 from sftflow.core.errors import ConfigError
 from sftflow.core.settings import get_settings
-from sftflow.tasks.clients import Clients
+from sftflow.tasks.clients import Clients, prefect_api
 
 models_app = typer.Typer(help="Fine-tuned models and their lineage: list, show.", no_args_is_help=True)
 app.add_typer(models_app, name="models")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import typer
 
 from sftflow.cli._app import JsonOption, app, console, print_json
-from sftflow.cli._prefect_api import prefect_api
 from sftflow.core.errors import ConfigError
 from sftflow.core.settings import get_settings
+from sftflow.tasks.clients import prefect_api
 
 _KEEP_FIELD = typer.Option(
     None, "--keep-field", help="Record field copied into the task data (repeatable)."

@@ -85,8 +85,8 @@ def _check_prefect(settings) -> dict:
     (for the local stack's server) its services log no errors."""
     import httpx
 
-    from sftflow.cli._prefect_api import prefect_api
     from sftflow.core.errors import ServiceUnavailable
+    from sftflow.tasks.clients import prefect_api
     from sftflow.tasks.orchestrator import unscheduled_deployments
 
     with prefect_api(settings) as api_url:

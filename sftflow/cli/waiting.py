@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 
 from sftflow.cli._app import JsonOption, app, console, print_json
-from sftflow.cli._prefect_api import prefect_api
 from sftflow.core.settings import get_settings
+from sftflow.tasks.clients import prefect_api
 
 #: Exit code when the deadline passed without enough annotations (not an error).
 EXIT_NOT_ENOUGH = 2

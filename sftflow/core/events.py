@@ -11,6 +11,10 @@ FINETUNE_SUBMITTED = "sftflow.finetune.submitted"
 FINETUNE_SUCCEEDED = "sftflow.finetune.succeeded"
 FINETUNE_FAILED = "sftflow.finetune.failed"
 
+#: Resource label the bridge sets on annotation events: "below", "reached" or "unset"; the
+#: build deployment's trigger matches "reached".
+THRESHOLD_LABEL = "sftflow.threshold"
+
 
 def project_resource(project: str | int) -> dict[str, str]:
     return {"prefect.resource.id": f"sftflow.labelstudio.project.{project}"}

@@ -26,11 +26,10 @@ from typing import Any
 
 from rich.console import Console
 
-from sftflow.cli._prefect_api import prefect_api
 from sftflow.core.errors import SftflowError
 from sftflow.core.settings import Settings
 from sftflow.demo.sample import SAMPLE_PATH
-from sftflow.tasks.clients import Clients
+from sftflow.tasks.clients import Clients, prefect_api
 
 PROJECT = "sftflow-demo"
 DATASET = "demo"

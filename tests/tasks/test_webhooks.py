@@ -8,11 +8,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from sftflow.bridge import create_app
-from sftflow.core.events import ANNOTATION_CREATED, PROMPTS_ARRIVED
+from sftflow.core.events import ANNOTATION_CREATED, PROMPTS_ARRIVED, THRESHOLD_LABEL
 from sftflow.core.settings import Settings
 from sftflow.tasks.webhooks import (
     SECRET_HEADER,
-    THRESHOLD_LABEL,
     BadRequest,
     ThresholdQuery,
     labelstudio_event,
