@@ -38,6 +38,7 @@ lock: $(UV)
 
 # The test suite starts (or reuses) the local stack it needs and stops what it started.
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: install-app

@@ -12,16 +12,18 @@ import sys
 import typer
 
 # Command modules register their commands on `app` when imported.
-from sftflow.cli import stack as _stack  # noqa: F401
+from sftflow.cli import (  # noqa: F401
+    datasets,
+    demo,
+    finetune,
+    ingest,
+    pipeline,
+    stack,
+    waiting,
+    webhooks,
+)
 from sftflow.cli._app import app, console_err
 from sftflow.core.errors import SftflowError
-
-for _mod in ("ingest", "datasets", "waiting", "webhooks", "finetune", "pipeline", "demo"):
-    try:
-        __import__(f"sftflow.cli.{_mod}")
-    except ModuleNotFoundError as _err:  # a command group not written yet
-        if _err.name != f"sftflow.cli.{_mod}":
-            raise
 
 
 def main() -> None:
