@@ -7,6 +7,8 @@ swap) are what make commits and ledgers safe against crashes and concurrent runs
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,8 +18,12 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from sftflow.core.errors import ServiceUnavailable
+from sftflow.core.errors import ServiceUnavailable, SftflowError
 from sftflow.core.settings import S3Settings, resolve_secret
+
+
+class ConditionalWritesUnsupported(SftflowError):
+    """The S3 server accepts conditional writes but does not honour them."""
 
 
 class PreconditionFailed(Exception):
@@ -34,6 +40,10 @@ class ObjectInfo:
     etag: str
     size: int
     last_modified: datetime | None = None
+
+
+#: (endpoint, bucket) pairs whose server was seen to honour conditional writes.
+_CONDITIONAL_WRITES_OK: set[tuple[str, str]] = set()
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -63,6 +73,37 @@ class S3:
         self.endpoint_url = endpoint_url
         self._fsspec_options: dict[str, Any] = {}
 
+    def check_conditional_writes(self, bucket: str | None = None) -> None:
+        """Refuse a server that ignores ``If-None-Match``: commits, refs and ledgers rely on it
+        (on such a server an older build overwrites a newer ``refs/latest``). Probed once per
+        process, server and bucket, before the first conditional write: a second create of the
+        same key must fail with 412."""
+        bucket = bucket or self.bucket
+        probe = (self.endpoint_url or "aws", bucket)
+        if probe in _CONDITIONAL_WRITES_OK:
+            return
+        key = f"_sftflow/probe/conditional-{uuid.uuid4().hex}"
+        kwargs = {"Bucket": bucket, "Key": key, "Body": b"probe", "IfNoneMatch": "*"}
+        try:
+            self.client.put_object(**kwargs)
+            try:
+                self.client.put_object(**kwargs)
+            except ClientError as err:
+                if _status(err) in (409, 412) or _code(err) == "PreconditionFailed":
+                    _CONDITIONAL_WRITES_OK.add(probe)
+                    return
+                raise
+            raise ConditionalWritesUnsupported(
+                f"S3 at {self.endpoint_url or 'AWS'} (bucket {bucket!r}) ignores conditional "
+                f"writes: a second 'If-None-Match: *' create of {key} succeeded instead of "
+                "failing with 412. sftflow refuses to commit there (versions, refs and ledgers "
+                "would lose updates); use a server that supports them (AWS S3, MinIO, "
+                "SeaweedFS >= 3.80)"
+            )
+        finally:
+            with contextlib.suppress(ClientError):
+                self.client.delete_object(Bucket=bucket, Key=key)
+
     # -- buckets -------------------------------------------------------------------------------
     def ensure_bucket(self, bucket: str | None = None) -> None:
         bucket = bucket or self.bucket
@@ -91,6 +132,8 @@ class S3:
     ) -> str:
         """Write an object and return its ETag. Conditional writes raise PreconditionFailed."""
         bucket = bucket or self.bucket
+        if if_none_match or if_match is not None:
+            self.check_conditional_writes(bucket)
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Body": data}
         if if_none_match:
             kwargs["IfNoneMatch"] = "*"
@@ -175,6 +218,10 @@ def build_s3(settings: S3Settings) -> S3:
     """The one place an S3 client is built from settings."""
     secret = resolve_secret(settings.secret_access_key, settings.secret_access_key_block)
     key_id = settings.access_key_id.get_secret_value() if settings.access_key_id else None
+    if not key_id or not secret:
+        # An empty key id (SFTFLOW_S3__ACCESS_KEY_ID=) means boto3's own credential chain
+        # (environment, profile, instance role); never half a pair.
+        key_id = secret = None
     config = Config(
         region_name=settings.region,
         retries={"max_attempts": settings.max_attempts, "mode": "adaptive"},

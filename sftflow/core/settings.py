@@ -46,7 +46,9 @@ class S3Settings(BaseModel):
         None, description="Name of a Prefect Secret block holding the secret access key."
     )
     bucket: str = Field("sftflow", description="Default bucket for prompts, datasets and models.")
-    max_attempts: int = Field(6, ge=1, description="botocore retry attempts (adaptive mode).")
+    max_attempts: int = Field(
+        6, ge=0, description="botocore retries after the first attempt (adaptive mode)."
+    )
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(60.0, gt=0)
 

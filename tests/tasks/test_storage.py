@@ -45,3 +45,39 @@ def test_parse_s3_uri():
     assert parse_s3_uri("s3://b") == ("b", "")
     with pytest.raises(ValueError):
         parse_s3_uri("http://b/x")
+
+
+def test_a_server_that_ignores_conditional_writes_is_refused(settings, s3):
+    """Through a proxy that turns the server's 412 into 200 (as a server that ignores
+    If-None-Match would answer), the first conditional write refuses, naming the server."""
+    from urllib.parse import urlparse
+
+    from sftflow.tasks.storage import ConditionalWritesUnsupported, build_s3
+    from tests.faults.proxy import Fault, FaultProxy
+
+    up = urlparse(settings.s3.endpoint_url)
+    with FaultProxy(up.hostname, up.port) as proxy:
+        proxy.add(Fault("rewrite", method="PUT", from_status=412, status=200, times=0))
+        client = build_s3(settings.s3.model_copy(update={"endpoint_url": proxy.url,
+                                                         "bucket": s3.bucket}))
+        client.put_bytes("plain", b"unconditional writes still work")
+        with pytest.raises(ConditionalWritesUnsupported, match=proxy.url):
+            client.put_bytes("refs/latest", b"v1", if_none_match=True)
+        assert s3.head("refs/latest") is None  # nothing was committed
+    assert list(o.key for o in s3.list("_sftflow/probe/")) == []  # the probe cleaned up
+    s3.put_bytes("refs/latest", b"v1", if_none_match=True)  # the real server passes the probe
+
+
+def test_empty_key_id_uses_the_boto3_credential_chain(settings, s3, monkeypatch):
+    """`SFTFLOW_S3__ACCESS_KEY_ID=` (the README's way to use boto3's chain) must not crash
+    with PartialCredentialsError: the keys come from the environment instead."""
+    from pydantic import SecretStr
+
+    from sftflow.tasks.storage import build_s3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", settings.s3.access_key_id.get_secret_value())
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", settings.s3.secret_access_key.get_secret_value())
+    client = build_s3(settings.s3.model_copy(update={"access_key_id": SecretStr(""),
+                                                     "bucket": s3.bucket}))
+    client.put_bytes("chain", b"ok")
+    assert s3.get_bytes("chain")[0] == b"ok"
