@@ -159,9 +159,8 @@ class LocalStack:
                 name="labelstudio",
                 argv=[
                     "{label-studio}", "start", "--no-browser", "--port", str(c.label_studio_port),
-                    "--internal-host", host, "--username", c.label_studio_user,
-                    "--password", "{ls-password}", "--user-token", "{ls-token}",
-                ],
+                    "--internal-host", host,
+                ],  # the admin's credentials go in the environment (_secret_env), not argv
                 env={
                     "LABEL_STUDIO_BASE_DATA_DIR": str(self._data_path("labelstudio")),
                     # Taken only when the first organization is created (empty database).
@@ -199,10 +198,18 @@ class LocalStack:
             "{weed}": lambda: _bin("weed"),
             "{label-studio}": lambda: _bin("label-studio", self.cfg.label_studio_bin),
             "{prefect}": lambda: _bin("prefect"),
-            "{ls-password}": lambda: self.cfg.label_studio_password.get_secret_value(),
-            "{ls-token}": self._ls_token,
         }
         return [subs[a]() if a in subs else a for a in argv]
+
+    def _secret_env(self, name: str) -> dict[str, str]:
+        """Credentials a service is started with. The environment, unlike the command line, is
+        not shown by ``ps`` to other users."""
+        if name != "labelstudio":
+            return {}
+        # Label Studio reads LABEL_STUDIO_<NAME> when it creates the first user.
+        return {"LABEL_STUDIO_USERNAME": self.cfg.label_studio_user,
+                "LABEL_STUDIO_PASSWORD": self.cfg.label_studio_password.get_secret_value(),
+                "LABEL_STUDIO_USER_TOKEN": self._ls_token()}
 
     def _ls_token(self) -> str:
         key = self.settings.labelstudio.api_key
@@ -343,7 +350,7 @@ class LocalStack:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **spec.env},
+                env={**os.environ, **spec.env, **self._secret_env(name)},
                 cwd=self.dir,
                 start_new_session=True,  # its own process group: `down` signals exactly that
             )

@@ -37,6 +37,12 @@ def stack_env(tmp_path: Path, base: int) -> dict[str, str]:
     }
 
 
+def stack_settings():
+    from sftflow.core.settings import Settings
+
+    return Settings()
+
+
 def sftflow(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([SFTFLOW, *args], check=False, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -50,6 +56,13 @@ def test_up_status_down_leaves_nothing_running(tmp_path):
         assert set(services) == {"s3", "labelstudio", "prefect"}
         assert all(s["healthy"] and s["managed"] for s in services.values())
         pids = {name: s["pid"] for name, s in services.items()}
+        # Secrets are not on any command line (`ps` shows those to every user).
+        secrets = [stack_settings().stack.label_studio_password.get_secret_value(),
+                   stack_settings().labelstudio.api_key.get_secret_value()]
+        for pid in pids.values():
+            for member in _group_members(pid):
+                argv = Path(f"/proc/{member}/cmdline").read_bytes().decode(errors="replace")
+                assert not any(secret in argv for secret in secrets), argv
 
         # `up` again is idempotent: the same processes are reused.
         again = sftflow(env, "stack", "up", "--json")
