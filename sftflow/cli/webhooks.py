@@ -28,6 +28,8 @@ def serve(
     settings = get_settings()
     host = host or settings.webhooks.host
     port = port or settings.webhooks.port
+    settings.webhooks.check_bind(
+        host, resolve_secret(settings.webhooks.secret, settings.webhooks.secret_block))
     with prefect_api(settings) as api_url:
         app_ = create_app(settings)
         console.print(f"event bridge on http://{host}:{port} -> Prefect {api_url}")

@@ -24,10 +24,13 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from sftflow.core.errors import ConfigError
+
 # Credentials of the local stack only. They never leave loopback.
 LOCAL_S3_ACCESS_KEY = "sftflow-local"
 LOCAL_S3_SECRET_KEY = "sftflow-local-secret-key"
 LOCAL_LS_TOKEN = "sftflowlocaltoken0000000000000000000001"  # <= 40 chars (LS limit)
+LOCAL_WEBHOOK_SECRET = "sftflow-local-webhook-secret"
 
 
 class S3Settings(BaseModel):
@@ -99,11 +102,29 @@ class WebhookSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 18700
     secret: SecretStr | None = Field(
-        SecretStr("sftflow-local-webhook-secret"),
+        SecretStr(LOCAL_WEBHOOK_SECRET),
         description="Shared secret expected in the X-Sftflow-Secret header.",
     )
     secret_block: str | None = Field(None, description="Prefect Secret block with the secret.")
     max_body_bytes: int = Field(1_000_000, gt=0, description="Larger bodies get 413.")
+
+    def check_bind(self, host: str, secret: str | None) -> None:
+        """Refuse to serve beyond loopback with no secret or with the repository's default one
+        (anyone could read it here and trigger builds and fine-tunes)."""
+        import ipaddress
+
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if loopback:
+            return
+        if not secret or secret == LOCAL_WEBHOOK_SECRET:
+            raise ConfigError(
+                f"the webhook bridge would listen on {host}, beyond loopback, with "
+                f"{'no secret' if not secret else 'the default secret from the repository'}; "
+                "set SFTFLOW_WEBHOOKS__SECRET (or __SECRET_BLOCK) to a secret of your own"
+            )
 
 
 class StackSettings(BaseModel):

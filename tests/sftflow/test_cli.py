@@ -58,3 +58,9 @@ def test_check_json_hides_secrets(stack):
     secret = stack.labelstudio.api_key.get_secret_value()
     assert secret not in res.stdout
     assert stack.s3.secret_access_key.get_secret_value() not in res.stdout
+
+
+def test_bridge_beyond_loopback_with_the_default_secret_is_refused():
+    res = run("webhooks", "serve", "--host", "0.0.0.0", "--port", "9")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "beyond loopback, with the default secret" in res.stderr

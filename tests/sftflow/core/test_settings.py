@@ -35,3 +35,18 @@ def test_secrets_are_redacted_everywhere(monkeypatch):
     for text in (dumped, repr(s), str(s)):
         assert "very-secret-s3" not in text and "very-secret-token" not in text
     assert s.s3.secret_access_key.get_secret_value() == "very-secret-s3"
+
+
+def test_the_bridge_refuses_the_default_secret_beyond_loopback():
+    import pytest
+
+    from sftflow.core.errors import ConfigError
+    from sftflow.core.settings import LOCAL_WEBHOOK_SECRET, WebhookSettings
+
+    hooks = WebhookSettings()
+    for host in ("127.0.0.1", "::1", "localhost"):
+        hooks.check_bind(host, LOCAL_WEBHOOK_SECRET)  # loopback: the local stack's default is fine
+    hooks.check_bind("0.0.0.0", "a-secret-of-our-own")
+    for secret, said in ((LOCAL_WEBHOOK_SECRET, "the default secret"), (None, "no secret")):
+        with pytest.raises(ConfigError, match=f"listen on 0.0.0.0, beyond loopback, with {said}"):
+            hooks.check_bind("0.0.0.0", secret)
