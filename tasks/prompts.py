@@ -341,9 +341,6 @@ def parse_stream(
 class ParsedFile:
     """What reading one source object gave: prompts, rejected records, or a file problem."""
 
-    key: str
-    etag: str
-    size: int
     prompts: list[Prompt] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     problem: FileProblem | None = None
@@ -379,7 +376,7 @@ def read_prompt_file(
     into quarantine next to a ``.reason.json``. Both keys depend only on (key, etag), so a
     retry or rerun rewrites the same objects.
     """
-    parsed = ParsedFile(obj.key, obj.etag, obj.size)
+    parsed = ParsedFile()
     try:
         fmt, gz = detect_format(obj.key)
         if obj.size > limits.max_file_bytes:

@@ -37,7 +37,6 @@ class ImportOutcomeUnknown(Exception):
 @dataclass
 class BatchResult:
     batch: str
-    sent: int  # tasks handed to this call
     landed: list[str] = field(default_factory=list)  # prompt_ids now in the project from it
     reconciled: int = 0  # of those, found already there from an earlier attempt
     rejected: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # (task, reason)
@@ -153,7 +152,7 @@ def import_batch(
     """
     from prefect.runtime import task_run
 
-    result = BatchResult(batch, len(tasks))
+    result = BatchResult(batch)
     todo = tasks
     if reconcile_first or (task_run.run_count or 0) > 1:
         wait_settled(client, project_id, settle_s)
