@@ -30,3 +30,7 @@ def global_lock(name: str, timeout_s: float, lease_s: float = 60) -> Iterator[No
 
 def build_lock_name(dataset: str) -> str:
     return f"sftflow-build-dataset-{dataset}"
+
+
+def ingest_lock_name(project_id: int) -> str:
+    return f"sftflow-ingest-project-{project_id}"

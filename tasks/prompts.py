@@ -13,6 +13,7 @@ State written into the *source* bucket, under ``<state_prefix>/`` (default ``_sf
     ingest/project-<id>/objects/<key-hash>/<etag>   a source object fully processed
     quarantine/records/<key>@<etag>.jsonl           rejected records, with reason and line/row
     quarantine/files/<key>@<etag>                   a copy of a rejected file (+ ``.reason.json``)
+    quarantine/rejected/<batch>.jsonl               tasks of a batch that Label Studio refused
 """
 
 from __future__ import annotations
@@ -20,21 +21,20 @@ from __future__ import annotations
 import codecs
 import csv
 import gzip
-import hashlib
 import io
 import json
 import shutil
 import string
 import tempfile
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from sftflow.core.clock import utc_now_iso
+from sftflow.core.hashing import sha256_hex
 from sftflow.tasks._prefect import io_task
 from sftflow.tasks.dedup import normalize
 from sftflow.tasks.storage import S3, ObjectInfo, PreconditionFailed
@@ -47,7 +47,7 @@ normalise = normalize
 
 def prompt_id(text: str) -> str:
     """The stable id of a prompt: first 32 hex chars of sha256 of its normalised text."""
-    return hashlib.sha256(normalise(text).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return sha256_hex(normalise(text).encode("utf-8", "surrogatepass"))[:32]
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -341,9 +341,6 @@ def parse_stream(
 class ParsedFile:
     """What reading one source object gave: prompts, rejected records, or a file problem."""
 
-    key: str
-    etag: str
-    size: int
     prompts: list[Prompt] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     problem: FileProblem | None = None
@@ -351,9 +348,6 @@ class ParsedFile:
     @property
     def records(self) -> int:
         return len(self.prompts) + len(self.rejected)
-
-    def reasons(self) -> Counter[str]:
-        return Counter(r.reason for r in self.rejected)
 
 
 def _clean_etag(etag: str) -> str:
@@ -367,17 +361,12 @@ def quarantine_keys(state_prefix: str, key: str, etag: str) -> tuple[str, str]:
     return f"{base}/records/{key}@{tag}.jsonl", f"{base}/files/{key}@{tag}"
 
 
-def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    """A vanished or forbidden object does not come back by retrying."""
-    from botocore.exceptions import ClientError
-
-    err = state.data
-    if isinstance(err, ClientError):
-        return err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") not in (403, 404)
-    return not isinstance(err, FileNotFoundError | PermissionError)
+def rejected_batch_key(state_prefix: str, batch: str) -> str:
+    """Quarantine key of the tasks of one import batch that Label Studio refused."""
+    return f"{state_prefix.rstrip('/')}/quarantine/rejected/{batch}.jsonl"
 
 
-@io_task(name="read-prompt-file", retry_condition_fn=_worth_retrying)
+@io_task(name="read-prompt-file")
 def read_prompt_file(
     s3: S3, bucket: str, obj: ObjectInfo, mapping: FieldMapping, limits: Limits, state_prefix: str
 ) -> ParsedFile:
@@ -387,7 +376,7 @@ def read_prompt_file(
     into quarantine next to a ``.reason.json``. Both keys depend only on (key, etag), so a
     retry or rerun rewrites the same objects.
     """
-    parsed = ParsedFile(obj.key, obj.etag, obj.size)
+    parsed = ParsedFile()
     try:
         fmt, gz = detect_format(obj.key)
         if obj.size > limits.max_file_bytes:
@@ -450,12 +439,8 @@ def bucket_exists(s3: S3, bucket: str) -> bool:
 
 
 # -- the ledger -------------------------------------------------------------------------------
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
-
-
 def _key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+    return sha256_hex(key)[:32]
 
 
 @dataclass
@@ -510,11 +495,11 @@ class Ledger:
             self.s3.put_bytes(
                 f"{self.root}/meta.json",
                 json.dumps({"project_id": self.project_id, "project_created_at": project_created_at,
-                            "created_at": _now()}).encode(),
+                            "created_at": utc_now_iso()}).encode(),
                 bucket=self.bucket,
             )
             return LedgerState(set(), 0, [], [], found=False)
-        keys = [o.key for o in self.s3.list(f"{self.root}/segments/", bucket=self.bucket)]
+        keys = self.segment_keys()
         pending = sorted(o.key.rsplit("/", 1)[-1].removesuffix(".json")
                          for o in self.s3.list(f"{self.root}/pending/", bucket=self.bucket))
         try:
@@ -541,6 +526,10 @@ class Ledger:
     def is_processed(done: dict[str, set[str]], obj: ObjectInfo) -> bool:
         return _clean_etag(obj.etag) in done.get(_key_hash(obj.key), ())
 
+    def segment_keys(self) -> list[str]:
+        """Keys of every confirmed batch's segment."""
+        return [o.key for o in self.s3.list(f"{self.root}/segments/", bucket=self.bucket)]
+
     # writing
     def segment_key(self, batch: str) -> str:
         return f"{self.root}/segments/{batch}.json"
@@ -551,14 +540,14 @@ class Ledger:
     def mark_pending(self, batch: str, tasks: int) -> None:
         """Before a batch is sent. Recovery finds its tasks by ``data.ingest_batch``."""
         self.s3.put_bytes(f"{self.root}/pending/{batch}.json",
-                          json.dumps({"batch": batch, "tasks": tasks, "at": _now()}).encode(),
+                          json.dumps({"batch": batch, "tasks": tasks, "at": utc_now_iso()}).encode(),
                           bucket=self.bucket)
 
     def confirm(self, batch: str, ids: Iterable[str], tasks_added: int) -> str:
         """Record a batch's landed prompt_ids, then drop its pending marker."""
         key = self.segment_key(batch)
         body = json.dumps({"batch": batch, "ids": sorted(ids), "tasks_added": tasks_added,
-                           "at": _now()}).encode()
+                           "at": utc_now_iso()}).encode()
         try:
             self.s3.put_bytes(key, body, bucket=self.bucket, if_none_match=True)
         except PreconditionFailed:
@@ -574,7 +563,7 @@ class Ledger:
         """
         self.s3.put_bytes(
             f"{self.root}/snapshot.json",
-            json.dumps({"ids": sorted(ids), "task_number": task_number, "at": _now()}).encode(),
+            json.dumps({"ids": sorted(ids), "task_number": task_number, "at": utc_now_iso()}).encode(),
             bucket=self.bucket,
         )
         self.s3.delete(superseded, bucket=self.bucket)
@@ -582,4 +571,4 @@ class Ledger:
     def mark_object(self, obj: ObjectInfo, summary: dict[str, Any]) -> None:
         key = f"{self.root}/objects/{_key_hash(obj.key)}/{_clean_etag(obj.etag)}"
         self.s3.put_bytes(key, json.dumps({"key": obj.key, "etag": obj.etag, **summary,
-                                           "at": _now()}).encode(), bucket=self.bucket)
+                                           "at": utc_now_iso()}).encode(), bucket=self.bucket)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,19 +21,22 @@ from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from sftflow.tasks._prefect import io_task
+from sftflow.tasks.polling import Backoff, wait_until
 
 #: Label Studio refuses these for the request as a whole (bad task, body too large).
 _REJECTED = (400, 413, 422)
 
 
 class ImportOutcomeUnknown(Exception):
-    """A batch may or may not have landed; the retry reconciles before sending again."""
+    """A batch may or may not have landed; the retry reconciles before sending again.
+
+    Transient for ``is_transient`` (it carries no HTTP status), so ``import_batch`` is retried.
+    """
 
 
 @dataclass
 class BatchResult:
     batch: str
-    sent: int  # tasks handed to this call
     landed: list[str] = field(default_factory=list)  # prompt_ids now in the project from it
     reconciled: int = 0  # of those, found already there from an earlier attempt
     rejected: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # (task, reason)
@@ -66,20 +69,25 @@ def task_count(client: LabelStudio, project_id: int) -> int:
     return int(client.projects.get(id=project_id).task_number or 0)
 
 
-def wait_settled(client: LabelStudio, project_id: int, settle_s: float, deadline_s: float = 60) -> int:
+def wait_settled(
+    client: LabelStudio,
+    project_id: int,
+    settle_s: float,
+    deadline_s: float = 60,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
     """Wait until the project's task count stops moving (a request we gave up on may still be
-    running on the server). Returns the settled count."""
-    time.sleep(settle_s)
-    end = time.monotonic() + deadline_s
-    last = task_count(client, project_id)
-    delay = 0.5
-    while time.monotonic() < end:
-        time.sleep(delay)
-        now = task_count(client, project_id)
-        if now == last:
-            return now
-        last, delay = now, min(delay * 2, 4)
-    return last
+    running on the server): after ``settle_s``, read the count every 0.5, 1, 2, 4, 4... s until
+    two reads agree or ``deadline_s`` has passed. Returns the last count read."""
+    counts: list[int] = []
+
+    def unchanged() -> bool:
+        counts.append(task_count(client, project_id))
+        return len(counts) > 1 and counts[-1] == counts[-2]
+
+    sleep(settle_s)
+    wait_until(unchanged, timeout_s=deadline_s, backoff=Backoff(0.5, 4.0, jitter=0.0), sleep=sleep)
+    return counts[-1]
 
 
 def _post(client: LabelStudio, project_id: int, tasks: list[dict[str, Any]], timeout_s: float | None) -> int:
@@ -126,14 +134,7 @@ def send_tasks(
     return landed, refused, requests
 
 
-def _transient(task: Any, task_run: Any, state: Any) -> bool:
-    err = state.data
-    if isinstance(err, ApiError):  # from reconciling: retry server trouble, not 4xx
-        return err.status_code is None or err.status_code >= 500 or err.status_code == 429
-    return isinstance(err, (ImportOutcomeUnknown, httpx.HTTPError))
-
-
-@io_task(name="import-batch", retry_condition_fn=_transient)
+@io_task(name="import-batch")
 def import_batch(
     client: LabelStudio,
     project_id: int,
@@ -151,7 +152,7 @@ def import_batch(
     """
     from prefect.runtime import task_run
 
-    result = BatchResult(batch, len(tasks))
+    result = BatchResult(batch)
     todo = tasks
     if reconcile_first or (task_run.run_count or 0) > 1:
         wait_settled(client, project_id, settle_s)

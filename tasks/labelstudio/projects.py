@@ -133,11 +133,6 @@ def ensure_project(client: LabelStudio, project: str | int, *, create: bool = Tr
     return found
 
 
-def _not_config_error(task: Any, task_run: Any, state: Any) -> bool:
-    return not isinstance(state.data, ConfigError)  # a wrong config does not heal by waiting
-
-
-#: ``ensure_project`` as a Prefect task with I/O retries (a retry finds what the first created).
-ensure_project_task = io_task(name="ensure-project", retry_condition_fn=_not_config_error)(
-    ensure_project
-)
+#: ``ensure_project`` as a Prefect task with I/O retries (a retry finds what the first created);
+#: a ConfigError (missing or incompatible project) is final.
+ensure_project_task = io_task(name="ensure-project")(ensure_project)

@@ -1,8 +1,10 @@
-"""Project bootstrap and exactly-once bulk import against the real Label Studio."""
+"""Project bootstrap and exactly-once bulk import against the real Label Studio (integration),
+and the pure parts: config check, settle wait, retry classification."""
 
 from __future__ import annotations
 
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,12 +18,12 @@ from sftflow.tasks.labelstudio.imports import (
     scan_project,
     send_tasks,
     task_count,
+    wait_settled,
 )
 from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG, config_problems, ensure_project
+from sftflow.tasks.polling import is_transient
 from sftflow.tasks.prompts import prompt_id
 from tests.conftest import unique
-
-pytestmark = pytest.mark.integration
 
 
 def tasks_for(texts: list[str], batch: str) -> list[dict]:
@@ -46,6 +48,7 @@ def test_config_check():
     assert "not valid XML" in config_problems("<View>")[0]
 
 
+@pytest.mark.integration
 def test_ensure_project_creates_once_and_refuses_incompatible(labelstudio):
     title = unique("t")
     first = ensure_project(labelstudio, title)
@@ -72,6 +75,7 @@ def test_ensure_project_creates_once_and_refuses_incompatible(labelstudio):
         ensure_project(labelstudio, unique("t"), create=False)
 
 
+@pytest.mark.integration
 def test_refused_tasks_are_isolated_by_bisection(labelstudio, project):
     good = tasks_for([f"question {i}" for i in range(9)], "b1")
     bad = {"prompt_id": "no-prompt-key", "ingest_batch": "b1"}  # the config needs $prompt
@@ -81,6 +85,7 @@ def test_refused_tasks_are_isolated_by_bisection(labelstudio, project):
     assert requests > 1 and task_count(labelstudio, project.id) == 9
 
 
+@pytest.mark.integration
 def test_unknown_outcome_is_reconciled_without_duplicates(labelstudio, project, settings):
     batch = tasks_for([f"prompt number {i} " * 20 for i in range(3000)], "b-timeout")
     # A real timeout: the server goes on importing after the client stopped waiting.
@@ -104,6 +109,7 @@ def test_unknown_outcome_is_reconciled_without_duplicates(labelstudio, project, 
     assert task_count(labelstudio, project.id) == 3050
 
 
+@pytest.mark.integration
 def test_scan_finds_ids_of_foreign_tasks_and_removes_unannotated_duplicates(labelstudio, project):
     send_tasks(labelstudio, project.id, tasks_for(["alpha", "beta"], "b1"))
     labelstudio.projects.import_tasks(id=project.id, request=[{"data": {"prompt": "Gamma "}}])
@@ -113,3 +119,34 @@ def test_scan_finds_ids_of_foreign_tasks_and_removes_unannotated_duplicates(labe
     assert (scan.task_number, scan.without_id, len(scan.duplicates)) == (4, 1, 1)
     assert remove_unannotated(labelstudio, scan.duplicates) == scan.duplicates
     assert task_count(labelstudio, project.id) == 3
+
+
+class CountingProject:
+    """A client whose project task count reads from a list (the last value repeats)."""
+
+    def __init__(self, counts: list[int]):
+        self.counts, self.reads = counts, 0
+        self.projects = self
+
+    def get(self, id: int):
+        value = self.counts[min(self.reads, len(self.counts) - 1)]
+        self.reads += 1
+        return SimpleNamespace(task_number=value)
+
+
+def test_wait_settled_polls_until_two_counts_agree_with_growing_pauses():
+    pauses: list[float] = []
+    client = CountingProject([10, 40, 90, 90, 95])
+    assert wait_settled(client, 1, settle_s=2.0, sleep=pauses.append) == 90
+    assert pauses == [2.0, 0.5, 1.0, 2.0] and client.reads == 4
+
+
+def test_wait_settled_gives_up_at_the_deadline_with_the_last_count():
+    client = CountingProject(list(range(1000)))  # never settles
+    assert wait_settled(client, 1, settle_s=0, deadline_s=0.3) == 1  # the pause is cut at 0.3 s
+    assert client.reads == 2
+
+
+def test_unknown_outcomes_are_retried_config_errors_are_not():
+    assert is_transient(ImportOutcomeUnknown("ReadTimeout"))
+    assert not is_transient(ConfigError("incompatible labeling config"))

@@ -17,6 +17,7 @@ from sftflow.tasks.prompts import (
     Limits,
     Prompt,
     Rejected,
+    _key_hash,
     detect_format,
     normalise,
     parse_stream,
@@ -41,6 +42,13 @@ def test_prompt_id_is_stable_under_case_width_and_whitespace():
     assert a != prompt_id("What is the capital of Spain?")
     assert len(a) == 32 and int(a, 16) >= 0
     assert normalise("Straße\u00a0 X") == "strasse x"
+
+
+def test_prompt_ids_and_ledger_key_hashes_are_pinned():
+    # Every task in every project carries these ids: they must never change.
+    assert prompt_id("What is the capital of France?") == "c990cc06e5e77570e5f03360426d2b7f"
+    assert prompt_id("lone \ud800 surrogate") == "479215214424b9467f3e8c1702144dd9"
+    assert _key_hash("in/a.jsonl") == "4d26fca73b5bea4b87f6cc4fdaa75e91"
 
 
 def test_jsonl_plain_and_gzip_give_the_same_prompts_with_rows():
