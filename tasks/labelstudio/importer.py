@@ -123,7 +123,7 @@ class ProjectImporter:
             if self.ledger.segment_key(batch) in state.segment_keys:  # confirmed, marker left over
                 self.ledger.drop_pending(batch)
                 continue
-            wait_settled(self.client, self.project_id, settle_s=1.0)
+            wait_settled(lambda: task_count(self.client, self.project_id), settle_s=1.0)
             there = batch_prompt_ids(self.client, self.project_id, batch)
             state.segment_keys.append(self.ledger.confirm(batch, there, sum(there.values())))
             state.ids.update(there)

@@ -70,19 +70,18 @@ def task_count(client: LabelStudio, project_id: int) -> int:
 
 
 def wait_settled(
-    client: LabelStudio,
-    project_id: int,
+    count: Callable[[], int],
     settle_s: float,
     deadline_s: float = 60,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
-    """Wait until the project's task count stops moving (a request we gave up on may still be
-    running on the server): after ``settle_s``, read the count every 0.5, 1, 2, 4, 4... s until
-    two reads agree or ``deadline_s`` has passed. Returns the last count read."""
+    """Wait until a count (the project's tasks) stops moving (a request we gave up on may still
+    be running on the server): after ``settle_s``, read ``count()`` every 0.5, 1, 2, 4, 4... s
+    until two reads agree or ``deadline_s`` has passed. Returns the last count read."""
     counts: list[int] = []
 
     def unchanged() -> bool:
-        counts.append(task_count(client, project_id))
+        counts.append(count())
         return len(counts) > 1 and counts[-1] == counts[-2]
 
     sleep(settle_s)
@@ -155,7 +154,7 @@ def import_batch(
     result = BatchResult(batch)
     todo = tasks
     if reconcile_first or (task_run.run_count or 0) > 1:
-        wait_settled(client, project_id, settle_s)
+        wait_settled(lambda: task_count(client, project_id), settle_s)
         there = batch_prompt_ids(client, project_id, batch)
         todo = [t for t in tasks if t["prompt_id"] not in there]
         result.landed = [t["prompt_id"] for t in tasks if t["prompt_id"] in there]

@@ -25,7 +25,7 @@ import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Self
 
 Kind = Literal["delay", "slow_response", "lose_response", "status", "reset", "rewrite"]
 _REASONS = {200: "OK", 412: "Precondition Failed", 500: "Internal Server Error",
@@ -131,7 +131,7 @@ class FaultProxy:
         self._thread.join(10)
         self._loop.close()
 
-    def __enter__(self) -> FaultProxy:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -211,7 +211,7 @@ def test_killed_mid_import_then_rerun_leaves_each_prompt_once(
     finally:
         proc.wait(timeout=30)
     # A request in flight at the kill may still finish on the server: count once it is done.
-    landed = wait_settled(labelstudio, project.id, settle_s=2)
+    landed = wait_settled(lambda: task_count(labelstudio, project.id), settle_s=2)
     assert 400 <= landed < 4000  # killed after the first batch, before the end
 
     # The rerun waits for the dead run's lease to expire (60 s + the repossessor's loop).

@@ -4,7 +4,6 @@ and the pure parts: config check, settle wait, retry classification."""
 from __future__ import annotations
 
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 
@@ -121,29 +120,28 @@ def test_scan_finds_ids_of_foreign_tasks_and_removes_unannotated_duplicates(labe
     assert task_count(labelstudio, project.id) == 3
 
 
-class CountingProject:
-    """A client whose project task count reads from a list (the last value repeats)."""
+class Counts:
+    """Successive task counts (the last value repeats), as the project would report them."""
 
     def __init__(self, counts: list[int]):
         self.counts, self.reads = counts, 0
-        self.projects = self
 
-    def get(self, id: int):
+    def __call__(self) -> int:
         value = self.counts[min(self.reads, len(self.counts) - 1)]
         self.reads += 1
-        return SimpleNamespace(task_number=value)
+        return value
 
 
 def test_wait_settled_polls_until_two_counts_agree_with_growing_pauses():
     pauses: list[float] = []
-    client = CountingProject([10, 40, 90, 90, 95])
-    assert wait_settled(client, 1, settle_s=2.0, sleep=pauses.append) == 90
+    client = Counts([10, 40, 90, 90, 95])
+    assert wait_settled(client, settle_s=2.0, sleep=pauses.append) == 90
     assert pauses == [2.0, 0.5, 1.0, 2.0] and client.reads == 4
 
 
 def test_wait_settled_gives_up_at_the_deadline_with_the_last_count():
-    client = CountingProject(list(range(1000)))  # never settles
-    assert wait_settled(client, 1, settle_s=0, deadline_s=0.3) == 1  # the pause is cut at 0.3 s
+    client = Counts(list(range(1000)))  # never settles
+    assert wait_settled(client, settle_s=0, deadline_s=0.3) == 1  # the pause is cut at 0.3 s
     assert client.reads == 2
 
 
