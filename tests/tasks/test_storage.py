@@ -64,7 +64,7 @@ def test_a_server_that_ignores_conditional_writes_is_refused(settings, s3):
         with pytest.raises(ConditionalWritesUnsupported, match=proxy.url):
             client.put_bytes("refs/latest", b"v1", if_none_match=True)
         assert s3.head("refs/latest") is None  # nothing was committed
-    assert list(o.key for o in s3.list("_sftflow/probe/")) == []  # the probe cleaned up
+    assert [o.key for o in s3.list("_sftflow/probe/")] == []  # the probe cleaned up
     s3.put_bytes("refs/latest", b"v1", if_none_match=True)  # the real server passes the probe
 
 
