@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sftflow.core.errors import SftflowError
+from sftflow.tasks._prefect import compute_task, io_task
 from sftflow.tasks.finetune.backends import Baseline, JobSpec
 from sftflow.tasks.finetune.files import download_prefix, prefix_has
 from sftflow.tasks.storage import S3
@@ -222,3 +223,7 @@ def train_sft(s3: S3, spec: JobSpec, workdir: Path) -> dict[str, Any]:
     trainer.save_model(str(save_dir))  # the adapter only, for a PEFT model
     tokenizer.save_pretrained(str(save_dir))
     return {"metrics": metrics, "history": history, "model_dir": save_dir}
+
+
+check_base_model = io_task(name="check-base-model", retries=1)(base_model_kind)
+train_sft_task = compute_task(name="train-sft")(train_sft)
