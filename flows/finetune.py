@@ -27,7 +27,7 @@ submitted (submission is idempotent per job name on every backend).
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -66,6 +66,7 @@ from sftflow.tasks.finetune.lineage import (
 from sftflow.tasks.finetune.openai_backend import OpenAIBackend
 from sftflow.tasks.finetune.trl_backend import TrlBackend
 from sftflow.tasks.polling import Backoff, wait_until
+from sftflow.tasks.storage import S3
 
 #: The backends by name. A new one (SageMaker, a Kubernetes Job) is a module implementing
 #: ``tasks.finetune.backends.Backend`` plus one entry here. ``trl`` in local mode runs the
@@ -187,7 +188,7 @@ def _reused(earlier: LineageRecord, gates: list[dict[str, Any]]) -> FinetuneRepo
     return FinetuneReport.from_record(earlier, True, gates)
 
 
-def _watch(backend: Backend, backend_job_id: str, params: FinetuneParams, *, s3, prefix: str,
+def _watch(backend: Backend, backend_job_id: str, params: FinetuneParams, *, s3: S3, prefix: str,
            job: str) -> JobStatus | None:
     """Poll with backoff until a terminal state (returned) or the deadline (None). Each new
     non-terminal state is recorded; terminal ones are recorded with their outcome."""
@@ -205,8 +206,8 @@ def _watch(backend: Backend, backend_job_id: str, params: FinetuneParams, *, s3,
     return wait_until(probe, timeout_s=params.deadline_s, backoff=backoff, progressed=lambda _: last["changed"])
 
 
-def _deadline_passed(backend: Backend, record: LineageRecord, params: FinetuneParams, *, s3,
-                     prefix: str) -> None:
+def _deadline_passed(backend: Backend, record: LineageRecord, params: FinetuneParams, *, s3: S3,
+                     prefix: str) -> NoReturn:
     """Cancel the job if asked to, and fail saying how to keep watching."""
     if params.cancel_on_deadline:
         cancel_job(backend, record.backend_job_id)

@@ -52,17 +52,17 @@ class JobSpec(BaseModel):
     """Everything a backend needs to run one fine-tuning job."""
 
     job: str = Field(description="sftflow job name: the idempotency key of (version, config).")
-    dataset: str
-    version: str
-    base_model: str
-    method: Literal["full", "lora"] = "lora"
-    hyperparameters: Hyperparameters = Hyperparameters()
+    dataset: str = Field(description="Dataset name.")
+    version: str = Field(description="Dataset version id.")
+    base_model: str = Field(description="Hub id, s3:// prefix or local folder (trl); model name (openai).")
+    method: Literal["full", "lora"] = Field("lora", description="Full fine-tune or LoRA adapter.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training knobs.")
     train_files: list[str] = Field(description="s3:// URIs of the train split (parquet).")
     eval_files: list[str] = Field(description="s3:// URIs of the eval split (parquet).")
     chat_train_files: list[str] = Field(default_factory=list, description="openai_chat JSONL.")
     chat_eval_files: list[str] = Field(default_factory=list, description="openai_chat JSONL.")
     output_uri: str = Field(description="s3:// prefix where the job writes its model and result.")
-    baseline: Baseline | None = None
+    baseline: Baseline | None = Field(None, description="Also evaluate this model (the eval gate).")
 
 
 class JobStatus(BaseModel):
