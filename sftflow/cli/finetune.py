@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
@@ -11,6 +11,9 @@ from sftflow.cli._app import JsonOption, app, console, print_json
 from sftflow.core.errors import ConfigError
 from sftflow.core.settings import get_settings
 from sftflow.tasks.clients import Clients, prefect_api
+
+if TYPE_CHECKING:
+    from sftflow.tasks.finetune.lineage import LineageRecord
 
 models_app = typer.Typer(help="Fine-tuned models and their lineage: list, show.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -89,14 +92,13 @@ def _s3(bucket: str | None):
     return clients.s3, clients.settings.finetune.models_prefix
 
 
-def _row(rec: dict[str, Any], best: set[str]) -> dict[str, Any]:
-    m = rec.get("metrics") or {}
+def _row(rec: LineageRecord, best: set[str]) -> dict[str, Any]:
     return {
-        "job": rec["job"], "dataset": rec["dataset"], "version": rec["version"],
-        "backend": rec["backend"], "base_model": rec["base_model"], "method": rec.get("method"),
-        "status": rec["status"], "eval_loss": m.get("eval_loss"),
-        "fine_tuned_model": rec.get("fine_tuned_model"), "best": rec["job"] in best,
-        "submitted_at": rec.get("submitted_at"),
+        "job": rec.job, "dataset": rec.dataset, "version": rec.version,
+        "backend": rec.backend, "base_model": rec.base_model, "method": rec.method,
+        "status": rec.status, "eval_loss": rec.metrics.get("eval_loss"),
+        "fine_tuned_model": rec.fine_tuned_model, "best": rec.job in best,
+        "submitted_at": rec.submitted_at,
     }
 
 
@@ -111,7 +113,7 @@ def list_cmd(
 
     s3, prefix = _s3(bucket)
     records = lineage.list_records(s3, prefix, dataset)
-    best = {lineage.read_model_ref(s3, prefix, d)[0] for d in {r["dataset"] for r in records}}
+    best = {lineage.read_model_ref(s3, prefix, d)[0] for d in {r.dataset for r in records}}
     rows = [_row(r, best) for r in records]
     if as_json:
         print_json(rows)
@@ -135,8 +137,8 @@ def show_cmd(
     from sftflow.tasks.finetune import lineage
 
     s3, prefix = _s3(bucket)
-    rec = lineage.load_record(s3, prefix, job)
-    rec["best"] = lineage.read_model_ref(s3, prefix, rec["dataset"])[0] == job
+    record = lineage.load_record(s3, prefix, job)
+    rec = {**record.to_dict(), "best": lineage.read_model_ref(s3, prefix, record.dataset)[0] == job}
     if as_json:
         print_json(rec)
         return
@@ -158,7 +160,7 @@ def deploy_cmd(
     as_json: bool = JsonOption,
 ) -> None:
     """Register train-trl on a process work pool (created if missing) of the Prefect API."""
-    from sftflow.flows.train_trl import deploy_train_trl
+    from sftflow.deployments.trainer import deploy_train_trl
 
     settings = get_settings()
     pool = pool or settings.finetune.train_work_pool

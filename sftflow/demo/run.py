@@ -122,7 +122,7 @@ def _tiny_model(workdir: Path) -> Path:
 
 
 def _start_worker(api_url: str, workdir: Path) -> subprocess.Popen:
-    from sftflow.flows.train_trl import deploy_train_trl
+    from sftflow.deployments.trainer import deploy_train_trl
 
     deploy_train_trl(TRAIN_POOL, "default")
     log = (workdir / "worker.log").open("ab")
@@ -199,7 +199,7 @@ def _summary(settings: Settings, clients: Clients, report: dict, annotators: Sim
         from sftflow.tasks.finetune.lineage import list_records
 
         records = list_records(clients.s3, models_prefix, dataset=DATASET)
-        ft = records[-1] if records else {}  # oldest submission first
+        ft = records[-1].to_dict() if records else {}  # oldest submission first
     summary = {
         "stage": report["stage"],
         "message": report["message"],

@@ -3,18 +3,20 @@
 A backend turns a :class:`JobSpec` into a running job somewhere else (a Prefect deployment on a
 GPU work pool, the OpenAI API, ...) and answers four questions about it: ``submit``, ``status``,
 ``cancel`` and ``result``, plus ``preflight`` (checks that must pass before anything is
-submitted). The ``finetune`` flow only talks to this protocol, so a new backend (SageMaker, a
-Kubernetes Job) is a new module that calls :func:`register_backend`, not a change to the flow.
+submitted). The ``finetune`` flow only talks to this protocol and to the tasks at the end of
+this module; a new backend (SageMaker, a Kubernetes Job) is a new module plus one entry in the
+flow's ``BACKENDS`` table (``flows/finetune.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
 from sftflow.core.errors import ConfigError
+from sftflow.tasks._prefect import io_task
 
 if TYPE_CHECKING:
     from sftflow.tasks.clients import Clients
@@ -50,17 +52,17 @@ class JobSpec(BaseModel):
     """Everything a backend needs to run one fine-tuning job."""
 
     job: str = Field(description="sftflow job name: the idempotency key of (version, config).")
-    dataset: str
-    version: str
-    base_model: str
-    method: Literal["full", "lora"] = "lora"
-    hyperparameters: Hyperparameters = Hyperparameters()
+    dataset: str = Field(description="Dataset name.")
+    version: str = Field(description="Dataset version id.")
+    base_model: str = Field(description="Hub id, s3:// prefix or local folder (trl); model name (openai).")
+    method: Literal["full", "lora"] = Field("lora", description="Full fine-tune or LoRA adapter.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training knobs.")
     train_files: list[str] = Field(description="s3:// URIs of the train split (parquet).")
     eval_files: list[str] = Field(description="s3:// URIs of the eval split (parquet).")
     chat_train_files: list[str] = Field(default_factory=list, description="openai_chat JSONL.")
     chat_eval_files: list[str] = Field(default_factory=list, description="openai_chat JSONL.")
     output_uri: str = Field(description="s3:// prefix where the job writes its model and result.")
-    baseline: Baseline | None = None
+    baseline: Baseline | None = Field(None, description="Also evaluate this model (the eval gate).")
 
 
 class JobStatus(BaseModel):
@@ -68,6 +70,10 @@ class JobStatus(BaseModel):
     state: JobState
     error: str | None = None
     detail: str | None = Field(None, description="The backend's own status word.")
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
 
 
 class JobResult(BaseModel):
@@ -96,33 +102,40 @@ class Backend(Protocol):
 
 
 BackendFactory = Callable[["Clients"], Backend]
-_REGISTRY: dict[str, BackendFactory] = {}
 
 
-def register_backend(name: str, factory: BackendFactory) -> None:
-    _REGISTRY[name] = factory
-
-
-def _register_builtins() -> None:
-    if "trl" not in _REGISTRY:
-        from sftflow.tasks.finetune.trl_backend import TrlBackend
-
-        register_backend("trl", TrlBackend.from_clients)
-    if "openai" not in _REGISTRY:
-        from sftflow.tasks.finetune.openai_backend import OpenAIBackend
-
-        register_backend("openai", OpenAIBackend.from_clients)
-
-
-def backend_names() -> list[str]:
-    _register_builtins()
-    return sorted(_REGISTRY)
-
-
-def get_backend(name: str, clients: Clients) -> Backend:
-    _register_builtins()
+def get_backend(name: str, clients: Clients, factories: Mapping[str, BackendFactory]) -> Backend:
+    """The backend ``name`` built by its factory; ConfigError naming the known ones otherwise."""
     try:
-        factory = _REGISTRY[name]
+        factory = factories[name]
     except KeyError:
-        raise ConfigError(f"unknown fine-tuning backend {name!r} (known: {', '.join(sorted(_REGISTRY))})") from None
+        raise ConfigError(f"unknown fine-tuning backend {name!r} (known: {', '.join(sorted(factories))})") from None
     return factory(clients)
+
+
+# The backend's protocol methods as Prefect tasks: the finetune flow calls these.
+
+
+@io_task(name="backend-preflight")
+def preflight(backend: Backend, spec: JobSpec) -> dict[str, Any]:
+    return backend.preflight(spec)
+
+
+@io_task(name="submit-job", retries=2)
+def submit_job(backend: Backend, spec: JobSpec) -> str:
+    return backend.submit(spec)
+
+
+@io_task(name="job-status")
+def job_status(backend: Backend, backend_job_id: str) -> JobStatus:
+    return backend.status(backend_job_id)
+
+
+@io_task(name="job-result")
+def job_result(backend: Backend, backend_job_id: str, spec: JobSpec) -> JobResult:
+    return backend.result(backend_job_id, spec)
+
+
+@io_task(name="cancel-job")
+def cancel_job(backend: Backend, backend_job_id: str) -> None:
+    backend.cancel(backend_job_id)

@@ -1,58 +1,45 @@
-"""Pure decisions of the finetune flow: the gates before submitting, and the eval gate after.
+"""Decisions of the finetune flow: the gates before submitting, and the eval gate after.
 
-No I/O here: these functions take the dataset manifest or metrics and return what was decided
-and why, so they are tested without services.
+The decisions are pure: they take the version's figures (:class:`TrainingData`) or the job's
+metrics and return what was decided and why, so they are tested without services.
+:data:`check_gates` is the task the flow runs: it publishes the gates as a table artifact and
+fails when one does not pass.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from prefect.artifacts import create_table_artifact
+
 from sftflow.core.errors import SftflowError
+from sftflow.tasks._prefect import compute_task
+from sftflow.tasks.finetune.dataset import TrainingData
 
 
-def version_gates(manifest: dict[str, Any], *, backend: str, min_train_rows: int,
+def version_gates(data: TrainingData, *, backend: str, min_train_rows: int,
                   min_eval_rows: int) -> list[dict[str, Any]]:
     """The checks a version must pass before any job is submitted, each with its figures."""
-    rows = manifest.get("rows") or {}
-    files = manifest.get("files") or []
-    train, evals = int(rows.get("train") or 0), int(rows.get("eval") or 0)
-
-    def has(split: str, fmt: str) -> bool:
-        return any(f.get("split") == split and f.get("format") == fmt for f in files)
-
-    columns = _schema_columns(manifest.get("schema"))
+    train, evals = data.rows.get("train", 0), data.rows.get("eval", 0)
+    columns = None if data.columns is None else set(data.columns)
     checks = [
         {"check": "train rows", "value": train, "need": f">= {min_train_rows}",
          "ok": train >= min_train_rows},
         {"check": "eval split rows", "value": evals, "need": f">= {min_eval_rows}",
          "ok": evals >= min_eval_rows},
-        {"check": "train parquet", "value": has("train", "parquet"), "need": "present",
-         "ok": has("train", "parquet")},
-        {"check": "eval parquet", "value": has("eval", "parquet"), "need": "present",
-         "ok": has("eval", "parquet") or min_eval_rows == 0},
+        {"check": "train parquet", "value": data.has("train", "parquet"), "need": "present",
+         "ok": data.has("train", "parquet")},
+        {"check": "eval parquet", "value": data.has("eval", "parquet"), "need": "present",
+         "ok": data.has("eval", "parquet") or min_eval_rows == 0},
         {"check": "prompt/completion columns",
          "value": "unknown" if columns is None else ",".join(sorted({"prompt", "completion"} & columns)),
          "need": "prompt,completion",
          "ok": columns is None or {"prompt", "completion"} <= columns},
     ]
     if backend == "openai":
-        checks.append({"check": "openai_chat train file", "value": has("train", "openai_chat"),
-                       "need": "present", "ok": has("train", "openai_chat")})
+        checks.append({"check": "openai_chat train file", "value": data.has("train", "openai_chat"),
+                       "need": "present", "ok": data.has("train", "openai_chat")})
     return checks
-
-
-def _schema_columns(schema: Any) -> set[str] | None:
-    """Column names from the manifest's schema, whatever shape it has; None if not stated."""
-    if isinstance(schema, dict):
-        if isinstance(schema.get("fields"), list):
-            return {str(f.get("name")) for f in schema["fields"] if isinstance(f, dict)}
-        if isinstance(schema.get("columns"), (list, dict)):
-            return {str(c if isinstance(c, str) else c.get("name")) for c in schema["columns"]}
-        return set(schema) or None
-    if isinstance(schema, list):
-        return {str(c if isinstance(c, str) else c.get("name")) for c in schema}
-    return None
 
 
 def require_gates(checks: list[dict[str, Any]], where: str) -> None:
@@ -85,3 +72,12 @@ def eval_gate(metrics: dict[str, Any], baseline_job: str | None) -> dict[str, An
         "eval_loss": new, "baseline_job": baseline_job, "baseline_eval_loss": old,
         "delta": new - old, "promote": better,
     }
+
+
+@compute_task(name="check-gates")
+def check_gates(data: TrainingData, backend: str, min_train_rows: int, min_eval_rows: int) -> list[dict]:
+    """The version gates, published as the ``finetune-gates`` table; SftflowError if one fails."""
+    checks = version_gates(data, backend=backend, min_train_rows=min_train_rows, min_eval_rows=min_eval_rows)
+    create_table_artifact(key="finetune-gates", table=checks, description=f"Fine-tune gates of {data.where}")
+    require_gates(checks, data.where)
+    return checks

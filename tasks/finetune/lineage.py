@@ -11,34 +11,129 @@ Layout under ``s3://<bucket>/<models_prefix>/``:
 
 The job name is the idempotency key: ``ft-`` + sha256 of (dataset manifest sha256, normalised
 config), so the same version trained with the same config is one job, whatever reruns happen.
+Records are :class:`LineageRecord`: written by this module, and validated when read back.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from sftflow import __version__
+from sftflow.core.clock import utc_now_iso
 from sftflow.core.errors import SftflowError
+from sftflow.core.hashing import config_hash, sha256_hex
+from sftflow.tasks._prefect import io_task
+from sftflow.tasks.finetune.backends import Baseline, Hyperparameters
+from sftflow.tasks.finetune.dataset import TrainingData
+from sftflow.tasks.finetune.gate import eval_gate
 from sftflow.tasks.storage import S3, PreconditionFailed
 
 REFS = "_refs"
+Status = Literal["submitted", "queued", "running", "succeeded", "failed", "cancelled"]
 
 
-def now() -> str:
-    return datetime.now(UTC).isoformat()
+class LineageRecord(BaseModel):
+    """``<models_prefix>/<job>/manifest.json``: which model came from which data, and how.
+
+    Serialised with :meth:`to_dict`: exactly the keys that were set (a new record has no
+    ``updated_at`` yet), plus any key a newer writer added (``extra="allow"``).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    job: str
+    status: Status
+    dataset: str
+    version: str
+    dataset_manifest: str | None = Field(None, description="s3:// URI of the version's manifest.json.")
+    dataset_manifest_sha256: str | None = None
+    base_model: str
+    method: str | None = None
+    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict, description="What the job name hashes.")
+    config_hash: str | None = None
+    backend: str
+    backend_job_id: str | None = None
+    baseline: dict[str, Any] | None = Field(None, description="The model the eval gate compares with.")
+    preflight: dict[str, Any] = Field(default_factory=dict)
+    submitted_at: str | None = None
+    finished_at: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    artifacts: dict[str, Any] = Field(default_factory=dict)
+    fine_tuned_model: str | None = None
+    error: str | None = None
+    eval_gate: dict[str, Any] | None = None
+    lineage_uri: str
+    run_id: str | None = None
+    code_version: str | None = None
+    history: list[dict[str, Any]] = Field(default_factory=list, description="[{at, event}]")
+    # set by updates
+    updated_at: str | None = None
+    backend_status: str | None = None
+    dataset_tag: str | None = None
+
+    @classmethod
+    def submitted(cls, *, job: str, data: TrainingData, config: dict[str, Any],
+                  baseline: Baseline | None, preflight: dict[str, Any], lineage_uri: str,
+                  run_id: str, at: str | None = None) -> LineageRecord:
+        """The record of a job about to be submitted (``config`` from :func:`job_config`)."""
+        at = at or utc_now_iso()
+        return cls(
+            job=job, status="submitted", dataset=data.dataset, version=data.version,
+            dataset_manifest=data.manifest_uri, dataset_manifest_sha256=data.manifest_sha256,
+            base_model=config["base_model"], method=config["method"],
+            hyperparameters=config["hyperparameters"], config=config,
+            config_hash=config_hash(config, length=64), backend=config["backend"],
+            backend_job_id=None, baseline=baseline.model_dump() if baseline else None,
+            preflight=preflight, submitted_at=at, finished_at=None, metrics={}, artifacts={},
+            fine_tuned_model=None, error=None, eval_gate=None, lineage_uri=lineage_uri,
+            run_id=run_id, code_version=__version__, history=[{"at": at, "event": "submitted"}],
+        )
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in ("succeeded", "failed", "cancelled")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    def event_payload(self) -> dict[str, Any]:
+        """The payload of the ``sftflow.finetune.*`` events."""
+        payload = {k: getattr(self, k) for k in ("job", "dataset", "version", "backend", "status")}
+        if self.error:
+            payload["error"] = self.error
+        return payload
+
+    def summary_markdown(self) -> str:
+        lines = [
+            f"# Fine-tune {self.job}: {self.status}",
+            (f"- dataset: `{self.dataset}@{self.version}` (manifest sha256 "
+             f"`{(self.dataset_manifest_sha256 or '')[:16]}…`)"),
+            f"- backend: {self.backend} job `{self.backend_job_id}`",
+            f"- base model: `{self.base_model}` ({self.method})",
+            f"- lineage: `{self.lineage_uri}`",
+        ]
+        if self.error:
+            lines.append(f"- error: {self.error}")
+        if self.eval_gate:
+            lines.append(f"- eval gate: {self.eval_gate.get('decision')} ({self.eval_gate.get('reason')})")
+        if self.metrics:
+            lines += ["", "| metric | value |", "| --- | --- |"]
+            lines += [f"| {k} | {val} |" for k, val in self.metrics.items()]
+        return "\n".join(lines)
 
 
-def config_hash(config: dict[str, Any]) -> str:
-    """sha256 of the config as canonical JSON (sorted keys, no spaces)."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def job_config(backend: str, base_model: str, method: str, hyperparameters: Hyperparameters) -> dict[str, Any]:
+    """The normalised config a job name hashes (with the dataset manifest's sha256)."""
+    return {"backend": backend, "base_model": base_model, "method": method,
+            "hyperparameters": hyperparameters.model_dump(mode="json")}
 
 
 def job_name(dataset_manifest_sha256: str, config: dict[str, Any]) -> str:
-    digest = hashlib.sha256(f"{dataset_manifest_sha256}\n{config_hash(config)}".encode())
-    return "ft-" + digest.hexdigest()[:20]
+    return "ft-" + sha256_hex(f"{dataset_manifest_sha256}\n{config_hash(config, length=64)}")[:20]
 
 
 def manifest_key(prefix: str, job: str) -> str:
@@ -49,39 +144,48 @@ def output_uri(s3: S3, prefix: str, job: str) -> str:
     return s3.uri(f"{prefix.strip('/')}/{job}")
 
 
-def read_record(s3: S3, prefix: str, job: str) -> tuple[dict[str, Any], str] | None:
+def read_record(s3: S3, prefix: str, job: str) -> tuple[LineageRecord, str] | None:
     """The lineage record and its ETag, or None."""
+    key = manifest_key(prefix, job)
     try:
-        data, etag = s3.get_bytes(manifest_key(prefix, job))
+        data, etag = s3.get_bytes(key)
     except KeyError:
         return None
-    return json.loads(data), etag
+    record = LineageRecord.model_validate_json(data)
+    if record.job != job:
+        raise SftflowError(f"{s3.uri(key)} is the record of {record.job!r}, not {job!r}")
+    return record, etag
 
 
-def load_record(s3: S3, prefix: str, job: str) -> dict[str, Any]:
+def find_record(s3: S3, prefix: str, job: str) -> LineageRecord | None:
+    found = read_record(s3, prefix, job)
+    return found[0] if found else None
+
+
+def load_record(s3: S3, prefix: str, job: str) -> LineageRecord:
     found = read_record(s3, prefix, job)
     if found is None:
         raise SftflowError(f"no model {job!r}: {s3.uri(manifest_key(prefix, job))} does not exist")
     return found[0]
 
 
-def _dump(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, indent=2, default=str, ensure_ascii=False).encode()
+def _dump(record: LineageRecord) -> bytes:
+    return json.dumps(record.to_dict(), indent=2, default=str, ensure_ascii=False).encode()
 
 
-def create_record(s3: S3, prefix: str, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+def create_record(s3: S3, prefix: str, record: LineageRecord) -> tuple[LineageRecord, bool]:
     """Write a new record (create-only). Returns ``(record, True)``, or the one already there
     and False when another run created it first."""
     try:
-        s3.put_bytes(manifest_key(prefix, record["job"]), _dump(record), if_none_match=True,
+        s3.put_bytes(manifest_key(prefix, record.job), _dump(record), if_none_match=True,
                      content_type="application/json")
         return record, True
     except PreconditionFailed:
-        return load_record(s3, prefix, record["job"]), False
+        return load_record(s3, prefix, record.job), False
 
 
 def update_record(s3: S3, prefix: str, job: str, changes: dict[str, Any],
-                  *, event: str | None = None, attempts: int = 8) -> dict[str, Any]:
+                  *, event: str | None = None, attempts: int = 8) -> LineageRecord:
     """Merge ``changes`` into the record with compare-and-swap, re-reading on a lost race.
 
     ``event`` (e.g. the new status) is appended to ``history`` with a timestamp.
@@ -90,11 +194,11 @@ def update_record(s3: S3, prefix: str, job: str, changes: dict[str, Any],
         found = read_record(s3, prefix, job)
         if found is None:
             raise SftflowError(f"no lineage record to update at {s3.uri(manifest_key(prefix, job))}")
-        record, etag = found
-        record.update(changes)
-        record["updated_at"] = now()
+        current, etag = found
+        data = {**current.to_dict(), **changes, "updated_at": utc_now_iso()}
         if event:
-            record.setdefault("history", []).append({"at": record["updated_at"], "event": event})
+            data["history"] = [*data.get("history", []), {"at": data["updated_at"], "event": event}]
+        record = LineageRecord.model_validate(data)
         try:
             s3.put_bytes(manifest_key(prefix, job), _dump(record), if_match=etag,
                          content_type="application/json")
@@ -117,14 +221,14 @@ def list_jobs(s3: S3, prefix: str) -> list[str]:
     return sorted(jobs)
 
 
-def list_records(s3: S3, prefix: str, dataset: str | None = None) -> list[dict[str, Any]]:
+def list_records(s3: S3, prefix: str, dataset: str | None = None) -> list[LineageRecord]:
     """Every lineage record (optionally of one dataset), oldest submission first."""
     records = []
     for job in list_jobs(s3, prefix):
         found = read_record(s3, prefix, job)
-        if found and (dataset is None or found[0].get("dataset") == dataset):
+        if found and (dataset is None or found[0].dataset == dataset):
             records.append(found[0])
-    return sorted(records, key=lambda r: r.get("submitted_at") or "")
+    return sorted(records, key=lambda r: r.submitted_at or "")
 
 
 def _ref_key(prefix: str, dataset: str, name: str) -> str:
@@ -151,3 +255,42 @@ def set_model_ref(s3: S3, prefix: str, dataset: str, job: str, expected_etag: st
         s3.put_bytes(key, job.encode(), if_none_match=True, content_type="text/plain")
     else:
         s3.put_bytes(key, job.encode(), if_match=expected_etag, content_type="text/plain")
+
+
+def find_baseline(s3: S3, prefix: str, dataset: str, job: str) -> tuple[Baseline | None, str | None]:
+    """The dataset's current best model (another job, with a saved model) for the eval gate,
+    and the ``best`` ref's ETag (None: no ref yet) to promote against."""
+    best, etag = read_model_ref(s3, prefix, dataset)
+    record = find_record(s3, prefix, best) if best and best != job else None
+    if record is None or not record.artifacts.get("model"):
+        return None, etag
+    return Baseline(job=best, model_uri=record.artifacts["model"], base_model=record.base_model,
+                    method=record.method), etag
+
+
+def promote(s3: S3, prefix: str, dataset: str, job: str, expected_etag: str | None) -> bool:
+    """Move ``best`` to ``job`` unless another run moved it since it was read."""
+    try:
+        set_model_ref(s3, prefix, dataset, job, expected_etag)
+        return True
+    except PreconditionFailed:
+        return False
+
+
+def apply_eval_gate(s3: S3, prefix: str, dataset: str, job: str, metrics: dict[str, Any],
+                    baseline: Baseline | None, expected_etag: str | None) -> dict[str, Any]:
+    """The eval gate's decision (``gate.eval_gate``) with ``tagged_best``: whether ``best`` was
+    moved to ``job`` (only from the state read before training, see :func:`promote`)."""
+    decision = eval_gate(metrics, baseline.job if baseline else None)
+    wins = decision.pop("promote")
+    decision["tagged_best"] = wins and promote(s3, prefix, dataset, job, expected_etag)
+    if wins and not decision["tagged_best"]:
+        decision["reason"] += "; best moved during training, not promoted"
+    return decision
+
+
+find_record_task = io_task(name="read-lineage")(find_record)
+create_record_task = io_task(name="create-lineage")(create_record)
+update_record_task = io_task(name="update-lineage")(update_record)
+find_baseline_task = io_task(name="find-baseline")(find_baseline)
+eval_gate_task = io_task(name="eval-gate")(apply_eval_gate)

@@ -10,7 +10,6 @@ Plain httpx: the ``openai`` package is not a dependency. The API key never reach
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -20,6 +19,7 @@ from sftflow.core.settings import resolve_secret
 from sftflow.tasks.finetune.backends import JobResult, JobSpec, JobStatus
 from sftflow.tasks.finetune.files import read_lines
 from sftflow.tasks.finetune.validate import validate_chat_lines
+from sftflow.tasks.polling import Backoff, retry
 from sftflow.tasks.storage import S3
 
 if TYPE_CHECKING:
@@ -33,14 +33,23 @@ _STATES = {
     "failed": "failed",
     "cancelled": "cancelled",
 }
-_RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class _HttpStatusError(Exception):
+    """A non-2xx answer; ``status_code`` lets ``is_transient`` retry 408/429/5xx and no other."""
+
+    def __init__(self, status_code: int, message: str):
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class OpenAIBackend:
     name = "openai"
 
     def __init__(self, s3: S3, base_url: str, api_key: str | None, *, timeout_s: float = 60.0,
-                 attempts: int = 4, min_examples: int = 10, max_tokens_per_example: int = 65_536):
+                 attempts: int = 4, min_examples: int = 10, max_tokens_per_example: int = 65_536,
+                 retry_delay_s: tuple[float, float] = (0.5, 30.0),
+                 transport: httpx.BaseTransport | None = None):
         if not api_key:
             raise ConfigError(
                 "OpenAI API key is not set (SFTFLOW_FINETUNE__OPENAI_API_KEY or "
@@ -49,13 +58,14 @@ class OpenAIBackend:
         self.s3 = s3
         self.base_url = base_url.rstrip("/")
         self.attempts = attempts
+        self.retry_delay_s = retry_delay_s  # first and longest pause between attempts
         self.min_examples = min_examples
         self.max_tokens_per_example = max_tokens_per_example
         self._http = httpx.Client(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {api_key}"},
             timeout=timeout_s,
-            transport=httpx.HTTPTransport(retries=2),  # connection errors only
+            transport=transport or httpx.HTTPTransport(retries=2),  # connection errors only
         )
 
     @classmethod
@@ -66,25 +76,22 @@ class OpenAIBackend:
 
     # -- HTTP ----------------------------------------------------------------------------------
     def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        """JSON of a 2xx answer; 429/5xx are retried with exponential backoff and jitter."""
-        import random
+        """JSON of a 2xx answer; timeouts, dropped connections, 408, 429 and 5xx are retried
+        with exponential backoff and jitter, other answers fail at once with the API's message."""
 
-        for attempt in range(self.attempts):
-            try:
-                resp = self._http.request(method, path, **kwargs)
-            except httpx.HTTPError as err:
-                if attempt + 1 == self.attempts:
-                    raise ServiceUnavailable(f"fine-tuning API at {self.base_url}: {err}") from err
-            else:
-                if resp.status_code < 400:
-                    return resp.json()
-                if resp.status_code not in _RETRY_STATUS or attempt + 1 == self.attempts:
-                    raise SftflowError(
-                        f"fine-tuning API {method} {self.base_url}{path}: "
-                        f"{resp.status_code} {_error_message(resp)}"
-                    )
-            time.sleep(min(30.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.5))
-        raise AssertionError("unreachable")
+        def once() -> dict[str, Any]:
+            resp = self._http.request(method, path, **kwargs)
+            if resp.status_code >= 400:
+                raise _HttpStatusError(resp.status_code, f"fine-tuning API {method} {self.base_url}{path}: "
+                                                         f"{resp.status_code} {_error_message(resp)}")
+            return resp.json()
+
+        try:
+            return retry(once, attempts=self.attempts, backoff=Backoff(*self.retry_delay_s))
+        except httpx.HTTPError as err:
+            raise ServiceUnavailable(f"fine-tuning API at {self.base_url}: {err}") from err
+        except _HttpStatusError as err:
+            raise SftflowError(str(err)) from None
 
     # -- protocol ------------------------------------------------------------------------------
     def preflight(self, spec: JobSpec) -> dict[str, Any]:

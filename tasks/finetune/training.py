@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from sftflow.core.errors import SftflowError
-from sftflow.tasks.finetune.backends import Baseline, JobSpec
+from sftflow.core.hashing import sha256_hex
+from sftflow.tasks._prefect import compute_task, io_task
+from sftflow.tasks.finetune.backends import Baseline, Hyperparameters, JobSpec
 from sftflow.tasks.finetune.files import download_prefix, prefix_has
 from sftflow.tasks.storage import S3
 
@@ -61,9 +63,7 @@ def materialise_model(s3: S3, model: str, cache_dir: Path) -> str:
     """A local path or hub id ``from_pretrained`` can load; s3:// prefixes are downloaded."""
     if not model.startswith("s3://"):
         return str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
-    import hashlib
-
-    dest = cache_dir / hashlib.sha256(model.encode()).hexdigest()[:16]
+    dest = cache_dir / sha256_hex(model)[:16]
     if not (dest / ".complete").exists():
         download_prefix(s3, model, dest)
         (dest / ".complete").touch()
@@ -96,7 +96,7 @@ def load_splits(train_files: list[str], eval_files: list[str], storage_options: 
     return ds.select_columns(list(COLUMNS))
 
 
-def _sft_config(spec_hp, output_dir: Path, has_eval: bool):
+def _sft_config(spec_hp: Hyperparameters, output_dir: Path):
     import torch
     from trl import SFTConfig
 
@@ -152,7 +152,7 @@ def evaluate_baseline(s3: S3, baseline: Baseline, eval_ds, spec: JobSpec, workdi
         model, tok = _load(materialise_model(s3, baseline.base_model, cache), "lora", saved)
     else:
         model, tok = _load(saved, "full")
-    args = _sft_config(spec.hyperparameters, workdir / "baseline-eval", True)
+    args = _sft_config(spec.hyperparameters, workdir / "baseline-eval")
     # SFTTrainer insists on a train set; nothing is trained, the eval rows stand in.
     trainer = SFTTrainer(model=model, args=args, train_dataset=eval_ds, eval_dataset=eval_ds,
                          processing_class=tok)
@@ -188,7 +188,7 @@ def train_sft(s3: S3, spec: JobSpec, workdir: Path) -> dict[str, Any]:
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-    args = _sft_config(hp, workdir / "trainer", eval_ds is not None)
+    args = _sft_config(hp, workdir / "trainer")
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -222,3 +222,7 @@ def train_sft(s3: S3, spec: JobSpec, workdir: Path) -> dict[str, Any]:
     trainer.save_model(str(save_dir))  # the adapter only, for a PEFT model
     tokenizer.save_pretrained(str(save_dir))
     return {"metrics": metrics, "history": history, "model_dir": save_dir}
+
+
+check_base_model = io_task(name="check-base-model", retries=1)(base_model_kind)
+train_sft_task = compute_task(name="train-sft")(train_sft)

@@ -5,17 +5,19 @@ job name as Prefect idempotency key, so submitting the same job twice returns th
 ``status`` maps the run's Prefect state; ``cancel`` moves it to Cancelling; ``result`` reads the
 ``result.json`` the training flow wrote next to the model.
 
-With ``settings.finetune.trl_mode = "local"`` (demo, no worker) ``submit`` runs the training
-flow in this process and returns when it ends; ``status`` then reads ``result.json``.
+With ``settings.finetune.trl_mode = "local"`` (demo, no worker) ``submit`` calls ``run_local``
+(the caller passes the training flow: this layer does not import flows) in this process and
+returns when it ends; ``status`` then reads ``result.json``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sftflow.core.errors import SftflowError
+from sftflow.core.errors import ConfigError, SftflowError
 from sftflow.tasks.finetune.backends import JobResult, JobSpec, JobStatus
-from sftflow.tasks.finetune.files import read_json
+from sftflow.tasks.finetune.trl_job import read_result, result_uri
 from sftflow.tasks.storage import S3
 
 if TYPE_CHECKING:
@@ -43,15 +45,17 @@ def map_prefect_state(state_type: str) -> str:
 class TrlBackend:
     name = "trl"
 
-    def __init__(self, s3: S3, mode: str = "deployment", deployment: str = "train-trl/default"):
+    def __init__(self, s3: S3, mode: str = "deployment", deployment: str = "train-trl/default",
+                 run_local: Callable[[JobSpec], Any] | None = None):
         self.s3 = s3
         self.mode = mode
         self.deployment = deployment
+        self.run_local = run_local
 
     @classmethod
-    def from_clients(cls, clients: Clients) -> TrlBackend:
+    def from_clients(cls, clients: Clients, run_local: Callable[[JobSpec], Any] | None = None) -> TrlBackend:
         ft = clients.settings.finetune
-        return cls(clients.s3, ft.trl_mode, ft.trl_deployment)
+        return cls(clients.s3, ft.trl_mode, ft.trl_deployment, run_local)
 
     def preflight(self, spec: JobSpec) -> dict[str, Any]:
         from sftflow.tasks.finetune.training import base_model_kind
@@ -78,9 +82,9 @@ class TrlBackend:
 
     def submit(self, spec: JobSpec) -> str:
         if self.mode == "local":
-            from sftflow.flows.train_trl import result_uri, train_trl
-
-            train_trl(spec, return_state=True)  # a failure is read back through status()
+            if self.run_local is None:
+                raise ConfigError("trl_mode = 'local' needs a local training runner (run_local)")
+            self.run_local(spec)  # a failure is read back through status()
             return LOCAL_PREFIX + result_uri(spec)
         from prefect.deployments import run_deployment
 
@@ -110,13 +114,12 @@ class TrlBackend:
 
     def _local_status(self, backend_job_id: str) -> JobStatus:
         uri = backend_job_id[len(LOCAL_PREFIX):]
-        try:
-            result = read_json(self.s3, uri)
-        except KeyError:
+        result = read_result(self.s3, uri)
+        if result is None:
             return JobStatus(backend_job_id=backend_job_id, state="failed",
                              error=f"the local training run wrote no {uri}")
-        return JobStatus(backend_job_id=backend_job_id, state=result["status"],
-                         error=result.get("error"), detail=result["status"])
+        return JobStatus(backend_job_id=backend_job_id, state=result.status,
+                         error=result.error, detail=result.status)
 
     def cancel(self, backend_job_id: str) -> None:
         if backend_job_id.startswith(LOCAL_PREFIX):
@@ -128,11 +131,9 @@ class TrlBackend:
             client.set_flow_run_state(backend_job_id, Cancelling(message="cancelled by sftflow"))
 
     def result(self, backend_job_id: str, spec: JobSpec) -> JobResult:
-        from sftflow.flows.train_trl import result_uri
-
-        data = read_json(self.s3, result_uri(spec))
-        return JobResult(
-            metrics=data.get("metrics", {}),
-            artifacts=data.get("artifacts", {}),
-            history=data.get("history", []),
-        )
+        uri = result_uri(spec)
+        data = read_result(self.s3, uri)
+        if data is None:
+            raise SftflowError(f"training job {spec.job} finished without a result: no {uri}")
+        return JobResult(metrics=data.metrics or {}, artifacts=data.artifacts or {},
+                         history=data.history or [])

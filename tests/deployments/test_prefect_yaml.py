@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import yaml
 
 from sftflow.deployments.serve import ServeConfig, build_deployments
 
-YAML = Path(__file__).parents[2] / "deployments" / "prefect.yaml"
+ROOT = Path(__file__).parents[2]
+YAML = ROOT / "deployments" / "prefect.yaml"
 
 
 def _yaml_deployments() -> dict[str, dict]:
@@ -57,3 +60,18 @@ def test_same_triggers():
             assert set(t.get("for_each", [])) == s.for_each
             assert timedelta(seconds=t.get("within", 0)) == s.within
             assert t["parameters"] == s.parameters, name
+
+
+def test_entrypoints_are_paths_from_a_checkout():
+    for name, d in _yaml_deployments().items():
+        path, _, func = d["entrypoint"].partition(":")
+        assert not Path(path).is_absolute() and ".." not in Path(path).parts, name
+        tree = ast.parse((ROOT / path).read_text())
+        assert func in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, name
+
+
+def test_no_path_of_one_machine():
+    """Every command and path in the file works from any checkout (s3:// URIs are not paths)."""
+    text = YAML.read_text()
+    assert re.findall(r"(?:^|[\s`\"'(=])(/[\w.-]+/[\w./-]*)", text, re.MULTILINE) == []
+    assert "cd /" not in text

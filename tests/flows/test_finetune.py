@@ -18,6 +18,8 @@ from sftflow.flows.finetune import FinetuneParams, finetune
 from sftflow.tasks import versioning
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.finetune.backends import Hyperparameters
+from sftflow.tasks.finetune.dataset import read_version
+from sftflow.tasks.storage import parse_s3_uri
 from tests.contract.openai_server import OpenAIContractServer
 from tests.tasks._finetune import flow_settings, make_version, tiny_model, train_worker  # noqa: F401
 
@@ -71,7 +73,7 @@ def test_trl_job_runs_on_the_work_pool_records_lineage_and_is_not_trained_twice(
     report = finetune(_params(s3, "qa", tiny_model))
 
     assert report.status == "succeeded" and not report.reused and report.version == version
-    rec = lineage.load_record(s3, "models", report.job)
+    rec = lineage.load_record(s3, "models", report.job).to_dict()
     raw = s3.get_bytes(f"datasets/qa/versions/{version}/manifest.json")[0]
     assert rec["dataset_manifest_sha256"] == hashlib.sha256(raw).hexdigest()
     assert rec["status"] == "succeeded" and rec["backend"] == "trl" and rec["method"] == "lora"
@@ -119,7 +121,7 @@ def test_trl_job_runs_on_the_work_pool_records_lineage_and_is_not_trained_twice(
     assert lineage.read_model_ref(s3, "models", "qa")[0] == (second.job if better else report.job)
     assert {"config.json", "model.safetensors"} <= {
         o.key.rsplit("/", 1)[-1] for o in s3.list(f"models/{second.job}/model/")}
-    assert [r["job"] for r in lineage.list_records(s3, "models", "qa")] == [report.job, second.job]
+    assert [r.job for r in lineage.list_records(s3, "models", "qa")] == [report.job, second.job]
 
 
 def test_bad_input_fails_before_anything_is_submitted(prefect_harness, flow_settings, s3, tiny_model):
@@ -135,9 +137,8 @@ def test_bad_input_fails_before_anything_is_submitted(prefect_harness, flow_sett
     with pytest.raises(SftflowError, match="has no version or tag 'v0'"):
         finetune(_params(s3, "qa@v0", tiny_model))
 
-    m = versioning.load_manifest(s3, "qa", version)
-    shard = next(f for f in m["files"] if f["format"] == "parquet")
-    s3.put_bytes(versioning.file_key(m, shard["path"]), b"corrupt")
+    shard = read_version(s3, "datasets", f"qa@{version}").uris("train", "parquet")[0]
+    s3.put_bytes(parse_s3_uri(shard)[1], b"corrupt")
     with pytest.raises(SftflowError, match=f"checksum mismatch for s3://{s3.bucket}/datasets/qa/shards/"):
         finetune(_params(s3, "qa", tiny_model))
 
@@ -161,15 +162,15 @@ def test_openai_backend_contract_success_then_failed_job(prefect_harness, flow_s
         ok = finetune(_params(s3, "qa", "gpt-4o-mini-2024-07-18", backend="openai"))
         assert ok.status == "succeeded" and ok.fine_tuned_model.startswith("ft:gpt-4o-mini")
         rec = lineage.load_record(s3, "models", ok.job)
-        assert rec["fine_tuned_model"] == ok.fine_tuned_model and rec["eval_gate"] is None
-        assert rec["preflight"]["train"]["valid"] == 24
-        assert "sk-contract" not in json.dumps(rec) and "sk-contract" not in ok.model_dump_json()
+        assert rec.fine_tuned_model == ok.fine_tuned_model and rec.eval_gate is None
+        assert rec.preflight["train"]["valid"] == 24
+        assert "sk-contract" not in rec.model_dump_json() and "sk-contract" not in ok.model_dump_json()
 
         with pytest.raises(SftflowError, match="training_error: Training diverged at step 1"):
             finetune(_params(s3, "qa", "broken-model", backend="openai"))
-        failed = next(r for r in lineage.list_records(s3, "models") if r["base_model"] == "broken-model")
-        assert failed["status"] == "failed" and "loss is NaN" in failed["error"]
-        assert _finetune_events(failed["job"]) == [events.FINETUNE_FAILED, events.FINETUNE_SUBMITTED]
+        failed = next(r for r in lineage.list_records(s3, "models") if r.base_model == "broken-model")
+        assert failed.status == "failed" and "loss is NaN" in failed.error
+        assert _finetune_events(failed.job) == [events.FINETUNE_FAILED, events.FINETUNE_SUBMITTED]
 
         # a rerun fails again with the recorded error, and never starts a second job
         jobs_before = len(srv.state.jobs)
@@ -192,8 +193,8 @@ def test_openai_backend_contract_success_then_failed_job(prefect_harness, flow_s
         assert out["job"] == ok.job and out["reused"] and out["status"] == "succeeded"
     res = cli.invoke(app, ["models", "list", "--bucket", s3.bucket, "--json"])
     listed = {r["job"]: r for r in json.loads(res.output)}
-    assert listed[ok.job]["status"] == "succeeded" and listed[failed["job"]]["status"] == "failed"
-    res = cli.invoke(app, ["models", "show", failed["job"], "--bucket", s3.bucket, "--json"])
+    assert listed[ok.job]["status"] == "succeeded" and listed[failed.job]["status"] == "failed"
+    res = cli.invoke(app, ["models", "show", failed.job, "--bucket", s3.bucket, "--json"])
     shown = json.loads(res.output)
-    assert shown["error"] == failed["error"] and shown["dataset_manifest_sha256"] == failed["dataset_manifest_sha256"]
+    assert shown == {**failed.to_dict(), "best": False}
     assert "sk-contract" not in res.output

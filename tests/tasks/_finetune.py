@@ -64,7 +64,7 @@ def train_worker(prefect_harness, tmp_path_factory) -> Iterator[str]:
     with a ``prefect worker`` subprocess serving it; the worker is stopped by its pid."""
     from prefect.settings import PREFECT_API_URL
 
-    from sftflow.flows.train_trl import deploy_train_trl
+    from sftflow.deployments.trainer import deploy_train_trl
 
     pool = f"train-test-{uuid.uuid4().hex[:8]}"
     deploy_train_trl(pool, "default", source=ROOT)

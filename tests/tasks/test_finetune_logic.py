@@ -9,6 +9,8 @@ import pytest
 from sftflow.core.errors import SftflowError
 from sftflow.tasks import formats
 from sftflow.tasks.finetune import gate, lineage
+from sftflow.tasks.finetune.backends import Hyperparameters
+from sftflow.tasks.finetune.dataset import DataFile, TrainingData, schema_columns
 from sftflow.tasks.finetune.validate import validate_chat_lines
 
 
@@ -47,29 +49,50 @@ def test_chat_validation_needs_ten_examples_and_accepts_the_formats_output():
     assert validate_chat_lines(lines, min_examples=9).ok
 
 
-MANIFEST = {
-    "rows": {"train": 36, "eval": 4},
-    "schema": formats.schema_json(),
-    "files": [{"split": "train", "format": "parquet"}, {"split": "eval", "format": "parquet"},
-              {"split": "train", "format": "openai_chat"}],
-}
+def _version(rows: dict[str, int], files: list[tuple[str, str]], schema=None) -> TrainingData:
+    return TrainingData(
+        dataset="qa", version="v1", manifest_uri="s3://b/datasets/qa/versions/v1/manifest.json",
+        manifest_sha256="0" * 64, rows=rows,
+        files=[DataFile(split=split, format=fmt, uri=f"s3://b/{split}.{fmt}") for split, fmt in files],
+        columns=schema_columns(formats.schema_json() if schema is None else schema),
+    )
+
+
+FILES = [("train", "parquet"), ("eval", "parquet"), ("train", "openai_chat")]
 
 
 def test_version_gates_pass_and_fail_with_figures():
-    checks = gate.version_gates(MANIFEST, backend="openai", min_train_rows=10, min_eval_rows=1)
+    checks = gate.version_gates(_version({"train": 36, "eval": 4}, FILES), backend="openai",
+                                min_train_rows=10, min_eval_rows=1)
     assert all(c["ok"] for c in checks) and len(checks) == 6
     gate.require_gates(checks, "qa@v1")
 
-    small = {**MANIFEST, "rows": {"train": 5, "eval": 0},
-             "files": [{"split": "train", "format": "parquet"}]}
+    small = _version({"train": 5, "eval": 0}, [("train", "parquet")])
     checks = gate.version_gates(small, backend="trl", min_train_rows=10, min_eval_rows=1)
     assert [c["check"] for c in checks if not c["ok"]] == ["train rows", "eval split rows", "eval parquet"]
     with pytest.raises(SftflowError, match=r"qa@v2 fails the fine-tune gates: train rows is 5 \(need >= 10\)"):
         gate.require_gates(checks, "qa@v2")
 
-    no_cols = {**MANIFEST, "schema": {"text": "string"}}
+    no_cols = _version({"train": 36, "eval": 4}, FILES, schema={"text": "string"})
     bad = [c for c in gate.version_gates(no_cols, backend="trl", min_train_rows=1, min_eval_rows=1) if not c["ok"]]
-    assert bad[0]["check"] == "prompt/completion columns"
+    assert bad[0]["check"] == "prompt/completion columns" and bad[0]["value"] == ""
+
+
+def test_schema_columns_reads_each_shape():
+    assert schema_columns({"fields": [{"name": "prompt"}, {"name": "completion"}]}) == ["completion", "prompt"]
+    assert schema_columns({"columns": ["b", {"name": "a"}]}) == ["a", "b"]
+    assert schema_columns(["x", {"name": "y"}]) == ["x", "y"]
+    assert schema_columns({"text": "string"}) == ["text"]
+    assert schema_columns(None) is None and schema_columns({}) is None
+
+
+def test_training_data_builds_the_job_spec_from_its_files():
+    data = _version({"train": 36, "eval": 4}, FILES + [("train", "parquet")])
+    spec = data.job_spec(job="ft-x", base_model="m", method="full", hyperparameters=Hyperparameters(),
+                         output_uri="s3://b/models/ft-x")
+    assert spec.train_files == ["s3://b/train.parquet"] * 2 and spec.eval_files == ["s3://b/eval.parquet"]
+    assert spec.chat_train_files == ["s3://b/train.openai_chat"] and spec.chat_eval_files == []
+    assert (spec.dataset, spec.version, spec.method) == ("qa", "v1", "full")
 
 
 def test_eval_gate_decisions():
@@ -88,3 +111,9 @@ def test_job_name_depends_on_version_and_normalised_config_only():
     assert a == lineage.job_name("a" * 64, reordered) and a.startswith("ft-") and len(a) == 23
     assert a != lineage.job_name("b" * 64, cfg)
     assert a != lineage.job_name("a" * 64, {**cfg, "method": "full"})
+
+
+def test_job_name_is_unchanged_by_the_move_to_core_hashing():
+    """Pinned: the job name the code computed before config_hash moved to sftflow.core.hashing."""
+    cfg = lineage.job_config("trl", "/models/tiny", "lora", Hyperparameters(max_steps=8))
+    assert lineage.job_name("0" * 64, cfg) == "ft-1c0bf4fb840c9426ced1"

@@ -13,8 +13,8 @@ import json
 import pytest
 
 from sftflow.core.errors import ConfigError, SftflowError
-from sftflow.tasks import versioning
 from sftflow.tasks.finetune.backends import Hyperparameters, JobSpec
+from sftflow.tasks.finetune.dataset import read_version
 from sftflow.tasks.finetune.openai_backend import OpenAIBackend
 from tests.contract.openai_server import OpenAIContractServer
 from tests.tasks._finetune import make_version
@@ -31,16 +31,9 @@ def server():
 
 
 def _spec(s3, version: str, job: str, model: str = "gpt-4o-mini-2024-07-18") -> JobSpec:
-    m = versioning.load_manifest(s3, "qa", version)
-    return JobSpec(
-        job=job, dataset="qa", version=version, base_model=model,
-        hyperparameters=Hyperparameters(epochs=2, batch_size=4),
-        train_files=versioning.data_files(s3, m, "train"),
-        eval_files=versioning.data_files(s3, m, "eval"),
-        chat_train_files=versioning.data_files(s3, m, "train", "openai_chat"),
-        chat_eval_files=versioning.data_files(s3, m, "eval", "openai_chat"),
-        output_uri=s3.uri(f"models/{job}"),
-    )
+    return read_version(s3, "datasets", f"qa@{version}").job_spec(
+        job=job, base_model=model, method="lora", hyperparameters=Hyperparameters(epochs=2, batch_size=4),
+        output_uri=s3.uri(f"models/{job}"))
 
 
 def _run(backend: OpenAIBackend, job_id: str, polls: int = 10) -> str:

@@ -1,0 +1,107 @@
+"""The dataset version a fine-tune job trains on: the one place this package reads a dataset
+manifest (``tasks.versioning``), and the trained-version tag it writes back.
+
+:func:`read_version` resolves ``NAME[@VERSION_OR_TAG]``, verifies every file's sha256, and
+returns a :class:`TrainingData`: the figures the gates check, the s3:// URIs of each split and
+format, and the sha256 of ``manifest.json`` itself (the version's identity in job names and
+lineage). Everything else in ``tasks/finetune`` and ``flows/finetune.py`` uses that record, so
+a change of the manifest's shape is a change to this function only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from sftflow.core.errors import SftflowError
+from sftflow.core.hashing import sha256_hex
+from sftflow.tasks import versioning
+from sftflow.tasks._prefect import io_task
+from sftflow.tasks.finetune.backends import Hyperparameters, JobSpec
+from sftflow.tasks.storage import S3
+
+
+class DataFile(BaseModel):
+    split: str | None
+    format: str = Field(description="parquet | openai_chat | ... (the manifest's file format).")
+    uri: str = Field(description="s3:// URI of the file.")
+
+
+class TrainingData(BaseModel):
+    """What a fine-tune job takes from one verified dataset version."""
+
+    dataset: str
+    version: str
+    manifest_uri: str
+    manifest_sha256: str = Field(description="sha256 of the manifest.json bytes.")
+    rows: dict[str, int] = Field(description="split -> rows")
+    files: list[DataFile] = Field(description="In manifest order.")
+    columns: list[str] | None = Field(description="Column names from the manifest's schema; None if unstated.")
+
+    @property
+    def where(self) -> str:
+        return f"{self.dataset}@{self.version}"
+
+    def uris(self, split: str, fmt: str = "parquet") -> list[str]:
+        return [f.uri for f in self.files if f.split == split and f.format == fmt]
+
+    def has(self, split: str, fmt: str) -> bool:
+        return bool(self.uris(split, fmt))
+
+    def job_spec(self, *, job: str, base_model: str, method: Literal["full", "lora"],
+                 hyperparameters: Hyperparameters, output_uri: str) -> JobSpec:
+        """What a backend needs to train ``job`` on this version."""
+        return JobSpec(
+            job=job, dataset=self.dataset, version=self.version, base_model=base_model,
+            method=method, hyperparameters=hyperparameters,
+            train_files=self.uris("train", "parquet"), eval_files=self.uris("eval", "parquet"),
+            chat_train_files=self.uris("train", "openai_chat"),
+            chat_eval_files=self.uris("eval", "openai_chat"), output_uri=output_uri,
+        )
+
+
+def read_version(s3: S3, datasets_prefix: str, ref: str) -> TrainingData:
+    """The verified version ``NAME[@VERSION_OR_TAG]`` (``NAME`` alone: ``refs/latest``)."""
+    name, ref_version = versioning.parse_ref(ref.strip())
+    version = versioning.resolve(s3, name, ref_version, prefix=datasets_prefix)
+    manifest = versioning.load_manifest(s3, name, version, verify=True, prefix=datasets_prefix)
+    key = f"{versioning.dataset_root(datasets_prefix, name)}/versions/{version}/manifest.json"
+    raw, _ = s3.get_bytes(key)
+    if (manifest.get("dataset"), manifest.get("version")) != (name, version):
+        raise SftflowError(f"{s3.uri(key)} describes {manifest.get('dataset')}@{manifest.get('version')}, "
+                           f"not {name}@{version}")
+    return TrainingData(
+        dataset=name, version=version, manifest_uri=s3.uri(key), manifest_sha256=sha256_hex(raw),
+        rows={split: int(n or 0) for split, n in (manifest.get("rows") or {}).items()},
+        files=[DataFile(split=f["split"], format=f["format"],
+                        uri=s3.uri(versioning.file_key(manifest, f["path"])))
+               for f in manifest["files"]],
+        columns=schema_columns(manifest.get("schema")),
+    )
+
+
+def schema_columns(schema: Any) -> list[str] | None:
+    """Column names from a manifest's schema, whatever shape it has; None if not stated."""
+    names: set[str] | None = None
+    if isinstance(schema, dict):
+        if isinstance(schema.get("fields"), list):
+            names = {str(f.get("name")) for f in schema["fields"] if isinstance(f, dict)}
+        elif isinstance(schema.get("columns"), (list, dict)):
+            names = {str(c if isinstance(c, str) else c.get("name")) for c in schema["columns"]}
+        else:
+            names = set(schema) or None
+    elif isinstance(schema, list):
+        names = {str(c if isinstance(c, str) else c.get("name")) for c in schema}
+    return None if names is None else sorted(names)
+
+
+def tag_trained(s3: S3, datasets_prefix: str, data: TrainingData, job: str) -> str:
+    """Tag the version ``trained-<job>``; returns the tag."""
+    tag = f"trained-{job}"
+    versioning.set_tag(s3, data.dataset, tag, data.version, prefix=datasets_prefix)
+    return tag
+
+
+read_version_task = io_task(name="read-version")(read_version)
+tag_trained_task = io_task(name="tag-trained-version")(tag_trained)
