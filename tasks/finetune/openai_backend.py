@@ -48,8 +48,7 @@ class OpenAIBackend:
 
     def __init__(self, s3: S3, base_url: str, api_key: str | None, *, timeout_s: float = 60.0,
                  attempts: int = 4, min_examples: int = 10, max_tokens_per_example: int = 65_536,
-                 retry_delay_s: tuple[float, float] = (0.5, 30.0),
-                 transport: httpx.BaseTransport | None = None):
+                 retry_delay_s: tuple[float, float] = (0.5, 30.0)):
         if not api_key:
             raise ConfigError(
                 "OpenAI API key is not set (SFTFLOW_FINETUNE__OPENAI_API_KEY or "
@@ -65,7 +64,7 @@ class OpenAIBackend:
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {api_key}"},
             timeout=timeout_s,
-            transport=transport or httpx.HTTPTransport(retries=2),  # connection errors only
+            transport=httpx.HTTPTransport(retries=2),  # connection errors only
         )
 
     @classmethod
