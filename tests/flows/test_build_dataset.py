@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.flows.build_dataset import BuildParams, build_dataset, split_groups
+from sftflow.flows.build_dataset import BuildParams, build_dataset
 from sftflow.tasks import versioning
 from tests.conftest import unique
 from tests.tasks._datasets import annotation, make_project, textarea
@@ -70,11 +70,11 @@ def test_build_counts_everything_commits_and_rebuilds_as_noop(prefect_harness, s
     assert sum(report.rows.values()) == 62 and report.rows["eval"] > 0
 
     m = versioning.load_manifest(s3, "qa", report.version)  # verified
-    assert m["source"]["project_id"] == project.id and m["source"]["export_id"] > 0
-    assert m["source"]["total_annotations_number"] >= 66
-    assert m["stats"]["filters"]["kept"] == 63 and m["run_id"]
-    ex_file = next(f for f in m["files"] if f["format"] == "exclusions")
-    lines = [json.loads(x) for x in s3.get_bytes(versioning.file_key(m, ex_file["path"]))[0]
+    assert m.source["project_id"] == project.id and m.source["export_id"] > 0
+    assert m.source["total_annotations_number"] >= 66
+    assert m.stats["filters"]["kept"] == 63 and m.run_id
+    ex_file = m.files_of("exclusions")[0]
+    lines = [json.loads(x) for x in s3.get_bytes(versioning.file_key(m, ex_file.path))[0]
              .decode().splitlines()]
     reasons = sorted(e["reason"] for e in lines)
     assert reasons == sorted(["unknown_from_name", "malformed_text", "empty_response",
@@ -105,10 +105,9 @@ def _rows(s3, manifest) -> list[dict]:
     import pyarrow.parquet as pq
 
     out = []
-    for f in manifest["files"]:
-        if f["format"] == "parquet":
-            data, _ = s3.get_bytes(versioning.file_key(manifest, f["path"]))
-            out += pq.read_table(io.BytesIO(data)).to_pylist()
+    for f in manifest.files_of("parquet"):
+        data, _ = s3.get_bytes(versioning.file_key(manifest, f.path))
+        out += pq.read_table(io.BytesIO(data)).to_pylist()
     return out
 
 
@@ -136,8 +135,7 @@ def test_dask_cluster_builds_the_identical_version(prefect_harness, s3, project)
     assert on_dask.created and on_dask.version == on_threads.version
     a = versioning.load_manifest(s3, "threads", on_threads.version)
     b = versioning.load_manifest(s3, "dask", on_dask.version)
-    assert [f["sha256"] for f in a["files"] if f["format"] == "parquet"] == [
-        f["sha256"] for f in b["files"] if f["format"] == "parquet"]
+    assert [f.sha256 for f in a.files_of("parquet")] == [f.sha256 for f in b.files_of("parquet")]
 
 
 def test_several_annotators_per_prompt_never_straddle_the_split(prefect_harness, s3, labelstudio,
@@ -166,13 +164,6 @@ def test_several_annotators_per_prompt_never_straddle_the_split(prefect_harness,
         split_of.setdefault("c" + r["cluster_id"], set()).add(r["split"])
     assert all(len(s) == 1 for s in split_of.values())
     assert report.rows["eval"] > 0 and report.rows["train"] > 0
-
-
-def test_split_groups_join_clusters_sharing_a_prompt():
-    import numpy as np
-
-    groups = split_groups(np.array([5, 3, 9, 7]), ["a", "b", "a", "c"])
-    assert groups.tolist() == [5, 3, 5, 7]
 
 
 def test_cli_build_and_datasets_commands(prefect_harness, s3, project, tmp_path):
