@@ -196,3 +196,29 @@ def test_cli_build_and_datasets_commands(prefect_harness, s3, project, tmp_path)
     assert gc["dry_run"] and gc["unreferenced"] == 0
     bad = runner.invoke(app, ["datasets", "show", "cli@nope", "--bucket", s3.bucket])
     assert bad.exit_code != 0
+
+
+@pytest.mark.parametrize("step", ["files", "manifest"])
+def test_a_build_crashing_in_its_commit_leaves_latest_and_a_rerun_completes(
+        prefect_harness, s3, project, monkeypatch, step):
+    from sftflow.core.errors import SftflowError
+
+    params = BuildParams(project=project.title, dataset="crash", bucket=s3.bucket)
+    commit_version = versioning.commit_version
+
+    def crash(name: str) -> None:
+        if name == step:
+            raise SftflowError(f"crash after {name}")  # not transient: no task retry
+
+    monkeypatch.setattr(versioning, "commit_version",
+                        lambda *a, **kw: commit_version(*a, **kw, hook=crash))
+    with pytest.raises(SftflowError, match=f"crash after {step}"):
+        build_dataset(params)
+    assert versioning.latest_version(s3, "crash") is None  # readers see no half version
+    monkeypatch.setattr(versioning, "commit_version", commit_version)
+
+    rerun = build_dataset(params)
+    assert rerun.ref_updated and rerun.latest == rerun.version
+    assert rerun.created == (step != "manifest")  # the manifest was already there
+    m = versioning.load_manifest(s3, "crash")  # complete: every file verified
+    assert m.version == rerun.version and sum(m.rows.values()) == 62
