@@ -20,13 +20,8 @@ from pydantic import BaseModel, Field
 
 from sftflow.tasks.clients import Clients
 from sftflow.tasks.labelstudio import require_project
-from sftflow.tasks.labelstudio.counters import (
-    CountMode,
-    ProjectCounters,
-    Threshold,
-    load_baseline,
-    progress,
-)
+from sftflow.tasks.labelstudio.counters import CountMode, ProjectCounters, Threshold, progress
+from sftflow.tasks.versioning import load_baseline_task
 
 
 class CheckParams(BaseModel):
@@ -53,6 +48,7 @@ class CheckReport(BaseModel):
 
 
 def crossing_key(project_id: int, params: CheckParams, baseline_version: str | None) -> str:
+    """The build run's idempotency key: one per threshold crossing."""
     return ":".join(
         str(x) for x in ("build", project_id, params.dataset, baseline_version, params.count,
                          params.min_annotations_per_task, params.min_new)
@@ -61,11 +57,12 @@ def crossing_key(project_id: int, params: CheckParams, baseline_version: str | N
 
 @flow(name="check-annotations")
 def check_annotations(params: CheckParams) -> CheckReport:
+    """One look at the project's counters; starts a build run when the threshold is reached."""
     logger = get_run_logger()
     clients = Clients.for_bucket(params.bucket)
     counters = ProjectCounters.from_project(require_project(clients.labelstudio, params.project))
-    version, baseline = load_baseline(
-        clients.s3, params.dataset, clients.settings.datasets.prefix
+    version, baseline = load_baseline_task(
+        clients.s3, params.dataset, prefix=clients.settings.datasets.prefix
     )
     threshold = Threshold(min_new=params.min_new, count=params.count,
                           min_annotations_per_task=params.min_annotations_per_task)

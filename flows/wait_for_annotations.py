@@ -16,8 +16,6 @@ Idempotency: read-only; rerunning it is always safe.
 
 from __future__ import annotations
 
-import time
-
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_progress_artifact,
@@ -27,18 +25,11 @@ from prefect.artifacts import (
 from prefect.states import Completed
 from pydantic import BaseModel, Field, model_validator
 
-from sftflow.core.errors import ConfigError
+from sftflow.tasks._prefect import artifact_key
 from sftflow.tasks.clients import Clients
-from sftflow.tasks.labelstudio import require_project
-from sftflow.tasks.labelstudio.counters import (
-    CountMode,
-    ProjectCounters,
-    Threshold,
-    fetch_counters,
-    load_baseline,
-    progress,
-)
+from sftflow.tasks.labelstudio.counters import CountMode, Threshold, Watch, watch_progress
 from sftflow.tasks.polling import Backoff
+from sftflow.tasks.versioning import load_baseline_task
 
 
 class WaitParams(BaseModel):
@@ -95,92 +86,59 @@ class WaitReport(BaseModel):
     last_error: str | None = None
     waited_s: float = 0.0
 
+    @classmethod
+    def of(cls, params: WaitParams, baseline_version: str | None, watch: Watch) -> WaitReport:
+        report = cls(
+            reached=watch.reached, message="", project=params.project, min_new=params.min_new,
+            baseline_version=baseline_version, polls=watch.polls, api_calls=watch.polls,
+            failed_polls=watch.failed_polls, last_error=watch.last_error, waited_s=watch.waited_s,
+        )
+        if p := watch.progress:
+            report.project_id, report.counter = p.project_id, p.counter
+            report.current, report.baseline, report.new = p.current, p.baseline, p.new
+        if watch.reached:
+            report.message = watch.progress.describe()
+        else:
+            report.message = f"not enough annotations yet: {max(0, report.new)} of {params.min_new}"
+            if report.current is None and report.last_error:
+                report.message += f" (Label Studio unreachable: {report.last_error})"
+        return report
+
 
 def _progress_key(project: str) -> str:
-    slug = "".join(c if c.isalnum() else "-" for c in project.lower()).strip("-")[:40]
-    return f"wait-annotations-{slug or 'project'}"
+    return artifact_key("wait-annotations", artifact_key(project)[:40].strip("-") or "project")
 
 
 @flow(name="wait-for-annotations")
 def wait_for_annotations(params: WaitParams) -> WaitReport:
-    """Returns the report; the run ends Completed, or Completed named NotEnough at the deadline."""
+    """Poll a project's counters until enough new annotations exist, or the deadline.
+    Returns the report; the run ends Completed, or Completed named NotEnough at the deadline."""
     logger = get_run_logger()
     clients = Clients.for_bucket(params.bucket)
-    ls = clients.labelstudio
-    threshold = params.threshold()
-    baseline_version, baseline = load_baseline(
-        clients.s3, params.dataset, clients.settings.datasets.prefix
+    baseline_version, baseline = load_baseline_task(
+        clients.s3, params.dataset, prefix=clients.settings.datasets.prefix
     )
     logger.info(
         "waiting for %d new %s in project %r (baseline: %s), deadline %.0f s",
         params.min_new, params.count, params.project, baseline_version or "none", params.timeout_s,
     )
-
-    backoff = Backoff(params.min_interval_s, params.max_interval_s)
-    started = time.monotonic()
-    deadline = started + params.timeout_s
-    report = WaitReport(
-        reached=False, message="", project=params.project, min_new=params.min_new,
-        baseline_version=baseline_version,
-    )
     artifact_id = create_progress_artifact(
         0.0, key=_progress_key(params.project),
         description=f"New annotations in {params.project!r}: fraction of {params.min_new}",
     )
-    project_id: int | None = None
-    last_new: int | None = None
-
-    for _ in range(backoff.max_polls(params.timeout_s)):
-        report.polls += 1
-        report.api_calls += 1
-        try:
-            if project_id is None:  # resolve once (title -> id); the listing carries counters
-                counters = ProjectCounters.from_project(require_project(ls, params.project))
-                project_id = counters.project_id
-            else:
-                counters = fetch_counters(ls, project_id)
-        except ConfigError:
-            raise  # missing/deleted project, bad threshold: not something waiting fixes
-        except Exception as err:  # noqa: BLE001 - service down: try again within the deadline
-            report.failed_polls += 1
-            report.last_error = f"{type(err).__name__}: {err}"[:300]
-            logger.warning("poll %d failed: %s", report.polls, report.last_error)
-            now_progress = None
-        else:
-            p = progress(counters, threshold, baseline)
-            report.project_id, report.counter = p.project_id, p.counter
-            report.current, report.baseline, report.new = p.current, p.baseline, p.new
-            update_progress_artifact(artifact_id, round(100 * p.fraction, 1))
-            logger.info("poll %d: %s", report.polls, p.describe())
-            if p.reached:
-                report.reached = True
-                report.message = p.describe()
-                break
-            now_progress = p.new
-        now = time.monotonic()
-        if now >= deadline:
-            break
-        progressed = now_progress is not None and last_new is not None and now_progress > last_new
-        if now_progress is not None:
-            last_new = now_progress
-        time.sleep(min(backoff.next_delay(progressed), deadline - now))
-
-    report.waited_s = round(time.monotonic() - started, 3)
-    if not report.reached:
-        report.message = f"not enough annotations yet: {max(0, report.new)} of {params.min_new}"
-        if report.current is None and report.last_error:
-            report.message += f" (Label Studio unreachable: {report.last_error})"
-    _summary_artifact(report)
+    watch = watch_progress(
+        clients.labelstudio, params.project, params.threshold(), baseline,
+        timeout_s=params.timeout_s,
+        backoff=Backoff(params.min_interval_s, params.max_interval_s),
+        on_progress=lambda p: update_progress_artifact(artifact_id, round(100 * p.fraction, 1)),
+        logger=logger,
+    )
+    report = WaitReport.of(params, baseline_version, watch)
+    create_table_artifact(
+        [{"figure": k, "value": str(v)} for k, v in report.model_dump().items() if k != "message"],
+        description=report.message,
+    )
     logger.info(report.message)
     if report.reached:
         return Completed(message=report.message, data=report)
     return Completed(name="NotEnough", message=report.message, data=report)
-
-
-def _summary_artifact(report: WaitReport) -> None:
-    rows = [
-        {"figure": k, "value": str(v)}
-        for k, v in report.model_dump().items()
-        if k not in ("message",)
-    ]
-    create_table_artifact(rows, description=report.message)

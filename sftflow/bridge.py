@@ -94,12 +94,12 @@ def _prefect_emitter() -> tuple[Emitter, Callable[[], Awaitable[None]], Callable
 
 def _s3_baseline_loader(settings: Settings) -> BaselineLoader:
     from sftflow.tasks.clients import Clients
-    from sftflow.tasks.labelstudio.counters import load_baseline
+    from sftflow.tasks.versioning import load_baseline
 
     clients = Clients(settings)
 
     def load(dataset: str | None) -> tuple[str | None, dict[str, Any] | None]:
-        return load_baseline.fn(clients.s3, dataset, settings.datasets.prefix)
+        return load_baseline(clients.s3, dataset, prefix=settings.datasets.prefix)
 
     return load
 

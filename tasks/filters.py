@@ -1,4 +1,4 @@
-"""Row filters and the PII / secret scan: pure functions over lists of row dicts.
+"""Row filters and the PII / secret scan: pure functions over lists of ``SftRow``.
 
 Every dropped row comes back as an exclusion with its reason, every decision is counted, so
 the build can report what it kept and why it dropped the rest. ``filter_rows`` is applied per
@@ -14,11 +14,14 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
 from sftflow.tasks._prefect import compute_task
+
+if TYPE_CHECKING:
+    from sftflow.tasks.labelstudio.export import Exclusion, SftRow
 
 ScanPolicy = Literal["drop", "redact", "off"]
 
@@ -108,12 +111,12 @@ def approx_tokens(text: str) -> int:
 # -- the filter ----------------------------------------------------------------------------------
 @dataclass
 class FilterResult:
-    kept: list[dict[str, Any]] = field(default_factory=list)
-    excluded: list[dict[str, Any]] = field(default_factory=list)
+    kept: list[SftRow] = field(default_factory=list)
+    excluded: list[Exclusion] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)  # "dropped:<reason>", "redacted:<kind>"
 
 
-def _drop_reason(row: dict[str, Any], cfg: FilterConfig) -> str | None:
+def _drop_reason(row: SftRow, cfg: FilterConfig) -> str | None:
     prompt, completion = row["prompt"], row["completion"]
     stripped = completion.strip()
     if not stripped:
@@ -135,7 +138,7 @@ def _drop_reason(row: dict[str, Any], cfg: FilterConfig) -> str | None:
     return None
 
 
-def _scan(row: dict[str, Any], kinds: dict[str, re.Pattern[str]], policy: ScanPolicy,
+def _scan(row: SftRow, kinds: dict[str, re.Pattern[str]], policy: ScanPolicy,
           family: str, counts: Counter) -> str | None:
     """Apply one scan family to prompt and completion; returns a drop reason or None."""
     if policy == "off":
@@ -154,11 +157,11 @@ def _scan(row: dict[str, Any], kinds: dict[str, re.Pattern[str]], policy: ScanPo
     return None
 
 
-def filter_rows(rows: list[dict[str, Any]], cfg: FilterConfig) -> FilterResult:
+def filter_rows(rows: list[SftRow], cfg: FilterConfig) -> FilterResult:
     """Keep, redact or drop each row. Rows are copied, never changed in place."""
     out = FilterResult()
     for row in rows:
-        row = dict(row)
+        row = row.copy()
         reason = _drop_reason(row, cfg)
         if reason is None:
             reason = _scan(row, SECRET_PATTERNS, cfg.secrets, "secret", out.counts)
@@ -168,7 +171,7 @@ def filter_rows(rows: list[dict[str, Any]], cfg: FilterConfig) -> FilterResult:
             out.kept.append(row)
             continue
         out.counts[f"dropped:{reason}"] += 1
-        excluded = {
+        excluded: Exclusion = {
             "stage": "filter", "reason": reason, "detail": "",
             "task_id": row.get("task_id"), "annotation_id": row.get("annotation_id"),
             "prompt": row["prompt"], "completion": row["completion"],

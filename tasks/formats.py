@@ -7,16 +7,20 @@ the file), which is what lets versions share content-addressed shards.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-#: Columns of every Parquet shard, in this order.
+from sftflow.core.hashing import sha256_hex
+
+if TYPE_CHECKING:
+    from sftflow.tasks.labelstudio.export import Exclusion, SftRow
+
+#: Columns of every Parquet shard, in this order: the fields of ``SftRow``.
 SCHEMA = pa.schema([
     pa.field("prompt", pa.string(), nullable=False),
     pa.field("completion", pa.string(), nullable=False),
@@ -43,18 +47,18 @@ _PARQUET_OPTIONS = {
 }
 
 
-def row_hash(row: dict[str, Any]) -> str:
+def row_hash(row: SftRow) -> str:
     """Content hash of one stored row: every column but ``row_hash`` itself (32 hex chars)."""
     payload = json.dumps([row[c] for c in COLUMNS if c != "row_hash"], ensure_ascii=False,
                          separators=(",", ":"))
-    return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return sha256_hex(payload.encode("utf-8", "surrogatepass"))[:32]
 
 
 def schema_json() -> dict[str, str]:
     return {f.name: str(f.type) for f in SCHEMA}
 
 
-def parquet_bytes(rows: Sequence[dict[str, Any]]) -> bytes:
+def parquet_bytes(rows: Sequence[SftRow]) -> bytes:
     """One Parquet file (one row group) holding ``rows`` in the given order."""
     table = pa.Table.from_pylist([{c: r[c] for c in COLUMNS} for r in rows], schema=SCHEMA)
     sink = io.BytesIO()
@@ -70,10 +74,10 @@ def _jsonl(records: Iterable[dict[str, Any]]) -> bytes:
     )
 
 
-def openai_chat_jsonl(rows: Iterable[dict[str, Any]], system_prompt: str | None = None) -> bytes:
+def openai_chat_jsonl(rows: Iterable[SftRow], system_prompt: str | None = None) -> bytes:
     """OpenAI fine-tuning chat format: ``{"messages": [system?, user, assistant]}`` a line."""
 
-    def messages(r: dict[str, Any]) -> dict[str, Any]:
+    def messages(r: SftRow) -> dict[str, Any]:
         msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
         msgs += [{"role": "user", "content": r["prompt"]},
                  {"role": "assistant", "content": r["completion"]}]
@@ -82,12 +86,12 @@ def openai_chat_jsonl(rows: Iterable[dict[str, Any]], system_prompt: str | None 
     return _jsonl(messages(r) for r in rows)
 
 
-def trl_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
+def trl_jsonl(rows: Iterable[SftRow]) -> bytes:
     """TRL's standard prompt-completion format: ``{"prompt": ..., "completion": ...}``."""
     return _jsonl({"prompt": r["prompt"], "completion": r["completion"]} for r in rows)
 
 
-def exclusions_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
+def exclusions_jsonl(rows: Iterable[Exclusion]) -> bytes:
     return _jsonl(rows)
 
 

@@ -22,30 +22,49 @@ update is lost to a blind overwrite).
 
 The version id is a hash of the sorted row hashes (each row hash covers the split) and of
 the build configuration: unchanged annotations rebuild to the same id, and nothing is written.
+
+Records: ``Manifest`` and its ``FileEntry`` list (pydantic) are the manifest's one shape, for
+the writer and every reader. ``load_manifest`` validates what it reads: a file path that is
+absolute or climbs out of the dataset root, an unknown split, or a manifest describing another
+version is refused, and file keys are built from the root the reader computed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import random
+import posixpath
 import re
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow.parquet as pq
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
+from sftflow.core.clock import utc_now, utc_now_iso
 from sftflow.core.errors import SftflowError
+from sftflow.core.hashing import config_hash, sha256_hex
 from sftflow.core.settings import DatasetSettings
 from sftflow.tasks import formats
+from sftflow.tasks._prefect import io_task
+from sftflow.tasks.polling import Backoff, retry
 from sftflow.tasks.storage import S3, PreconditionFailed
+
+if TYPE_CHECKING:
+    from sftflow.tasks.labelstudio.export import Exclusion, SftRow
 
 DEFAULT_PREFIX: str = DatasetSettings.model_fields["prefix"].default
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -76,32 +95,107 @@ def dataset_root(settings_or_prefix: Any, dataset: str) -> str:
     return f"{prefix}/{dataset}" if prefix else dataset
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      default=str).encode()
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    return _sha(canonical_json(config))[:16]
-
-
 def version_id(row_hashes: Iterable[str], cfg_hash: str) -> str:
     """16 hex chars of sha256 over the config hash and the sorted row hashes."""
-    h = hashlib.sha256(cfg_hash.encode() + b"\n")
-    for rh in sorted(row_hashes):
-        h.update(rh.encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
+    return sha256_hex("".join([f"{cfg_hash}\n", *(f"{h}\n" for h in sorted(row_hashes))]))[:16]
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
     """``NAME[@VERSION_OR_TAG]`` -> ``(name, version_or_tag | None)``."""
     name, _, version = ref.partition("@")
     return check_name("dataset", name), (version or None)
+
+
+# -- the manifest --------------------------------------------------------------------------------
+class FileEntry(BaseModel):
+    """One file of a version, relative to the dataset root. ``of``: for a JSONL copy, the
+    sha256 of the Parquet shard it was written from (absent from the JSON otherwise)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    split: Literal["train", "eval"] | None
+    format: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    rows: int = Field(ge=0)
+    of: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_root(cls, path: str) -> str:
+        parts = path.split("/")
+        if (path.startswith("/") or "\\" in path or "\x00" in path
+                or any(p in ("", ".", "..") for p in parts) or posixpath.isabs(path)):
+            raise ValueError(f"file path {path!r} leaves the dataset root")
+        return path
+
+    @model_serializer(mode="wrap")
+    def _without_empty_of(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if self.of is None:
+            data.pop("of", None)
+        return data
+
+
+class Manifest(BaseModel):
+    """``versions/<version>/manifest.json``: what a version is. Written once by
+    ``commit_version``; read back only through ``load_manifest`` (or ``Manifest.parse``),
+    which locates its files under the root the reader computed, never under ``root`` as
+    written in the file."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    dataset: str
+    version: str
+    parent: str | None = None
+    root: str  # as written by the committer; informative only
+    created_at: str
+    files: list[FileEntry]
+    rows: dict[str, int]
+    schema_: dict[str, str] = Field(default_factory=dict, alias="schema")
+    source: dict[str, Any] = Field(default_factory=dict)
+    stats: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+    config_hash: str = ""
+    code_version: str = ""
+    run_id: str | None = None
+    _base: str = PrivateAttr("")  # the dataset root this manifest was read from
+
+    @classmethod
+    def parse(cls, data: bytes, *, root: str, where: str) -> Manifest:
+        """Validate manifest bytes read at ``where`` (a URI, for messages); files are then
+        located under ``root``. Anything malformed is an SftflowError naming ``where``."""
+        try:
+            raw = json.loads(data)
+        except ValueError as err:
+            raise SftflowError(f"manifest {where} is not valid JSON: {err}") from err
+        try:
+            manifest = cls.model_validate(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "manifest"
+            raise SftflowError(f"manifest {where} is refused: {loc}: {first['msg']}") from None
+        return manifest.located(root)
+
+    def located(self, root: str) -> Manifest:
+        self._base = root
+        return self
+
+    def key(self, path: str) -> str:
+        """The object key of a file path of this manifest."""
+        if not self._base:
+            raise SftflowError(f"manifest of {self.dataset}@{self.version} was not located")
+        return f"{self._base}/{path}"
+
+    def files_of(self, fmt: str, split: str | None = None) -> list[FileEntry]:
+        """Files of one format (and split, unless None), in manifest order."""
+        return [f for f in self.files if f.format == fmt and (split is None or f.split == split)]
+
+    def to_json(self) -> bytes:
+        """The manifest's bytes as committed (key order and layout fixed)."""
+        return json.dumps(self.model_dump(by_alias=True), indent=1, ensure_ascii=False,
+                          default=str).encode()
 
 
 # -- refs and manifests --------------------------------------------------------------------------
@@ -150,7 +244,7 @@ def resolve(s3: S3, dataset: str, version: str | None, *, prefix: str = DEFAULT_
         if found is None:
             raise SftflowError(f"dataset {dataset!r} has no version yet ({s3.uri(root)}/refs/latest)")
         return found
-    if s3.head(f"{root}/versions/{version}/manifest.json") is not None:
+    if _NAME.match(version) and s3.head(f"{root}/versions/{version}/manifest.json") is not None:
         return version
     if _NAME.match(version):
         tagged = get_tag(s3, dataset, version, prefix=prefix)
@@ -159,65 +253,81 @@ def resolve(s3: S3, dataset: str, version: str | None, *, prefix: str = DEFAULT_
     raise SftflowError(f"dataset {dataset!r} has no version or tag {version!r} ({s3.uri(root)})")
 
 
-def file_key(manifest: dict[str, Any], path: str) -> str:
-    return f"{manifest['root']}/{path}"
+def file_key(manifest: Manifest, path: str) -> str:
+    """The object key of one of ``manifest``'s file paths (under the root it was read from)."""
+    return manifest.key(path)
 
 
-def verify_files(s3: S3, manifest: dict[str, Any], files: Sequence[dict] | None = None) -> None:
+def verify_files(s3: S3, manifest: Manifest, files: Sequence[FileEntry] | None = None) -> None:
     """Download every listed file and check size and sha256; SftflowError names the first bad one."""
 
-    def check(f: dict[str, Any]) -> None:
-        key = file_key(manifest, f["path"])
+    def check(f: FileEntry) -> None:
+        key = manifest.key(f.path)
         try:
             data, _ = s3.get_bytes(key)
         except KeyError:
             raise SftflowError(
-                f"{manifest['dataset']}@{manifest['version']}: file {s3.uri(key)} is missing"
+                f"{manifest.dataset}@{manifest.version}: file {s3.uri(key)} is missing"
             ) from None
-        if len(data) != f["size"] or _sha(data) != f["sha256"]:
+        if len(data) != f.size or sha256_hex(data) != f.sha256:
             raise SftflowError(
-                f"{manifest['dataset']}@{manifest['version']}: checksum mismatch for {s3.uri(key)}"
+                f"{manifest.dataset}@{manifest.version}: checksum mismatch for {s3.uri(key)}"
             )
 
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(check, files if files is not None else manifest["files"]))
+        list(pool.map(check, files if files is not None else manifest.files))
+
+
+def _read_manifest(s3: S3, root: str, dataset: str, version: str) -> Manifest:
+    key = f"{root}/versions/{version}/manifest.json"
+    try:
+        data, _ = s3.get_bytes(key)
+    except KeyError:
+        raise SftflowError(f"dataset {dataset!r} has no version {version!r} ({s3.uri(key)})") from None
+    manifest = Manifest.parse(data, root=root, where=s3.uri(key))
+    if (manifest.dataset, manifest.version) != (dataset, version):
+        raise SftflowError(
+            f"manifest {s3.uri(key)} is refused: it describes "
+            f"{manifest.dataset}@{manifest.version}, not {dataset}@{version}"
+        )
+    return manifest
 
 
 def load_manifest(
     s3: S3, dataset: str, version: str | None = None, verify: bool = True, *,
     prefix: str = DEFAULT_PREFIX,
-) -> dict[str, Any]:
-    """The manifest of ``version`` (an id or a tag; None: ``refs/latest``), its files verified."""
+) -> Manifest:
+    """The validated manifest of ``version`` (an id or a tag; None: ``refs/latest``), its
+    files verified. A manifest that names a file outside the dataset root, an unknown split
+    or another version is refused (SftflowError naming it)."""
     version = resolve(s3, dataset, version, prefix=prefix)
-    key = f"{dataset_root(prefix, dataset)}/versions/{version}/manifest.json"
-    try:
-        data, _ = s3.get_bytes(key)
-    except KeyError:
-        raise SftflowError(f"dataset {dataset!r} has no version {version!r} ({s3.uri(key)})") from None
-    try:
-        manifest = json.loads(data)
-    except ValueError as err:
-        raise SftflowError(f"manifest {s3.uri(key)} is not valid JSON: {err}") from err
+    manifest = _read_manifest(s3, dataset_root(prefix, dataset), dataset, version)
     if verify:
         verify_files(s3, manifest)
     return manifest
 
 
-def data_files(s3: S3, manifest: dict[str, Any], split: str | None, fmt: str = "parquet") -> list[str]:
+def data_files(s3: S3, manifest: Manifest, split: str | None, fmt: str = "parquet") -> list[str]:
     """s3:// URIs of the version's files of one split and format, in manifest order."""
-    return [
-        s3.uri(file_key(manifest, f["path"]))
-        for f in manifest["files"]
-        if f["format"] == fmt and (split is None or f["split"] == split)
-    ]
+    return [s3.uri(manifest.key(f.path)) for f in manifest.files_of(fmt, split)]
 
 
-def last_source_counters(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX) -> dict | None:
-    """The Label Studio counters recorded by the latest version (``project_id``,
-    ``num_tasks_with_annotations``, ``total_annotations_number``, ...); None before the first."""
-    if latest_version(s3, dataset, prefix=prefix) is None:
-        return None
-    return dict(load_manifest(s3, dataset, None, verify=False, prefix=prefix).get("source") or {})
+def load_baseline(
+    s3: S3, dataset: str | None, *, prefix: str = DEFAULT_PREFIX
+) -> tuple[str | None, dict[str, Any] | None]:
+    """``(version, Label Studio counters)`` recorded by the latest version of ``dataset``
+    (``project_id``, ``num_tasks_with_annotations``, ...); ``(None, None)`` before the first
+    version or without a dataset. What "new annotations" are counted from."""
+    if not dataset:
+        return None, None
+    version = latest_version(s3, dataset, prefix=prefix)
+    if version is None:
+        return None, None
+    manifest = load_manifest(s3, dataset, version, verify=False, prefix=prefix)
+    return version, dict(manifest.source)
+
+
+load_baseline_task = io_task(name="load-baseline")(load_baseline)
 
 
 def list_datasets(s3: S3, *, prefix: str = DEFAULT_PREFIX) -> list[str]:
@@ -234,16 +344,15 @@ def list_datasets(s3: S3, *, prefix: str = DEFAULT_PREFIX) -> list[str]:
 def list_versions(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX) -> list[dict[str, Any]]:
     """Every committed version (a manifest exists), oldest first, with summary fields."""
     root = dataset_root(prefix, dataset)
-    keys = [o.key for o in s3.list(f"{root}/versions/") if o.key.endswith("/manifest.json")]
 
     def summary(key: str) -> dict[str, Any]:
-        m = json.loads(s3.get_bytes(key)[0])
-        return {"version": m["version"], "parent": m.get("parent"), "created_at": m["created_at"],
-                "rows": m["rows"], "run_id": m.get("run_id"),
-                "snapshot_at": (m.get("source") or {}).get("snapshot_at")}
+        m = Manifest.parse(s3.get_bytes(key)[0], root=root, where=s3.uri(key))
+        return {"version": m.version, "parent": m.parent, "created_at": m.created_at,
+                "rows": m.rows, "run_id": m.run_id, "snapshot_at": m.source.get("snapshot_at")}
 
     with ThreadPoolExecutor(8) as pool:
-        out = list(pool.map(summary, keys))
+        out = list(pool.map(summary, [o.key for o in s3.list(f"{root}/versions/")
+                                      if o.key.endswith("/manifest.json")]))
     return sorted(out, key=lambda v: v["created_at"])
 
 
@@ -264,11 +373,8 @@ class CommitResult:
     cas_retries: int = 0
     superseded_by: str | None = None  # refs/latest was left on a version from a newer snapshot
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-
-def _sort_key(row: dict[str, Any]) -> tuple:
+def _sort_key(row: SftRow) -> tuple:
     return (row["split"], row["prompt_id"], row["task_id"], row["annotation_id"], row["row_hash"])
 
 
@@ -288,10 +394,10 @@ def _put_immutable(s3: S3, key: str, data: bytes, content_type: str) -> tuple[st
     version), keep it and describe what is there. Returns (sha256, size, bytes uploaded)."""
     try:
         s3.put_bytes(key, data, if_none_match=True, content_type=content_type)
-        return _sha(data), len(data), len(data)
+        return sha256_hex(data), len(data), len(data)
     except PreconditionFailed:
         existing, _ = s3.get_bytes(key)
-        return _sha(existing), len(existing), 0
+        return sha256_hex(existing), len(existing), 0
 
 
 def _shard_row_hashes(s3: S3, key: str) -> list[str]:
@@ -300,39 +406,52 @@ def _shard_row_hashes(s3: S3, key: str) -> list[str]:
 
 
 def plan_shards(
-    s3: S3, root: str, rows: Sequence[dict[str, Any]], parent: dict[str, Any] | None,
-    shard_rows: int,
-) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    s3: S3, rows: Sequence[SftRow], parent: Manifest | None, shard_rows: int,
+) -> tuple[list[FileEntry], list[list[SftRow]]]:
     """Which parent shards the new version can reuse whole, and the leftover rows cut into
     new shards. A parent shard is reused when every row in it is still in the version with
     the same split; small parent shards are merged into the new ones (bounded fragmentation).
     Returns (reused parquet file entries, new shards as sorted row lists)."""
     by_hash = {r["row_hash"]: r for r in rows}
     remaining = set(by_hash)
-    reused: list[dict[str, Any]] = []
+    reused: list[FileEntry] = []
     if parent:
-        candidates = [f for f in parent["files"] if f["format"] == "parquet"
-                      and f["rows"] >= max(1, shard_rows // MERGE_BELOW)]
+        candidates = [f for f in parent.files_of("parquet")
+                      if f.rows >= max(1, shard_rows // MERGE_BELOW)]
         with ThreadPoolExecutor(8) as pool:
-            hashes = list(pool.map(lambda f: _shard_row_hashes(s3, file_key(parent, f["path"])),
+            hashes = list(pool.map(lambda f: _shard_row_hashes(s3, parent.key(f.path)),
                                    candidates))
         for f, hs in zip(candidates, hashes, strict=True):
-            if hs and all(h in remaining and by_hash[h]["split"] == f["split"] for h in hs):
+            if hs and all(h in remaining and by_hash[h]["split"] == f.split for h in hs):
                 reused.append(f)
                 remaining.difference_update(hs)
     leftover = sorted((by_hash[h] for h in remaining), key=_sort_key)
-    shards: list[list[dict[str, Any]]] = []
+    shards: list[list[SftRow]] = []
     for split in SPLITS:
         part = [r for r in leftover if r["split"] == split]
         shards += [part[i:i + shard_rows] for i in range(0, len(part), shard_rows)]
     return reused, shards
 
 
-def _companions(parent: dict[str, Any] | None, parquet_sha: str) -> list[dict[str, Any]]:
+def _companions(parent: Manifest | None, parquet_sha: str) -> list[FileEntry]:
     """The JSONL shard entries that were written with a reused parquet shard."""
     if not parent:
         return []
-    return [f for f in parent["files"] if f.get("of") == parquet_sha]
+    return [f for f in parent.files if f.of == parquet_sha]
+
+
+def _snapshot_of(s3: S3, root: str, version: str) -> str:
+    """The Label Studio snapshot time a committed version was built from ("" if unknown)."""
+    key = f"{root}/versions/{version}/manifest.json"
+    try:
+        data, _ = s3.get_bytes(key)
+    except KeyError:
+        return ""
+    return str(Manifest.parse(data, root=root, where=s3.uri(key)).source.get("snapshot_at") or "")
+
+
+class _Contention(Exception):
+    """refs/latest changed between our read and our conditional write."""
 
 
 def advance_latest(
@@ -342,18 +461,15 @@ def advance_latest(
     """Move ``refs/latest`` to ``version`` with compare-and-swap, unless it names a version
     built from a newer snapshot. Returns (moved, latest afterwards, CAS retries, superseded_by)."""
     key = f"{root}/refs/latest"
-    rng = random.Random()
     retries = 0
-    for attempt in range(max_attempts):
+
+    def attempt() -> tuple[bool, str | None, int, str | None]:
+        nonlocal retries
         current = _read_text(s3, key)
         if current and current[0] == version:
             return False, version, retries, None
         if current and snapshot_at:
-            try:
-                cur = json.loads(s3.get_bytes(f"{root}/versions/{current[0]}/manifest.json")[0])
-                cur_snap = (cur.get("source") or {}).get("snapshot_at") or ""
-            except KeyError:
-                cur_snap = ""
+            cur_snap = _snapshot_of(s3, root, current[0])
             if cur_snap and cur_snap > snapshot_at:
                 return False, current[0], retries, current[0]
         try:
@@ -361,24 +477,52 @@ def advance_latest(
                 s3.put_bytes(key, version.encode(), if_none_match=True, content_type="text/plain")
             else:
                 s3.put_bytes(key, version.encode(), if_match=current[1], content_type="text/plain")
-            return True, version, retries, None
         except PreconditionFailed:
             retries += 1
             if hook:
                 hook("cas-retry")
-            time.sleep(min(2.0, 0.05 * 2**attempt) * rng.uniform(0.5, 1.5))
-    raise SftflowError(f"could not move {s3.uri(key)} after {max_attempts} attempts (contention)")
+            raise _Contention from None
+        return True, version, retries, None
+
+    try:
+        return retry(attempt, attempts=max_attempts,
+                     retry_if=lambda err: isinstance(err, _Contention),
+                     backoff=Backoff(0.05, 2.0, jitter=0.5))
+    except _Contention:
+        raise SftflowError(
+            f"could not move {s3.uri(key)} after {max_attempts} attempts (contention)"
+        ) from None
+
+
+def _shard_files(shard: list[SftRow], system_prompt: str | None,
+                 ) -> list[tuple[FileEntry, bytes, str]]:
+    """A new shard's Parquet file and its two JSONL copies: (entry, bytes, content type)."""
+    split = shard[0]["split"]
+    pq_bytes = formats.parquet_bytes(shard)
+    pq_sha = sha256_hex(pq_bytes)
+    out = [(FileEntry(path=f"shards/{pq_sha}.parquet", split=split, format="parquet",
+                      sha256=pq_sha, size=len(pq_bytes), rows=len(shard)),
+            pq_bytes, "application/vnd.apache.parquet")]
+    for fmt, sub, data in (
+        ("openai_chat", "openai", formats.openai_chat_jsonl(shard, system_prompt)),
+        ("trl", "trl", formats.trl_jsonl(shard)),
+    ):
+        sha = sha256_hex(data)
+        out.append((FileEntry(path=f"shards/{sub}/{sha}.jsonl", split=split, format=fmt,
+                              sha256=sha, size=len(data), rows=len(shard), of=pq_sha),
+                    data, "application/jsonl"))
+    return out
 
 
 def commit_version(
     s3: S3,
     dataset: str,
-    rows: Sequence[dict[str, Any]],
+    rows: Sequence[SftRow],
     *,
     config: dict[str, Any],
     source: dict[str, Any],
     stats: dict[str, Any],
-    exclusions: Sequence[dict[str, Any]] = (),
+    exclusions: Sequence[Exclusion] = (),
     prefix: str = DEFAULT_PREFIX,
     shard_rows: int = 5000,
     run_id: str | None = None,
@@ -402,11 +546,15 @@ def commit_version(
     snapshot_at = source.get("snapshot_at")
 
     if s3.head(mkey) is not None:  # a rebuild of the same content, or a rerun past the manifest
-        existing = json.loads(s3.get_bytes(mkey)[0])
+        existing = _read_manifest(s3, root, dataset, vid)
         moved, latest, retries, sup = advance_latest(s3, root, vid, snapshot_at, hook=hook)
         step("ref")
-        return CommitResult(dataset, vid, False, moved, latest, existing.get("parent"), row_counts,
-                            0, sum(f["size"] for f in existing["files"]), 0, 0, retries, sup)
+        return CommitResult(
+            dataset=dataset, version=vid, created=False, ref_updated=moved, latest=latest,
+            parent=existing.parent, rows=row_counts, bytes_written=0,
+            bytes_total=sum(f.size for f in existing.files), cas_retries=retries,
+            superseded_by=sup,
+        )
 
     parent_id = latest_version(s3, dataset, prefix=prefix)
     parent = None
@@ -415,31 +563,17 @@ def commit_version(
             parent = load_manifest(s3, dataset, parent_id, verify=False, prefix=prefix)
         except SftflowError:
             parent = None  # unreadable parent: build everything fresh, never fail the build
-    reused, new_shards = plan_shards(s3, root, rows, parent, shard_rows)
+    reused, new_shards = plan_shards(s3, rows, parent, shard_rows)
 
-    files: list[dict[str, Any]] = []
+    files: list[FileEntry] = []
     written = 0
     for f in reused:
-        files.append(dict(f))
-        files += [dict(c) for c in _companions(parent, f["sha256"])]
+        files += [f, *_companions(parent, f.sha256)]
 
-    def write_shard(shard: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
-        split = shard[0]["split"]
-        pq_bytes = formats.parquet_bytes(shard)
-        pq_sha = _sha(pq_bytes)
-        entries = [{"path": f"shards/{pq_sha}.parquet", "split": split, "format": "parquet",
-                    "sha256": pq_sha, "size": len(pq_bytes), "rows": len(shard)}]
-        n = _put_if_absent(s3, f"{root}/shards/{pq_sha}.parquet", pq_bytes,
-                           "application/vnd.apache.parquet")
-        for fmt, sub, data in (
-            ("openai_chat", "openai", formats.openai_chat_jsonl(shard, system_prompt)),
-            ("trl", "trl", formats.trl_jsonl(shard)),
-        ):
-            sha = _sha(data)
-            entries.append({"path": f"shards/{sub}/{sha}.jsonl", "split": split, "format": fmt,
-                            "sha256": sha, "size": len(data), "rows": len(shard), "of": pq_sha})
-            n += _put_if_absent(s3, f"{root}/shards/{sub}/{sha}.jsonl", data, "application/jsonl")
-        return entries, n
+    def write_shard(shard: list[SftRow]) -> tuple[list[FileEntry], int]:
+        parts = _shard_files(shard, system_prompt)
+        return [e for e, _, _ in parts], sum(
+            _put_if_absent(s3, f"{root}/{e.path}", data, ctype) for e, data, ctype in parts)
 
     with ThreadPoolExecutor(4) as pool:
         for entries, n in pool.map(write_shard, new_shards):
@@ -448,73 +582,61 @@ def commit_version(
             step("shard")
 
     split_order = {s: i for i, s in enumerate(SPLITS)}
-    files.sort(key=lambda f: (split_order.get(f["split"], 9), f["format"], f["path"]))
-    sizes = {s: sum(f["size"] for f in files if f["split"] == s and f["format"] == "parquet")
+    files.sort(key=lambda f: (split_order.get(f.split, 9), f.format, f.path))
+    sizes = {s: sum(f.size for f in files if f.split == s and f.format == "parquet")
              for s in SPLITS}
 
     ex_data = formats.exclusions_jsonl(exclusions)
     sha, size, n = _put_immutable(s3, f"{root}/versions/{vid}/exclusions.jsonl", ex_data,
                                   "application/jsonl")
     written += n
-    files.append({"path": f"versions/{vid}/exclusions.jsonl", "split": None,
-                  "format": "exclusions", "sha256": sha, "size": size, "rows": len(exclusions)})
+    files.append(FileEntry(path=f"versions/{vid}/exclusions.jsonl", split=None,
+                           format="exclusions", sha256=sha, size=size, rows=len(exclusions)))
     card = formats.dataset_card(dataset=dataset, version=vid, rows=row_counts, sizes=sizes,
                                 stats=stats, source=source, config=config).encode()
     sha, size, n = _put_immutable(s3, f"{root}/versions/{vid}/README.md", card, "text/markdown")
     written += n
-    files.append({"path": f"versions/{vid}/README.md", "split": None, "format": "card",
-                  "sha256": sha, "size": size, "rows": 0})
+    files.append(FileEntry(path=f"versions/{vid}/README.md", split=None, format="card",
+                           sha256=sha, size=size, rows=0))
     step("files")
 
-    manifest = {
-        "dataset": dataset,
-        "version": vid,
-        "parent": parent_id,
-        "root": root,
-        "created_at": datetime.now(UTC).isoformat(),
-        "files": files,
-        "rows": row_counts,
-        "schema": formats.schema_json(),
-        "source": source,
-        "stats": stats,
-        "config": config,
-        "config_hash": cfg_hash,
-        "code_version": code_version,
-        "run_id": run_id,
-    }
-    body = json.dumps(manifest, indent=1, ensure_ascii=False, default=str).encode()
+    manifest = Manifest(
+        dataset=dataset, version=vid, parent=parent_id, root=root, created_at=utc_now_iso(),
+        files=files, rows=row_counts, schema=formats.schema_json(), source=source, stats=stats,
+        config=config, config_hash=cfg_hash, code_version=code_version, run_id=run_id,
+    ).located(root)
+    body = manifest.to_json()
     created = True
     try:
         s3.put_bytes(mkey, body, if_none_match=True, content_type="application/json")
         written += len(body)
     except PreconditionFailed:  # a concurrent build of the same content committed first
         created = False
-        manifest = json.loads(s3.get_bytes(mkey)[0])
+        manifest = _read_manifest(s3, root, dataset, vid)
     step("manifest")
     moved, latest, retries, sup = advance_latest(s3, root, vid, snapshot_at, hook=hook)
     step("ref")
     return CommitResult(
         dataset=dataset, version=vid, created=created, ref_updated=moved, latest=latest,
-        parent=manifest.get("parent"), rows=row_counts, bytes_written=written,
-        bytes_total=sum(f["size"] for f in manifest["files"]),
+        parent=manifest.parent, rows=row_counts, bytes_written=written,
+        bytes_total=sum(f.size for f in manifest.files),
         shards_written=len(new_shards), shards_reused=len(reused), cas_retries=retries,
         superseded_by=sup,
     )
 
 
 # -- readers: diff, pull, gc ---------------------------------------------------------------------
-def _row_index(s3: S3, manifest: dict[str, Any]) -> dict[str, tuple[str, int, str]]:
+def _row_index(s3: S3, manifest: Manifest) -> dict[str, tuple[str, int, str]]:
     """row_hash -> (split, annotation_id, prompt) for every row of a version."""
-    files = [f for f in manifest["files"] if f["format"] == "parquet"]
 
-    def read(f: dict[str, Any]) -> list[tuple]:
-        data, _ = s3.get_bytes(file_key(manifest, f["path"]))
+    def read(f: FileEntry) -> list[tuple]:
+        data, _ = s3.get_bytes(manifest.key(f.path))
         t = pq.read_table(io.BytesIO(data), columns=["row_hash", "split", "annotation_id", "prompt"])
         return list(zip(*(t.column(i).to_pylist() for i in range(4)), strict=True))
 
     out = {}
     with ThreadPoolExecutor(8) as pool:
-        for part in pool.map(read, files):
+        for part in pool.map(read, manifest.files_of("parquet")):
             out.update({h: (s, a, p) for h, s, a, p in part})
     return out
 
@@ -538,15 +660,15 @@ def diff_versions(s3: S3, dataset: str, a: str | None, b: str | None, *,
         c = Counter(idx[h][0] for h in hs)
         return {s: c.get(s, 0) for s in SPLITS}
 
-    paths_a = {f["path"] for f in ma["files"]}
-    shared = sum(f["size"] for f in mb["files"] if f["path"] in paths_a)
+    paths_a = {f.path for f in ma.files}
+    shared = sum(f.size for f in mb.files if f.path in paths_a)
     return {
-        "dataset": dataset, "a": ma["version"], "b": mb["version"],
-        "rows_a": ma["rows"], "rows_b": mb["rows"],
+        "dataset": dataset, "a": ma.version, "b": mb.version,
+        "rows_a": ma.rows, "rows_b": mb.rows,
         "added": per_split(added_only, rb), "removed": per_split(removed_only, ra),
         "changed": per_split(changed, rb),
         "unchanged": len(rb) - len(added),
-        "bytes_b": sum(f["size"] for f in mb["files"]), "bytes_shared_with_a": shared,
+        "bytes_b": sum(f.size for f in mb.files), "bytes_shared_with_a": shared,
         "examples": {
             "added": [rb[h][2][:120] for h in sorted(added_only)[:examples]],
             "removed": [ra[h][2][:120] for h in sorted(removed_only)[:examples]],
@@ -554,13 +676,13 @@ def diff_versions(s3: S3, dataset: str, a: str | None, b: str | None, *,
     }
 
 
-def local_path(f: dict[str, Any]) -> str:
+def local_path(f: FileEntry) -> str:
     """Where ``pull`` puts a manifest file: the layout the dataset card describes."""
-    name = f["path"].rsplit("/", 1)[-1]
-    if f["format"] == "parquet":
-        return f"data/{f['split']}/{name}"
-    if f["format"] in ("openai_chat", "trl"):
-        return f"{'openai' if f['format'] == 'openai_chat' else 'trl'}/{f['split']}/{name}"
+    name = f.path.rsplit("/", 1)[-1]
+    if f.format == "parquet":
+        return f"data/{f.split}/{name}"
+    if f.format in ("openai_chat", "trl"):
+        return f"{'openai' if f.format == 'openai_chat' else 'trl'}/{f.split}/{name}"
     return name
 
 
@@ -570,13 +692,14 @@ def pull_version(s3: S3, dataset: str, version: str | None, dest: str | Path, *,
     manifest = load_manifest(s3, dataset, version, verify=False, prefix=prefix)
     dest = Path(dest)
 
-    def fetch(f: dict[str, Any]) -> int:
+    def fetch(f: FileEntry) -> int:
         out = dest / local_path(f)
-        if out.is_file() and out.stat().st_size == f["size"] and _sha(out.read_bytes()) == f["sha256"]:
+        if (out.is_file() and out.stat().st_size == f.size
+                and sha256_hex(out.read_bytes()) == f.sha256):
             return 0
-        data, _ = s3.get_bytes(file_key(manifest, f["path"]))
-        if _sha(data) != f["sha256"]:
-            raise SftflowError(f"checksum mismatch for {s3.uri(file_key(manifest, f['path']))}")
+        data, _ = s3.get_bytes(manifest.key(f.path))
+        if sha256_hex(data) != f.sha256:
+            raise SftflowError(f"checksum mismatch for {s3.uri(manifest.key(f.path))}")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".part")
         tmp.write_bytes(data)
@@ -584,25 +707,26 @@ def pull_version(s3: S3, dataset: str, version: str | None, dest: str | Path, *,
         return len(data)
 
     with ThreadPoolExecutor(8) as pool:
-        downloaded = sum(pool.map(fetch, manifest["files"]))
-    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-    return {"dataset": dataset, "version": manifest["version"], "dir": str(dest),
-            "files": len(manifest["files"]), "bytes_downloaded": downloaded}
+        downloaded = sum(pool.map(fetch, manifest.files))
+    (dest / "manifest.json").write_bytes(manifest.to_json())
+    return {"dataset": dataset, "version": manifest.version, "dir": str(dest),
+            "files": len(manifest.files), "bytes_downloaded": downloaded}
 
 
 def gc(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX, dry_run: bool = True,
        min_age_s: float = 3600.0) -> dict[str, Any]:
     """Objects under the dataset root that no manifest and no ref references, older than
-    ``min_age_s`` (so a commit in progress keeps its fresh uploads). Deleted unless dry run."""
+    ``min_age_s`` (so a commit in progress keeps its fresh uploads). Deleted unless dry run.
+    A manifest that does not validate stops the collection (nothing is deleted)."""
     root = dataset_root(prefix, dataset)
     objects = list(s3.list(f"{root}/"))
     manifests = [o.key for o in objects if o.key.endswith("/manifest.json")
                  and o.key.startswith(f"{root}/versions/")]
     referenced = set(manifests)
     for key in manifests:
-        m = json.loads(s3.get_bytes(key)[0])
-        referenced.update(file_key(m, f["path"]) for f in m["files"])
-    cutoff = datetime.now(UTC) - timedelta(seconds=min_age_s)
+        m = Manifest.parse(s3.get_bytes(key)[0], root=root, where=s3.uri(key))
+        referenced.update(m.key(f.path) for f in m.files)
+    cutoff = utc_now() - timedelta(seconds=min_age_s)
     garbage = [
         o for o in objects
         if o.key not in referenced and not o.key.startswith(f"{root}/refs/")

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from sftflow.cli._app import JsonOption, app, console, print_json
+from sftflow.cli._app import JsonOption, app, console, parse_params, print_json
 from sftflow.core.errors import ConfigError
 from sftflow.core.settings import get_settings
 from sftflow.tasks.clients import Clients, prefect_api
@@ -48,23 +48,13 @@ def build(
     as_json: bool = JsonOption,
 ) -> None:
     """Export the project's annotations and commit a dataset version (no-op if unchanged)."""
-    from pydantic import ValidationError
-
     from sftflow.flows.build_dataset import BuildParams, build_dataset, build_dataset_on
-    from sftflow.tasks.dedup import DedupConfig
-    from sftflow.tasks.filters import FilterConfig
 
-    try:
-        params = BuildParams(
-            project=project, dataset=dataset, annotation_policy=policy,
-            eval_fraction=eval_fraction, tag=tag, bucket=bucket,
-            filters=FilterConfig(pii=pii, secrets=secrets),
-            dedup=DedupConfig(on=dedup_on, threshold=threshold),
-        )
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "parameters"
-        raise ConfigError(f"build {where}: {first['msg']}") from None
+    params = parse_params(
+        BuildParams, "build", project=project, dataset=dataset, annotation_policy=policy,
+        eval_fraction=eval_fraction, tag=tag, bucket=bucket,
+        filters={"pii": pii, "secrets": secrets}, dedup={"on": dedup_on, "threshold": threshold},
+    )
     flow_fn = build_dataset_on(dask_address) if dask_address else build_dataset
     with prefect_api(get_settings()):
         report = flow_fn(params)
@@ -114,7 +104,7 @@ def list_cmd(
         latest = versioning.latest_version(s3, name, prefix=prefix)
         rows = {}
         if latest:
-            rows = versioning.load_manifest(s3, name, latest, verify=False, prefix=prefix)["rows"]
+            rows = versioning.load_manifest(s3, name, latest, verify=False, prefix=prefix).rows
         out.append({"dataset": name, "latest": latest, "rows": rows})
     if as_json:
         print_json(out)
@@ -140,26 +130,25 @@ def show(
     name, version = versioning.parse_ref(ref)
     m = versioning.load_manifest(s3, name, version, verify=verify, prefix=prefix)
     summary = {
-        "dataset": m["dataset"], "version": m["version"], "parent": m.get("parent"),
-        "created_at": m["created_at"], "rows": m["rows"], "source": m.get("source"),
-        "config_hash": m.get("config_hash"), "code_version": m.get("code_version"),
-        "run_id": m.get("run_id"), "verified": verify,
-        "files": {fmt: sum(1 for f in m["files"] if f["format"] == fmt)
-                  for fmt in sorted({f["format"] for f in m["files"]})},
-        "bytes": sum(f["size"] for f in m["files"]),
+        "dataset": m.dataset, "version": m.version, "parent": m.parent,
+        "created_at": m.created_at, "rows": m.rows, "source": m.source,
+        "config_hash": m.config_hash, "code_version": m.code_version,
+        "run_id": m.run_id, "verified": verify,
+        "files": {fmt: len(m.files_of(fmt)) for fmt in sorted({f.format for f in m.files})},
+        "bytes": sum(f.size for f in m.files),
         "stats": {k: {kk: vv for kk, vv in v.items() if kk != "examples"}
-                  if isinstance(v, dict) else v for k, v in (m.get("stats") or {}).items()},
+                  if isinstance(v, dict) else v for k, v in m.stats.items()},
         "train_files": versioning.data_files(s3, m, "train"),
         "eval_files": versioning.data_files(s3, m, "eval"),
     }
     if as_json:
         print_json(summary)
         return
-    console.print(f"[bold]{m['dataset']}@{m['version']}[/bold] (parent {m.get('parent')}, "
-                  f"{m['created_at'][:19]}){' verified' if verify else ''}", highlight=False)
-    console.print(f"rows: {m['rows']}; files: {summary['files']}; {summary['bytes']:,} bytes",
+    console.print(f"[bold]{m.dataset}@{m.version}[/bold] (parent {m.parent}, "
+                  f"{m.created_at[:19]}){' verified' if verify else ''}", highlight=False)
+    console.print(f"rows: {m.rows}; files: {summary['files']}; {summary['bytes']:,} bytes",
                   highlight=False)
-    src = m.get("source") or {}
+    src = m.source
     console.print(f"source: project {src.get('project_title')!r} (id {src.get('project_id')}), "
                   f"export {src.get('export_id')} at {src.get('snapshot_at')}", highlight=False)
     for stage, counts in summary["stats"].items():

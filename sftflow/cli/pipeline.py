@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sftflow.cli._app import JsonOption, app, console, print_json
-from sftflow.core.errors import ConfigError
+from sftflow.cli._app import JsonOption, app, console, parse_params, print_json
 from sftflow.core.settings import get_settings
 from sftflow.tasks.clients import prefect_api
 
@@ -25,8 +24,8 @@ def run(
     """Ingest -> wait -> build -> fine-tune, as subflows of one run. Exit 2 if the wait timed out."""
     from sftflow.flows.pipeline import PipelineParams, sft_pipeline
 
-    params = PipelineParams(
-        source=source, project=project, dataset=dataset, min_new=min_new, wait_timeout_s=timeout,
+    params = parse_params(
+        PipelineParams, "run", source=source, project=project, dataset=dataset, min_new=min_new, wait_timeout_s=timeout,
         min_interval_s=min_interval, max_interval_s=max(600.0, min_interval),
         base_model=base_model, backend=backend,
     )
@@ -57,17 +56,13 @@ def serve(
 
     Blocks until Ctrl-C. Run ``sftflow webhooks serve`` next to it to turn webhooks into events.
     """
-    from pydantic import ValidationError
-
     from sftflow.deployments.serve import ServeConfig
     from sftflow.deployments.serve import serve as serve_deployments
 
-    try:
-        cfg = ServeConfig(source=source, project=project, dataset=dataset, min_new=min_new,
-                          ingest_cron=ingest_cron, check_interval_s=check_interval,
-                          debounce_s=debounce, base_model=base_model, backend=backend)
-    except (ValidationError, ValueError) as err:
-        raise ConfigError(f"sftflow serve: {err}") from err
+    cfg = parse_params(ServeConfig, "serve", source=source, project=project, dataset=dataset,
+                       min_new=min_new, ingest_cron=ingest_cron,
+                       check_interval_s=check_interval, debounce_s=debounce,
+                       base_model=base_model, backend=backend)
     with prefect_api(get_settings()) as api_url:
         console.print(f"serving the sftflow deployments on {api_url}")
         serve_deployments(cfg, limit=limit)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sftflow.cli._app import JsonOption, app, console, print_json
+from sftflow.cli._app import JsonOption, app, console, parse_params, print_json
 from sftflow.core.settings import get_settings
 from sftflow.tasks.clients import prefect_api
 
@@ -32,12 +32,13 @@ def wait(
     from sftflow.tasks.labelstudio import require_project
 
     settings = get_settings()
+    params = parse_params(
+        WaitParams, "wait", project=project, min_new=min_new, timeout_s=timeout, dataset=dataset,
+        count=count, min_interval_s=min_interval, max_interval_s=max(max_interval, min_interval),
+    )
     # A missing project fails here as one line, before a flow run logs a traceback.
     project_id = str(require_project(Clients(settings).labelstudio, project).id)
-    params = WaitParams(
-        project=project_id, min_new=min_new, timeout_s=timeout, dataset=dataset, count=count,
-        min_interval_s=min_interval, max_interval_s=max(max_interval, min_interval),
-    )
+    params = params.model_copy(update={"project": project_id})
     with prefect_api(settings):
         report = wait_for_annotations(params)
     if as_json:

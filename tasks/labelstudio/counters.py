@@ -2,7 +2,9 @@
 
 One ``GET /api/projects/<id>`` returns every counter we need, so one poll costs one API call.
 The same counters arrive in the ``project`` object of every Label Studio webhook payload,
-so the webhook bridge and ``wait_for_annotations`` share the threshold logic below.
+so the webhook bridge and ``wait_for_annotations`` share the threshold logic below; the
+baseline (the counters recorded by the dataset's last version) is read by
+``versioning.load_baseline``.
 
 What the counters mean (checked against Label Studio 1.23 with annotations created through
 the API): ``num_tasks_with_annotations`` counts tasks with at least one non-cancelled
@@ -15,6 +17,9 @@ always in ``num_tasks_with_annotations`` (see docs/events.md).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from prefect import task
@@ -22,7 +27,8 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from sftflow.core.errors import ConfigError
-from sftflow.tasks._prefect import io_task
+from sftflow.tasks.labelstudio import require_project
+from sftflow.tasks.polling import Backoff, wait_until
 
 CountMode = Literal["tasks", "annotations"]
 
@@ -167,19 +173,62 @@ def fetch_counters(client: Any, project_id: int) -> ProjectCounters:
         raise
 
 
-@io_task(name="load-baseline")
-def load_baseline(
-    s3: Any, dataset: str | None, prefix: str | None = None
-) -> tuple[str | None, dict[str, Any] | None]:
-    """``(version, counters)`` recorded by the last version of ``dataset`` (under the datasets
-    ``prefix``); ``(None, None)`` before the first version or without a dataset."""
-    if not dataset:
-        return None, None
-    from sftflow.tasks import versioning
+@dataclass
+class Watch:
+    """What a wait for annotations saw: the last successful poll's progress, and the polls."""
 
-    kw = {"prefix": prefix} if prefix else {}
-    version = versioning.latest_version(s3, dataset, **kw)
-    if version is None:
-        return None, None
-    manifest = versioning.load_manifest(s3, dataset, version, verify=False, **kw)
-    return version, dict(manifest.get("source") or {})
+    progress: Progress | None = None
+    polls: int = 0  # one Label Studio API call each
+    failed_polls: int = 0
+    last_error: str | None = None
+    waited_s: float = 0.0
+
+    @property
+    def reached(self) -> bool:
+        return bool(self.progress and self.progress.reached)
+
+
+def watch_progress(
+    client: Any, project: str, threshold: Threshold, baseline: dict[str, Any] | None, *,
+    timeout_s: float, backoff: Backoff, on_progress: Callable[[Progress], None] | None = None,
+    logger: Any = None,
+) -> Watch:
+    """Poll ``project``'s counters (title or id, resolved on the first poll) until
+    ``threshold`` is reached against ``baseline``, or ``timeout_s`` passes. A poll that fails
+    (service down) is counted and retried within the deadline; a ConfigError (missing project,
+    impossible threshold) is raised. Progress resets the backoff to its shortest pause."""
+    watch = Watch()
+    project_id: int | None = None
+    progressed = False
+
+    def poll() -> bool:
+        nonlocal project_id, progressed
+        watch.polls += 1
+        progressed = False
+        try:
+            if project_id is None:  # resolve once (title -> id); the listing carries counters
+                counters = ProjectCounters.from_project(require_project(client, project))
+                project_id = counters.project_id
+            else:
+                counters = fetch_counters(client, project_id)
+        except ConfigError:
+            raise  # missing/deleted project, bad threshold: not something waiting fixes
+        except Exception as err:  # noqa: BLE001 - service down: try again within the deadline
+            watch.failed_polls += 1
+            watch.last_error = f"{type(err).__name__}: {err}"[:300]
+            if logger:
+                logger.warning("poll %d failed: %s", watch.polls, watch.last_error)
+            return False
+        p = progress(counters, threshold, baseline)
+        progressed = watch.progress is not None and p.new > watch.progress.new
+        watch.progress = p
+        if on_progress:
+            on_progress(p)
+        if logger:
+            logger.info("poll %d: %s", watch.polls, p.describe())
+        return p.reached
+
+    started = time.monotonic()
+    wait_until(poll, timeout_s=timeout_s, backoff=backoff, progressed=lambda _: progressed)
+    watch.waited_s = round(time.monotonic() - started, 3)
+    return watch

@@ -5,29 +5,69 @@ the synchronous ``/export`` endpoint, which times out on large projects. The dow
 (one array of tasks, about 2 KB a task) is spooled to a local file and parsed one task at a
 time, so memory holds the rows we keep, never the whole document as Python objects.
 
-A row is one (task, annotation) pair: ``prompt``, ``completion``, ``prompt_id``, ``task_id``,
-``annotation_id``, ``annotator``, ``updated_at``, ``ground_truth``. Anything that cannot become
-a row is counted by reason and returned as an exclusion, never raised.
+A row (``SftRow``) is one (task, annotation) pair; it is the one record every build stage
+passes on (filters, dedup, split, formats, versioning). Anything that cannot become a row is
+counted by reason and returned as an ``Exclusion``, never raised; the later stages add their
+own exclusions in the same shape.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, TypedDict
 
 from sftflow.core.errors import SftflowError
 from sftflow.tasks._prefect import compute_task, io_task
 from sftflow.tasks.labelstudio import PROMPT_NAME, RESPONSE_NAME
-from sftflow.tasks.polling import Backoff
+from sftflow.tasks.polling import Backoff, wait_until
 from sftflow.tasks.prompts import prompt_id as compute_prompt_id
 
 AnnotationPolicy = Literal["latest", "ground_truth_first", "all"]
+SplitName = Literal["train", "eval"]
+
+
+class _ExportedRow(TypedDict):
+    prompt: str
+    completion: str
+    prompt_id: str
+    task_id: int
+    annotation_id: int
+    annotator: str  # e-mail or user id of who completed the annotation
+    updated_at: str  # ISO 8601, the annotation's last change
+    ground_truth: bool
+
+
+class SftRow(_ExportedRow, total=False):
+    """One SFT example. The export fills the fields above; the split stage adds
+    ``cluster_id``, ``split`` and ``row_hash``, and then the row is what a version stores
+    (``formats.SCHEMA`` has these columns in this order). A TypedDict: builds move 55k rows."""
+
+    cluster_id: str  # 16 hex digits: the row's own dedup content key
+    split: SplitName
+    row_hash: str  # formats.row_hash of every other column
+
+
+class _ExclusionReason(TypedDict):
+    stage: Literal["export", "filter", "dedup"]
+    reason: str
+
+
+class Exclusion(_ExclusionReason, total=False):
+    """A row (or task) that did not make it into the version, and why; one line of the
+    version's ``exclusions.jsonl``. Dedup exclusions carry the kept twin's ``cluster_id``
+    instead of the text; filter exclusions have secrets and PII redacted."""
+
+    detail: str
+    task_id: int | None
+    annotation_id: int | None
+    prompt: str | None
+    completion: str | None
+    cluster_id: str
 
 
 # -- snapshots ----------------------------------------------------------------------------------
@@ -51,23 +91,24 @@ def create_snapshot(
     """
     created = client.projects.exports.create(id=int(project_id), title="sftflow build")
     export_id = int(created.id)
-    backoff = Backoff(poll_min_s, poll_max_s)
-    deadline = time.monotonic() + timeout_s
-    status, info = created.status, created
-    while status != "completed":
-        if status == "failed":
+    info, asked = created, False
+
+    def completed() -> bool:
+        nonlocal info, asked
+        if asked:  # the first look is at the create response itself
+            info = client.projects.exports.get(id=int(project_id), export_pk=export_id)
+        asked = True
+        if info.status == "failed":
             raise SftflowError(
                 f"Label Studio export snapshot {export_id} of project {project_id} failed"
             )
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise SftflowError(
-                f"Label Studio export snapshot {export_id} of project {project_id} not completed "
-                f"after {timeout_s:.0f} s (status {status!r})"
-            )
-        time.sleep(min(remaining, backoff.next_delay(progressed=False)))
-        info = client.projects.exports.get(id=int(project_id), export_pk=export_id)
-        status = info.status
+        return info.status == "completed"
+
+    if not wait_until(completed, timeout_s=timeout_s, backoff=Backoff(poll_min_s, poll_max_s)):
+        raise SftflowError(
+            f"Label Studio export snapshot {export_id} of project {project_id} not completed "
+            f"after {timeout_s:.0f} s (status {info.status!r})"
+        )
     created_at = getattr(info, "created_at", None) or getattr(created, "created_at", None)
     return Snapshot(
         project_id=int(project_id),
@@ -162,8 +203,8 @@ def iter_json_array(fp: BinaryIO, chunk_size: int = 1 << 20) -> Iterator[Any]:
 # -- rows --------------------------------------------------------------------------------------
 @dataclass
 class ParsedExport:
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    exclusions: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[SftRow] = field(default_factory=list)
+    exclusions: list[Exclusion] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)  # tasks, annotations, excluded:<reason>...
 
     def merge(self, other: ParsedExport) -> None:
@@ -172,7 +213,7 @@ class ParsedExport:
         self.counts.update(other.counts)
 
 
-def _exclusion(reason: str, task: dict, ann: dict | None, detail: str = "") -> dict[str, Any]:
+def _exclusion(reason: str, task: dict, ann: dict | None, detail: str = "") -> Exclusion:
     data = task.get("data") if isinstance(task.get("data"), dict) else {}
     prompt = data.get(PROMPT_NAME)
     return {
@@ -282,16 +323,16 @@ def task_rows(
         completed_by = ann.get("completed_by")
         if isinstance(completed_by, dict):
             completed_by = completed_by.get("email") or completed_by.get("id")
-        out.rows.append({
-            "prompt": prompt,
-            "completion": text,
-            "prompt_id": pid,
-            "task_id": int(task.get("id") or 0),
-            "annotation_id": int(ann.get("id") or 0),
-            "annotator": "" if completed_by is None else str(completed_by),
-            "updated_at": str(ann.get("updated_at") or ann.get("created_at") or ""),
-            "ground_truth": bool(ann.get("ground_truth")),
-        })
+        out.rows.append(SftRow(
+            prompt=prompt,
+            completion=text,
+            prompt_id=pid,
+            task_id=int(task.get("id") or 0),
+            annotation_id=int(ann.get("id") or 0),
+            annotator="" if completed_by is None else str(completed_by),
+            updated_at=str(ann.get("updated_at") or ann.get("created_at") or ""),
+            ground_truth=bool(ann.get("ground_truth")),
+        ))
     out.counts["rows"] += len(picked)
     return out
 

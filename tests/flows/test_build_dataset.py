@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.flows.build_dataset import BuildParams, build_dataset, split_groups
+from sftflow.flows.build_dataset import BuildParams, build_dataset
 from sftflow.tasks import versioning
 from tests.conftest import unique
 from tests.tasks._datasets import annotation, make_project, textarea
@@ -70,11 +70,11 @@ def test_build_counts_everything_commits_and_rebuilds_as_noop(prefect_harness, s
     assert sum(report.rows.values()) == 62 and report.rows["eval"] > 0
 
     m = versioning.load_manifest(s3, "qa", report.version)  # verified
-    assert m["source"]["project_id"] == project.id and m["source"]["export_id"] > 0
-    assert m["source"]["total_annotations_number"] >= 66
-    assert m["stats"]["filters"]["kept"] == 63 and m["run_id"]
-    ex_file = next(f for f in m["files"] if f["format"] == "exclusions")
-    lines = [json.loads(x) for x in s3.get_bytes(versioning.file_key(m, ex_file["path"]))[0]
+    assert m.source["project_id"] == project.id and m.source["export_id"] > 0
+    assert m.source["total_annotations_number"] >= 66
+    assert m.stats["filters"]["kept"] == 63 and m.run_id
+    ex_file = m.files_of("exclusions")[0]
+    lines = [json.loads(x) for x in s3.get_bytes(versioning.file_key(m, ex_file.path))[0]
              .decode().splitlines()]
     reasons = sorted(e["reason"] for e in lines)
     assert reasons == sorted(["unknown_from_name", "malformed_text", "empty_response",
@@ -105,10 +105,9 @@ def _rows(s3, manifest) -> list[dict]:
     import pyarrow.parquet as pq
 
     out = []
-    for f in manifest["files"]:
-        if f["format"] == "parquet":
-            data, _ = s3.get_bytes(versioning.file_key(manifest, f["path"]))
-            out += pq.read_table(io.BytesIO(data)).to_pylist()
+    for f in manifest.files_of("parquet"):
+        data, _ = s3.get_bytes(versioning.file_key(manifest, f.path))
+        out += pq.read_table(io.BytesIO(data)).to_pylist()
     return out
 
 
@@ -136,8 +135,7 @@ def test_dask_cluster_builds_the_identical_version(prefect_harness, s3, project)
     assert on_dask.created and on_dask.version == on_threads.version
     a = versioning.load_manifest(s3, "threads", on_threads.version)
     b = versioning.load_manifest(s3, "dask", on_dask.version)
-    assert [f["sha256"] for f in a["files"] if f["format"] == "parquet"] == [
-        f["sha256"] for f in b["files"] if f["format"] == "parquet"]
+    assert [f.sha256 for f in a.files_of("parquet")] == [f.sha256 for f in b.files_of("parquet")]
 
 
 def test_several_annotators_per_prompt_never_straddle_the_split(prefect_harness, s3, labelstudio,
@@ -166,13 +164,6 @@ def test_several_annotators_per_prompt_never_straddle_the_split(prefect_harness,
         split_of.setdefault("c" + r["cluster_id"], set()).add(r["split"])
     assert all(len(s) == 1 for s in split_of.values())
     assert report.rows["eval"] > 0 and report.rows["train"] > 0
-
-
-def test_split_groups_join_clusters_sharing_a_prompt():
-    import numpy as np
-
-    groups = split_groups(np.array([5, 3, 9, 7]), ["a", "b", "a", "c"])
-    assert groups.tolist() == [5, 3, 5, 7]
 
 
 def test_cli_build_and_datasets_commands(prefect_harness, s3, project, tmp_path):
@@ -205,3 +196,29 @@ def test_cli_build_and_datasets_commands(prefect_harness, s3, project, tmp_path)
     assert gc["dry_run"] and gc["unreferenced"] == 0
     bad = runner.invoke(app, ["datasets", "show", "cli@nope", "--bucket", s3.bucket])
     assert bad.exit_code != 0
+
+
+@pytest.mark.parametrize("step", ["files", "manifest"])
+def test_a_build_crashing_in_its_commit_leaves_latest_and_a_rerun_completes(
+        prefect_harness, s3, project, monkeypatch, step):
+    from sftflow.core.errors import SftflowError
+
+    params = BuildParams(project=project.title, dataset="crash", bucket=s3.bucket)
+    commit_version = versioning.commit_version
+
+    def crash(name: str) -> None:
+        if name == step:
+            raise SftflowError(f"crash after {name}")  # not transient: no task retry
+
+    monkeypatch.setattr(versioning, "commit_version",
+                        lambda *a, **kw: commit_version(*a, **kw, hook=crash))
+    with pytest.raises(SftflowError, match=f"crash after {step}"):
+        build_dataset(params)
+    assert versioning.latest_version(s3, "crash") is None  # readers see no half version
+    monkeypatch.setattr(versioning, "commit_version", commit_version)
+
+    rerun = build_dataset(params)
+    assert rerun.ref_updated and rerun.latest == rerun.version
+    assert rerun.created == (step != "manifest")  # the manifest was already there
+    m = versioning.load_manifest(s3, "crash")  # complete: every file verified
+    assert m.version == rerun.version and sum(m.rows.values()) == 62

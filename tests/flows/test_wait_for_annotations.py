@@ -69,16 +69,18 @@ def test_completes_when_annotations_arrive(prefect_harness, labelstudio, project
 
 def test_counts_annotations_since_the_last_dataset_version(prefect_harness, labelstudio, project, s3):
     """The baseline is what the dataset's latest manifest recorded for the project."""
-    import json
+    from sftflow.tasks.versioning import Manifest
 
     p, ids = project
     for i in ids[:2]:
         annotate(labelstudio, i)
         annotate(labelstudio, i, "second opinion")
     root = "datasets/d"
-    s3.put_bytes(f"{root}/versions/v1/manifest.json", json.dumps({"dataset": "d", "version": "v1",
-                 "source": {"project_id": p.id, "num_tasks_with_annotations": 2,
-                            "total_annotations_number": 3}}).encode())
+    manifest = Manifest(dataset="d", version="v1", root=root, created_at="2026-01-01T00:00:00",
+                        files=[], rows={"train": 0, "eval": 0},
+                        source={"project_id": p.id, "num_tasks_with_annotations": 2,
+                                "total_annotations_number": 3})
+    s3.put_bytes(f"{root}/versions/v1/manifest.json", manifest.to_json())
     s3.put_bytes(f"{root}/refs/latest", b"v1")
     params = {"project": p.title, "dataset": "d", "bucket": s3.bucket, "timeout_s": 1}
     tasks_report = wait_for_annotations(fast(min_new=1, **params))

@@ -6,13 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from sftflow.tasks import formats
+from sftflow.tasks.labelstudio.export import SftRow
 
 
-def final_rows(n: int, start: int = 0, eval_every: int = 10, tag: str = "") -> list[dict[str, Any]]:
+def final_rows(n: int, start: int = 0, eval_every: int = 10, tag: str = "") -> list[SftRow]:
     """``n`` rows with every stored column, ids ``start..start+n-1`` (distinct content)."""
-    rows = []
+    rows: list[SftRow] = []
     for i in range(start, start + n):
-        row = {
+        row: SftRow = {
             "prompt": f"Prompt {i}{tag}: explain item {i} in a sentence.",
             "completion": f"Item {i}{tag} is explained here with a sentence of moderate length.",
             "prompt_id": f"{i:032x}",

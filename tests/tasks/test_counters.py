@@ -57,3 +57,42 @@ def test_backoff_poll_budget_is_about_60_an_hour_at_60_s():
     assert Backoff(60, 600).max_polls(3600) == 62
     with pytest.raises(ValueError):
         Backoff(0, 1)
+
+
+class _Projects:
+    def __init__(self, result):
+        self.result = result
+        self.calls = 0
+
+    def get(self, id: int):  # noqa: A002 - the SDK's name
+        self.calls += 1
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+def test_watch_counts_failed_polls_until_the_deadline():
+    from types import SimpleNamespace
+
+    from sftflow.tasks.labelstudio.counters import watch_progress
+
+    client = SimpleNamespace(projects=_Projects(RuntimeError("down")))
+    watch = watch_progress(client, "7", Threshold(min_new=1), None, timeout_s=0.3,
+                           backoff=Backoff(0.05, 0.1))
+    assert not watch.reached and watch.progress is None
+    assert watch.polls == watch.failed_polls == client.projects.calls >= 2
+    assert watch.last_error == "RuntimeError: down" and 0.3 <= watch.waited_s < 2
+
+
+def test_watch_stops_at_the_first_poll_that_reaches_the_threshold():
+    from types import SimpleNamespace
+
+    from sftflow.tasks.labelstudio.counters import watch_progress
+
+    seen = []
+    client = SimpleNamespace(projects=_Projects(SimpleNamespace(**PROJECT)))
+    watch = watch_progress(client, "7", Threshold(min_new=30),
+                           {"project_id": 7, "num_tasks_with_annotations": 10}, timeout_s=60,
+                           backoff=Backoff(5, 10), on_progress=seen.append)
+    assert watch.reached and watch.polls == 1 and watch.progress.new == 30
+    assert [p.new for p in seen] == [30]

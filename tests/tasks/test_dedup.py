@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from sftflow.tasks import dedup as D
 from sftflow.tasks.dedup import (
     DedupConfig,
     Fingerprints,
@@ -25,6 +24,7 @@ from sftflow.tasks.dedup import (
     signatures,
     split_by_cluster,
 )
+from sftflow.tasks.dedup import minhash as D
 
 CFG = DedupConfig()
 M64 = 2**64

@@ -55,3 +55,10 @@ def test_card_front_matter_is_valid_hf_yaml():
     assert {s["name"]: s["num_examples"] for s in meta["dataset_info"]["splits"]} == {
         "train": 9, "eval": 1}
     assert '"kept": 10' in card
+
+
+def test_schema_columns_are_the_fields_of_the_row_type():
+    from sftflow.tasks.labelstudio.export import SftRow
+
+    assert formats.COLUMNS == tuple(SftRow.__annotations__)
+    assert set(formats.COLUMNS) - SftRow.__required_keys__ == {"cluster_id", "split", "row_hash"}

@@ -36,11 +36,12 @@ def test_commit_then_rebuild_is_a_noop_and_readers_verify(s3):
     assert first.rows == {"train": 405, "eval": 45}
     assert versioning.latest_version(s3, "d") == first.version
     m = versioning.load_manifest(s3, "d")  # verify=True: every sha256 checked
-    assert m["version"] == first.version and m["rows"] == first.rows
-    assert {f["format"] for f in m["files"]} == {"parquet", "openai_chat", "trl", "card",
-                                                 "exclusions"}
-    assert sum(f["rows"] for f in m["files"] if f["format"] == "parquet") == 450
-    assert versioning.last_source_counters(s3, "d")["num_tasks_with_annotations"] == 450
+    assert m.version == first.version and m.rows == first.rows
+    assert {f.format for f in m.files} == {"parquet", "openai_chat", "trl", "card", "exclusions"}
+    assert sum(f.rows for f in m.files_of("parquet")) == 450
+    version, counters = versioning.load_baseline(s3, "d")
+    assert version == first.version and counters["num_tasks_with_annotations"] == 450
+    assert versioning.load_baseline(s3, "nothing-yet") == (None, None)
 
     again = _commit(s3, list(reversed(rows)), snapshot_at="2026-01-02T00:00:00")
     assert again.version == first.version and not again.created and again.bytes_written == 0
@@ -69,9 +70,9 @@ def test_one_percent_new_rows_reuse_shards(s3):
 def test_corrupted_file_fails_verification_naming_it(s3):
     first = _commit(s3, final_rows(120))
     m = versioning.load_manifest(s3, "d", first.version, verify=False)
-    shard = next(f for f in m["files"] if f["format"] == "parquet")
-    s3.put_bytes(versioning.file_key(m, shard["path"]), b"garbage")
-    with pytest.raises(SftflowError, match=shard["path"].rsplit("/", 1)[-1]):
+    shard = m.files_of("parquet")[0]
+    s3.put_bytes(versioning.file_key(m, shard.path), b"garbage")
+    with pytest.raises(SftflowError, match=shard.path.rsplit("/", 1)[-1]):
         versioning.load_manifest(s3, "d", first.version)
     with pytest.raises(SftflowError, match="no version or tag"):
         versioning.load_manifest(s3, "d", "nope")
@@ -96,7 +97,7 @@ def test_tags_data_files_pull_and_load_dataset(s3, tmp_path):
     assert set(ds["train"]["split"]) == {"train"}
 
     out = versioning.pull_version(s3, "d", v, tmp_path / "pulled")
-    assert out["files"] == len(m["files"])
+    assert out["files"] == len(m.files)
     local = load_dataset(str(tmp_path / "pulled"), cache_dir=str(tmp_path / "cache2"))
     assert (local["train"].num_rows, local["eval"].num_rows) == (207, 23)
     chat = load_dataset("json", data_files={"train": str(tmp_path / "pulled/openai/train/*.jsonl")},
@@ -170,9 +171,9 @@ def test_kill_during_commit_leaves_old_version_and_rerun_completes(s3, step):
     rerun = _commit(s3, final_rows(600), snapshot_at="2026-03-01")
     assert rerun.version == new_id and rerun.ref_updated and rerun.created == (not has_manifest)
     m = versioning.load_manifest(s3, "d")
-    assert m["version"] == new_id and m["rows"] == {"train": 540, "eval": 60}
+    assert m.version == new_id and m.rows == {"train": 540, "eval": 60}
     if not has_manifest:
-        assert m["parent"] == old.version
+        assert m.parent == old.version
 
 
 def test_concurrent_commits_lose_no_ref_update(s3):

@@ -1,4 +1,4 @@
-"""Deduplication (exact + MinHash/LSH near-duplicates), the keep rule, and the cluster-aware split.
+"""Deduplication: exact + MinHash/LSH near-duplicates, and the keep rule.
 
 Everything here is pure numpy on in-memory data: no services, no Prefect. Flows wrap these
 functions in tasks (``fingerprint`` per shard, ``cluster``/``deduplicate`` once on the driver).
@@ -28,8 +28,8 @@ Pipeline
    the normalised text) among its members, so it depends on the set of rows, not their order.
 5. *Keep rule* (``deduplicate``): in each cluster keep the ground-truth row, then the latest
    ``updated_at``, then the longest completion, then the lowest row index.
-6. *Split* (``split_by_cluster``): a cluster goes to eval when a hash of (seed, cluster id)
-   falls under ``eval_fraction``: whole clusters only, so ``leakage`` is 0 by construction.
+
+The train/eval split by cluster is in ``split.py``.
 """
 
 from __future__ import annotations
@@ -58,13 +58,11 @@ __all__ = [
     "exact_jaccard",
     "fingerprint",
     "is_unspaced",
-    "leakage",
     "lsh_params",
     "normalize",
     "shingles",
     "signatures",
     "similar_pairs",
-    "split_by_cluster",
 ]
 
 U64 = np.uint64
@@ -777,31 +775,3 @@ def deduplicate(
         clusters_removed=len(removed_clusters),
         examples=examples,
     )
-
-
-# -- split --------------------------------------------------------------------------------------
-
-
-def split_by_cluster(
-    cluster_ids: np.ndarray, eval_fraction: float, seed: int | str = 0
-) -> np.ndarray:
-    """True = eval. A cluster goes to eval when hash(seed, cluster id) < eval_fraction.
-
-    Whole clusters only, and independent of row order. The eval share of rows is
-    ``eval_fraction`` in expectation, not exactly.
-    """
-    if not 0.0 <= eval_fraction <= 1.0:
-        raise ValueError(f"eval_fraction must be within [0, 1], got {eval_fraction}")
-    ids = np.asarray(cluster_ids, dtype=np.int64)
-    salt = int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=8).digest(), "little")
-    with np.errstate(over="ignore"):
-        h = _mix(ids.astype(U64) ^ U64(salt))
-    u = (h >> U64(11)).astype(np.float64) / float(1 << 53)
-    return u < eval_fraction
-
-
-def leakage(cluster_ids: np.ndarray, is_eval: np.ndarray) -> int:
-    """Number of clusters with rows in both train and eval (0 for ``split_by_cluster``)."""
-    ids = np.asarray(cluster_ids)
-    ev = np.asarray(is_eval, dtype=bool)
-    return len(np.intersect1d(np.unique(ids[ev]), np.unique(ids[~ev])))
