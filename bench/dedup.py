@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sftflow.tasks import dedup as D
+from sftflow.tasks.dedup import minhash as D
 
 DATA = Path(os.environ.get("SFTFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
 TARGETS = {"rows_per_s": 50_000, "precision": 0.95, "recall": 0.90}

@@ -10,11 +10,10 @@ a change of the manifest's shape is a change to this function only.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from sftflow.core.errors import SftflowError
 from sftflow.core.hashing import sha256_hex
 from sftflow.tasks import versioning
 from sftflow.tasks._prefect import io_task
@@ -62,38 +61,20 @@ class TrainingData(BaseModel):
 
 
 def read_version(s3: S3, datasets_prefix: str, ref: str) -> TrainingData:
-    """The verified version ``NAME[@VERSION_OR_TAG]`` (``NAME`` alone: ``refs/latest``)."""
+    """The verified version ``NAME[@VERSION_OR_TAG]`` (``NAME`` alone: ``refs/latest``): its
+    manifest validated (``versioning.Manifest``) and every file's checksum checked."""
     name, ref_version = versioning.parse_ref(ref.strip())
     version = versioning.resolve(s3, name, ref_version, prefix=datasets_prefix)
     manifest = versioning.load_manifest(s3, name, version, verify=True, prefix=datasets_prefix)
     key = f"{versioning.dataset_root(datasets_prefix, name)}/versions/{version}/manifest.json"
     raw, _ = s3.get_bytes(key)
-    if (manifest.get("dataset"), manifest.get("version")) != (name, version):
-        raise SftflowError(f"{s3.uri(key)} describes {manifest.get('dataset')}@{manifest.get('version')}, "
-                           f"not {name}@{version}")
     return TrainingData(
         dataset=name, version=version, manifest_uri=s3.uri(key), manifest_sha256=sha256_hex(raw),
-        rows={split: int(n or 0) for split, n in (manifest.get("rows") or {}).items()},
-        files=[DataFile(split=f["split"], format=f["format"],
-                        uri=s3.uri(versioning.file_key(manifest, f["path"])))
-               for f in manifest["files"]],
-        columns=schema_columns(manifest.get("schema")),
+        rows={split: int(n or 0) for split, n in manifest.rows.items()},
+        files=[DataFile(split=f.split, format=f.format, uri=s3.uri(manifest.key(f.path)))
+               for f in manifest.files],
+        columns=sorted(manifest.schema_) or None,
     )
-
-
-def schema_columns(schema: Any) -> list[str] | None:
-    """Column names from a manifest's schema, whatever shape it has; None if not stated."""
-    names: set[str] | None = None
-    if isinstance(schema, dict):
-        if isinstance(schema.get("fields"), list):
-            names = {str(f.get("name")) for f in schema["fields"] if isinstance(f, dict)}
-        elif isinstance(schema.get("columns"), (list, dict)):
-            names = {str(c if isinstance(c, str) else c.get("name")) for c in schema["columns"]}
-        else:
-            names = set(schema) or None
-    elif isinstance(schema, list):
-        names = {str(c if isinstance(c, str) else c.get("name")) for c in schema}
-    return None if names is None else sorted(names)
 
 
 def tag_trained(s3: S3, datasets_prefix: str, data: TrainingData, job: str) -> str:

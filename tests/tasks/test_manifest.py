@@ -1,5 +1,6 @@
-"""The manifest model (tasks.versioning.Manifest / FileEntry) and the refs CAS, on an in-memory
-S3: what a reader refuses, what a writer writes. No services."""
+"""The manifest model (tasks.versioning.Manifest / FileEntry) and the refs CAS: what a reader
+refuses and what a writer writes (pure where no storage is involved; the real SeaweedFS
+elsewhere, with the fault proxy standing in for a concurrent writer that wins the CAS)."""
 
 from __future__ import annotations
 
@@ -10,42 +11,10 @@ import pytest
 
 from sftflow.core.errors import SftflowError
 from sftflow.tasks import versioning
-from sftflow.tasks.storage import PreconditionFailed
 from sftflow.tasks.versioning import FileEntry, Manifest
 
 ROOT = "datasets/d"
 SHA = "ab" * 32
-
-
-class MemS3:
-    """The subset of ``tasks.storage.S3`` that versioning's readers and the CAS use."""
-
-    bucket = "mem"
-
-    def __init__(self) -> None:
-        self.objects: dict[str, bytes] = {}
-        self.fail_puts: int = 0  # conditional writes to refuse, as if another writer won
-
-    def get_bytes(self, key: str) -> tuple[bytes, str]:
-        if key not in self.objects:
-            raise KeyError(key)
-        return self.objects[key], hashlib.md5(self.objects[key]).hexdigest()
-
-    def head(self, key: str):
-        return object() if key in self.objects else None
-
-    def put_bytes(self, key, data, *, if_none_match=False, if_match=None, content_type=None):
-        if self.fail_puts:
-            self.fail_puts -= 1
-            raise PreconditionFailed(self.bucket, key)
-        if if_none_match and key in self.objects:
-            raise PreconditionFailed(self.bucket, key)
-        if if_match is not None and self.get_bytes(key)[1] != if_match:
-            raise PreconditionFailed(self.bucket, key)
-        self.objects[key] = data
-
-    def uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{key}"
 
 
 def _manifest(**changes) -> dict:
@@ -69,10 +38,10 @@ def _manifest(**changes) -> dict:
     return m
 
 
-def _store(s3: MemS3, manifest: dict) -> None:
-    s3.objects[f"{ROOT}/versions/{manifest['version']}/manifest.json"] = json.dumps(
-        manifest).encode()
-    s3.objects[f"{ROOT}/refs/latest"] = manifest["version"].encode()
+def _store(s3, manifest: dict) -> None:
+    s3.put_bytes(f"{ROOT}/versions/{manifest['version']}/manifest.json",
+                 json.dumps(manifest).encode())
+    s3.put_bytes(f"{ROOT}/refs/latest", manifest["version"].encode())
 
 
 def test_the_json_written_keeps_its_keys_and_shape():
@@ -88,18 +57,18 @@ def test_the_json_written_keeps_its_keys_and_shape():
     "/etc/passwd", "../other/shards/x.parquet", "shards/../../x", "shards//x", "./x", "",
     "shards\\..\\x",
 ])
-def test_a_file_path_leaving_the_root_is_refused_naming_the_manifest(path):
-    s3 = MemS3()
+@pytest.mark.integration
+def test_a_file_path_leaving_the_root_is_refused_naming_the_manifest(path, s3):
     bad = _manifest()
     bad["files"][0]["path"] = path
     _store(s3, bad)
-    with pytest.raises(SftflowError, match=r"manifest s3://mem/datasets/d/versions/0123456789abcdef"
+    with pytest.raises(SftflowError, match=rf"manifest s3://{s3.bucket}/datasets/d/versions/0123456789abcdef"
                                            r"/manifest.json is refused: files\.0\.path"):
         versioning.load_manifest(s3, "d", verify=False)
 
 
-def test_an_unknown_split_is_refused():
-    s3 = MemS3()
+@pytest.mark.integration
+def test_an_unknown_split_is_refused(s3):
     bad = _manifest()
     bad["files"][0]["split"] = "test"
     _store(s3, bad)
@@ -107,21 +76,21 @@ def test_an_unknown_split_is_refused():
         versioning.load_manifest(s3, "d", verify=False)
 
 
-def test_a_manifest_of_another_version_or_dataset_is_refused():
-    s3 = MemS3()
+@pytest.mark.integration
+def test_a_manifest_of_another_version_or_dataset_is_refused(s3):
     raw = _manifest(dataset="other")
     _store(s3, raw)
     with pytest.raises(SftflowError, match="describes other@0123456789abcdef, not d@"):
         versioning.load_manifest(s3, "d", verify=False)
 
 
-def test_keys_come_from_the_readers_root_not_the_manifests():
-    s3 = MemS3()
+@pytest.mark.integration
+def test_keys_come_from_the_readers_root_not_the_manifests(s3):
     _store(s3, _manifest(root="elsewhere/../../secrets"))
-    s3.objects[f"{ROOT}/shards/x.parquet"] = b"rows"
+    s3.put_bytes(f"{ROOT}/shards/x.parquet", b"rows")
     m = versioning.load_manifest(s3, "d", verify=False)
     assert versioning.file_key(m, m.files[0].path) == f"{ROOT}/shards/x.parquet"
-    assert versioning.data_files(s3, m, "train") == [f"s3://mem/{ROOT}/shards/x.parquet"]
+    assert versioning.data_files(s3, m, "train") == [f"s3://{s3.bucket}/{ROOT}/shards/x.parquet"]
     versioning.verify_files(s3, m, m.files_of("parquet"))  # read from the reader's root
 
 
@@ -143,8 +112,8 @@ def test_file_entry_omits_of_only_when_absent():
                               "sha256": SHA, "size": 1, "rows": 1}
 
 
-def test_baseline_is_the_latest_versions_source_counters():
-    s3 = MemS3()
+@pytest.mark.integration
+def test_baseline_is_the_latest_versions_source_counters(s3):
     assert versioning.load_baseline(s3, "d") == (None, None)
     assert versioning.load_baseline(s3, None) == (None, None)
     _store(s3, _manifest())
@@ -152,21 +121,34 @@ def test_baseline_is_the_latest_versions_source_counters():
         "0123456789abcdef", {"project_id": 7, "snapshot_at": "2026-01-01"})
 
 
-def test_cas_retries_after_a_lost_race_and_reports_it():
-    s3 = MemS3()
-    steps = []
-    s3.fail_puts = 2
-    moved, latest, retries, sup = versioning.advance_latest(
-        s3, ROOT, "v1", "2026-01-01", hook=steps.append)
-    assert (moved, latest, retries, sup) == (True, "v1", 2, None)
-    assert steps == ["cas-retry", "cas-retry"] and s3.objects[f"{ROOT}/refs/latest"] == b"v1"
-    s3.fail_puts = 10
-    with pytest.raises(SftflowError, match="after 3 attempts"):
-        versioning.advance_latest(s3, ROOT, "v2", None, max_attempts=3)
+@pytest.mark.integration
+def test_cas_retries_after_a_lost_race_and_reports_it(settings, s3):
+    """The proxy answers 412 to the first refs/latest writes, as S3 does when another writer
+    moved the ref in between: the CAS re-reads and retries, and gives up after its attempts."""
+    from urllib.parse import urlparse
+
+    from sftflow.tasks.storage import build_s3
+    from tests.faults.proxy import Fault, FaultProxy
+
+    up = urlparse(settings.s3.endpoint_url)
+    with FaultProxy(up.hostname, up.port) as proxy:
+        racing = build_s3(settings.s3.model_copy(update={"endpoint_url": proxy.url,
+                                                         "bucket": s3.bucket}))
+        racing.check_conditional_writes()  # the probe passes before any fault is set
+        proxy.add(Fault("status", method="PUT", path="/refs/latest", status=412, times=2))
+        steps = []
+        moved, latest, retries, sup = versioning.advance_latest(
+            racing, ROOT, "v1", "2026-01-01", hook=steps.append)
+        assert (moved, latest, retries, sup) == (True, "v1", 2, None)
+        assert steps == ["cas-retry", "cas-retry"]
+        assert s3.get_bytes(f"{ROOT}/refs/latest")[0] == b"v1"
+        proxy.add(Fault("status", method="PUT", path="/refs/latest", status=412, times=0))
+        with pytest.raises(SftflowError, match="after 3 attempts"):
+            versioning.advance_latest(racing, ROOT, "v2", None, max_attempts=3)
 
 
-def test_cas_leaves_latest_on_a_version_from_a_newer_snapshot():
-    s3 = MemS3()
+@pytest.mark.integration
+def test_cas_leaves_latest_on_a_version_from_a_newer_snapshot(s3):
     _store(s3, _manifest(source={"snapshot_at": "2026-05-01"}))
     got = versioning.advance_latest(s3, ROOT, "v-old", "2026-04-01")
     assert got == (False, "0123456789abcdef", 0, "0123456789abcdef")
