@@ -64,7 +64,7 @@ class _Projects:
         self.result = result
         self.calls = 0
 
-    def get(self, id: int):  # noqa: A002 - the SDK's name
+    def get(self, id: int):
         self.calls += 1
         if isinstance(self.result, Exception):
             raise self.result
