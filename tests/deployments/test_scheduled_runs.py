@@ -84,9 +84,12 @@ class Api:
         return r.json()["events"]
 
 
-def completed(runs: list[dict], auto_scheduled: bool | None = None) -> list[dict]:
+def completed(runs: list[dict], auto_scheduled: bool | None = None, **params: str) -> list[dict]:
+    """The completed runs among ``runs`` (of this test's parameters: the deployment names are
+    shared with whatever else used the stack's server before)."""
     return [r for r in runs if r["state_type"] == "COMPLETED"
-            and (auto_scheduled is None or r["auto_scheduled"] is auto_scheduled)]
+            and (auto_scheduled is None or r["auto_scheduled"] is auto_scheduled)
+            and params.items() <= r["parameters"].get("params", {}).items()]
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +147,8 @@ def test_interval_schedule_produces_completed_scheduled_runs(served):
     check = _wait_for("check-annotations deployment registered",
                       lambda: api.deployment_id("check-annotations", "check-annotations"), 60, log)
     def two_completed() -> list[dict] | None:
-        done = completed(api.runs(check), auto_scheduled=True)
+        done = completed(api.runs(check), auto_scheduled=True,
+                         project=served["project"].title)
         return done if len(done) >= 2 else None
 
     runs = _wait_for("two completed runs of the check-annotations schedule", two_completed,
@@ -157,7 +161,8 @@ def test_scheduled_check_starts_a_build_that_commits_a_version(served):
     build = _wait_for("build-dataset deployment registered",
                       lambda: api.deployment_id("build-dataset", "build-dataset"), 60, log)
     builds = _wait_for("a completed build started by the scheduled check",
-                       lambda: completed(api.runs(build)), 240, log)
+                       lambda: completed(api.runs(build), project=str(served["project"].id)),
+                       240, log)
     assert builds[0]["parameters"]["params"]["dataset"] == DATASET
     assert builds[0]["parameters"]["params"]["project"] == str(served["project"].id)
     assert s3.head(f"datasets/{DATASET}/refs/latest") is not None
@@ -168,7 +173,8 @@ def test_cron_ingest_fires_and_imports_the_waiting_file(served):
     ingest = _wait_for("ingest deployment registered",
                        lambda: api.deployment_id("ingest-prompts", "ingest"), 60, log)
     runs = _wait_for("a completed run of the every-minute ingest cron",
-                     lambda: completed(api.runs(ingest), True), 200, log)
+                     lambda: completed(api.runs(ingest), True,
+                                       source=f"s3://{served['bucket']}/prompts/"), 200, log)
     assert runs[0]["parameters"]["params"]["source"] == f"s3://{served['bucket']}/prompts/"
     texts = {t.data["prompt"] for t in ls.tasks.list(project=served["project"].id)}
     assert set(PROMPTS) <= texts

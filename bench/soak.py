@@ -1,0 +1,363 @@
+"""Soak: many rounds of the whole loop with faults injected, invariants checked after each.
+
+    .venv/bin/python bench/soak.py [--rounds 50] [--seed 7] [--prompts 12] [--postgres]
+
+Runs its own local stack (S3, Label Studio, Prefect server; PostgreSQL with ``--postgres``) in a
+temporary folder on its own ports, so it can restart the Prefect server, and the OpenAI
+contract server (a CONTRACT TEST double of the fine-tuning API, unreachable from here). Each
+round: a new prompt file (with bad records) -> ingest -> simulated annotators answer every new
+task -> build -> fine-tune (openai backend). Faults, chosen at random per round:
+
+- ``kill:<failpoint>``: the step runs as a CLI subprocess with ``SFTFLOW_FAILPOINTS`` set to
+  crash (SIGKILL) at that failpoint, then runs again (the rerun must finish the work);
+- ``proxy:<fault>``: ingest talks to Label Studio through the fault proxy, which holds the
+  import's answer past the client's timeout or loses it after the server did the work;
+- ``prefect-restart``: the Prefect server is stopped and started between steps;
+- ``concurrent-build``: two builds at once; ``concurrent-gc``: ``gc --delete`` during a build.
+
+After every round: each valid prompt is exactly once in Label Studio; every quarantined record
+has a reason; ``refs/latest`` verifies; the version's rows equal a clean rebuild's from the
+same annotations; no fine-tuning job was submitted twice; and every step finally succeeded
+(the loop resumes by itself). Writes ``bench/results/soak.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results" / "soak.json"
+SFTFLOW = str(Path(sys.executable).parent / "sftflow")
+TARGETS = {"rounds": 50, "faults": 100, "violations": 0, "minutes": 30}
+PROJECT, DATASET, CLEAN = "soak", "soak", "soak-clean"
+BASE_MODEL = "gpt-4o-mini-2024-07-18"
+API_KEY = "sk-contract-test"
+
+KILLS = {
+    "ingest": ["ingest.after-import", "ingest.after-confirm"],
+    "build": ["versioning.after-shard", "versioning.after-files", "versioning.after-manifest",
+              "versioning.after-ref"],
+    "finetune": ["finetune.after-submit", "finetune.after-lineage"],
+}
+
+
+def stack_env(base: int, folder: Path, postgres: bool) -> dict[str, str]:
+    return {
+        "SFTFLOW_STACK__DIR": str(folder),
+        "SFTFLOW_STACK__S3_PORT": str(base), "SFTFLOW_STACK__WEED_MASTER_PORT": str(base + 1),
+        "SFTFLOW_STACK__WEED_VOLUME_PORT": str(base + 2),
+        "SFTFLOW_STACK__WEED_FILER_PORT": str(base + 3),
+        "SFTFLOW_STACK__LABEL_STUDIO_PORT": str(base + 4),
+        "SFTFLOW_STACK__PREFECT_PORT": str(base + 5),
+        "SFTFLOW_STACK__POSTGRES_PORT": str(base + 6),
+        "SFTFLOW_STACK__POSTGRES": "true" if postgres else "false",
+        "SFTFLOW_STACK__LABEL_STUDIO_BIN": str(ROOT / ".venv-labelstudio/bin/label-studio"),
+        "SFTFLOW_S3__ENDPOINT_URL": f"http://127.0.0.1:{base}",
+        "SFTFLOW_S3__BUCKET": "soak",
+        "SFTFLOW_LABELSTUDIO__URL": f"http://127.0.0.1:{base + 4}",
+        "SFTFLOW_PREFECT__API_URL": f"http://127.0.0.1:{base + 5}/api",
+        "PREFECT_API_URL": f"http://127.0.0.1:{base + 5}/api",
+        "SFTFLOW_FINETUNE__BACKEND": "openai",
+        "SFTFLOW_FINETUNE__OPENAI_API_KEY": API_KEY,
+    }
+
+
+class Soak:
+    def __init__(self, args: argparse.Namespace, folder: Path):
+        from sftflow.core.settings import Settings
+        from sftflow.infra.stack import LocalStack
+        from tests.contract.openai_server import OpenAIContractServer
+
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.env = stack_env(args.base_port, folder / "stack", args.postgres)
+        os.environ.update(self.env)
+        self.openai = OpenAIContractServer(api_key=API_KEY).__enter__()
+        os.environ["SFTFLOW_FINETUNE__OPENAI_BASE_URL"] = self.openai.base_url
+        self.env["SFTFLOW_FINETUNE__OPENAI_BASE_URL"] = self.openai.base_url
+        self.settings = Settings()
+        self.stack = LocalStack(self.settings)
+        self.faults: Counter[str] = Counter()
+        self.violations: list[dict[str, Any]] = []
+        self.valid: set[str] = set()  # prompt_ids of every valid prompt written so far
+        self.bad_records = 0
+        self.steps: Counter[str] = Counter()
+        self.round = 0
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def clients(self):
+        from sftflow.tasks.clients import Clients
+
+        return Clients(self.settings)
+
+    def cli(self, *args: str, failpoint: str | None = None,
+            extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, **self.env, **(extra_env or {})}
+        if failpoint:
+            env["SFTFLOW_FAILPOINTS"] = f"{failpoint}=crash"
+        else:
+            env.pop("SFTFLOW_FAILPOINTS", None)
+        return subprocess.run([SFTFLOW, *args], env=env, capture_output=True, text=True,
+                              timeout=900, check=False)
+
+    def step(self, name: str, argv: list[str], fault: str | None) -> None:
+        """Run a step (crashing it first at a failpoint when ``fault`` names one), then again
+        until it succeeds, at most 3 times: the loop must resume by itself."""
+        if fault and fault.startswith("kill:"):
+            res = self.cli(*argv, failpoint=fault.removeprefix("kill:"))
+            self.faults[fault] += 1
+            if res.returncode != -9:
+                self.violate("failpoint did not fire", step=name, fault=fault,
+                             rc=res.returncode, err=res.stderr[-400:])
+        for attempt in range(3):
+            res = self.cli(*argv)
+            if res.returncode == 0:
+                self.steps[name] += 1
+                return
+            time.sleep(2 * (attempt + 1))
+        self.violate("step did not resume", step=name, err=res.stderr[-600:])
+
+    def violate(self, what: str, **detail: Any) -> None:
+        self.violations.append({"round": self.round, "what": what, **detail})
+        print(f"  VIOLATION round {self.round}: {what} {json.dumps(detail)[:300]}", flush=True)
+
+    # -- a round -------------------------------------------------------------------------------
+    def write_prompts(self) -> str:
+        from sftflow.tasks.prompts import prompt_id
+
+        lines, r = [], self.round
+        for i in range(self.args.prompts):
+            text = f"Round {r}, question {i}: how would you explain {self.rng.random():.6f}?"
+            lines.append(json.dumps({"prompt": text}))
+            self.valid.add(prompt_id(text))
+        bad = [json.dumps({"prompt": ""}), "{not json", json.dumps({"text": "no prompt field"}),
+               json.dumps({"prompt": "x" * 200_000})]
+        for line in self.rng.sample(bad, 2):
+            lines.insert(self.rng.randrange(len(lines)), line)
+            self.bad_records += 1
+        key = f"prompts/round-{r:03d}.jsonl"
+        self.clients().s3.put_bytes(key, ("\n".join(lines) + "\n").encode())
+        return key
+
+    def annotate(self) -> None:
+        from sftflow.tasks.labelstudio import find_project
+
+        ls = self.clients().labelstudio
+        project = find_project(ls, PROJECT)
+        for task in ls.tasks.list(project=project.id, fields="all"):
+            if (task.total_annotations or 0) > 0:
+                continue
+            prompt = (task.data or {}).get("prompt", "")
+            ls.annotations.create(id=task.id, result=[{
+                "from_name": "instruction", "to_name": "prompt", "type": "textarea",
+                "value": {"text": [f"An answer to: {prompt[:60]} (annotator {task.id % 3})"]}}])
+
+    def run_round(self) -> None:
+        self.write_prompts()
+        choice = self.rng.random
+        # ingest
+        fault = None
+        if choice() < 0.25:
+            self.restart_prefect()
+        r = choice()
+        if r < 0.4:
+            fault = f"kill:{self.rng.choice(KILLS['ingest'])}"
+        self.step("ingest", ["ingest", "s3://soak/prompts/", "--project", PROJECT, "--json"],
+                  fault)
+        if r >= 0.4 and r < 0.7:
+            self.ingest_through_proxy()
+        self.annotate()
+        # build
+        r = choice()
+        build = ["build", "--project", PROJECT, "--dataset", DATASET, "--json"]
+        if r < 0.45:
+            self.step("build", build, f"kill:{self.rng.choice(KILLS['build'])}")
+        elif r < 0.65:
+            self.concurrently("concurrent-build", build, build)
+        elif r < 0.85:
+            self.concurrently("concurrent-gc", build,
+                              ["datasets", "gc", DATASET, "--delete", "--min-age-s", "0"])
+        else:
+            self.step("build", build, None)
+        # fine-tune
+        fault = f"kill:{self.rng.choice(KILLS['finetune'])}" if choice() < 0.5 else None
+        self.step("finetune", ["finetune", "--dataset", DATASET, "--backend", "openai",
+                               "--base-model", BASE_MODEL, "--min-train-rows", "1",
+                               "--deadline", "120", "--json"], fault)
+
+    def restart_prefect(self) -> None:
+        self.stack.down(["prefect"])
+        self.stack.up(["prefect"])
+        self.faults["prefect-restart"] += 1
+
+    def concurrently(self, kind: str, a: list[str], b: list[str]) -> None:
+        env = {**os.environ, **self.env}
+        env.pop("SFTFLOW_FAILPOINTS", None)
+        procs = [subprocess.Popen([SFTFLOW, *argv], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for argv in (a, b)]
+        for p in procs:
+            p.communicate(timeout=900)
+        self.faults[kind] += 1
+        self.step("build", a, None)  # whatever happened, a plain build then succeeds
+
+    def ingest_through_proxy(self) -> None:
+        """A second ingest (of a fresh file) through the fault proxy: the import's answer
+        arrives after the client gave up, or is lost after Label Studio did the work."""
+        from urllib.parse import urlparse
+
+        from tests.faults.proxy import Fault, FaultProxy
+
+        key = self.write_prompts_extra()
+        up = urlparse(self.settings.labelstudio.url)
+        with FaultProxy(up.hostname, up.port) as proxy:
+            kind = self.rng.choice(["slow_response", "lose_response"])
+            proxy.add(Fault(kind, method="POST", path=r"/api/projects/\d+/import", seconds=6,
+                            status=504))
+            self.faults[f"proxy:{kind}"] += 1
+            self.cli("ingest", f"s3://soak/{key}", "--project", PROJECT, "--json",
+                     extra_env={"SFTFLOW_LABELSTUDIO__URL": proxy.url,
+                                "SFTFLOW_LABELSTUDIO__TIMEOUT_S": "3"})
+        self.step("ingest", ["ingest", f"s3://soak/{key}", "--project", PROJECT, "--json"], None)
+
+    def write_prompts_extra(self) -> str:
+        from sftflow.tasks.prompts import prompt_id
+
+        lines = []
+        for i in range(self.args.prompts):
+            text = f"Round {self.round}, extra {i}: what is {self.rng.random():.6f} for?"
+            lines.append(json.dumps({"prompt": text}))
+            self.valid.add(prompt_id(text))
+        key = f"prompts-extra/round-{self.round:03d}.jsonl"
+        self.clients().s3.put_bytes(key, ("\n".join(lines) + "\n").encode())
+        return key
+
+    # -- invariants ----------------------------------------------------------------------------
+    def check(self) -> None:
+        from sftflow.tasks import versioning
+        from sftflow.tasks.labelstudio import find_project
+
+        c = self.clients()
+        project = find_project(c.labelstudio, PROJECT)
+        per_id = Counter((t.data or {}).get("prompt_id")
+                         for t in c.labelstudio.tasks.list(project=project.id, fields="all"))
+        twice = [p for p, n in per_id.items() if n > 1]
+        missing = self.valid - set(per_id)
+        if twice:
+            self.violate("prompt in Label Studio more than once", count=len(twice))
+        if missing:
+            self.violate("valid prompt missing from Label Studio", count=len(missing))
+        for obj in c.s3.list("_sftflow/quarantine/"):
+            body = c.s3.get_bytes(obj.key)[0]
+            if obj.key.endswith(".jsonl"):
+                for line in body.decode(errors="replace").splitlines():
+                    if line.strip() and not json.loads(line).get("reason"):
+                        self.violate("quarantined record without a reason", key=obj.key)
+        try:
+            latest = versioning.load_manifest(c.s3, DATASET, verify=True)
+        except Exception as err:  # noqa: BLE001 - the invariant is that this never fails
+            self.violate("refs/latest does not verify", error=str(err)[:300])
+            return
+        res = self.cli("build", "--project", PROJECT, "--dataset", CLEAN, "--json")
+        if res.returncode != 0:
+            self.violate("clean rebuild failed", err=res.stderr[-300:])
+            return
+        clean = versioning.load_manifest(c.s3, CLEAN, verify=False)
+        if self.row_hashes(c.s3, latest) != self.row_hashes(c.s3, clean):
+            self.violate("version rows differ from a clean rebuild", version=latest.version)
+        jobs = Counter((j.get("metadata") or {}).get("sftflow_job")
+                       for j in self.openai.state.jobs.values())
+        if any(n > 1 for n in jobs.values()):
+            self.violate("fine-tuning job submitted twice",
+                         jobs={k: n for k, n in jobs.items() if n > 1})
+
+    @staticmethod
+    def row_hashes(s3, manifest) -> set[str]:
+        import io
+
+        import pyarrow.parquet as pq
+
+        out: set[str] = set()
+        for f in manifest.files_of("parquet"):
+            data, _ = s3.get_bytes(manifest.key(f.path))
+            out.update(pq.read_table(io.BytesIO(data), columns=["row_hash"]).column(0).to_pylist())
+        return out
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        print(f"stack up in {self.env['SFTFLOW_STACK__DIR']} ...", flush=True)
+        self.stack.up()
+        self.clients().s3.ensure_bucket()
+        per_round = []
+        for number in range(1, self.args.rounds + 1):
+            self.round = number
+            t = time.monotonic()
+            try:
+                self.run_round()
+                self.check()
+            except Exception as err:  # noqa: BLE001 - a harness error is a finding, not a crash
+                self.violate("round raised", error=f"{type(err).__name__}: {err}"[:400])
+            per_round.append(round(time.monotonic() - t, 1))
+            print(f"round {self.round}: {per_round[-1]} s, faults so far "
+                  f"{sum(self.faults.values())}, violations {len(self.violations)}", flush=True)
+        minutes = (time.monotonic() - started) / 60
+        return {
+            "rounds": self.args.rounds, "seed": self.args.seed, "postgres": self.args.postgres,
+            "prompts_per_round": self.args.prompts, "valid_prompts": len(self.valid),
+            "bad_records": self.bad_records,
+            "faults": sum(self.faults.values()), "faults_by_kind": dict(sorted(self.faults.items())),
+            "violations": len(self.violations), "violation_details": self.violations[:50],
+            "steps_completed": dict(self.steps), "minutes": round(minutes, 1),
+            "seconds_per_round": per_round,
+            "targets": TARGETS,
+            "met": {"rounds": self.args.rounds >= TARGETS["rounds"],
+                    "faults": sum(self.faults.values()) >= TARGETS["faults"],
+                    "violations": not self.violations, "minutes": minutes <= TARGETS["minutes"]},
+        }
+
+    def close(self) -> None:
+        self.stack.down()
+        self.openai.__exit__(None, None, None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--prompts", type=int, default=12, help="new valid prompts per round")
+    ap.add_argument("--base-port", type=int, default=26100)
+    ap.add_argument("--postgres", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the stack folder afterwards")
+    args = ap.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="sftflow-soak-"))
+    load = os.getloadavg()
+    soak = Soak(args, folder)
+    try:
+        result = soak.run()
+    finally:
+        soak.close()
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    result["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(),
+                         "load_avg_1m_at_start": load[0], "load_avg_1m_at_end": os.getloadavg()[0]}
+    result["when"] = datetime.now(UTC).isoformat(timespec="seconds")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "seconds_per_round"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
