@@ -20,7 +20,9 @@ ROOT = Path(__file__).parents[2]
 
 
 def stack_env(tmp_path: Path, base: int) -> dict[str, str]:
-    ls_bin = ROOT / ".venv-labelstudio" / "bin" / "label-studio"
+    # A worktree without its own Label Studio venv names one with SFTFLOW_STACK__LABEL_STUDIO_BIN.
+    ls_bin = os.environ.get("SFTFLOW_STACK__LABEL_STUDIO_BIN",
+                            ROOT / ".venv-labelstudio" / "bin" / "label-studio")
     return {
         **os.environ,
         "SFTFLOW_STACK__DIR": str(tmp_path / "stack"),
