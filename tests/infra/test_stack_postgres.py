@@ -49,8 +49,9 @@ def stack_dir():
 
 
 def test_up_postgres_runs_labelstudio_and_prefect_on_it(stack_dir):
-    env = {**stack_env(stack_dir, BASE), "SFTFLOW_STACK__POSTGRES_PORT": str(PG_PORT)}
+    env = stack_env(stack_dir, BASE)
     env.pop("SFTFLOW_STACK__POSTGRES", None)  # the flag alone turns it on
+    assert env["SFTFLOW_STACK__POSTGRES_PORT"] == str(PG_PORT)
     pids: dict[str, int] = {}
     try:
         t0 = time.monotonic()
