@@ -5,12 +5,17 @@ Each service runs as its own process group, started from a package-registry inst
 from its own virtual environment (its pins clash with the app's), and ``prefect server start``.
 Everything lives under one folder (``.stack/`` by default): ``data/<service>``, ``logs/<service>.log``
 and ``pids/<service>.json``. ``down`` signals exactly the process groups recorded there.
+
+With ``stack.postgres`` on, a fourth service, ``postgres`` (Debian's PostgreSQL server binaries,
+run as the ``postgres`` system user when we are root), starts first and Label Studio and the
+Prefect server keep their databases in it instead of SQLite, as in production.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -21,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
@@ -28,8 +34,16 @@ from sftflow.core.errors import ServiceUnavailable, SftflowError
 from sftflow.core.settings import Settings
 from sftflow.tasks.orchestrator import ServiceError, service_errors
 
+#: The services of the default (SQLite) stack.
 SERVICES = ("s3", "labelstudio", "prefect")
+#: Every service a stack may run; ``postgres`` only with ``stack.postgres`` on. Start order.
+ALL_SERVICES = ("postgres", *SERVICES)
 _START_MARKER = "--- sftflow stack up"
+#: The PostgreSQL role Label Studio and Prefect connect as, and their databases.
+PG_ROLE = "sftflow"
+PG_DATABASES = {"labelstudio": "labelstudio", "prefect": "prefect"}
+#: PostgreSQL refuses to run as root: as root, the server runs as this system user.
+PG_SYSTEM_USER = "postgres"
 
 
 @dataclass
@@ -43,6 +57,8 @@ class ServiceSpec:
     stop_signal: int = signal.SIGTERM
     after_stop: Callable[[], None] = lambda: None
     before_start: Callable[[], None] = lambda: None
+    #: Run as this system user (uid, gid), else as ourselves.
+    run_as: tuple[int, int] | None = None
 
 
 @dataclass
@@ -63,6 +79,9 @@ class _PidRecord:
     pid: int
     start_ticks: int
     argv: list[str] = field(default_factory=list)
+    #: The database backend a service was started with ("sqlite" or "postgresql"; "" for
+    #: services without one, and in pid files written before the postgres profile existed).
+    db: str = ""
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -122,6 +141,16 @@ class LocalStack:
         #: Services that ``up`` started (not reused) in this object's lifetime.
         self.started: list[str] = []
 
+    @property
+    def services(self) -> tuple[str, ...]:
+        """The services this stack runs, in start order."""
+        return ALL_SERVICES if self.cfg.postgres else SERVICES
+
+    @property
+    def db_backend(self) -> str:
+        """Where Label Studio and the Prefect server keep their data: sqlite or postgresql."""
+        return "postgresql" if self.cfg.postgres else "sqlite"
+
     # -- paths ---------------------------------------------------------------------------------
     def log_path(self, name: str) -> Path:
         return self.dir / "logs" / f"{name}.log"
@@ -133,7 +162,38 @@ class LocalStack:
     def specs(self) -> dict[str, ServiceSpec]:
         c, host = self.cfg, self.cfg.host
         s3_ports = [c.s3_port, c.weed_master_port, c.weed_volume_port, c.weed_filer_port]
+        ls_db, prefect_db = {}, {}
+        if c.postgres:  # the passwords are added by _secret_env
+            ls_db = {"DJANGO_DB": "postgresql", "POSTGRE_NAME": PG_DATABASES["labelstudio"],
+                     "POSTGRE_USER": PG_ROLE, "POSTGRE_HOST": host,
+                     "POSTGRE_PORT": str(c.postgres_port)}
         return {
+            "postgres": ServiceSpec(
+                name="postgres",
+                argv=[
+                    "{postgres}", "-D", str(self._pg_data()), "-p", str(c.postgres_port),
+                    "-c", f"listen_addresses={host}",
+                    "-c", f"unix_socket_directories={self._pg_socket_dir()}",
+                    "-c", "unix_socket_permissions=0700",
+                    # Label Studio opens a connection per request thread, Prefect pools per
+                    # event loop: the default 100 is tight for concurrent tests.
+                    "-c", "max_connections=200",
+                    # A local stack: a crash may lose the last commits, never corrupts; saves
+                    # an fsync per commit on shared CI disks. Same SQL semantics as production.
+                    "-c", "synchronous_commit=off",
+                ],
+                env={"LC_ALL": "C.UTF-8", "TZ": "UTC"},
+                url=f"postgresql://{PG_ROLE}@{host}:{c.postgres_port}",
+                ports=[c.postgres_port],
+                health=self._postgres_health,
+                # Fast shutdown: ends the sessions, checkpoints and exits. (SIGTERM waits for
+                # every client to disconnect.) Backends take SIGINT as "cancel the query".
+                stop_signal=signal.SIGINT,
+                before_start=self._postgres_init,
+                # A clean shutdown removes the socket and its lock; a killed server does not.
+                after_stop=self._remove_pg_sockets,
+                run_as=self._pg_run_as() if c.postgres else None,
+            ),
             "s3": ServiceSpec(
                 name="s3",
                 argv=[
@@ -170,6 +230,7 @@ class LocalStack:
                     "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
                     "DJANGO_SETTINGS_MODULE": "sftflow_labelstudio_settings",
                     "PYTHONPATH": str(self.dir / "labelstudio-settings"),
+                    **ls_db,
                 },
                 url=f"http://{host}:{c.label_studio_port}",
                 ports=[c.label_studio_port],
@@ -183,6 +244,7 @@ class LocalStack:
                     "PREFECT_HOME": str(self._data_path("prefect")),
                     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "PREFECT_UI_API_URL": f"http://{host}:{c.prefect_port}/api",
+                    **prefect_db,
                 },
                 url=f"http://{host}:{c.prefect_port}",
                 ports=[c.prefect_port],
@@ -198,18 +260,30 @@ class LocalStack:
             "{weed}": lambda: _bin("weed"),
             "{label-studio}": lambda: _bin("label-studio", self.cfg.label_studio_bin),
             "{prefect}": lambda: _bin("prefect"),
+            "{postgres}": lambda: self._pg_bin("postgres"),
         }
         return [subs[a]() if a in subs else a for a in argv]
 
     def _secret_env(self, name: str) -> dict[str, str]:
         """Credentials a service is started with. The environment, unlike the command line, is
         not shown by ``ps`` to other users."""
+        pg = self.cfg.postgres_password.get_secret_value()
+        if name == "prefect" and self.cfg.postgres:
+            return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": self.postgres_url("prefect", pg)}
         if name != "labelstudio":
             return {}
         # Label Studio reads LABEL_STUDIO_<NAME> when it creates the first user.
         return {"LABEL_STUDIO_USERNAME": self.cfg.label_studio_user,
                 "LABEL_STUDIO_PASSWORD": self.cfg.label_studio_password.get_secret_value(),
-                "LABEL_STUDIO_USER_TOKEN": self._ls_token()}
+                "LABEL_STUDIO_USER_TOKEN": self._ls_token(),
+                **({"POSTGRE_PASSWORD": pg} if self.cfg.postgres else {})}
+
+    def postgres_url(self, service: str, password: str | None = None) -> str:
+        """The SQLAlchemy (asyncpg) URL of ``service``'s database; without the password unless
+        one is given."""
+        auth = PG_ROLE + (f":{quote(password, safe='')}" if password is not None else "")
+        return (f"postgresql+asyncpg://{auth}@{self.cfg.host}:{self.cfg.postgres_port}"
+                f"/{PG_DATABASES[service]}")
 
     def _ls_token(self) -> str:
         key = self.settings.labelstudio.api_key
@@ -250,6 +324,127 @@ class LocalStack:
             "        'init_command': 'PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;',\n"
             "    }\n"
         )
+
+    # -- postgres ------------------------------------------------------------------------------
+    def _pg_data(self) -> Path:
+        return self._data_path("postgres")
+
+    def _pg_socket_dir(self) -> Path:
+        # Not /tmp (shared between stacks and users): the stack folder. The path of a unix
+        # socket is limited to 107 bytes; checked before start.
+        return self.dir / "pgsocket"
+
+    def _pg_bin(self, name: str) -> str:
+        path = self.cfg.postgres_bin_dir / name
+        if not path.is_file():
+            raise SftflowError(
+                f"PostgreSQL's '{name}' not found in {self.cfg.postgres_bin_dir}: install Debian's "
+                "postgresql-15 or set SFTFLOW_STACK__POSTGRES_BIN_DIR"
+            )
+        return str(path)
+
+    @staticmethod
+    def _pg_run_as() -> tuple[int, int] | None:
+        """PostgreSQL refuses to run as root: then it runs as the ``postgres`` system user."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            user = pwd.getpwnam(PG_SYSTEM_USER)
+        except KeyError:
+            raise SftflowError(
+                f"running as root, the local PostgreSQL needs the '{PG_SYSTEM_USER}' system user "
+                "(Debian's postgresql package creates it); or run the stack as another user"
+            ) from None
+        return user.pw_uid, user.pw_gid
+
+    def _as_pg_user(self) -> dict:
+        """Popen arguments that run a PostgreSQL program as the server's user."""
+        run_as = self._pg_run_as()
+        if run_as is None:
+            return {}
+        return {"user": run_as[0], "group": run_as[1], "extra_groups": []}
+
+    def _postgres_init(self) -> None:
+        """Create the cluster on first start: the ``sftflow`` role (superuser of this local
+        cluster) with a scram-sha-256 password, on TCP and the unix socket alike."""
+        data, sock = self._pg_data(), self._pg_socket_dir()
+        lock = sock / f".s.PGSQL.{self.cfg.postgres_port}.lock"
+        if len(str(lock).encode()) > 107:
+            raise SftflowError(f"the stack folder's path is too long for PostgreSQL's unix socket "
+                               f"({lock}); use a shorter SFTFLOW_STACK__DIR")
+        run_as = self._pg_run_as()
+        for folder in (data, sock):
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o700)
+            if run_as is not None:
+                os.chown(folder, *run_as)
+        if run_as is not None:
+            check = subprocess.run(["test", "-w", str(data), "-a", "-w", str(sock)],
+                                   check=False, **self._as_pg_user())
+            if check.returncode != 0:
+                raise SftflowError(
+                    f"the '{PG_SYSTEM_USER}' user cannot write to {data}: every folder above the "
+                    f"stack folder must be searchable by it (chmod o+x), or choose another "
+                    f"SFTFLOW_STACK__DIR"
+                )
+        if (data / "PG_VERSION").exists():
+            return
+        pwfile = sock / "initdb-password"
+        pwfile.touch(mode=0o600)
+        try:
+            pwfile.write_text(self.cfg.postgres_password.get_secret_value() + "\n")
+            if run_as is not None:
+                os.chown(pwfile, *run_as)
+            with self.log_path("postgres").open("ab") as log:
+                log.write(f"\n--- initdb {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+                log.flush()
+                res = subprocess.run(
+                    [self._pg_bin("initdb"), "-D", str(data), "-U", PG_ROLE,
+                     f"--pwfile={pwfile}", "--auth-local=scram-sha-256",
+                     "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C.UTF-8"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "LC_ALL": "C.UTF-8", "TZ": "UTC"}, cwd=sock,
+                    timeout=300, check=False, **self._as_pg_user(),
+                )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if res.returncode != 0:
+            raise SftflowError(f"initdb failed (exit {res.returncode}); see {self.log_path('postgres')}")
+
+    def _remove_pg_sockets(self) -> None:
+        for sock in self._pg_socket_dir().glob(f".s.PGSQL.{self.cfg.postgres_port}*"):
+            sock.unlink(missing_ok=True)
+
+    def _psql(self, sql: str, db: str = "postgres", timeout_s: float = 15.0) -> str:
+        """Run one SQL statement over TCP as the ``sftflow`` role; its unaligned output."""
+        c = self.cfg
+        env = {**os.environ, "PGPASSWORD": c.postgres_password.get_secret_value(),
+               "PGCONNECT_TIMEOUT": "3", "PGAPPNAME": "sftflow-stack"}
+        where = f"PostgreSQL at {c.host}:{c.postgres_port}"
+        try:
+            res = subprocess.run(
+                [self._pg_bin("psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                 "-h", c.host, "-p", str(c.postgres_port), "-U", PG_ROLE, "-d", db, "-c", sql],
+                env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                timeout=timeout_s, check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise ServiceUnavailable(f"{where}: no answer within {timeout_s:.0f}s") from None
+        if res.returncode != 0:
+            raise ServiceUnavailable(f"{where}: {res.stderr.strip() or f'psql exit {res.returncode}'}")
+        return res.stdout
+
+    def _postgres_health(self) -> None:
+        if self._psql("SELECT 1").strip() != "1":
+            raise ServiceUnavailable("PostgreSQL answered SELECT 1 with something else")
+
+    def _postgres_databases(self) -> None:
+        """Create the services' databases that do not exist yet."""
+        names = ", ".join(f"'{d}'" for d in PG_DATABASES.values())
+        have = set(self._psql(f"SELECT datname FROM pg_database WHERE datname IN ({names})").split())
+        for db in PG_DATABASES.values():
+            if db not in have:
+                self._psql(f'CREATE DATABASE "{db}" OWNER "{PG_ROLE}"', timeout_s=60)
 
     def _write_s3_identities(self) -> None:
         s3 = self.settings.s3
@@ -298,6 +493,8 @@ class LocalStack:
 
     def specs_url(self, name: str) -> str:
         c, host = self.cfg, self.cfg.host
+        if name == "postgres":
+            return f"postgresql://{PG_ROLE}@{host}:{c.postgres_port}"
         port = {"s3": c.s3_port, "labelstudio": c.label_studio_port, "prefect": c.prefect_port}
         return f"http://{host}:{port[name]}"
 
@@ -319,50 +516,78 @@ class LocalStack:
         return rec
 
     # -- commands ------------------------------------------------------------------------------
-    def up(self, names: Iterable[str] = SERVICES, timeout_s: float | None = None) -> list[ServiceStatus]:
-        """Start what is not running, reuse what is, and wait until all are healthy."""
-        names = list(names)
+    def up(self, names: Iterable[str] | None = None, timeout_s: float | None = None) -> list[ServiceStatus]:
+        """Start what is not running, reuse what is, and wait until all are healthy.
+
+        ``names`` defaults to :attr:`services`. With ``stack.postgres`` on, Label Studio and the
+        Prefect server need ``postgres``: it is added, started first and healthy (its databases
+        created) before they start."""
+        names = list(self.services if names is None else names)
+        if "postgres" in names and not self.cfg.postgres:
+            raise SftflowError("the postgres service is off: pass --postgres or set "
+                               "SFTFLOW_STACK__POSTGRES=true")
+        if self.cfg.postgres and set(names) & set(PG_DATABASES) and "postgres" not in names:
+            names.insert(0, "postgres")
+        names = sorted(names, key=ALL_SERVICES.index)
         specs = self.specs()
         timeout_s = timeout_s or self.cfg.health_timeout_s
+        deadline = time.monotonic() + timeout_s
         for d in ("logs", "pids", "data"):
             (self.dir / d).mkdir(parents=True, exist_ok=True)
-        started: dict[str, subprocess.Popen] = {}
-        for name in names:
-            spec = specs[name]
-            if self._running(name):
-                continue
-            if name == "s3":
-                self._write_s3_identities()
-            busy = [p for p in spec.ports if port_in_use(self.cfg.host, p)]
-            if busy:
-                raise SftflowError(
-                    f"{name}: port {busy[0]} on {self.cfg.host} is in use by another process; "
-                    f"stop it or choose other ports (SFTFLOW_STACK__*_PORT)"
-                )
-            spec.before_start()
-            self._data_path(name).mkdir(parents=True, exist_ok=True)
-            argv = self._resolve_argv(spec.argv)
-            log = self.log_path(name).open("ab")
-            log.write(f"\n{_START_MARKER} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
-            log.flush()
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **spec.env, **self._secret_env(name)},
-                cwd=self.dir,
-                start_new_session=True,  # its own process group: `down` signals exactly that
+        # Refuse before starting anything: a running Label Studio or Prefect on the other
+        # database would be reused and silently keep it.
+        other = {name: rec.db or "sqlite" for name in names if name in PG_DATABASES
+                 and (rec := self._running(name)) and (rec.db or "sqlite") != self.db_backend}
+        if other:
+            running = ", ".join(f"{name} runs on {db}" for name, db in other.items())
+            flag = "without" if self.cfg.postgres else "with"
+            raise SftflowError(
+                f"{running}, not {self.db_backend}: run `sftflow stack down {' '.join(other)}` "
+                f"first (its {self.db_backend} database starts empty), or `up` {flag} --postgres"
             )
-            log.close()
-            ticks = _start_ticks(proc.pid) or 0
-            self._pid_path(name).write_text(
-                json.dumps(asdict(_PidRecord(proc.pid, ticks, [argv[0]])))
-            )
-            started[name] = proc
-            self.started.append(name)
-        self._wait_healthy(names, specs, started, timeout_s)
+        phases = [["postgres"], [n for n in names if n != "postgres"]] if "postgres" in names else [names]
+        for phase in phases:
+            started = {name: self._start(specs[name]) for name in phase if not self._running(name)}
+            self._wait_healthy(phase, specs, started, timeout_s, deadline)
+            if phase == ["postgres"]:
+                self._postgres_databases()
         return self.status(names)
+
+    def _start(self, spec: ServiceSpec) -> subprocess.Popen:
+        name = spec.name
+        if name == "s3":
+            self._write_s3_identities()
+        busy = [p for p in spec.ports if port_in_use(self.cfg.host, p)]
+        if busy:
+            raise SftflowError(
+                f"{name}: port {busy[0]} on {self.cfg.host} is in use by another process; "
+                f"stop it or choose other ports (SFTFLOW_STACK__*_PORT)"
+            )
+        spec.before_start()
+        self._data_path(name).mkdir(parents=True, exist_ok=True)
+        argv = self._resolve_argv(spec.argv)
+        run_as = {"user": spec.run_as[0], "group": spec.run_as[1], "extra_groups": []} if spec.run_as else {}
+        log = self.log_path(name).open("ab")
+        log.write(f"\n{_START_MARKER} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **spec.env, **self._secret_env(name)},
+            cwd=self.dir,
+            start_new_session=True,  # its own process group: `down` signals exactly that
+            **run_as,
+        )
+        log.close()
+        ticks = _start_ticks(proc.pid) or 0
+        db = self.db_backend if name in PG_DATABASES else ""
+        self._pid_path(name).write_text(
+            json.dumps(asdict(_PidRecord(proc.pid, ticks, [argv[0]], db)))
+        )
+        self.started.append(name)
+        return proc
 
     def _wait_healthy(
         self,
@@ -370,8 +595,8 @@ class LocalStack:
         specs: dict[str, ServiceSpec],
         started: dict[str, subprocess.Popen],
         timeout_s: float,
+        deadline: float,
     ) -> None:
-        deadline = time.monotonic() + timeout_s
         pending = list(names)
         last_error: dict[str, str] = {}
         delay = 0.5
@@ -400,7 +625,13 @@ class LocalStack:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 1.5, 3.0)
 
-    def status(self, names: Iterable[str] = SERVICES) -> list[ServiceStatus]:
+    def status(self, names: Iterable[str] | None = None) -> list[ServiceStatus]:
+        """``names`` defaults to :attr:`services`, plus ``postgres`` when it runs from an earlier
+        ``up --postgres`` though the setting is now off."""
+        if names is None:
+            names = list(self.services)
+            if not self.cfg.postgres and self._running("postgres"):
+                names.insert(0, "postgres")
         specs = self.specs()
         out = []
         for name in names:
@@ -445,11 +676,15 @@ class LocalStack:
 
         build_s3(self.settings.s3.model_copy(update={"max_attempts": 1})).ping()
 
-    def down(self, names: Iterable[str] = SERVICES, timeout_s: float = 15.0) -> list[str]:
-        """Stop the process groups this stack started; returns the names that were stopped."""
+    def down(self, names: Iterable[str] | None = None, timeout_s: float = 15.0) -> list[str]:
+        """Stop the process groups this stack started; returns the names that were stopped.
+
+        ``names`` defaults to every service with a live pid file (``postgres`` too, whether or
+        not the setting is on now). PostgreSQL stops last, after its clients."""
+        names = ALL_SERVICES if names is None else names
         specs = self.specs()
         stopped = []
-        for name in names:
+        for name in sorted(names, key=lambda n: n == "postgres"):
             rec = self._running(name)
             if rec is None:
                 continue

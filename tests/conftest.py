@@ -28,7 +28,7 @@ def stack(settings: Settings) -> Iterator[Settings]:
     from sftflow.infra.stack import LocalStack
 
     local = LocalStack(settings)
-    needed = ["s3", "labelstudio", "prefect"]
+    needed = list(local.services)  # with SFTFLOW_STACK__POSTGRES=true, postgres too
     missing = [s.name for s in local.status(needed) if not s.healthy]
     if missing:
         local.up(missing)  # reuses a running-but-slow service; starts only what is not running

@@ -10,20 +10,23 @@ from rich.table import Table
 from sftflow.cli._app import JsonOption, app, console, print_json
 from sftflow.core.errors import SftflowError
 from sftflow.core.settings import get_settings
-from sftflow.infra.stack import SERVICES, LocalStack
+from sftflow.infra.stack import ALL_SERVICES, LocalStack
 
-stack_app = typer.Typer(help="Start, inspect and stop the local stack (S3, Label Studio, Prefect).")
+stack_app = typer.Typer(help="Start, inspect and stop the local stack (S3, Label Studio, Prefect; "
+                             "optionally PostgreSQL).")
 app.add_typer(stack_app, name="stack")
 
-ServicesArg = typer.Argument(None, help=f"Services (default all): {', '.join(SERVICES)}.")
+ServicesArg = typer.Argument(
+    None, help=f"Services (default all; postgres only with --postgres): {', '.join(ALL_SERVICES)}."
+)
 
 
-def _names(services: list[str] | None) -> list[str]:
-    names = services or list(SERVICES)
-    unknown = [n for n in names if n not in SERVICES]
+def _names(services: list[str] | None) -> list[str] | None:
+    """The services named, checked; None (the stack's default set) when none are."""
+    unknown = [n for n in services or [] if n not in ALL_SERVICES]
     if unknown:
-        raise SftflowError(f"unknown service {unknown[0]!r}; choose from {', '.join(SERVICES)}")
-    return names
+        raise SftflowError(f"unknown service {unknown[0]!r}; choose from {', '.join(ALL_SERVICES)}")
+    return services or None
 
 
 def _print_status(statuses, as_json: bool) -> None:
@@ -42,10 +45,19 @@ def _print_status(statuses, as_json: bool) -> None:
 def up(
     services: list[str] | None = ServicesArg,
     timeout: float = typer.Option(None, help="Seconds to wait for health (default from settings)."),
+    postgres: bool = typer.Option(
+        False, "--postgres",
+        help="Run Label Studio and the Prefect server on PostgreSQL, started as a fourth service "
+             "(as SFTFLOW_STACK__POSTGRES=true).",
+    ),
     as_json: bool = JsonOption,
 ) -> None:
     """Start the services (reusing running ones) and wait until they are healthy."""
-    stack = LocalStack(get_settings())
+    settings = get_settings()
+    if postgres:
+        settings = settings.model_copy(
+            update={"stack": settings.stack.model_copy(update={"postgres": True})})
+    stack = LocalStack(settings)
     _print_status(stack.up(_names(services), timeout_s=timeout), as_json)
 
 
@@ -70,7 +82,7 @@ def down(services: list[str] | None = ServicesArg, as_json: bool = JsonOption) -
 
 @stack_app.command("logs")
 def logs(
-    service: str = typer.Argument(..., help=f"One of {', '.join(SERVICES)}."),
+    service: str = typer.Argument(..., help=f"One of {', '.join(ALL_SERVICES)}."),
     lines: int = typer.Option(50, "-n", help="How many lines from the end."),
 ) -> None:
     """The end of a service's log file."""

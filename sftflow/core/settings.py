@@ -31,6 +31,7 @@ LOCAL_S3_ACCESS_KEY = "sftflow-local"
 LOCAL_S3_SECRET_KEY = "sftflow-local-secret-key"
 LOCAL_LS_TOKEN = "sftflowlocaltoken0000000000000000000001"  # <= 40 chars (LS limit)
 LOCAL_WEBHOOK_SECRET = "sftflow-local-webhook-secret"
+LOCAL_PG_PASSWORD = "sftflow-local-postgres"
 
 
 class S3Settings(BaseModel):
@@ -145,6 +146,19 @@ class StackSettings(BaseModel):
     label_studio_user: str = "admin@sftflow.local"
     label_studio_password: SecretStr = SecretStr("sftflow-local-admin")
     health_timeout_s: float = Field(120.0, gt=0)
+    postgres: bool = Field(
+        False,
+        description="Run Label Studio and the Prefect server on PostgreSQL (a `postgres` service "
+        "of the stack) instead of SQLite, as production does.",
+    )
+    postgres_port: int = 15432
+    postgres_password: SecretStr = Field(
+        SecretStr(LOCAL_PG_PASSWORD), description="Password of the local `sftflow` role."
+    )
+    postgres_bin_dir: Path = Field(
+        Path("/usr/lib/postgresql/15/bin"),
+        description="PostgreSQL server binaries (initdb, postgres, psql): Debian's postgresql-15.",
+    )
 
 
 def _config_file() -> Path:

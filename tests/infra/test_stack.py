@@ -20,7 +20,9 @@ ROOT = Path(__file__).parents[2]
 
 
 def stack_env(tmp_path: Path, base: int) -> dict[str, str]:
-    ls_bin = ROOT / ".venv-labelstudio" / "bin" / "label-studio"
+    # A worktree without its own Label Studio venv names one with SFTFLOW_STACK__LABEL_STUDIO_BIN.
+    ls_bin = os.environ.get("SFTFLOW_STACK__LABEL_STUDIO_BIN",
+                            ROOT / ".venv-labelstudio" / "bin" / "label-studio")
     return {
         **os.environ,
         "SFTFLOW_STACK__DIR": str(tmp_path / "stack"),
@@ -30,6 +32,7 @@ def stack_env(tmp_path: Path, base: int) -> dict[str, str]:
         "SFTFLOW_STACK__WEED_FILER_PORT": str(base + 3),
         "SFTFLOW_STACK__LABEL_STUDIO_PORT": str(base + 4),
         "SFTFLOW_STACK__PREFECT_PORT": str(base + 5),
+        "SFTFLOW_STACK__POSTGRES_PORT": str(base + 6),
         "SFTFLOW_STACK__LABEL_STUDIO_BIN": str(ls_bin),
         "SFTFLOW_S3__ENDPOINT_URL": f"http://127.0.0.1:{base}",
         "SFTFLOW_LABELSTUDIO__URL": f"http://127.0.0.1:{base + 4}",
@@ -48,7 +51,9 @@ def sftflow(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess
 
 
 def test_up_status_down_leaves_nothing_running(tmp_path):
-    env = stack_env(tmp_path, 23100)
+    # The SQLite profile, also when the suite runs with SFTFLOW_STACK__POSTGRES=true (CI);
+    # test_stack_postgres.py covers the other.
+    env = {**stack_env(tmp_path, 23100), "SFTFLOW_STACK__POSTGRES": "false"}
     try:
         up = sftflow(env, "stack", "up", "--json", "--timeout", "180")
         assert up.returncode == 0, up.stderr + (tmp_path / "stack" / "logs").as_posix()
