@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from sftflow.cli._app import JsonOption, app, console, print_json
-from sftflow.core.errors import ConfigError
+from sftflow.cli._app import JsonOption, app, console, parse_params, print_json
 from sftflow.core.settings import get_settings
 from sftflow.tasks.clients import Clients, prefect_api
 
@@ -43,24 +42,17 @@ def finetune_cmd(
     as_json: bool = JsonOption,
 ) -> None:
     """Train on a dataset version, watch the job to the end, and record its lineage."""
-    from pydantic import ValidationError
-
     from sftflow.flows.finetune import FinetuneParams, finetune
-    from sftflow.tasks.finetune.backends import Hyperparameters
 
-    try:
-        params = FinetuneParams(
-            dataset=dataset, backend=backend, base_model=base_model, method=method,
-            hyperparameters=Hyperparameters(epochs=epochs, max_steps=max_steps,
-                                            learning_rate=learning_rate, batch_size=batch_size,
-                                            max_length=max_length, seed=seed),
-            min_train_rows=min_train_rows, min_eval_rows=min_eval_rows, deadline_s=deadline,
-            bucket=bucket,
-        )
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "parameters"
-        raise ConfigError(f"finetune {where}: {first['msg']}") from None
+    params = parse_params(
+        FinetuneParams, "finetune",
+        dataset=dataset, backend=backend, base_model=base_model, method=method,
+        hyperparameters={"epochs": epochs, "max_steps": max_steps,
+                         "learning_rate": learning_rate, "batch_size": batch_size,
+                         "max_length": max_length, "seed": seed},
+        min_train_rows=min_train_rows, min_eval_rows=min_eval_rows, deadline_s=deadline,
+        bucket=bucket,
+    )
     if local:
         import os
 

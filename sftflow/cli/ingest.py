@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sftflow.cli._app import JsonOption, app, console, print_json
-from sftflow.core.errors import ConfigError
+from sftflow.cli._app import JsonOption, app, console, parse_params, print_json
 from sftflow.core.settings import get_settings
 from sftflow.tasks.clients import prefect_api
 
@@ -30,22 +29,15 @@ def ingest(
     as_json: bool = JsonOption,
 ) -> None:
     """Import every new prompt under SOURCE into the project, exactly once."""
-    from pydantic import ValidationError
-
     from sftflow.flows.ingest import IngestParams, ingest_prompts
-    from sftflow.tasks.prompts import FieldMapping
 
-    try:
-        params = IngestParams(
-            source=source, project=project, batch_size=batch_size, max_files=max_files,
-            max_records=max_records, create_project=not no_create,
-            fields=FieldMapping(prompt_field=prompt_field, input_field=input_field,
-                                keep_fields=keep_field or []),
-        )
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "parameters"
-        raise ConfigError(f"ingest {where}: {first['msg']}") from None
+    params = parse_params(
+        IngestParams, "ingest",
+        source=source, project=project, batch_size=batch_size, max_files=max_files,
+        max_records=max_records, create_project=not no_create,
+        fields={"prompt_field": prompt_field, "input_field": input_field,
+                "keep_fields": keep_field or []},
+    )
     with prefect_api(get_settings()):
         report = ingest_prompts(params)
     if as_json:
