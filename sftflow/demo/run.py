@@ -83,7 +83,9 @@ class SimulatedAnnotators(threading.Thread):
 
     def _answer(self, ls: Any, project_id: int, answers: dict[str, str]) -> None:
         for task in ls.tasks.list(project=project_id, fields="all"):
-            if self.stop.is_set() or (task.total_annotations or 0) > 0:
+            # Label Studio 1.23 lists total_annotations as 0 here even for annotated tasks:
+            # look at the annotations themselves, or every pass annotates every task again.
+            if self.stop.is_set() or task.annotations:
                 continue
             data = task.data or {}
             text = answers.get(data.get("prompt_id", ""))
