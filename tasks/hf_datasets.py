@@ -1,0 +1,56 @@
+"""A dataset version as a Hugging Face ``datasets.DatasetDict``, read from the bucket.
+
+``sftflow.load_dataset("support")`` is the one call a data scientist needs: the latest version
+(or a version id or tag), every Parquet shard checked against the manifest's sha256 as it is
+downloaded, split names as HF users expect them (``train``, ``validation``; sftflow's own name
+for the second is ``eval``). Only the Parquet shards are read, not the JSONL copies.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from sftflow.core.errors import SftflowError
+from sftflow.core.hashing import sha256_hex
+from sftflow.core.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    import datasets
+
+#: sftflow split -> the name HF users expect.
+HF_SPLITS = {"train": "train", "eval": "validation"}
+
+
+def load_dataset(
+    name: str, version: str | None = None, *, bucket: str | None = None,
+    settings: Settings | None = None,
+) -> datasets.DatasetDict:
+    """Version ``version`` (id, tag, or None for ``refs/latest``) of dataset ``name``."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sftflow.tasks import versioning
+    from sftflow.tasks.clients import Clients
+
+    settings = (settings or get_settings()).with_bucket(bucket)
+    s3 = Clients(settings).s3
+    manifest = versioning.load_manifest(s3, name, version, verify=False,
+                                        prefix=settings.datasets.prefix)
+
+    def read(entry: versioning.FileEntry) -> pa.Table:
+        key = manifest.key(entry.path)
+        data, _ = s3.get_bytes(key)
+        if len(data) != entry.size or sha256_hex(data) != entry.sha256:
+            raise SftflowError(f"{name}@{manifest.version}: checksum mismatch for {s3.uri(key)}")
+        return pq.read_table(io.BytesIO(data))
+
+    out = {}
+    with ThreadPoolExecutor(8) as pool:
+        for split, hf_split in HF_SPLITS.items():
+            tables = list(pool.map(read, manifest.files_of("parquet", split)))
+            if tables:
+                out[hf_split] = datasets.Dataset(pa.concat_tables(tables))
+    return datasets.DatasetDict(out)
