@@ -2,8 +2,9 @@
 
 ``ProjectImporter`` holds the run's state against the project and its ``Ledger``:
 
-- ``open()`` loads the ledger and settles the batches an interrupted run left pending (what of
-  each landed becomes its segment). If the project's task count then differs from what the
+- ``open()`` loads the ledger and awaits the batches an interrupted run left pending until their
+  requests have certainly ended (``imports.await_outcome``); what of each landed becomes its
+  segment. If the project's task count then differs from what the
   ledger expects, the project is rescanned: its prompt_ids become the ledger's snapshot and
   unannotated duplicate tasks are removed.
 - ``add_file()`` queues a file's prompts whose id is not known yet, in batches of
