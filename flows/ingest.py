@@ -19,10 +19,12 @@ Outputs:
 
 Idempotency: a prompt whose ``prompt_id`` (sha256 of the normalised text) is already in the
 project is never imported again; objects already processed (same key and ETag) are not read
-again. Runs on the same project are serialised by a Prefect global concurrency limit. A batch
-with an unknown outcome, or left pending by a crash, is reconciled against the project before
-anything is sent again; a final check compares the project's task count with the ledger and
-rescans (removing unannotated duplicates) if they disagree.
+again. Runs on the same project (from one source bucket) are serialised by a leased lock record
+in S3, ``<state_prefix>/locks/sftflow-ingest-project-<id>.json``, whose fencing token every
+ledger write checks. An import request with an unknown outcome, or left pending by a crash, is
+resent only after it has certainly ended on the server (all its tasks found, or
+``import_doubt_s`` past its sending); a final check compares the project's task count with the
+ledger and rescans (removing unannotated duplicates) if they disagree.
 Every input record ends as exactly one of imported / duplicate / quarantined.
 """
 
@@ -44,7 +46,7 @@ from sftflow.tasks.clients import Clients
 from sftflow.tasks.intake import IntakeTally, Selection, select_objects
 from sftflow.tasks.labelstudio.importer import ImportTotals, ProjectImporter
 from sftflow.tasks.labelstudio.projects import ensure_project_task
-from sftflow.tasks.locks import global_lock, ingest_lock_name
+from sftflow.tasks.locks import ingest_lock_name, s3_lock
 from sftflow.tasks.progress import PhaseTimer, ProgressBar
 from sftflow.tasks.prompts import FieldMapping, Ledger, Limits, bucket_exists, read_prompt_file
 from sftflow.tasks.storage import parse_s3_uri
@@ -72,8 +74,18 @@ class IngestParams(BaseModel):
     lock_timeout_s: float = Field(
         900, gt=0, description="How long to wait for another ingest of the same project."
     )
+    lock_lease_s: float = Field(
+        60, ge=1, description="Lease of the project's ingest lock, renewed while the run works: "
+        "a killed run's lock is taken over this long after its last renewal.",
+    )
     import_timeout_s: float | None = Field(
         None, gt=0, description="HTTP timeout per import request (default: Label Studio settings)."
+    )
+    import_doubt_s: float = Field(
+        300, gt=0,
+        description="The longest an import request can run on the Label Studio server (its "
+        "worker or gateway timeout). A request whose outcome is unknown is sent again only when "
+        "its tasks are not in the project this long after it was sent.",
     )
 
     @field_validator("source")
@@ -134,14 +146,16 @@ def ingest_prompts(params: IngestParams) -> IngestReport:
         raise ConfigError(f"source bucket {bucket!r} does not exist (from {params.source})")
     with timer.phase("project"):
         project = ensure_project_task(lsc, params.project, create=params.create_project)
-    ledger = Ledger(s3, bucket, state_prefix, project.id)
+    lock = s3_lock(s3, bucket, state_prefix, ingest_lock_name(project.id), lease_s=params.lock_lease_s)
+    ledger = Ledger(s3, bucket, state_prefix, project.id, fence=lock.fence)
     importer = ProjectImporter(lsc, ledger, state_prefix=state_prefix,
                                batch_size=params.batch_size, timeout_s=params.import_timeout_s,
+                               doubt_s=params.import_doubt_s,
                                timer=timer, logger=logger)
     tally = IntakeTally()
     with contextlib.ExitStack() as held:
         with timer.phase("lock"):
-            held.enter_context(global_lock(ingest_lock_name(project.id), params.lock_timeout_s))
+            held.enter_context(lock.held(params.lock_timeout_s))
         with timer.phase("ledger"):
             importer.open(str(project.created_at))
         with timer.phase("list"):

@@ -1,18 +1,191 @@
-"""Named, cluster-wide mutual exclusion through Prefect global concurrency limits.
+"""Named, cluster-wide mutual exclusion: a leased, fenced lock record in S3, and the older
+Prefect global concurrency limit.
 
-``global_lock("sftflow-build-dataset-d")`` holds the single slot of a limit of that name
-(created with limit 1 on first use) so that two runs anywhere never hold it at once. A crashed
-holder's lease expires after ``lease_s`` (the server's minimum is 60 s).
+``S3Lock`` (ingest): the owner record ``<prefix>/locks/<name>.json`` is taken with a
+conditional write (``If-None-Match: *`` for a new record, ``If-Match: <etag>`` to take over an
+expired or released one), so exactly one contender wins. It survives a Prefect restart (it is
+not in Prefect) and a killed holder (its lease expires: the next contender takes it over after
+``lease_s``). The holder renews the lease every ``lease_s / 3`` from a background thread. Each
+acquisition increments the record's fencing ``token``; ``fence()`` raises ``LeaseLost`` once
+the record is no longer the one this holder wrote (taken over, or its lease ran out and could
+not be renewed), and writers call it before every write.
+
+Limits: expiry compares the holders' wall clocks (keep them in sync: NTP); ``fence()`` then a
+write is two requests, so a holder that stalls between them longer than the lease could still
+write once after a takeover (S3 cannot make one object's write conditional on another's).
+
+``global_lock`` (the dataset build) holds the single slot of a Prefect global concurrency limit
+of that name; its leases live in the Prefect server's memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import socket
+import threading
+import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel
+
+from sftflow.core.clock import utc_now
+from sftflow.core.errors import SftflowError
+from sftflow.tasks.polling import Backoff, wait_until
+from sftflow.tasks.storage import S3, PreconditionFailed
+
+_log = logging.getLogger(__name__)
+
+
+class LockTimeout(SftflowError):
+    """Another holder kept the lock for longer than we could wait."""
+
+
+class LeaseLost(SftflowError):
+    """This holder's lease was taken over (or could not be renewed): it must not write."""
+
+
+class LockRecord(BaseModel):
+    """``<prefix>/locks/<name>.json``: who holds the lock, until when, with which token."""
+
+    name: str
+    owner: str  # one id per acquisition
+    token: int  # fencing token: +1 at every acquisition, never reset
+    expires_at: datetime
+    released: bool = False
+    holder: str = ""  # host:pid, for people reading the record
+
+    def free(self, now: datetime) -> bool:
+        return self.released or now >= self.expires_at
+
+
+def lock_key(prefix: str, name: str) -> str:
+    return f"{prefix.strip('/')}/locks/{name}.json"
+
+
+class S3Lock:
+    """One acquisition of a named lock (see the module docstring); use ``held()``."""
+
+    def __init__(self, s3: S3, bucket: str, key: str, name: str, *, lease_s: float = 60.0):
+        self.s3, self.bucket, self.key, self.name, self.lease_s = s3, bucket, key, name, lease_s
+        self.owner = uuid.uuid4().hex
+        self.token = 0
+        self._etag: str | None = None
+        self._lost: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def _read(self) -> tuple[LockRecord, str] | None:
+        try:
+            body, etag = self.s3.get_bytes(self.key, bucket=self.bucket)
+        except KeyError:
+            return None
+        return LockRecord.model_validate_json(body), etag
+
+    def _record(self, token: int, *, released: bool = False) -> bytes:
+        expires = utc_now() + (timedelta(0) if released else timedelta(seconds=self.lease_s))
+        return LockRecord(name=self.name, owner=self.owner, token=token, expires_at=expires,
+                          released=released, holder=f"{socket.gethostname()}:{os.getpid()}",
+                          ).model_dump_json().encode()
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free now (no record, released, or its lease expired)."""
+        current = self._read()
+        if current is not None and not current[0].free(utc_now()):
+            return False
+        token = (current[0].token if current else 0) + 1
+        try:
+            etag = self.s3.put_bytes(self.key, self._record(token), bucket=self.bucket,
+                                     if_none_match=current is None,
+                                     if_match=current[1] if current else None,
+                                     content_type="application/json")
+        except PreconditionFailed:
+            return False  # another contender was faster
+        self.token, self._etag, self._lost = token, etag, None
+        return True
+
+    def acquire(self, timeout_s: float) -> None:
+        """Wait (polling with backoff) until the lock is ours, or raise LockTimeout."""
+        if not wait_until(self.try_acquire, timeout_s=timeout_s, backoff=Backoff(0.5, 5.0)):
+            holder = self._read()
+            raise LockTimeout(
+                f"lock {self.name!r} (s3://{self.bucket}/{self.key}) still held after "
+                f"{timeout_s:g} s" + (f" by {holder[0].holder}, lease until "
+                                      f"{holder[0].expires_at:%Y-%m-%dT%H:%M:%SZ}" if holder else ""))
+
+    def renew(self) -> bool:
+        """Extend the lease; False (and ``fence()`` raises from then on) if it was lost."""
+        with self._lock:
+            if self._lost is not None or self._etag is None:
+                return False
+            try:
+                self._etag = self.s3.put_bytes(self.key, self._record(self.token),
+                                               bucket=self.bucket, if_match=self._etag,
+                                               content_type="application/json")
+                return True
+            except PreconditionFailed:
+                self._lost = "the lock record changed: another holder took it over"
+                return False
+
+    def fence(self) -> None:
+        """Raise LeaseLost unless this holder still holds the lock (checked against S3)."""
+        with self._lock:
+            lost = self._lost
+            if lost is None:
+                current = self._read()
+                if current is None or current[1] != self._etag:
+                    lost = self._lost = "the lock record changed: another holder took it over"
+                elif utc_now() >= current[0].expires_at:
+                    lost = "the lease expired before it was renewed"
+        if lost is not None:
+            raise LeaseLost(f"lock {self.name!r} (token {self.token}) lost, refusing to write: "
+                            f"{lost}")
+
+    def release(self) -> None:
+        """Mark the record released (its token stays: the next holder's is higher)."""
+        self._stop.set()
+        with self._lock:
+            if self._lost is None and self._etag is not None:
+                with contextlib.suppress(PreconditionFailed):
+                    self.s3.put_bytes(self.key, self._record(self.token, released=True),
+                                      bucket=self.bucket, if_match=self._etag,
+                                      content_type="application/json")
+            self._etag = None
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                if not self.renew():
+                    return
+            except Exception as err:  # noqa: BLE001 - a failed renewal is retried at the next tick
+                _log.warning("renewing lock %s failed (retried): %s", self.name, err)
+
+    @contextlib.contextmanager
+    def held(self, timeout_s: float) -> Iterator[S3Lock]:
+        """Acquire, renew in the background while the block runs, release."""
+        self.acquire(timeout_s)
+        renewer = threading.Thread(target=self._renew_loop, name=f"lease-{self.name}",
+                                   daemon=True)
+        renewer.start()
+        try:
+            yield self
+        finally:
+            self.release()
+            renewer.join(timeout=5)
+
+
+def s3_lock(s3: S3, bucket: str, prefix: str, name: str, *, lease_s: float = 60.0) -> S3Lock:
+    """The lock ``name`` whose record is ``s3://<bucket>/<prefix>/locks/<name>.json``."""
+    return S3Lock(s3, bucket, lock_key(prefix, name), name, lease_s=lease_s)
 
 
 @contextlib.contextmanager
 def global_lock(name: str, timeout_s: float, lease_s: float = 60) -> Iterator[None]:
+    """Hold the single slot of the Prefect global concurrency limit ``name`` (created with
+    limit 1 on first use). A crashed holder's lease expires after ``lease_s`` (the server's
+    minimum is 60 s); a Prefect server restart loses the leases it kept in memory."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency

@@ -23,17 +23,19 @@ import csv
 import gzip
 import io
 import json
+import re
 import shutil
 import string
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from sftflow.core.clock import utc_now_iso
+from sftflow.core.clock import utc_now, utc_now_iso
 from sftflow.core.hashing import sha256_hex
 from sftflow.tasks._prefect import io_task
 from sftflow.tasks.dedup import normalize
@@ -93,7 +95,9 @@ class FieldMapping(BaseModel):
 class Limits(BaseModel):
     max_prompt_chars: int = Field(100_000, gt=0, description="Longer prompts are quarantined.")
     max_file_bytes: int = Field(
-        512 * 2**20, gt=0, description="Larger source objects are quarantined without reading."
+        512 * 2**20, gt=0,
+        description="Larger source objects are quarantined without reading; a compressed object "
+        "is also cut where its decompressed bytes pass this (the rest is quarantined).",
     )
 
 
@@ -158,6 +162,17 @@ def _jsonable(v: Any) -> Any:
     return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
 
 
+#: C0 control characters other than tab, newline and carriage return. U+0000 is refused by
+#: Label Studio on PostgreSQL (a 500 for the whole import request); the others are no text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _control_char(text: str) -> str | None:
+    """Where the first C0 control character (other than tab/LF/CR) is, if any."""
+    m = _CONTROL.search(text)
+    return None if m is None else f"U+{ord(m.group()):04X} at char {m.start()}"
+
+
 def to_prompt(
     record: Any, row: int, mapping: FieldMapping, limits: Limits, raw: Any = None
 ) -> Prompt | Rejected:
@@ -187,6 +202,10 @@ def to_prompt(
         return Rejected(row, "too_large", f"{len(text)} chars > {limits.max_prompt_chars}",
                         _raw_preview(raw or record))
     extra = {f: _jsonable(record.get(f)) for f in mapping.keep_fields} or None
+    for name, value in [("prompt", text), *(extra or {}).items()]:
+        where = _control_char(value) if isinstance(value, str) else None
+        if where:
+            return Rejected(row, "control_chars", f"{name}: {where}", _raw_preview(raw or record))
     return Prompt(text, prompt_id(text), row, extra)
 
 
@@ -216,13 +235,34 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
-def _decompressed(stream: BinaryIO, gz: bool) -> BinaryIO:
+class _Capped(io.RawIOBase):
+    """A read-only stream that ends after ``limit`` bytes; ``exceeded`` says whether there was
+    more. The size limit holds for decompressed bytes too (a 155 KB gzip can inflate to 45 MB)."""
+
+    def __init__(self, stream: BinaryIO, limit: int):
+        self._stream, self._room, self.exceeded = stream, limit, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self._room <= 0:
+            self.exceeded = self.exceeded or bool(self._stream.read(1))
+            return 0
+        data = self._stream.read(min(len(b), self._room))
+        self._room -= len(data)
+        b[: len(data)] = data
+        return len(data)
+
+
+def _decompressed(stream: BinaryIO, gz: bool, limit: int) -> _Capped:
+    """The object's bytes, gunzipped when they are gzip data, at most ``limit`` of them."""
     head, stream = _sniff(stream, 2)
     if head[:2] == b"\x1f\x8b":  # gzip magic, whatever the name says
-        return gzip.GzipFile(fileobj=io.BufferedReader(stream, 1 << 20))  # type: ignore[arg-type]
-    if gz:
+        stream = gzip.GzipFile(fileobj=io.BufferedReader(stream, 1 << 20))  # type: ignore[arg-type,assignment]
+    elif gz:
         raise FileProblem("unparseable", "named .gz but not gzip data")
-    return io.BufferedReader(stream, 1 << 20)  # type: ignore[arg-type]
+    return _Capped(stream, limit)
 
 
 def _check_text(head: bytes) -> None:
@@ -242,36 +282,113 @@ def _iter_jsonl(stream: BinaryIO, mapping: FieldMapping, limits: Limits) -> Iter
         except UnicodeDecodeError as err:
             yield Rejected(row, "invalid_utf8", str(err), _raw_preview(line))
             continue
-        try:
-            record = json.loads(text)
-        except ValueError as err:
-            yield Rejected(row, "invalid_json", str(err), text[:500])
-            continue
-        yield to_prompt(record, row, mapping, limits, raw=text)
+        record = _loads(text, row)
+        yield record if isinstance(record, Rejected) else to_prompt(record, row, mapping, limits,
+                                                                     raw=text)
+
+
+def _loads(text: str, row: int) -> Any:
+    """One JSON record, or why it cannot be read (too deeply nested: Python's parser recurses)."""
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        return Rejected(row, "invalid_json", str(err), text[:500])
+    except RecursionError:
+        return Rejected(row, "too_deep", "nested too deeply to parse", text[:500])
 
 
 def _iter_json(stream: BinaryIO, mapping: FieldMapping, limits: Limits) -> Iterator[Prompt | Rejected]:
-    data = stream.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise FileProblem("invalid_utf8", str(err)) from err
-    stripped = text.lstrip()
-    if not stripped.startswith("["):  # one object, or JSON lines under a .json name
+    head, stream = _sniff(stream)
+    if not head.lstrip().startswith(b"["):  # one object, or JSON lines under a .json name
+        data = stream.read()  # bounded by max_file_bytes (decompressed)
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise FileProblem("invalid_utf8", str(err)) from err
         yield from _iter_jsonl(io.BytesIO(data), mapping, limits)
         return
-    try:
-        records = json.loads(text)
-    except ValueError as err:
-        raise FileProblem("unparseable", f"JSON array: {err}") from err
-    del data, text, stripped
-    for row, record in enumerate(records, 1):
-        yield to_prompt(record, row, mapping, limits)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def chunks() -> Iterator[str]:
+        try:
+            while block := stream.read(1 << 16):
+                yield decoder.decode(block)
+            yield decoder.decode(b"", final=True)
+        except UnicodeDecodeError as err:
+            raise FileProblem("invalid_utf8", str(err)) from err
+
+    for row, text in enumerate(array_elements(chunks()), 1):
+        record = _loads(text, row)
+        yield record if isinstance(record, Rejected) else to_prompt(record, row, mapping, limits)
+
+
+_STRUCTURE = re.compile(r'["\[\]{},]')
+_IN_STRING = re.compile(r'["\\]')
+
+
+def array_elements(chunks: Iterable[str]) -> Iterator[str]:
+    """The JSON text of each element of one top-level JSON array, read chunk by chunk: memory
+    holds one element and one chunk, whatever the file's size, and nesting depth is a counter
+    (no recursion). Elements are not validated (``json.loads`` does that, one by one); a file
+    that is not one whole array raises FileProblem ``unparseable``."""
+    buf, pos, depth, in_string = "", 0, 0, False
+    start: int | None = None  # where the current element's text begins in buf
+    ended = False
+    for chunk in chunks:
+        keep = pos if start is None else start  # drop what was consumed
+        buf, pos = buf[keep:] + chunk, pos - keep
+        start = None if start is None else 0
+        while pos < len(buf):
+            if ended:
+                if buf[pos:].strip():
+                    raise FileProblem("unparseable", "JSON array: data after the closing ]")
+                pos = len(buf)
+                break
+            if depth == 0:
+                rest = buf[pos:].lstrip()
+                if not rest:
+                    pos = len(buf)
+                    break
+                if rest[0] != "[":
+                    raise FileProblem("unparseable", "JSON array: does not start with [")
+                pos, depth, start = len(buf) - len(rest) + 1, 1, len(buf) - len(rest) + 1
+                continue
+            m = (_IN_STRING if in_string else _STRUCTURE).search(buf, pos)
+            if m is None:
+                pos = len(buf)
+                break
+            ch, pos = m.group(), m.end()
+            if in_string:
+                if ch == "\\":
+                    pos += 1  # the escaped character (it may be in the next chunk)
+                else:
+                    in_string = False
+            elif ch == '"':
+                in_string = True
+            elif ch in "[{":
+                depth += 1
+            elif ch in "]}" and depth > 1:
+                depth -= 1
+            elif ch == "," and depth > 1:
+                continue
+            else:  # "," or the closing "]" of the array itself
+                assert start is not None
+                text = buf[start:pos - 1].strip()
+                if text or ch == ",":
+                    yield text
+                if ch == "]":
+                    depth, ended, start = 0, True, None
+                else:
+                    start = pos
+    if not ended:
+        raise FileProblem("unparseable", "JSON array: premature end of data")
 
 
 def _iter_csv(
     stream: BinaryIO, mapping: FieldMapping, limits: Limits, delimiter: str
 ) -> Iterator[Prompt | Rejected]:
+    # A field may be as long as the file (the prompt's length is checked per record).
+    csv.field_size_limit(max(csv.field_size_limit(), limits.max_file_bytes))
     # surrogateescape keeps bad bytes visible per row instead of failing the whole file
     reader_stream = codecs.getreader("utf-8")(stream, errors="surrogateescape")
     reader = csv.DictReader(reader_stream, delimiter=delimiter)
@@ -309,31 +426,58 @@ def parse_stream(
 ) -> Iterator[Prompt | Rejected]:
     """Records of one file, streamed. Raises FileProblem for problems of the whole file.
 
-    Parquet needs random access: pass a seekable stream (a gzip-wrapped Parquet file is
-    spooled to a temporary file first).
+    At most ``limits.max_file_bytes`` are read (after decompression): past that, FileProblem
+    ``too_large`` is raised, the records before the cut having been yielded (except the last
+    one read, which the cut may have truncated). Parquet needs random access: pass a seekable
+    stream (a gzip-wrapped Parquet file is spooled to a temporary file first).
     """
     if fmt == "parquet":
         if gz or not stream.seekable():
             with tempfile.SpooledTemporaryFile(max_size=64 * 2**20) as spool:
-                shutil.copyfileobj(_decompressed(stream, gz), spool, 1 << 20)
+                capped = _decompressed(stream, gz, limits.max_file_bytes)
+                shutil.copyfileobj(capped, spool, 1 << 20)
+                if capped.exceeded:
+                    raise _too_large(limits)
                 spool.seek(0)
                 yield from _iter_parquet(spool, mapping, limits)
         else:
             yield from _iter_parquet(stream, mapping, limits)
         return
-    stream = _decompressed(stream, gz)
+    capped = _decompressed(stream, gz, limits.max_file_bytes)
+    held: Prompt | Rejected | None = None  # yielded once the next one is read (see above)
     try:
-        head, stream = _sniff(stream)
-        _check_text(head)
-        stream = io.BufferedReader(stream, 1 << 20)  # type: ignore[arg-type]
-        if fmt == "jsonl":
-            yield from _iter_jsonl(stream, mapping, limits)
-        elif fmt == "json":
-            yield from _iter_json(stream, mapping, limits)
-        else:
-            yield from _iter_csv(stream, mapping, limits, "\t" if fmt == "tsv" else ",")
+        for item in _iter_text(io.BufferedReader(capped, 1 << 20), fmt, mapping, limits):  # type: ignore[arg-type]
+            if held is not None:
+                yield held
+            held = item
     except (EOFError, gzip.BadGzipFile, OSError) as err:  # truncated or corrupt compression
         raise FileProblem("unparseable", f"{type(err).__name__}: {err}") from err
+    except FileProblem:
+        if not capped.exceeded:
+            raise
+    if capped.exceeded:
+        raise _too_large(limits)
+    if held is not None:
+        yield held
+
+
+def _too_large(limits: Limits) -> FileProblem:
+    return FileProblem("too_large", f"more than {limits.max_file_bytes} bytes once decompressed")
+
+
+def _iter_text(stream: BinaryIO, fmt: Format, mapping: FieldMapping,
+               limits: Limits) -> Iterator[Prompt | Rejected]:
+    head = stream.read(8192)
+    if head.startswith(codecs.BOM_UTF8):  # else the first key (CSV: header) gets a \ufeff
+        head = head[3:]
+    _check_text(head)
+    stream = io.BufferedReader(_Prefixed(head, stream), 1 << 16)  # type: ignore[arg-type]
+    if fmt == "jsonl":
+        yield from _iter_jsonl(stream, mapping, limits)
+    elif fmt == "json":
+        yield from _iter_json(stream, mapping, limits)
+    else:
+        yield from _iter_csv(stream, mapping, limits, "\t" if fmt == "tsv" else ",")
 
 
 # -- one source object ------------------------------------------------------------------------
@@ -454,6 +598,15 @@ class LedgerState:
     found: bool  # False: no ledger for this project yet (or one for another project instance)
 
 
+class PendingBatch(BaseModel):
+    """``pending/<batch>.json``: a batch about to be sent, and when (its request may live on
+    the server for a while after that)."""
+
+    batch: str
+    tasks: int
+    at: datetime
+
+
 class Ledger:
     """Per-project record of imported prompt_ids and processed source objects, in S3.
 
@@ -462,10 +615,14 @@ class Ledger:
     pending markers left by a crash are resolved by reconciling against the project.
     """
 
-    def __init__(self, s3: S3, bucket: str, state_prefix: str, project_id: int):
+    def __init__(self, s3: S3, bucket: str, state_prefix: str, project_id: int,
+                 fence: Callable[[], None] | None = None):
+        """``fence()`` is called before every write and raises when this run may no longer
+        write (the ingest lock's ``S3Lock.fence``: a holder whose lease was taken over)."""
         self.s3, self.bucket = s3, bucket
         self.root = f"{state_prefix.rstrip('/')}/ingest/project-{project_id}"
         self.project_id = project_id
+        self.fence = fence or (lambda: None)
 
     def uri(self) -> str:
         return self.s3.uri(self.root + "/", bucket=self.bucket)
@@ -488,10 +645,12 @@ class Ledger:
         except KeyError:
             meta = None
         if meta is not None and meta.get("project_created_at") != project_created_at:
+            self.fence()
             self.s3.delete((o.key for o in self.s3.list(self.root + "/", bucket=self.bucket)),
                            bucket=self.bucket)
             meta = None
         if meta is None:
+            self.fence()
             self.s3.put_bytes(
                 f"{self.root}/meta.json",
                 json.dumps({"project_id": self.project_id, "project_created_at": project_created_at,
@@ -535,16 +694,28 @@ class Ledger:
         return f"{self.root}/segments/{batch}.json"
 
     def drop_pending(self, batch: str) -> None:
+        self.fence()
         self.s3.delete([f"{self.root}/pending/{batch}.json"], bucket=self.bucket)
 
     def mark_pending(self, batch: str, tasks: int) -> None:
         """Before a batch is sent. Recovery finds its tasks by ``data.ingest_batch``."""
+        self.fence()
         self.s3.put_bytes(f"{self.root}/pending/{batch}.json",
                           json.dumps({"batch": batch, "tasks": tasks, "at": utc_now_iso()}).encode(),
                           bucket=self.bucket)
 
+    def pending_marker(self, batch: str) -> PendingBatch:
+        """The marker of a batch left pending. One that cannot be read counts as written just
+        now, for more tasks than any batch has: its outcome is awaited for the longest."""
+        try:
+            return PendingBatch.model_validate_json(
+                self.s3.get_bytes(f"{self.root}/pending/{batch}.json", bucket=self.bucket)[0])
+        except (KeyError, ValueError):
+            return PendingBatch(batch=batch, tasks=2**31, at=utc_now())
+
     def confirm(self, batch: str, ids: Iterable[str], tasks_added: int) -> str:
         """Record a batch's landed prompt_ids, then drop its pending marker."""
+        self.fence()
         key = self.segment_key(batch)
         body = json.dumps({"batch": batch, "ids": sorted(ids), "tasks_added": tasks_added,
                            "at": utc_now_iso()}).encode()
@@ -561,6 +732,7 @@ class Ledger:
         A crash between the two steps leaves extra segments, so the expected task count is
         too high and the next run reconciles again: slower, never wrong.
         """
+        self.fence()
         self.s3.put_bytes(
             f"{self.root}/snapshot.json",
             json.dumps({"ids": sorted(ids), "task_number": task_number, "at": utc_now_iso()}).encode(),
@@ -569,6 +741,7 @@ class Ledger:
         self.s3.delete(superseded, bucket=self.bucket)
 
     def mark_object(self, obj: ObjectInfo, summary: dict[str, Any]) -> None:
+        self.fence()
         key = f"{self.root}/objects/{_key_hash(obj.key)}/{_clean_etag(obj.etag)}"
         self.s3.put_bytes(key, json.dumps({"key": obj.key, "etag": obj.etag, **summary,
                                            "at": utc_now_iso()}).encode(), bucket=self.bucket)

@@ -2,8 +2,9 @@
 
 ``ProjectImporter`` holds the run's state against the project and its ``Ledger``:
 
-- ``open()`` loads the ledger and settles the batches an interrupted run left pending (what of
-  each landed becomes its segment). If the project's task count then differs from what the
+- ``open()`` loads the ledger and awaits the batches an interrupted run left pending until their
+  requests have certainly ended (``imports.await_outcome``); what of each landed becomes its
+  segment. If the project's task count then differs from what the
   ledger expects, the project is rescanned: its prompt_ids become the ledger's snapshot and
   unannotated duplicate tasks are removed.
 - ``add_file()`` queues a file's prompts whose id is not known yet, in batches of
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -32,15 +34,16 @@ from typing import Any
 
 from label_studio_sdk import LabelStudio
 
+from sftflow.core.clock import utc_now
+from sftflow.core.failpoints import failpoint
 from sftflow.tasks.intake import FileIntake, new_prompts
 from sftflow.tasks.labelstudio.imports import (
     BatchResult,
-    batch_prompt_ids,
+    await_outcome,
     import_batch,
     remove_unannotated,
     scan_project_task,
     task_count,
-    wait_settled,
 )
 from sftflow.tasks.progress import PhaseTimer
 from sftflow.tasks.prompts import Ledger, Prompt, prompt_id, rejected_batch_key
@@ -94,14 +97,17 @@ class ProjectImporter:
         state_prefix: str,
         batch_size: int,
         timeout_s: float | None = None,
+        doubt_s: float = 300.0,
         timer: PhaseTimer | None = None,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
         submit: Callable[..., Any] | None = None,
     ):
-        """``submit(client, project_id, batch, tasks, timeout_s=...)`` returns a future of a
-        ``BatchResult``; by default ``import_batch.submit``."""
+        """``submit(client, project_id, batch, tasks, timeout_s=..., doubt_s=...)`` returns a
+        future of a ``BatchResult``; by default ``import_batch.submit``. ``doubt_s``: how long an
+        import request may live on the server (see ``imports.await_outcome``)."""
         self.client, self.ledger, self.project_id = client, ledger, ledger.project_id
         self.state_prefix, self.batch_size, self.timeout_s = state_prefix, batch_size, timeout_s
+        self.doubt_s = doubt_s
         self.timer = timer or PhaseTimer()
         self.log = logger or logging.getLogger(__name__)
         self._submit = submit or import_batch.submit
@@ -123,8 +129,7 @@ class ProjectImporter:
             if self.ledger.segment_key(batch) in state.segment_keys:  # confirmed, marker left over
                 self.ledger.drop_pending(batch)
                 continue
-            wait_settled(lambda: task_count(self.client, self.project_id), settle_s=1.0)
-            there = batch_prompt_ids(self.client, self.project_id, batch)
+            there = self._await_pending(batch)
             state.segment_keys.append(self.ledger.confirm(batch, there, sum(there.values())))
             state.ids.update(there)
             state.expected_tasks += sum(there.values())
@@ -136,6 +141,15 @@ class ProjectImporter:
             self.log.info("ledger and project disagree: reading the project's prompt_ids")
             self.known = self._rescan(state.segment_keys)
             self.expected = self._count_at_start = task_count(self.client, self.project_id)
+
+    def _await_pending(self, batch: str) -> Counter[str]:
+        """What of a batch an interrupted run sent has landed, once its request certainly
+        ended: all its tasks found, or ``doubt_s`` past the time its marker was written."""
+        marker = self.ledger.pending_marker(batch)
+        age_s = (utc_now() - marker.at).total_seconds()
+        return await_outcome(self.client, self.project_id, batch,
+                             lambda there: sum(there.values()) >= marker.tasks,
+                             sent_at=time.monotonic() - age_s, doubt_s=self.doubt_s)
 
     # -- during the run -------------------------------------------------------------------------
     def add_file(self, obj: ObjectInfo, uri: str, intake: FileIntake) -> int:
@@ -165,7 +179,7 @@ class ProjectImporter:
             return
         self.ledger.mark_pending(self._batch, len(self._buffer))
         future = self._submit(self.client, self.project_id, self._batch, self._buffer,
-                              timeout_s=self.timeout_s)
+                              timeout_s=self.timeout_s, doubt_s=self.doubt_s)
         self.totals.batches += 1
         self._in_flight = _InFlight(future, self._read)
         self._buffer, self._read = [], []
@@ -173,8 +187,10 @@ class ProjectImporter:
     def _settle(self, in_flight: _InFlight) -> None:
         with self.timer.phase("import_wait"):
             result: BatchResult = in_flight.future.result()
+        failpoint("ingest.after-import")
         totals = self.totals
         self.ledger.confirm(result.batch, result.landed, len(result.landed))
+        failpoint("ingest.after-confirm")
         self.expected += len(result.landed)
         totals.imported += len(result.landed)
         totals.reconciled += result.reconciled

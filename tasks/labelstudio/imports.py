@@ -1,10 +1,15 @@
 """Bulk import of prompt tasks into Label Studio, exactly once.
 
 The SDK retries a POST on 5xx and connection errors by default; for an import that would
-create the same tasks twice, so every import here is sent with ``max_retries=0``. When a batch
-fails with an unknown outcome (timeout, dropped connection, 5xx), the next attempt first waits
-for the server to settle and asks the project which tasks of that batch landed (every task
-carries ``data.ingest_batch``), then sends only the rest.
+create the same tasks twice, so every import here is sent with ``max_retries=0``.
+
+An import request whose outcome is unknown (client timeout, dropped connection, a gateway's
+502/503/504) may still be running on the server, and Label Studio creates a request's tasks in
+one transaction: until it commits, nothing shows. So a request in doubt is never resent until
+it has certainly ended: ``await_outcome`` looks its tasks up (every task carries
+``data.ingest_batch``) until either all of them are there (it landed) or ``doubt_s`` seconds
+have passed since it was sent (the longest a request can live on the server: past that it
+either committed, and its tasks show, or never will). Only then is the rest sent again.
 """
 
 from __future__ import annotations
@@ -25,13 +30,30 @@ from sftflow.tasks.polling import Backoff, wait_until
 
 #: Label Studio refuses these for the request as a whole (bad task, body too large).
 _REJECTED = (400, 413, 422)
+#: How often a single task answered 500 is sent before it is refused.
+_SINGLE_500_TRIES = 2
+
+
+#: Import requests in doubt one batch may go through before ``import_batch`` gives up.
+_MAX_DOUBTS = 3
 
 
 class ImportOutcomeUnknown(Exception):
-    """A batch may or may not have landed; the retry reconciles before sending again.
+    """An import request may or may not have landed. ``send_tasks`` says how far it got: tasks
+    landed and refused before, the request in doubt (when it was sent), the parts not sent yet.
 
-    Transient for ``is_transient`` (it carries no HTTP status), so ``import_batch`` is retried.
+    Transient for ``is_transient`` (it carries no HTTP status), so ``import_batch`` is retried
+    (and then waits out the doubt before it sends anything).
     """
+
+    def __init__(self, message: str, *, in_doubt: list[dict[str, Any]] | None = None,
+                 sent_at: float = 0.0, landed: list[dict[str, Any]] | None = None,
+                 refused: list[tuple[dict[str, Any], str]] | None = None,
+                 unsent: list[dict[str, Any]] | None = None, requests: int = 0):
+        super().__init__(message)
+        self.in_doubt, self.sent_at = in_doubt or [], sent_at
+        self.landed, self.refused, self.unsent = landed or [], refused or [], unsent or []
+        self.requests = requests
 
 
 @dataclass
@@ -69,24 +91,30 @@ def task_count(client: LabelStudio, project_id: int) -> int:
     return int(client.projects.get(id=project_id).task_number or 0)
 
 
-def wait_settled(
-    count: Callable[[], int],
-    settle_s: float,
-    deadline_s: float = 60,
+def await_outcome(
+    client: LabelStudio,
+    project_id: int,
+    batch: str,
+    landed: Callable[[Counter[str]], bool],
+    *,
+    sent_at: float,
+    doubt_s: float,
+    clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-) -> int:
-    """Wait until a count (the project's tasks) stops moving (a request we gave up on may still
-    be running on the server): after ``settle_s``, read ``count()`` every 0.5, 1, 2, 4, 4... s
-    until two reads agree or ``deadline_s`` has passed. Returns the last count read."""
-    counts: list[int] = []
+) -> Counter[str]:
+    """The prompt_ids of ``batch`` in the project once a request of it in doubt (sent at
+    ``clock()`` time ``sent_at``) has certainly ended: as soon as ``landed(prompt_ids)`` says
+    all its tasks are there, or else once ``doubt_s`` has passed since ``sent_at``. Polls with
+    backoff meanwhile."""
+    deadline = sent_at + doubt_s
 
-    def unchanged() -> bool:
-        counts.append(count())
-        return len(counts) > 1 and counts[-1] == counts[-2]
+    def ended() -> Counter[str] | None:
+        there = batch_prompt_ids(client, project_id, batch)
+        return there if landed(there) or clock() >= deadline else None
 
-    sleep(settle_s)
-    wait_until(unchanged, timeout_s=deadline_s, backoff=Backoff(0.5, 4.0, jitter=0.0), sleep=sleep)
-    return counts[-1]
+    found = wait_until(ended, timeout_s=max(0.0, deadline - clock()),
+                       backoff=Backoff(0.5, 5.0), sleep=sleep)
+    return found if found is not None else batch_prompt_ids(client, project_id, batch)
 
 
 def _post(client: LabelStudio, project_id: int, tasks: list[dict[str, Any]], timeout_s: float | None) -> int:
@@ -100,36 +128,50 @@ def _post(client: LabelStudio, project_id: int, tasks: list[dict[str, Any]], tim
 
 
 def send_tasks(
-    client: LabelStudio, project_id: int, tasks: list[dict[str, Any]], timeout_s: float | None = None
+    client: LabelStudio, project_id: int, tasks: list[dict[str, Any]], timeout_s: float | None = None,
+    *, sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]], int]:
-    """POST tasks once each. A request Label Studio refuses as a whole is split in halves until
-    the refused tasks are isolated. Returns (landed tasks, (refused task, reason), requests).
+    """POST tasks once each. A request Label Studio refuses as a whole (400/413/422), or fails
+    with its own 500, is split in halves until the refused tasks are isolated; a single task
+    answered 500 is tried once more before it is refused. Returns (landed tasks, (refused
+    task, reason), requests).
 
-    Unknown outcomes raise ImportOutcomeUnknown; nothing here retries.
+    A 500 is Label Studio's own answer: the request has ended and its transaction (the whole
+    import is one) was rolled back, so nothing of it landed (e.g. U+0000 on PostgreSQL).
+    Gateways answer 502/503/504: those and transport errors are unknown outcomes and raise
+    ImportOutcomeUnknown (saying how far the sending got); nothing here resends them.
     """
     landed: list[dict[str, Any]] = []
     refused: list[tuple[dict[str, Any], str]] = []
     requests = 0
-    stack = [tasks] if tasks else []
+    stack: list[tuple[list[dict[str, Any]], int]] = [(tasks, 0)] if tasks else []
     while stack:
-        part = stack.pop()
+        part, failures = stack.pop()
         requests += 1
+        sent_at = time.monotonic()
         try:
             _post(client, project_id, part, timeout_s)
             landed.extend(part)
+            continue
         except ApiError as err:
-            if err.status_code in _REJECTED:
-                if len(part) == 1:
-                    reason = f"rejected_by_labelstudio: {err.status_code} {str(err.body)[:300]}"
-                    refused.append((part[0], reason))
-                else:
+            if err.status_code in (*_REJECTED, 500):
+                if len(part) > 1:
                     mid = len(part) // 2
-                    stack.extend([part[mid:], part[:mid]])
+                    stack.extend([(part[mid:], 0), (part[:mid], 0)])
+                elif err.status_code == 500 and failures < _SINGLE_500_TRIES - 1:
+                    sleep(1.0)  # a passing server error (e.g. a locked database): once more
+                    stack.append((part, failures + 1))
+                else:
+                    why = f"rejected_by_labelstudio: {err.status_code} {str(err.body)[:300]}"
+                    refused.append((part[0], why))
                 continue
-            raise ImportOutcomeUnknown(f"Label Studio answered {err.status_code}: "
-                                       f"{str(err.body)[:300]}") from err
+            doubt = f"Label Studio answered {err.status_code}: {str(err.body)[:300]}"
+            cause: Exception = err
         except httpx.HTTPError as err:  # timeouts, refused or dropped connections
-            raise ImportOutcomeUnknown(f"{type(err).__name__}: {err}") from err
+            doubt, cause = f"{type(err).__name__}: {err}", err
+        raise ImportOutcomeUnknown(doubt, in_doubt=part, sent_at=sent_at, landed=landed,
+                                   refused=refused, requests=requests,
+                                   unsent=[t for p, _ in stack for t in p]) from cause
     return landed, refused, requests
 
 
@@ -141,28 +183,55 @@ def import_batch(
     tasks: list[dict[str, Any]],
     *,
     timeout_s: float | None = None,
-    settle_s: float = 2.0,
+    doubt_s: float = 300.0,
     reconcile_first: bool = False,
 ) -> BatchResult:
-    """Import one batch of task data dicts (each with ``prompt_id`` and ``ingest_batch``).
+    """Import one batch of task data dicts (each with ``prompt_id`` and ``ingest_batch``),
+    each task exactly once.
 
-    On a retry (Prefect's, or ``reconcile_first``) the batch is reconciled first: tasks of this
-    batch already in the project are not sent again.
+    A request in doubt is resolved by ``await_outcome`` before anything is sent again (at most
+    ``_MAX_DOUBTS`` times; then ImportOutcomeUnknown). On a retry (Prefect's, or
+    ``reconcile_first``: a batch an interrupted attempt may have sent) the batch is first
+    looked up the same way, its last request taken as sent just now.
     """
     from prefect.runtime import task_run
 
     result = BatchResult(batch)
     todo = tasks
     if reconcile_first or (task_run.run_count or 0) > 1:
-        wait_settled(lambda: task_count(client, project_id), settle_s)
-        there = batch_prompt_ids(client, project_id, batch)
-        todo = [t for t in tasks if t["prompt_id"] not in there]
-        result.landed = [t["prompt_id"] for t in tasks if t["prompt_id"] in there]
-        result.reconciled = len(result.landed)
-    landed, refused, result.requests = send_tasks(client, project_id, todo, timeout_s)
-    result.landed.extend(t["prompt_id"] for t in landed)
-    result.rejected = refused
-    return result
+        todo = _take_landed(result, tasks, await_outcome(
+            client, project_id, batch, all_of(tasks), sent_at=time.monotonic(), doubt_s=doubt_s))
+    for _ in range(_MAX_DOUBTS):
+        try:
+            landed, refused, requests = send_tasks(client, project_id, todo, timeout_s)
+        except ImportOutcomeUnknown as doubt:
+            result.landed.extend(t["prompt_id"] for t in doubt.landed)
+            result.rejected.extend(doubt.refused)
+            result.requests += doubt.requests
+            there = await_outcome(client, project_id, batch, all_of(doubt.in_doubt),
+                                  sent_at=doubt.sent_at, doubt_s=doubt_s)
+            todo = _take_landed(result, doubt.in_doubt, there) + doubt.unsent
+            continue
+        result.landed.extend(t["prompt_id"] for t in landed)
+        result.rejected.extend(refused)
+        result.requests += requests
+        return result
+    raise ImportOutcomeUnknown(f"batch {batch}: {_MAX_DOUBTS} import requests in doubt in a row")
+
+
+def all_of(tasks: list[dict[str, Any]]) -> Callable[[Counter[str]], bool]:
+    """For ``await_outcome``: whether every one of ``tasks`` is among the prompt_ids found."""
+    wanted = {t["prompt_id"] for t in tasks}
+    return lambda there: wanted <= there.keys()
+
+
+def _take_landed(result: BatchResult, tasks: list[dict[str, Any]],
+                 there: Counter[str]) -> list[dict[str, Any]]:
+    """Count the tasks found in the project as landed (reconciled); the others are to send."""
+    found = [t["prompt_id"] for t in tasks if t["prompt_id"] in there]
+    result.landed.extend(found)
+    result.reconciled += len(found)
+    return [t for t in tasks if t["prompt_id"] not in there]
 
 
 @dataclass

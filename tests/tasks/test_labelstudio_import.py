@@ -1,5 +1,5 @@
 """Project bootstrap and exactly-once bulk import against the real Label Studio (integration),
-and the pure parts: config check, settle wait, retry classification."""
+and the pure parts: config check, retry classification."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from sftflow.tasks.labelstudio.imports import (
     scan_project,
     send_tasks,
     task_count,
-    wait_settled,
 )
 from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG, config_problems, ensure_project
 from sftflow.tasks.polling import is_transient
@@ -85,25 +84,27 @@ def test_refused_tasks_are_isolated_by_bisection(labelstudio, project):
 
 
 @pytest.mark.integration
-def test_unknown_outcome_is_reconciled_without_duplicates(labelstudio, project, settings):
+def test_unknown_outcome_is_awaited_then_reconciled_without_duplicates(labelstudio, project, settings):
     batch = tasks_for([f"prompt number {i} " * 20 for i in range(3000)], "b-timeout")
-    # A real timeout: the server goes on importing after the client stopped waiting.
-    with pytest.raises(ImportOutcomeUnknown, match="Timeout"):
+    # A real timeout: the server goes on importing after the client stopped waiting, and shows
+    # nothing until its transaction commits.
+    with pytest.raises(ImportOutcomeUnknown, match="Timeout") as doubt:
         send_tasks(labelstudio, project.id, batch, timeout_s=0.05)
+    assert len(doubt.value.in_doubt) == 3000 and doubt.value.landed == []
     retry = import_batch.fn(labelstudio, project.id, "b-timeout", batch, reconcile_first=True,
-                            settle_s=1.0)
+                            doubt_s=120)
     ids = prompt_ids_in(labelstudio, project.id)
     assert len(ids) == 3000 and set(ids.values()) == {1}  # each prompt exactly once
     assert sorted(retry.landed) == sorted(t["prompt_id"] for t in batch)
-    assert retry.reconciled > 0  # the timed-out request had landed (some or all of it)
+    assert (retry.reconciled, retry.requests) == (3000, 0)  # it landed whole: nothing resent
 
     # Nothing listening: the outcome is certain (nothing landed) and the retry sends it all.
     dead = build_labelstudio(settings.labelstudio.model_copy(update={"url": "http://127.0.0.1:9"}))
     more = tasks_for([f"later prompt {i}" for i in range(50)], "b-refused")
     with pytest.raises(ImportOutcomeUnknown, match="ConnectError"):
-        import_batch.fn(dead, project.id, "b-refused", more)
+        send_tasks(dead, project.id, more)
     retry = import_batch.fn(labelstudio, project.id, "b-refused", more, reconcile_first=True,
-                            settle_s=0)
+                            doubt_s=0.1)
     assert (retry.reconciled, len(retry.landed)) == (0, 50)
     assert task_count(labelstudio, project.id) == 3050
 
@@ -118,31 +119,6 @@ def test_scan_finds_ids_of_foreign_tasks_and_removes_unannotated_duplicates(labe
     assert (scan.task_number, scan.without_id, len(scan.duplicates)) == (4, 1, 1)
     assert remove_unannotated(labelstudio, scan.duplicates) == scan.duplicates
     assert task_count(labelstudio, project.id) == 3
-
-
-class Counts:
-    """Successive task counts (the last value repeats), as the project would report them."""
-
-    def __init__(self, counts: list[int]):
-        self.counts, self.reads = counts, 0
-
-    def __call__(self) -> int:
-        value = self.counts[min(self.reads, len(self.counts) - 1)]
-        self.reads += 1
-        return value
-
-
-def test_wait_settled_polls_until_two_counts_agree_with_growing_pauses():
-    pauses: list[float] = []
-    client = Counts([10, 40, 90, 90, 95])
-    assert wait_settled(client, settle_s=2.0, sleep=pauses.append) == 90
-    assert pauses == [2.0, 0.5, 1.0, 2.0] and client.reads == 4
-
-
-def test_wait_settled_gives_up_at_the_deadline_with_the_last_count():
-    client = Counts(list(range(1000)))  # never settles
-    assert wait_settled(client, settle_s=0, deadline_s=0.3) == 1  # the pause is cut at 0.3 s
-    assert client.reads == 2
 
 
 def test_unknown_outcomes_are_retried_config_errors_are_not():

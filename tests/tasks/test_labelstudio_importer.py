@@ -26,11 +26,11 @@ class Recorder:
         self.ledger = ledger
         self.sent: list[tuple[str, int, bool]] = []
 
-    def __call__(self, client, project_id, batch, tasks, *, timeout_s=None):
+    def __call__(self, client, project_id, batch, tasks, **options):
         marker = self.ledger.s3.head(f"{self.ledger.root}/pending/{batch}.json",
                                      bucket=self.ledger.bucket)
         self.sent.append((batch, len(tasks), marker is not None))
-        result = import_batch.fn(client, project_id, batch, tasks, timeout_s=timeout_s)
+        result = import_batch.fn(client, project_id, batch, tasks, **options)
         return SimpleNamespace(result=lambda: result)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import tracemalloc
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,6 +19,7 @@ from sftflow.tasks.prompts import (
     Prompt,
     Rejected,
     _key_hash,
+    array_elements,
     detect_format,
     normalise,
     parse_stream,
@@ -143,6 +145,86 @@ def test_file_level_problems(data, name, reason):
     with pytest.raises(FileProblem) as err:
         parse(data, name)
     assert err.value.reason == reason
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_deeply_nested_records_are_quarantined_not_raised():
+    jsonl = b'{"prompt": "before"}\n{"prompt": "deep", "x": ' + DEEP.encode() + b'}\n{"prompt": "after"}\n'
+    prompts, rejected = parse(jsonl, "d.jsonl")
+    assert [p.prompt for p in prompts] == ["before", "after"]
+    assert [(r.row, r.reason) for r in rejected] == [(2, "too_deep")]
+    array = ('[{"prompt": "before"}, ' + DEEP + ', {"prompt": "after"}]').encode()
+    prompts, rejected = parse(array, "d.json")
+    assert [p.prompt for p in prompts] == ["before", "after"]
+    assert [(r.row, r.reason) for r in rejected] == [(2, "too_deep")]
+
+
+def test_control_characters_are_quarantined_tab_newline_cr_are_text():
+    lines = [{"prompt": "nul \u0000 here"}, {"prompt": "bell \u0007"}, {"prompt": "tab\tnl\ncr\r ok"},
+             {"prompt": "fine", "note": "esc \u001b"}]
+    data = "\n".join(json.dumps(r) for r in lines).encode()
+    prompts, rejected = parse(data, "c.jsonl", FieldMapping(keep_fields=["note"]))
+    assert [p.prompt for p in prompts] == ["tab\tnl\ncr\r ok"]
+    assert [(r.row, r.reason, r.detail) for r in rejected] == [
+        (1, "control_chars", "prompt: U+0000 at char 4"), (2, "control_chars", "prompt: U+0007 at char 5"),
+        (4, "control_chars", "note: U+001B at char 4")]
+
+
+def test_a_utf8_bom_loses_no_record():
+    bom = b"\xef\xbb\xbf"
+    prompts, rejected = parse(bom + b"prompt,lang\nfirst,en\nsecond,fr\n", "b.csv")
+    assert ([p.prompt for p in prompts], rejected) == (["first", "second"], [])
+    prompts, rejected = parse(bom + b'{"prompt": "one"}\n{"prompt": "two"}\n', "b.jsonl")
+    assert ([p.prompt for p in prompts], rejected) == (["one", "two"], [])
+    prompts, _ = parse(gzip.compress(bom + b'[{"prompt": "arr"}]'), "b.json.gz")
+    assert [p.prompt for p in prompts] == ["arr"]
+
+
+def test_a_csv_field_longer_than_the_csv_default_limit_is_one_record():
+    long = "x" * 200_000  # csv's default field_size_limit is 131,072
+    data = f"prompt,lang\nshort,en\n{long},en\nlast,en\n".encode()
+    prompts, rejected = parse(data, "l.csv")
+    assert [p.prompt for p in prompts] == ["short", "last"]
+    assert [(r.row, r.reason) for r in rejected] == [(2, "too_large")]
+
+
+def test_the_size_limit_holds_for_decompressed_bytes():
+    records = [{"prompt": f"inflated prompt {i} " + "a" * 200} for i in range(20_000)]
+    bomb = gzip.compress(json.dumps(records).encode())  # ~4.5 MB of text
+    assert len(bomb) < 200_000
+    items = []
+    with pytest.raises(FileProblem) as err:
+        items.extend(parse_stream(io.BytesIO(bomb), "json", True, MAP, Limits(max_file_bytes=2**20)))
+    assert err.value.reason == "too_large" and "decompressed" in err.value.detail
+    assert 4000 < len(items) < 5000 and all(isinstance(i, Prompt) for i in items)  # before the cut
+
+
+def test_json_arrays_are_streamed_in_bounded_memory():
+    data = json.dumps([{"prompt": f"streamed prompt {i} " + "b" * 100, "n": i}
+                       for i in range(100_000)]).encode()  # ~13 MB
+    stream = io.BytesIO(data)
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in parse_stream(stream, "json", False, MAP, LIM))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 100_000
+    assert peak < 6 * 2**20, f"peak {peak / 2**20:.1f} MB while parsing a {len(data) / 2**20:.0f} MB array"
+
+
+def test_array_elements_split_across_chunks_with_strings_escapes_and_nesting():
+    text = '  [ {"a": "x,]}\\"\\\\", "b": [1, {"c": 2}]} , 3,"s\\u0022" ,[] ]  '
+    for size in (1, 2, 3, 7, len(text)):
+        chunks = [text[i:i + size] for i in range(0, len(text), size)]
+        assert [json.loads(t) for t in array_elements(chunks)] == [
+            {"a": 'x,]}"\\', "b": [1, {"c": 2}]}, 3, 's"', []]
+    assert list(array_elements(["[]"])) == []
+    for bad in ("[1, 2", "{}", "[1] 2"):
+        with pytest.raises(FileProblem, match="unparseable"):
+            list(array_elements([bad]))
 
 
 def test_unsupported_extension():

@@ -1,0 +1,79 @@
+"""The ingest lock against the real SeaweedFS: one holder at a time, a lease that expires when
+its holder dies, and a fence that keeps a holder who lost its lease from writing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from sftflow.tasks.locks import LeaseLost, LockRecord, LockTimeout, lock_key, s3_lock
+from sftflow.tasks.prompts import Ledger
+
+pytestmark = pytest.mark.integration
+
+
+def record(s3, name: str) -> LockRecord:
+    return LockRecord.model_validate_json(s3.get_bytes(lock_key("_sftflow", name))[0])
+
+
+def test_two_holders_contend_one_waits_then_gets_it_after_release(s3):
+    a = s3_lock(s3, s3.bucket, "_sftflow", "l1", lease_s=30)
+    b = s3_lock(s3, s3.bucket, "_sftflow", "l1", lease_s=30)
+    got: list[float] = []
+    with a.held(timeout_s=5):
+        assert a.token == 1 and record(s3, "l1").owner == a.owner
+        assert not b.try_acquire()
+
+        def wait_for_b() -> None:
+            with b.held(timeout_s=20):
+                got.append(time.monotonic())
+
+        waiter = threading.Thread(target=wait_for_b)
+        waiter.start()
+        time.sleep(1.5)
+        assert not got  # still waiting while a holds it
+        released_at = time.monotonic()
+    waiter.join(30)
+    assert got and got[0] >= released_at
+    assert b.token == 2  # fencing tokens only go up
+    assert record(s3, "l1").released
+
+
+def test_waiting_ends_with_a_clear_error_naming_the_holder(s3):
+    a = s3_lock(s3, s3.bucket, "_sftflow", "l2", lease_s=30)
+    with a.held(timeout_s=5), pytest.raises(LockTimeout, match="still held after 1 s by .*:"):
+        s3_lock(s3, s3.bucket, "_sftflow", "l2").acquire(timeout_s=1)
+
+
+def test_the_holder_renews_its_lease_while_it_works(s3):
+    a = s3_lock(s3, s3.bucket, "_sftflow", "l3", lease_s=1.5)
+    with a.held(timeout_s=5):
+        first = record(s3, "l3").expires_at
+        time.sleep(3.5)  # more than two leases
+        assert record(s3, "l3").expires_at > first
+        assert not s3_lock(s3, s3.bucket, "_sftflow", "l3").try_acquire()
+        a.fence()  # still ours
+
+
+def test_a_dead_holders_lock_is_taken_over_after_its_lease_and_the_stale_holder_cannot_write(s3):
+    stale = s3_lock(s3, s3.bucket, "_sftflow", "l4", lease_s=1)
+    assert stale.try_acquire()  # acquired, then never renewed: as a killed or frozen holder
+    ledger = Ledger(s3, s3.bucket, "_sftflow", 7, fence=stale.fence)
+    ledger.mark_pending("b0", 1)  # while the lease holds, the holder writes
+    new = s3_lock(s3, s3.bucket, "_sftflow", "l4", lease_s=30)
+    assert not new.try_acquire()
+    time.sleep(1.2)
+    with new.held(timeout_s=5):
+        assert new.token == stale.token + 1
+        with pytest.raises(LeaseLost, match="token 1"):
+            ledger.confirm("b0", ["a"], 1)
+        with pytest.raises(LeaseLost):
+            ledger.mark_pending("b1", 1)
+        assert s3.head(ledger.segment_key("b0")) is None  # nothing was written
+        assert s3.head(f"{ledger.root}/pending/b1.json") is None
+        assert not stale.renew()  # nor can it get the lease back
+        Ledger(s3, s3.bucket, "_sftflow", 7, fence=new.fence).confirm("b0", ["a"], 1)
+    stale.release()  # a stale holder's release does not free the new holder's record
+    assert record(s3, "l4").owner == new.owner
