@@ -150,7 +150,7 @@ def write_draft(ls: LabelStudio, task_id: int, text: str, model_version: str, *,
                 attempts: int = 4, backoff: Backoff | None = None) -> bool:
     """Write the draft unless the task already has one from ``model_version``; True when this
     call wrote it. Every attempt checks first, so a retry after a lost response never writes
-    a second prediction."""
+    a second prediction (the SDK's own retries are off for the create: they do not check)."""
     tries = 0
 
     def once() -> bool:
@@ -158,7 +158,9 @@ def write_draft(ls: LabelStudio, task_id: int, text: str, model_version: str, *,
         tries += 1
         if _has_draft(ls, task_id, model_version):
             return tries > 1  # found on a retry: our own write whose answer was lost
-        ls.predictions.create(task=task_id, result=draft_result(text), model_version=model_version)
+        # The SDK would resend a create whose answer was a 5xx, without our check first.
+        ls.predictions.create(task=task_id, result=draft_result(text), model_version=model_version,
+                              request_options={"max_retries": 0})
         return True
 
     return retry(once, attempts=attempts, backoff=backoff or Backoff(0.5, 8.0))
