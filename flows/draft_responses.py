@@ -90,13 +90,12 @@ def draft_responses(params: DraftParams) -> DraftReport | None:
     with tempfile.TemporaryDirectory(prefix="sftflow-drafts-") as tmp:
         generator = build_generator(params.generator, model, settings, s3, workdir=Path(tmp),
                                     max_new_tokens=params.max_new_tokens)
-        if params.select_in_project:
-            select_drafts_task(ls, int(project.id), model.model_version)
         report = draft_open_tasks(ls, int(project.id), generator, generator_kind=params.generator,
                                   page_size=params.page_size, max_tasks=params.max_tasks,
                                   batch_size=params.batch_size or settings.drafts.batch_size,
                                   run_batch=draft_batch_task)
-
+    if params.select_in_project and report.has_drafts:  # Label Studio refuses a version without any
+        select_drafts_task(ls, int(project.id), model.model_version)
     logger.info(report.summary())
     create_table_artifact(report.table(), key=artifact_key("drafts", project.id, "counts"),
                           description=f"Drafts of {model.model_version} in {project.title}: {report.summary()}")

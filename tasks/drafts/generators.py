@@ -107,7 +107,7 @@ class TransformersGenerator:
         if self.tokenizer.chat_template:
             return self.tokenizer.apply_chat_template(
                 chat_messages(prompt, self.system_prompt), add_generation_prompt=True,
-                return_tensors="pt")
+                return_tensors="pt", return_dict=True)["input_ids"]
         return self.tokenizer(prompt, return_tensors="pt").input_ids
 
     def _one(self, prompt: str) -> str:

@@ -110,6 +110,11 @@ class DraftReport(BaseModel):
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
 
+    @property
+    def has_drafts(self) -> bool:
+        """Whether the project holds drafts of this model (written now or before)."""
+        return bool(self.drafted or self.skipped.get("already_drafted"))
+
     def skip(self, reason: str, n: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + n
 
@@ -217,7 +222,8 @@ def draft_open_tasks(
 
 
 def select_drafts(ls: LabelStudio, project_id: int, model_version: str) -> None:
-    """Make the project pre-fill the annotation form with ``model_version``'s predictions."""
+    """Make the project pre-fill the annotation form with ``model_version``'s predictions
+    (Label Studio accepts only a version some prediction of the project carries)."""
     ls.projects.update(id=project_id, model_version=model_version, show_collab_predictions=True)
 
 
