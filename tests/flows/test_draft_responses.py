@@ -50,7 +50,7 @@ def record_model(s3, project_id: int, weights, *, method: str = "full", best: bo
     lineage.update_record(s3, "models", job, {"status": "succeeded", "artifacts": artifacts,
                                               "fine_tuned_model": fine_tuned_model})
     if best:
-        current, etag = lineage.read_model_ref(s3, "models", "support")
+        _, etag = lineage.read_model_ref(s3, "models", "support")
         lineage.set_model_ref(s3, "models", "support", job, etag)
     return job
 
