@@ -10,6 +10,7 @@ DATASET_VERSIONED = "sftflow.dataset.versioned"  # build_dataset committed a ver
 FINETUNE_SUBMITTED = "sftflow.finetune.submitted"
 FINETUNE_SUCCEEDED = "sftflow.finetune.succeeded"
 FINETUNE_FAILED = "sftflow.finetune.failed"
+DRAFTS_WRITTEN = "sftflow.drafts.written"  # draft_responses wrote model drafts, with counts
 
 #: Resource label the bridge sets on annotation events: "below", "reached" or "unset"; the
 #: build deployment's trigger matches "reached".

@@ -97,6 +97,16 @@ class FinetuneSettings(BaseModel):
     train_work_pool: str = Field("sftflow-train", description="Work pool of the training deployment.")
 
 
+class DraftSettings(BaseModel):
+    """Model drafts for annotators through an OpenAI-compatible chat endpoint (vLLM, TGI, hosted)."""
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="Chat endpoint base URL (.../v1).")
+    api_key: SecretStr | None = Field(None, description="Bearer key; empty for a server without one.")
+    model: str | None = Field(None, description="Served model name (empty: the job's fine_tuned_model).")
+    max_new_tokens: int = Field(512, ge=1, description="Longest draft, in tokens.")
+    batch_size: int = Field(8, ge=1, description="Prompts generated per batch (and per Prefect task).")
+
+
 class WebhookSettings(BaseModel):
     """The event bridge (``sftflow webhooks serve``): Label Studio and S3 notifications in."""
 
@@ -179,6 +189,7 @@ class Settings(BaseSettings):
     datasets: DatasetSettings = DatasetSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     webhooks: WebhookSettings = WebhookSettings()
+    drafts: DraftSettings = DraftSettings()
     stack: StackSettings = StackSettings()
 
     @classmethod

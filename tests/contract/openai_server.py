@@ -1,4 +1,4 @@
-"""A local HTTP server implementing the OpenAI files and fine-tuning jobs endpoints.
+"""A local HTTP server implementing the OpenAI files, fine-tuning jobs and chat endpoints.
 
 This is a CONTRACT TEST double: the real OpenAI API is unreachable from this machine, so the
 ``openai`` backend is tested against this server, which follows the documented request and
@@ -10,12 +10,19 @@ response shapes (https://platform.openai.com/docs/api-reference/fine-tuning):
   ``seed``, ``metadata``, ``method``) -> a job object in ``validating_files``;
 - ``GET /v1/fine_tuning/jobs`` (``limit``, ``after``, ``metadata[k]=v`` filters);
 - ``GET /v1/fine_tuning/jobs/{id}``, ``GET /v1/fine_tuning/jobs/{id}/events``,
-  ``POST /v1/fine_tuning/jobs/{id}/cancel``.
+  ``POST /v1/fine_tuning/jobs/{id}/cancel``;
+- ``POST /v1/chat/completions`` (``model``, ``messages``, ``max_tokens`` or
+  ``max_completion_tokens``, ``temperature``) -> a ``chat.completion`` object
+  (https://platform.openai.com/docs/api-reference/chat/create), as vLLM and TGI serve it too.
 
 Errors are ``{"error": {"message", "type", "param", "code"}}`` with 400/401/404. A job moves one
 step per ``GET`` of it (validating_files -> queued -> running -> succeeded), writing
 ``message`` and ``metrics`` events on the way, so tests are deterministic and fast. Jobs on a
 model listed in ``fail_models`` fail while running, as a provider does when training breaks.
+A chat answer is derived from the request alone: ``"Draft: "`` + the last user message, cut
+to ``max_tokens`` whitespace-separated words (``finish_reason: "length"``); it is served for
+the listed models and for the ``fine_tuned_model`` of a succeeded job; every chat request
+body is kept in ``state.chats``.
 It is stdlib only (``http.server``) and runs on a loopback port in a thread.
 """
 
@@ -45,6 +52,7 @@ class FakeState:
         self.events: dict[str, list[dict[str, Any]]] = {}
         self.steps: dict[str, int] = {}
         self.requests: list[tuple[str, str]] = []
+        self.chats: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self._ids = itertools.count(1)
 
@@ -152,6 +160,8 @@ class Handler(BaseHTTPRequestHandler):
             return (200, f) if f else _error(404, f"No such File object: {parts[1]}")
         if parts == ["fine_tuning", "jobs"] and method == "POST":
             return self.create_job(body)
+        if parts == ["chat", "completions"] and method == "POST":
+            return self.chat(body)
         if parts == ["fine_tuning", "jobs"] and method == "GET":
             return self.list_jobs(query)
         if len(parts) >= 3 and parts[:2] == ["fine_tuning", "jobs"]:
@@ -235,6 +245,41 @@ class Handler(BaseHTTPRequestHandler):
         st.steps[job_id] = 0
         st.event(job_id, f"Created fine-tuning job: {job_id}")
         return 200, st.jobs[job_id]
+
+    def chat(self, body: bytes):
+        st = self.state
+        try:
+            req = json.loads(body)
+        except json.JSONDecodeError:
+            return _error(400, "We could not parse the JSON body of your request.")
+        model = req.get("model")
+        served = st.models | {j["fine_tuned_model"] for j in st.jobs.values() if j["fine_tuned_model"]}
+        if model not in served:
+            return _error(404, f"The model `{model}` does not exist or you do not have access to it.",
+                          "model_not_found", "model")
+        messages = req.get("messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and m.get("role") in ("system", "developer", "user", "assistant")
+                and isinstance(m.get("content"), str) for m in messages):
+            return _error(400, "messages must be a non-empty list of {role, content}", param="messages")
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        if not users:
+            return _error(400, "messages must contain a user message", param="messages")
+        st.chats.append(req)
+        words = f"Draft: {users[-1]}".split()
+        limit = req.get("max_completion_tokens") or req.get("max_tokens")
+        finish = "stop"
+        if isinstance(limit, int) and limit < len(words):
+            words, finish = words[:limit], "length"
+        prompt_tokens = sum(len(m["content"].split()) for m in messages)
+        return 200, {
+            "id": st.new_id("chatcmpl"), "object": "chat.completion",
+            "created": int(time.time()), "model": model, "system_fingerprint": None,
+            "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
+                         "message": {"role": "assistant", "content": " ".join(words)}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                      "total_tokens": prompt_tokens + len(words)},
+        }
 
     def list_jobs(self, query: dict[str, str]):
         jobs = sorted(self.state.jobs.values(), key=lambda j: j["id"], reverse=True)
