@@ -9,9 +9,13 @@
 - ``check-annotations``: interval schedule; the reconciliation path that covers lost Label
   Studio webhooks: when the threshold is reached it starts a build-dataset run.
 - ``build-dataset``: trigger on ``sftflow.annotation.created`` events the bridge labelled
-  ``sftflow.threshold=reached`` for this dataset, one firing per project per ``debounce_s``
-  (``for_each`` project, ``within``); the bridge gives every event of one threshold crossing
-  the same id, so Prefect also drops the repeats. At most one run at a time (extra runs wait).
+  ``sftflow.threshold=reached`` for this dataset and the configured project (matched on the
+  resource id ``sftflow.labelstudio.project.<id>`` when configured by id, on the resource name,
+  the project's title, when configured by title), one firing per ``debounce_s`` (``for_each``
+  project, ``within``); the bridge gives every event of one threshold crossing the same id, so
+  Prefect also drops the repeats. The run's parameters are the configured project and dataset,
+  never the event's payload: an event for another project builds nothing. At most one run at a
+  time (extra runs wait).
 - ``finetune``: trigger on ``sftflow.dataset.versioned`` for this dataset.
 """
 
@@ -27,6 +31,7 @@ from sftflow.core.events import (
     DATASET_VERSIONED,
     PROMPTS_ARRIVED,
     THRESHOLD_LABEL,
+    project_resource,
 )
 from sftflow.tasks.labelstudio.counters import CountMode
 from sftflow.tasks.storage import parse_s3_uri
@@ -53,10 +58,13 @@ class ServeConfig(BaseModel):
     bucket: str | None = Field(None, description="Bucket of datasets/models (empty: configured).")
 
 
-def _as_text(template: str) -> dict[str, str]:
-    """A trigger parameter rendered as a string: a bare ``{{ x }}`` would keep x's JSON type
-    (a project id would arrive as an int where the flow's parameters want a string)."""
-    return {"__prefect_kind": "jinja", "template": template}
+def project_match(project: str) -> dict[str, str]:
+    """The resource labels of the bridge's events for ``project`` only: its resource id
+    (``sftflow.labelstudio.project.<id>``) when it is configured by id, else its title
+    (``prefect.resource.name``, the title the bridge read from Label Studio)."""
+    if project.strip().isdigit():
+        return {**project_resource(int(project))}
+    return {"prefect.resource.name": project}
 
 
 def _prefix_pattern(source: str) -> tuple[str, str]:
@@ -111,20 +119,21 @@ def build_deployments(cfg: ServeConfig) -> list[Any]:
         ),
         tags=tags,
     )
+    build_params = {"params": {"project": cfg.project, "dataset": cfg.dataset, **extra}}
     build = build_dataset.to_deployment(
         name=BUILD,
         description="Export annotations, filter, deduplicate and commit a dataset version.",
-        parameters={"params": {"project": cfg.project, "dataset": cfg.dataset, **extra}},
+        parameters=build_params,
         triggers=[
             DeploymentEventTrigger(
                 name=f"{BUILD}: {cfg.dataset} threshold reached",
                 expect={ANNOTATION_CREATED},
-                match={THRESHOLD_LABEL: "reached", "sftflow.dataset": cfg.dataset},
+                match={THRESHOLD_LABEL: "reached", "sftflow.dataset": cfg.dataset,
+                       **project_match(cfg.project)},
                 for_each={"prefect.resource.id"},
                 threshold=1,
                 within=timedelta(seconds=cfg.debounce_s),
-                parameters={"params": {"project": _as_text("{{ event.payload.project_id }}"),
-                                       "dataset": "{{ event.payload.dataset }}", **extra}},
+                parameters=build_params,
             )
         ],
         concurrency_limit=one_at_a_time,

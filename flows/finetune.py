@@ -21,7 +21,11 @@ gate, error); for ``trl`` the model or adapter under ``<job>/model/``; the datas
 Idempotency: the job name is a hash of (version manifest sha256, normalised config). A rerun
 with a finished job returns it without training again (a failed one fails again with its
 recorded error, never a new attempt); a rerun after a crash resumes watching the job it had
-submitted (submission is idempotent per job name on every backend).
+submitted (submission is idempotent per job name on every backend). One run only submits: it
+claims the lineage record with a conditional write (``If-None-Match``, or ``If-Match`` to take
+over a claim older than ``claim_ttl_s``); a concurrent run waits for the job the claimer names
+and watches the same one. A run killed between submitting and naming its job leaves a claim
+that expires; the rerun takes it over and the backend finds the job it had submitted.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pydantic import BaseModel, Field
 from sftflow.core import events
 from sftflow.core.clock import utc_now_iso
 from sftflow.core.errors import SftflowError
+from sftflow.core.failpoints import failpoint
 from sftflow.flows.train_trl import train_trl
 from sftflow.tasks.clients import Clients
 from sftflow.tasks.finetune import lineage
@@ -57,7 +62,7 @@ from sftflow.tasks.finetune.dataset import read_version_task, tag_trained_task
 from sftflow.tasks.finetune.gate import check_gates
 from sftflow.tasks.finetune.lineage import (
     LineageRecord,
-    create_record_task,
+    claim_submission_task,
     eval_gate_task,
     find_baseline_task,
     find_record_task,
@@ -90,6 +95,9 @@ class FinetuneParams(BaseModel):
     poll_max_s: float = Field(60.0, gt=0, description="Longest pause between status polls (backoff cap).")
     cancel_on_deadline: bool = Field(False, description="Cancel the job when the deadline passes.")
     eval_gate: bool = Field(True, description="Compare eval loss with the dataset's best model; tag the better one best.")
+    claim_ttl_s: float = Field(900.0, gt=0, description=(
+        "How long a run's claim to submit the job lasts; past it (the run died before naming its "
+        "job) another run takes the claim over and looks the job up before submitting."))
     bucket: str | None = Field(None, description="Bucket of datasets and models (empty: the configured bucket).")
 
 
@@ -141,18 +149,23 @@ def finetune(params: FinetuneParams) -> FinetuneReport:
         spec.baseline, baseline_etag = find_baseline_task(s3, prefix, data.dataset, job)
     checks = preflight(backend, spec)
 
-    # 2. Submit once: the record first (create-only), then the job, then its id.
-    record = earlier or create_record_task(s3, prefix, LineageRecord.submitted(
+    # 2. Submit once: claim the record (conditional writes), submit, name the job in the record.
+    record, mine = _claim(LineageRecord.submitted(
         job=job, data=data, config=config, baseline=spec.baseline, preflight=checks,
-        lineage_uri=s3.uri(lineage.manifest_key(prefix, job)), run_id=str(flow_run.get_id())))[0]
+        lineage_uri=s3.uri(lineage.manifest_key(prefix, job)), run_id=str(flow_run.get_id()),
+        claim_ttl_s=params.claim_ttl_s), params, s3=s3, prefix=prefix)
+    if record.terminal:
+        return _reused(record, gates)
     backend_job_id = record.backend_job_id
-    if backend_job_id:
-        logger.info("resuming watch of %s (%s job %s)", job, backend_name, backend_job_id)
-    else:
+    if mine:
         backend_job_id = submit_job(backend, spec)
+        failpoint("finetune.after-submit")
         record = update_record_task(s3, prefix, job, {"backend_job_id": backend_job_id})
         _emit(events.FINETUNE_SUBMITTED, record)
         logger.info("submitted %s as %s job %s", job, backend_name, backend_job_id)
+        failpoint("finetune.after-lineage")
+    else:
+        logger.info("resuming watch of %s (%s job %s)", job, backend_name, backend_job_id)
 
     # 3. Watch to a terminal state within the deadline (each change goes into the history).
     final = _watch(backend, backend_job_id, params, prefix=prefix, s3=s3, job=job)
@@ -175,6 +188,23 @@ def finetune(params: FinetuneParams) -> FinetuneReport:
     record = update_record_task(s3, prefix, job, changes, event="recorded")
     _published(events.FINETUNE_SUCCEEDED, record)
     return FinetuneReport.from_record(record, False, gates)
+
+
+def _claim(new: LineageRecord, params: FinetuneParams, *, s3: S3, prefix: str) -> tuple[LineageRecord, bool]:
+    """``(record, True)`` when this run holds the claim and submits; else the record once it
+    names the job (or has ended), waiting while another run holds a live claim. A claim
+    expires after ``claim_ttl_s`` (its holder died): then this run takes it over."""
+
+    def probe() -> tuple[LineageRecord, bool] | None:
+        record, mine = claim_submission_task(s3, prefix, new)
+        return (record, mine) if mine or record.backend_job_id or record.terminal else None
+
+    backoff = Backoff(params.poll_min_s, max(params.poll_min_s, params.poll_max_s))
+    found = wait_until(probe, timeout_s=params.claim_ttl_s + params.poll_max_s * 2, backoff=backoff)
+    if found is None:
+        raise SftflowError(f"job {new.job}: another run claimed its submission and neither named a job "
+                           f"nor let the claim expire within {params.claim_ttl_s:.0f} s")
+    return found
 
 
 def _reused(earlier: LineageRecord, gates: list[dict[str, Any]]) -> FinetuneReport:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sftflow.core.errors import SftflowError
 from sftflow.tasks.storage import S3, parse_s3_uri
 
 
@@ -21,18 +22,34 @@ def upload_dir(s3: S3, local_dir: str | Path, uri: str) -> list[str]:
     return out
 
 
+def local_path(root: Path, prefix: str, key: str) -> Path:
+    """Where the object ``key`` listed under ``prefix`` goes in ``root``: its path relative to the
+    prefix. Storage is not trusted: a key not under the prefix, without a file name, absolute
+    once the prefix is cut, or with ``.``/``..`` segments (some S3 servers store them) is
+    refused with an SftflowError naming it, so nothing is ever written outside ``root``."""
+    rel = key[len(prefix) + 1:] if key.startswith(prefix + "/") else None
+    parts = rel.split("/") if rel else []
+    if not parts or any(part in ("", ".", "..") for part in parts) or "\\" in rel:
+        raise SftflowError(f"refusing to download the object {key!r}: its path resolves outside the "
+                           f"destination folder {root} (listed under {prefix!r})")
+    dest = root.joinpath(*parts)
+    if not dest.resolve().is_relative_to(root.resolve()):  # e.g. a symlink inside root
+        raise SftflowError(f"refusing to download the object {key!r}: {dest} resolves outside the "
+                           f"destination folder {root}")
+    return dest
+
+
 def download_prefix(s3: S3, uri: str, local_dir: str | Path) -> Path:
-    """Download every object under the ``uri`` prefix into ``local_dir`` (same relative paths)."""
+    """Download every object under the ``uri`` prefix into ``local_dir`` (same relative paths).
+    Every listed key is checked (:func:`local_path`) before the first file is written."""
     bucket, prefix = parse_s3_uri(uri.rstrip("/"))
     root = Path(local_dir)
-    n = 0
-    for obj in s3.list(prefix + "/", bucket=bucket):
-        dest = root / obj.key[len(prefix) + 1 :]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        s3.client.download_file(bucket, obj.key, str(dest))
-        n += 1
-    if n == 0:
+    targets = [(obj.key, local_path(root, prefix, obj.key)) for obj in s3.list(prefix + "/", bucket=bucket)]
+    if not targets:
         raise KeyError(uri)
+    for key, dest in targets:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        s3.client.download_file(bucket, key, str(dest))
     return root
 
 

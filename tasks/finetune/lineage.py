@@ -4,8 +4,10 @@ Layout under ``s3://<bucket>/<models_prefix>/``:
 
 - ``<job>/manifest.json``: the lineage record (dataset, version, the dataset manifest's sha256,
   base model, method, config, backend and its job id, status, metrics, artifacts, eval gate,
-  error, state history). Created with ``If-None-Match: *`` when the job is submitted, then
-  updated with compare-and-swap (``If-Match`` on its ETag) on every status change.
+  error, state history, and the claim: which run may submit the job, until when). Created with
+  ``If-None-Match: *`` before the job is submitted (the claim), then updated with
+  compare-and-swap (``If-Match`` on its ETag) on every change; an expired claim is taken over
+  with compare-and-swap too, so one run only submits (:func:`claim_submission`).
 - ``<job>/model/``, ``<job>/result.json``: what the ``trl`` training flow uploads.
 - ``_refs/<dataset>/best``: the job name of the dataset's best model (advanced with CAS).
 
@@ -17,12 +19,13 @@ Records are :class:`LineageRecord`: written by this module, and validated when r
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from sftflow import __version__
-from sftflow.core.clock import utc_now_iso
+from sftflow.core.clock import utc_now, utc_now_iso
 from sftflow.core.errors import SftflowError
 from sftflow.core.hashing import config_hash, sha256_hex
 from sftflow.tasks._prefect import io_task
@@ -33,6 +36,21 @@ from sftflow.tasks.storage import S3, PreconditionFailed
 
 REFS = "_refs"
 Status = Literal["submitted", "queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class SubmissionClaim(BaseModel):
+    """Which run may submit the job: the one that wrote the claim, until ``expires_at``. After
+    that any run may take it over (conditional write): the holder is presumed dead."""
+
+    run_id: str
+    expires_at: datetime
+
+    def live(self, now: datetime) -> bool:
+        return self.expires_at > now
+
+    @classmethod
+    def new(cls, run_id: str, ttl_s: float, now: datetime | None = None) -> SubmissionClaim:
+        return cls(run_id=run_id, expires_at=(now or utc_now()) + timedelta(seconds=ttl_s))
 
 
 class LineageRecord(BaseModel):
@@ -57,6 +75,7 @@ class LineageRecord(BaseModel):
     config_hash: str | None = None
     backend: str
     backend_job_id: str | None = None
+    claim: SubmissionClaim | None = Field(None, description="The run allowed to submit the job.")
     baseline: dict[str, Any] | None = Field(None, description="The model the eval gate compares with.")
     preflight: dict[str, Any] = Field(default_factory=dict)
     submitted_at: str | None = None
@@ -78,7 +97,7 @@ class LineageRecord(BaseModel):
     @classmethod
     def submitted(cls, *, job: str, data: TrainingData, config: dict[str, Any],
                   baseline: Baseline | None, preflight: dict[str, Any], lineage_uri: str,
-                  run_id: str, at: str | None = None) -> LineageRecord:
+                  run_id: str, claim_ttl_s: float = 900.0, at: str | None = None) -> LineageRecord:
         """The record of a job about to be submitted (``config`` from :func:`job_config`)."""
         at = at or utc_now_iso()
         return cls(
@@ -87,7 +106,8 @@ class LineageRecord(BaseModel):
             base_model=config["base_model"], method=config["method"],
             hyperparameters=config["hyperparameters"], config=config,
             config_hash=config_hash(config, length=64), backend=config["backend"],
-            backend_job_id=None, baseline=baseline.model_dump() if baseline else None,
+            backend_job_id=None, claim=SubmissionClaim.new(run_id, claim_ttl_s, datetime.fromisoformat(at)),
+            baseline=baseline.model_dump() if baseline else None,
             preflight=preflight, submitted_at=at, finished_at=None, metrics={}, artifacts={},
             fine_tuned_model=None, error=None, eval_gate=None, lineage_uri=lineage_uri,
             run_id=run_id, code_version=__version__, history=[{"at": at, "event": "submitted"}],
@@ -182,6 +202,45 @@ def create_record(s3: S3, prefix: str, record: LineageRecord) -> tuple[LineageRe
         return record, True
     except PreconditionFailed:
         return load_record(s3, prefix, record.job), False
+
+
+def claim_submission(s3: S3, prefix: str, new: LineageRecord, *, attempts: int = 8,
+                     now: datetime | None = None) -> tuple[LineageRecord, bool]:
+    """Claim the right to submit ``new.job`` for the run of ``new.claim``, with conditional
+    writes so that of two concurrent runs one only gets it.
+
+    ``(record, True)``: this run submits. It created the record (``If-None-Match: *``), or
+    took over (``If-Match`` on the ETag) a claim that is its own (a retried run) or expired,
+    or a record without claim (an older writer) that names no job yet. ``(record, False)``:
+    the record names the job or has ended (use it), or another run's claim is live (ask again
+    later: it names the job, or its claim expires).
+    """
+    if new.claim is None:
+        raise ValueError("claim_submission needs a record with a claim")
+    key = manifest_key(prefix, new.job)
+    for _ in range(attempts):
+        found = read_record(s3, prefix, new.job)
+        if found is None:
+            try:
+                s3.put_bytes(key, _dump(new), if_none_match=True, content_type="application/json")
+                return new, True
+            except PreconditionFailed:
+                continue
+        record, etag = found
+        held = record.claim
+        if record.backend_job_id or record.terminal or (
+                held and held.run_id != new.claim.run_id and held.live(now or utc_now())):
+            return record, False
+        at = utc_now_iso()
+        taken = record.model_copy(update={
+            "claim": new.claim, "updated_at": at,
+            "history": [*record.history, {"at": at, "event": f"claimed by run {new.claim.run_id}"}]})
+        try:
+            s3.put_bytes(key, _dump(taken), if_match=etag, content_type="application/json")
+            return taken, True
+        except PreconditionFailed:
+            continue
+    raise SftflowError(f"lineage record {new.job} kept changing under us ({attempts} attempts)")
 
 
 def update_record(s3: S3, prefix: str, job: str, changes: dict[str, Any],
@@ -290,7 +349,7 @@ def apply_eval_gate(s3: S3, prefix: str, dataset: str, job: str, metrics: dict[s
 
 
 find_record_task = io_task(name="read-lineage")(find_record)
-create_record_task = io_task(name="create-lineage")(create_record)
+claim_submission_task = io_task(name="claim-submission")(claim_submission)
 update_record_task = io_task(name="update-lineage")(update_record)
 find_baseline_task = io_task(name="find-baseline")(find_baseline)
 eval_gate_task = io_task(name="eval-gate")(apply_eval_gate)

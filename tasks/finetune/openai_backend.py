@@ -3,13 +3,16 @@
 ``preflight`` downloads the version's chat JSONL (``openai/train.jsonl``, ``openai/eval.jsonl``)
 and validates it locally; ``submit`` uploads the files (``POST /files``, purpose ``fine-tune``)
 and creates the job (``POST /fine_tuning/jobs``) with ``metadata.sftflow_job`` set, after looking
-for an existing job with that metadata so a rerun never starts a second job; ``status`` maps the
+for an existing job with that metadata so a rerun never starts a second job; the creation POST
+is never resent blindly: after a timeout or a 5xx the job is looked up again first (the lost
+answer may hide a created job), and only resent when it is not found; ``status`` maps the
 job's status; ``result`` reads ``fine_tuned_model``, result files and the metrics events.
 Plain httpx: the ``openai`` package is not a dependency. The API key never reaches logs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -74,11 +77,21 @@ class OpenAIBackend:
         return cls(clients.s3, ft.openai_base_url, key)
 
     # -- HTTP ----------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    def _request(self, method: str, path: str, *,
+                 before_retry: Callable[[], dict[str, Any] | None] | None = None,
+                 **kwargs: Any) -> dict[str, Any]:
         """JSON of a 2xx answer; timeouts, dropped connections, 408, 429 and 5xx are retried
-        with exponential backoff and jitter, other answers fail at once with the API's message."""
+        with exponential backoff and jitter, other answers fail at once with the API's message.
+
+        ``before_retry`` is called before every resend: an answer it returns is taken instead
+        (a request that is not idempotent looks up what its lost attempt may have done)."""
+        attempt = 0
 
         def once() -> dict[str, Any]:
+            nonlocal attempt
+            attempt += 1
+            if attempt > 1 and before_retry is not None and (found := before_retry()) is not None:
+                return found
             resp = self._http.request(method, path, **kwargs)
             if resp.status_code >= 400:
                 raise _HttpStatusError(resp.status_code, f"fine-tuning API {method} {self.base_url}{path}: "
@@ -151,7 +164,10 @@ class OpenAIBackend:
         }
         if spec.chat_eval_files:
             body["validation_file"] = self._upload(f"{spec.job}-eval.jsonl", spec.chat_eval_files)
-        return str(self._request("POST", "/fine_tuning/jobs", json=body)["id"])
+        # Never resent blindly: a lost answer (timeout, 5xx) may hide a created, paid job.
+        created = self._request("POST", "/fine_tuning/jobs", json=body,
+                                before_retry=lambda: self.find_job(spec.job))
+        return str(created["id"])
 
     def status(self, backend_job_id: str) -> JobStatus:
         job = self._request("GET", f"/fine_tuning/jobs/{backend_job_id}")

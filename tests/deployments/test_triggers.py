@@ -56,12 +56,17 @@ def bridge(prefect_harness, settings, s3):
 
 
 @pytest.fixture()
-def deployments(prefect_harness, s3):
-    cfg = ServeConfig(source=f"s3://{s3.bucket}/prompts/", project="unused", dataset=DATASET,
-                      min_new=MIN_NEW, bucket=s3.bucket, debounce_s=600)
-    ids = {d.name: d.apply() for d in build_deployments(cfg)}
-    time.sleep(2)  # the trigger service picks up new automations within about a second
-    return ids
+def deploy(prefect_harness, s3):
+    """Apply the deployments configured for ``project`` (id or title); their ids by name."""
+
+    def apply(project: str = "unused") -> dict:
+        cfg = ServeConfig(source=f"s3://{s3.bucket}/prompts/", project=project, dataset=DATASET,
+                          min_new=MIN_NEW, bucket=s3.bucket, debounce_s=600)
+        ids = {d.name: d.apply() for d in build_deployments(cfg)}
+        time.sleep(2)  # the trigger service picks up new automations within about a second
+        return ids
+
+    return apply
 
 
 def runs_of(deployment_id, match: dict, settle_s: float = 4.0, timeout_s: float = 30.0,
@@ -117,10 +122,11 @@ def project_payload(settings, project_id: int) -> dict:
 
 
 def test_signed_webhooks_crossing_the_threshold_make_exactly_one_build(
-    settings, labelstudio, bridge, deployments, projects
+    settings, labelstudio, bridge, deploy, projects
 ):
     url, secret = bridge
     p, task_ids = projects()
+    deployments = deploy(str(p.id))
     hook = register_webhook(labelstudio, p.id,
                             webhook_url(f"{url}/labelstudio", ThresholdQuery(MIN_NEW, DATASET)),
                             secret)
@@ -145,9 +151,10 @@ def test_signed_webhooks_crossing_the_threshold_make_exactly_one_build(
     assert len(runs) == 1 and runs[0].parameters["params"]["dataset"] == DATASET
 
 
-def test_unsigned_webhooks_make_no_build(settings, labelstudio, bridge, deployments, projects):
+def test_unsigned_webhooks_make_no_build(settings, labelstudio, bridge, deploy, projects):
     url, _ = bridge
     p, task_ids = projects()
+    deployments = deploy(str(p.id))
     for task_id in task_ids[:MIN_NEW]:
         annotate(labelstudio, task_id)  # no webhook registered: we post the crossing ourselves
     body = {"action": "ANNOTATION_CREATED", "project": project_payload(settings, p.id)}
@@ -159,8 +166,9 @@ def test_unsigned_webhooks_make_no_build(settings, labelstudio, bridge, deployme
     assert runs_of(deployments[BUILD], {"project": str(p.id)}, settle_s=3, timeout_s=6, want=0) == []
 
 
-def test_s3_notification_starts_an_ingest_run(bridge, deployments, s3):
+def test_s3_notification_starts_an_ingest_run(bridge, deploy, s3):
     url, secret = bridge
+    deployments = deploy()
     record = {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": s3.bucket},
               "object": {"key": "prompts/batch-1.jsonl", "size": 10, "eTag": "abc"}}}
     elsewhere = {**record, "s3": {**record["s3"], "object": {"key": "datasets/x.parquet"}}}
@@ -174,9 +182,10 @@ def test_s3_notification_starts_an_ingest_run(bridge, deployments, s3):
 
 
 def test_scheduled_check_starts_one_build_per_threshold_crossing(
-    labelstudio, deployments, projects, s3
+    labelstudio, deploy, projects, s3
 ):
     p, task_ids = projects()
+    deployments = deploy()
     params = CheckParams(project=p.title, dataset=DATASET, min_new=MIN_NEW, bucket=s3.bucket)
     assert not check_annotations(params).reached
     for task_id in task_ids[:MIN_NEW]:
@@ -185,3 +194,34 @@ def test_scheduled_check_starts_one_build_per_threshold_crossing(
     assert first.reached and first.build_flow_run_id == second.build_flow_run_id
     runs = runs_of(deployments[BUILD], {"project": str(p.id)}, settle_s=1)
     assert [str(r.id) for r in runs] == [first.build_flow_run_id]
+
+
+@pytest.mark.parametrize("configured_as", ["id", "title"])
+def test_a_crossing_for_another_project_makes_no_build_of_this_dataset(
+    settings, labelstudio, bridge, deploy, projects, configured_as
+):
+    """The build deployment is pinned to its configured project: a signed crossing event for
+    another project (same dataset in the query) is ignored; the configured one builds once,
+    with the configured project, whatever the payload says."""
+    url, secret = bridge
+    (p, p_tasks), (q, q_tasks) = projects(), projects()
+    configured = str(p.id) if configured_as == "id" else p.title
+    deployments = deploy(configured)
+    for task_id in p_tasks[:MIN_NEW] + q_tasks[:MIN_NEW]:
+        annotate(labelstudio, task_id)
+
+    def crossing(project) -> None:
+        body = {"action": "ANNOTATION_CREATED", "annotation": {"id": 1},
+                "project": project_payload(settings, project.id)}
+        r = httpx.post(f"{url}/labelstudio?min_new={MIN_NEW}&dataset={DATASET}", json=body,
+                       headers={SECRET_HEADER: secret})
+        assert r.status_code == 200 and len(r.json()["emitted"]) == 1
+
+    crossing(q)  # accepted and emitted by the bridge, which knows no configured project
+    for params in ({"project": str(q.id)}, {"project": configured}, {"project": q.title}):
+        assert runs_of(deployments[BUILD], params, settle_s=3, timeout_s=8, want=0) == []
+
+    crossing(p)
+    runs = runs_of(deployments[BUILD], {"project": configured})
+    assert len(runs) == 1 and runs[0].parameters["params"]["dataset"] == DATASET
+    assert runs_of(deployments[BUILD], {"project": str(q.id)}, settle_s=1, timeout_s=3, want=0) == []

@@ -55,3 +55,31 @@ def test_best_ref_moves_only_from_the_state_it_was_read_in(s3):
         lineage.set_model_ref(s3, "models", "qa", "ft-c", etag)  # stale ETag
     assert lineage.read_model_ref(s3, "models", "qa")[0] == "ft-b"
     assert lineage.list_jobs(s3, "models") == []  # refs are not models
+
+
+def test_one_run_holds_the_submission_claim_until_it_names_the_job_or_the_claim_expires(s3):
+    from datetime import timedelta
+
+    from sftflow.core.clock import utc_now
+    from sftflow.tasks.finetune.lineage import SubmissionClaim
+
+    def attempt(run: str, ttl_s: float = 60, **kw):
+        return lineage.claim_submission(
+            s3, "models", _record("ft-c", claim=SubmissionClaim.new(run, ttl_s)), **kw)
+
+    with ThreadPoolExecutor(8) as pool:  # 8 concurrent runs: exactly one gets the claim
+        won = [mine for _, mine in pool.map(lambda i: attempt(f"run-{i}"), range(8))]
+    assert won.count(True) == 1
+    holder = lineage.load_record(s3, "models", "ft-c").claim.run_id
+    assert attempt(holder)[1]  # the holder again (a retried run)
+    record, mine = attempt("other")
+    assert not mine and record.claim.run_id == holder  # live: wait
+
+    later = utc_now() + timedelta(seconds=120)  # the holder died: its claim expired
+    record, mine = attempt("other", now=later)
+    assert mine and record.claim.run_id == "other"
+    assert lineage.load_record(s3, "models", "ft-c").history[-1]["event"] == "claimed by run other"
+
+    lineage.update_record(s3, "models", "ft-c", {"backend_job_id": "job-1"})
+    record, mine = attempt("third", now=later + timedelta(seconds=600))
+    assert not mine and record.backend_job_id == "job-1"  # named: watch it, never resubmit

@@ -21,7 +21,7 @@ CONFIG = lineage.job_config("trl", "/models/tiny", "lora", Hyperparameters(max_s
 #: The keys of a new record, in the order the flow wrote them before the record had a type.
 NEW_RECORD_KEYS = [
     "job", "status", "dataset", "version", "dataset_manifest", "dataset_manifest_sha256", "base_model",
-    "method", "hyperparameters", "config", "config_hash", "backend", "backend_job_id", "baseline",
+    "method", "hyperparameters", "config", "config_hash", "backend", "backend_job_id", "claim", "baseline",
     "preflight", "submitted_at", "finished_at", "metrics", "artifacts", "fine_tuned_model", "error",
     "eval_gate", "lineage_uri", "run_id", "code_version", "history",
 ]
@@ -46,6 +46,8 @@ def test_a_new_record_has_the_same_keys_and_values_as_before():
     for empty in ("backend_job_id", "baseline", "finished_at", "fine_tuned_model", "error", "eval_gate"):
         assert rec[empty] is None
     assert rec["metrics"] == {} and rec["artifacts"] == {}
+    # the claim to submit the job (issue 10, item 11): this run's, for claim_ttl_s (900 s)
+    assert rec["claim"] == {"run_id": "run-1", "expires_at": "2026-01-01T00:15:00Z"}
 
 
 def test_the_baseline_is_recorded_and_the_record_round_trips():
