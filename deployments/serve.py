@@ -17,19 +17,25 @@
   never the event's payload: an event for another project builds nothing. At most one run at a
   time (extra runs wait).
 - ``finetune``: trigger on ``sftflow.dataset.versioned`` for this dataset.
+- ``draft-responses`` (with ``drafts`` on): triggers on ``sftflow.finetune.succeeded`` for a
+  model of this dataset (the flow drafts only if that model is the dataset's best) and on
+  ``sftflow.prompts.ingested`` (new prompts, drafted with the best model), in the configured
+  project; drafting is idempotent per model, so a spurious firing writes nothing.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from sftflow.core.events import (
     ANNOTATION_CREATED,
     DATASET_VERSIONED,
+    FINETUNE_SUCCEEDED,
     PROMPTS_ARRIVED,
+    PROMPTS_INGESTED,
     THRESHOLD_LABEL,
     project_resource,
 )
@@ -38,6 +44,7 @@ from sftflow.tasks.storage import parse_s3_uri
 
 #: Deployment names (the flow name is prefixed by Prefect: "<flow>/<deployment>").
 INGEST, CHECK, BUILD, FINETUNE = "ingest", "check-annotations", "build-dataset", "finetune"
+DRAFTS = "draft-responses"
 
 
 class ServeConfig(BaseModel):
@@ -56,6 +63,10 @@ class ServeConfig(BaseModel):
     )
     backend: str | None = Field(None, description="finetune backend (settings default if empty).")
     bucket: str | None = Field(None, description="Bucket of datasets/models (empty: configured).")
+    drafts: Literal["off", "transformers", "openai"] = Field(
+        "off", description="Model drafts for annotators (draft-responses deployment): off, or the "
+        "generator (transformers: the model itself; openai: the endpoint in settings.drafts).",
+    )
 
 
 def project_match(project: str) -> dict[str, str]:
@@ -163,7 +174,44 @@ def build_deployments(cfg: ServeConfig) -> list[Any]:
         concurrency_limit=one_at_a_time,
         tags=tags,
     )
-    return [ingest, check, build, tune]
+    deployments = [ingest, check, build, tune]
+    if cfg.drafts != "off":
+        deployments.append(_drafts_deployment(cfg, extra, tags, one_at_a_time))
+    return deployments
+
+
+def _drafts_deployment(cfg: ServeConfig, extra: dict[str, Any], tags: list[str],
+                       one_at_a_time: Any) -> Any:
+    """``draft-responses``: when a model of this dataset finishes (the flow drafts only with
+    the dataset's best model), and when new prompts were ingested (drafted with the best)."""
+    from prefect.events import DeploymentEventTrigger
+
+    from sftflow.flows.draft_responses import draft_responses
+
+    base = {"project": cfg.project, "generator": cfg.drafts, **extra}
+    return draft_responses.to_deployment(
+        name=DRAFTS,
+        description="Write the best model's draft on every open task, for annotators to edit.",
+        parameters={"params": {"dataset": cfg.dataset, **base}},
+        triggers=[
+            DeploymentEventTrigger(
+                name=f"{DRAFTS}: a model of {cfg.dataset} finished",
+                expect={FINETUNE_SUCCEEDED},
+                match={"prefect.resource.id": "sftflow.model.*"},
+                match_related={"prefect.resource.id": f"sftflow.dataset.{cfg.dataset}",
+                               "prefect.resource.role": "dataset"},
+                parameters={"params": {"job": "{{ event.payload.job }}", **base}},
+            ),
+            DeploymentEventTrigger(
+                name=f"{DRAFTS}: new prompts in {cfg.project}",
+                expect={PROMPTS_INGESTED},
+                match={"prefect.resource.id": "sftflow.labelstudio.project.*"},
+                parameters={"params": {"dataset": cfg.dataset, **base}},
+            ),
+        ],
+        concurrency_limit=one_at_a_time,
+        tags=tags,
+    )
 
 
 def serve(cfg: ServeConfig, limit: int | None = None) -> None:

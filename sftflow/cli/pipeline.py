@@ -50,6 +50,8 @@ def serve(
     debounce: int = typer.Option(300, "--debounce", help="One build trigger per project per (s)."),
     base_model: str = typer.Option(None, "--base-model", help="Adds the finetune deployment."),
     backend: str = typer.Option(None, "--backend", help="Fine-tuning backend."),
+    drafts: str = typer.Option("off", "--drafts",
+                               help="Model drafts for annotators: off | transformers | openai."),
     limit: int = typer.Option(None, "--limit", help="Concurrent flow runs of this process."),
 ) -> None:
     """Register the deployments (schedules, triggers, concurrency) and run their flow runs here.
@@ -62,7 +64,7 @@ def serve(
     cfg = parse_params(ServeConfig, "serve", source=source, project=project, dataset=dataset,
                        min_new=min_new, ingest_cron=ingest_cron,
                        check_interval_s=check_interval, debounce_s=debounce,
-                       base_model=base_model, backend=backend)
+                       base_model=base_model, backend=backend, drafts=drafts)
     with prefect_api(get_settings()) as api_url:
         console.print(f"serving the sftflow deployments on {api_url}")
         serve_deployments(cfg, limit=limit)

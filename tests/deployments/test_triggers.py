@@ -225,3 +225,25 @@ def test_a_crossing_for_another_project_makes_no_build_of_this_dataset(
     runs = runs_of(deployments[BUILD], {"project": configured})
     assert len(runs) == 1 and runs[0].parameters["params"]["dataset"] == DATASET
     assert runs_of(deployments[BUILD], {"project": str(q.id)}, settle_s=1, timeout_s=3, want=0) == []
+
+
+def test_a_finished_model_of_this_dataset_starts_drafting_and_others_do_not(prefect_harness, s3):
+    """With drafts on, sftflow.finetune.succeeded for a model of this dataset starts one
+    draft-responses run with that job; a model of another dataset starts none."""
+    from prefect.events import emit_event
+
+    from sftflow.core.events import FINETUNE_SUCCEEDED, dataset_resource, model_resource
+    from sftflow.deployments.serve import DRAFTS
+
+    cfg = ServeConfig(source=f"s3://{s3.bucket}/prompts/", project="7", dataset=DATASET,
+                      base_model="m", bucket=s3.bucket, drafts="transformers")
+    ids = {d.name: d.apply() for d in build_deployments(cfg)}
+    time.sleep(2)
+    for job, dataset in (("ft-mine", DATASET), ("ft-other", "another-dataset")):
+        emit_event(event=FINETUNE_SUCCEEDED, resource=model_resource(job),
+                   related=[{**dataset_resource(dataset), "prefect.resource.role": "dataset"}],
+                   payload={"job": job, "dataset": dataset})
+    runs = runs_of(ids[DRAFTS], {}, settle_s=4)
+    assert [r.parameters["params"]["job"] for r in runs] == ["ft-mine"]
+    assert runs[0].parameters["params"]["project"] == "7"
+    assert runs[0].parameters["params"]["generator"] == "transformers"
