@@ -153,7 +153,7 @@ def finetune(params: FinetuneParams) -> FinetuneReport:
     record, mine = _claim(LineageRecord.submitted(
         job=job, data=data, config=config, baseline=spec.baseline, preflight=checks,
         lineage_uri=s3.uri(lineage.manifest_key(prefix, job)), run_id=str(flow_run.get_id()),
-        claim_ttl_s=params.claim_ttl_s), params, s3=s3, prefix=prefix)
+        claim_ttl_s=params.claim_ttl_s), params, s3=s3, prefix=prefix, backend=backend)
     if record.terminal:
         return _reused(record, gates)
     backend_job_id = record.backend_job_id
@@ -190,14 +190,25 @@ def finetune(params: FinetuneParams) -> FinetuneReport:
     return FinetuneReport.from_record(record, False, gates)
 
 
-def _claim(new: LineageRecord, params: FinetuneParams, *, s3: S3, prefix: str) -> tuple[LineageRecord, bool]:
+def _claim(new: LineageRecord, params: FinetuneParams, *, s3: S3, prefix: str,
+           backend: Backend) -> tuple[LineageRecord, bool]:
     """``(record, True)`` when this run holds the claim and submits; else the record once it
     names the job (or has ended), waiting while another run holds a live claim. A claim
-    expires after ``claim_ttl_s`` (its holder died): then this run takes it over."""
+    expires after ``claim_ttl_s`` (its holder died): then this run takes it over. While it
+    waits, a backend that can look jobs up (``find_job``) is asked: a holder killed after
+    submitting left a job the provider knows, and this run adopts it at once."""
+    lookup = getattr(backend, "find_job", None)
 
     def probe() -> tuple[LineageRecord, bool] | None:
         record, mine = claim_submission_task(s3, prefix, new)
-        return (record, mine) if mine or record.backend_job_id or record.terminal else None
+        if mine or record.backend_job_id or record.terminal:
+            return record, mine
+        found = lookup(new.job) if lookup else None
+        if found and found.get("id"):
+            adopted = update_record_task(s3, prefix, new.job, {"backend_job_id": str(found["id"])},
+                                         event="adopted the job its claimant submitted")
+            return adopted, False
+        return None
 
     backoff = Backoff(params.poll_min_s, max(params.poll_min_s, params.poll_max_s))
     found = wait_until(probe, timeout_s=params.claim_ttl_s + params.poll_max_s * 2, backoff=backoff)

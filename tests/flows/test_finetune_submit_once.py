@@ -109,9 +109,8 @@ def test_two_concurrent_runs_submit_one_job(prefect_harness, s3, api):
 _CHILD = """
 import sys
 from sftflow.flows.finetune import FinetuneParams, finetune
-extra = {"claim_ttl_s": 2} if "claim_ttl_s" in FinetuneParams.model_fields else {}
 finetune(FinetuneParams(dataset="qa", backend="openai", base_model=sys.argv[1], bucket=sys.argv[2],
-                        poll_min_s=0.2, poll_max_s=1, deadline_s=120, **extra))
+                        poll_min_s=0.2, poll_max_s=1, deadline_s=120))
 """
 
 
@@ -132,7 +131,9 @@ def test_a_run_killed_after_submitting_is_adopted_by_the_rerun(prefect_harness, 
         (job,) = lineage.list_jobs(s3, "models")
         assert lineage.load_record(s3, "models", job).backend_job_id is None  # not named yet
 
-        report = finetune(_params(s3))
+        # The dead run's claim is live for its whole TTL (900 s by default): the rerun must not
+        # wait it out, but find the job the provider already has and adopt it.
+        report = finetune(_params(s3, claim_ttl_s=900))
         assert report.job == job and report.status == "succeeded" and report.backend_job_id == job_id
         assert len(server.state.jobs) == 1 and _creations(server) == 1
         record = lineage.load_record(s3, "models", job)
