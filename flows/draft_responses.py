@@ -70,7 +70,7 @@ class DraftParams(BaseModel):
     bucket: str | None = Field(None, description="Bucket of models and datasets (empty: configured).")
 
 
-@flow(name="draft-responses")
+@flow(name="draft-responses", flow_run_name="drafts: job {params.job}, dataset {params.dataset}")
 def draft_responses(params: DraftParams) -> DraftReport | None:
     """Write a model's draft response on every open Label Studio task (no annotation, no draft
     from this model yet) as a prediction annotators edit; see the module docstring."""

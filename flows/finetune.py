@@ -122,7 +122,7 @@ class FinetuneReport(BaseModel):
         return cls(**record.model_dump(include=set(cls.model_fields)), reused=reused, gates=gates)
 
 
-@flow(name="finetune")
+@flow(name="finetune", flow_run_name="finetune {params.dataset} on {params.base_model}")
 def finetune(params: FinetuneParams) -> FinetuneReport:
     """Fine-tune a model on a dataset version: gates, one submission per (version, config),
     watch to the end, lineage in the bucket, eval gate and ``best`` ref, events."""

@@ -130,7 +130,7 @@ class IngestReport(BaseModel):
         return self.records == self.imported + self.duplicate + self.quarantined
 
 
-@flow(name="ingest-prompts", log_prints=False)
+@flow(name="ingest-prompts", flow_run_name="ingest {params.source} -> {params.project}", log_prints=False)
 def ingest_prompts(params: IngestParams) -> IngestReport:
     """Import every new prompt under an S3 prefix into a Label Studio project, exactly once.
 

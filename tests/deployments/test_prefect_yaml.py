@@ -75,3 +75,19 @@ def test_no_path_of_one_machine():
     text = YAML.read_text()
     assert re.findall(r"(?:^|[\s`\"'(=])(/[\w.-]+/[\w./-]*)", text, re.MULTILINE) == []
     assert "cd /" not in text
+
+
+def test_the_failure_automation_is_a_valid_prefect_automation():
+    """deployments/automations.yaml parses into Prefect's own automation model, and it fires
+    on failed, crashed or timed-out runs of the `sftflow`-tagged deployments."""
+    import yaml
+    from prefect.events.schemas.automations import AutomationCore
+
+    path = Path(__file__).parents[2] / "deployments" / "automations.yaml"
+    (doc,) = yaml.safe_load(path.read_text())["automations"]
+    automation = AutomationCore.model_validate(doc)
+    assert automation.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed",
+                                         "prefect.flow-run.TimedOut"}
+    assert automation.actions[0].type == "send-notification"
+    tags = {t for d in _yaml_deployments().values() for t in d.get("tags", [])}
+    assert "sftflow" in tags  # what the trigger matches is on every deployment
