@@ -10,6 +10,8 @@ Layout under ``s3://<bucket>/<prefix>/<dataset>/`` (the *dataset root*)::
     versions/<version>/manifest.json        the version: files + sha256 + sizes + rows, ...
     refs/latest                             text: a version id (moved with If-Match CAS)
     refs/tags/<tag>                         text: a version id
+    refs/announced/<version>                empty: the version's ``dataset.versioned`` event
+                                            was emitted (written after the emission)
 
 Commit protocol: (1) upload shards (HEAD first, skip the ones that exist) and the version's
 own files, (2) write ``manifest.json`` with ``If-None-Match: *``, (3) move ``refs/latest`` with
@@ -35,6 +37,7 @@ import io
 import json
 import posixpath
 import re
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +59,7 @@ from pydantic import (
 
 from sftflow.core.clock import utc_now, utc_now_iso
 from sftflow.core.errors import SftflowError
+from sftflow.core.failpoints import failpoint
 from sftflow.core.hashing import config_hash, sha256_hex
 from sftflow.core.settings import DatasetSettings
 from sftflow.tasks import formats
@@ -234,6 +238,33 @@ def list_tags(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX) -> dict[str
         if got:
             out[obj.key.rsplit("/", 1)[-1]] = got[0]
     return out
+
+
+def versioned_event_id(dataset: str, version: str) -> uuid.UUID:
+    """The ``dataset.versioned`` event's id for a version: the same for every emission, so
+    Prefect's trigger service drops a repeated one (a retry or a rerun after a crash)."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"sftflow:dataset.versioned:{dataset}@{version}")
+
+
+def _announced_key(root: str, version: str) -> str:
+    return f"{root}/refs/announced/{check_name('version', version)}"
+
+
+def should_announce(s3: S3, dataset: str, version: str, latest: str | None, *,
+                    prefix: str = DEFAULT_PREFIX) -> bool:
+    """Whether a build of ``version`` emits ``dataset.versioned``: the version is
+    ``refs/latest`` (this run moved it there, or found it there after a crash) and its event
+    was not recorded as emitted. An unchanged rebuild of an announced version stays quiet; a
+    version left behind a newer snapshot's is never announced."""
+    if latest != version:
+        return False
+    return s3.head(_announced_key(dataset_root(prefix, dataset), version)) is None
+
+
+def mark_announced(s3: S3, dataset: str, version: str, *, prefix: str = DEFAULT_PREFIX) -> None:
+    """Record that ``version``'s event was emitted (after emitting it)."""
+    s3.put_bytes(_announced_key(dataset_root(prefix, dataset), version), b"",
+                 content_type="text/plain")
 
 
 def resolve(s3: S3, dataset: str, version: str | None, *, prefix: str = DEFAULT_PREFIX) -> str:
@@ -534,10 +565,15 @@ def commit_version(
     and move ``refs/latest`` to it. Idempotent: the same rows and config give the same version,
     and a rerun after a crash at any point completes the commit.
 
-    ``hook(step)`` is called after each step (``shard``, ``files``, ``manifest``, ``ref``) so
-    tests can stop the process exactly there."""
+    ``hook(step)`` and the failpoint ``versioning.after-<step>`` are called after each step
+    (``shard``, ``files``, ``manifest``, ``ref``) so tests can stop the process exactly there."""
     root = dataset_root(prefix, dataset)
-    step = hook or (lambda _step: None)
+
+    def step(name: str) -> None:
+        if hook:
+            hook(name)
+        failpoint(f"versioning.after-{name}")
+
     cfg_hash = config_hash(config)
     vid = version_id((r["row_hash"] for r in rows), cfg_hash)
     counts = Counter(r["split"] for r in rows)
