@@ -131,6 +131,7 @@ class BuildReport(BaseModel):
         self.counts["commit"] = {
             "shards_written": result.shards_written, "shards_reused": result.shards_reused,
             "cas_retries": result.cas_retries, "superseded_by": result.superseded_by,
+            "parent_missing": len(result.parent_missing), "repaired": len(result.repaired),
         }
         self.bytes_written, self.bytes_total = result.bytes_written, result.bytes_total
         self.uri = uri

@@ -35,14 +35,16 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import posixpath
 import re
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -65,11 +67,12 @@ from sftflow.core.settings import DatasetSettings
 from sftflow.tasks import formats
 from sftflow.tasks._prefect import io_task
 from sftflow.tasks.polling import Backoff, retry
-from sftflow.tasks.storage import S3, PreconditionFailed
+from sftflow.tasks.storage import S3, ObjectInfo, PreconditionFailed
 
 if TYPE_CHECKING:
     from sftflow.tasks.labelstudio.export import Exclusion, SftRow
 
+log = logging.getLogger(__name__)
 DEFAULT_PREFIX: str = DatasetSettings.model_fields["prefix"].default
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SPLITS = ("train", "eval")
@@ -403,32 +406,37 @@ class CommitResult:
     shards_reused: int = 0
     cas_retries: int = 0
     superseded_by: str | None = None  # refs/latest was left on a version from a newer snapshot
+    parent_missing: list[str] = field(default_factory=list)  # parent files gone (not reused)
+    repaired: list[str] = field(default_factory=list)  # files gone after the manifest, re-put
 
 
 def _sort_key(row: SftRow) -> tuple:
     return (row["split"], row["prompt_id"], row["task_id"], row["annotation_id"], row["row_hash"])
 
 
-def _put_if_absent(s3: S3, key: str, data: bytes, content_type: str) -> int:
-    """Upload unless the object exists (content-addressed keys). Returns bytes uploaded."""
-    if s3.head(key) is not None:
-        return 0
-    try:
-        s3.put_bytes(key, data, if_none_match=True, content_type=content_type)
-    except PreconditionFailed:
-        return 0
+def _put_fresh(s3: S3, key: str, data: bytes, content_type: str) -> int:
+    """Upload a content-addressed object even when it exists (same key, same bytes): the put
+    refreshes its age, so ``gc`` (which keeps objects younger than its min age) does not
+    collect an orphan of a crashed run that this commit is about to reference."""
+    s3.put_bytes(key, data, content_type=content_type)
     return len(data)
 
 
-def _put_immutable(s3: S3, key: str, data: bytes, content_type: str) -> tuple[str, int, int]:
+def _put_immutable(s3: S3, key: str, data: bytes, content_type: str) -> tuple[bytes, int]:
     """Create ``key`` once; when it exists already (an earlier, crashed run of the same
-    version), keep it and describe what is there. Returns (sha256, size, bytes uploaded)."""
+    version), keep its content and describe what is there. The existing object is put back
+    (``If-Match`` its ETag: a concurrent writer's content is never replaced) to refresh its
+    age for ``gc``. Returns (the bytes stored, bytes uploaded)."""
     try:
         s3.put_bytes(key, data, if_none_match=True, content_type=content_type)
-        return sha256_hex(data), len(data), len(data)
+        return data, len(data)
     except PreconditionFailed:
-        existing, _ = s3.get_bytes(key)
-        return sha256_hex(existing), len(existing), 0
+        existing, etag = s3.get_bytes(key)
+        try:
+            s3.put_bytes(key, existing, if_match=etag, content_type=content_type)
+        except PreconditionFailed:  # rewritten meanwhile: describe what is there now
+            existing, _ = s3.get_bytes(key)
+        return existing, 0
 
 
 def _shard_row_hashes(s3: S3, key: str) -> list[str]:
@@ -436,24 +444,38 @@ def _shard_row_hashes(s3: S3, key: str) -> list[str]:
     return pq.read_table(io.BytesIO(data), columns=["row_hash"]).column(0).to_pylist()
 
 
+def _reusable(s3: S3, parent: Manifest, f: FileEntry) -> list[str] | None:
+    """The row hashes of a parent shard, or None when it or one of its JSONL copies is gone."""
+    try:
+        hashes = _shard_row_hashes(s3, parent.key(f.path))
+    except KeyError:
+        return None
+    if any(s3.head(parent.key(c.path)) is None for c in _companions(parent, f.sha256)):
+        return None
+    return hashes
+
+
 def plan_shards(
     s3: S3, rows: Sequence[SftRow], parent: Manifest | None, shard_rows: int,
-) -> tuple[list[FileEntry], list[list[SftRow]]]:
+) -> tuple[list[FileEntry], list[list[SftRow]], list[str]]:
     """Which parent shards the new version can reuse whole, and the leftover rows cut into
     new shards. A parent shard is reused when every row in it is still in the version with
-    the same split; small parent shards are merged into the new ones (bounded fragmentation).
-    Returns (reused parquet file entries, new shards as sorted row lists)."""
+    the same split and its files all exist; small parent shards are merged into the new ones
+    (bounded fragmentation). Returns (reused parquet file entries, new shards as sorted row
+    lists, paths of parent shards found missing: their rows are written anew)."""
     by_hash = {r["row_hash"]: r for r in rows}
     remaining = set(by_hash)
     reused: list[FileEntry] = []
+    missing: list[str] = []
     if parent:
         candidates = [f for f in parent.files_of("parquet")
                       if f.rows >= max(1, shard_rows // MERGE_BELOW)]
         with ThreadPoolExecutor(8) as pool:
-            hashes = list(pool.map(lambda f: _shard_row_hashes(s3, parent.key(f.path)),
-                                   candidates))
+            hashes = list(pool.map(lambda f: _reusable(s3, parent, f), candidates))
         for f, hs in zip(candidates, hashes, strict=True):
-            if hs and all(h in remaining and by_hash[h]["split"] == f.split for h in hs):
+            if hs is None:
+                missing.append(f.path)
+            elif hs and all(h in remaining and by_hash[h]["split"] == f.split for h in hs):
                 reused.append(f)
                 remaining.difference_update(hs)
     leftover = sorted((by_hash[h] for h in remaining), key=_sort_key)
@@ -461,7 +483,7 @@ def plan_shards(
     for split in SPLITS:
         part = [r for r in leftover if r["split"] == split]
         shards += [part[i:i + shard_rows] for i in range(0, len(part), shard_rows)]
-    return reused, shards
+    return reused, shards, missing
 
 
 def _companions(parent: Manifest | None, parquet_sha: str) -> list[FileEntry]:
@@ -583,6 +605,7 @@ def commit_version(
 
     if s3.head(mkey) is not None:  # a rebuild of the same content, or a rerun past the manifest
         existing = _read_manifest(s3, root, dataset, vid)
+        _require_files(s3, existing)
         moved, latest, retries, sup = advance_latest(s3, root, vid, snapshot_at, hook=hook)
         step("ref")
         return CommitResult(
@@ -597,24 +620,32 @@ def commit_version(
     if parent_id:
         try:
             parent = load_manifest(s3, dataset, parent_id, verify=False, prefix=prefix)
-        except SftflowError:
-            parent = None  # unreadable parent: build everything fresh, never fail the build
-    reused, new_shards = plan_shards(s3, rows, parent, shard_rows)
+        except SftflowError as err:
+            log.warning("parent %s@%s unreadable, building every shard anew: %s",
+                        dataset, parent_id, err)
+    reused, new_shards, parent_missing = plan_shards(s3, rows, parent, shard_rows)
+    if parent_missing:
+        log.warning("parent %s@%s: %d shard(s) missing, their rows are written anew: %s",
+                    dataset, parent_id, len(parent_missing), ", ".join(parent_missing[:5]))
 
     files: list[FileEntry] = []
     written = 0
     for f in reused:
         files += [f, *_companions(parent, f.sha256)]
+    own: dict[str, Callable[[], tuple[bytes, str]]] = {}  # what this run can re-put, by path
 
     def write_shard(shard: list[SftRow]) -> tuple[list[FileEntry], int]:
         parts = _shard_files(shard, system_prompt)
         return [e for e, _, _ in parts], sum(
-            _put_if_absent(s3, f"{root}/{e.path}", data, ctype) for e, data, ctype in parts)
+            _put_fresh(s3, f"{root}/{e.path}", data, ctype) for e, data, ctype in parts)
 
     with ThreadPoolExecutor(4) as pool:
-        for entries, n in pool.map(write_shard, new_shards):
+        for shard, (entries, n) in zip(new_shards, pool.map(write_shard, new_shards),
+                                       strict=True):
             files += entries
             written += n
+            for e in entries:
+                own[e.path] = partial(_shard_bytes, shard, system_prompt, e.path)
             step("shard")
 
     split_order = {s: i for i, s in enumerate(SPLITS)}
@@ -622,18 +653,19 @@ def commit_version(
     sizes = {s: sum(f.size for f in files if f.split == s and f.format == "parquet")
              for s in SPLITS}
 
-    ex_data = formats.exclusions_jsonl(exclusions)
-    sha, size, n = _put_immutable(s3, f"{root}/versions/{vid}/exclusions.jsonl", ex_data,
-                                  "application/jsonl")
-    written += n
-    files.append(FileEntry(path=f"versions/{vid}/exclusions.jsonl", split=None,
-                           format="exclusions", sha256=sha, size=size, rows=len(exclusions)))
     card = formats.dataset_card(dataset=dataset, version=vid, rows=row_counts, sizes=sizes,
                                 stats=stats, source=source, config=config).encode()
-    sha, size, n = _put_immutable(s3, f"{root}/versions/{vid}/README.md", card, "text/markdown")
-    written += n
-    files.append(FileEntry(path=f"versions/{vid}/README.md", split=None, format="card",
-                           sha256=sha, size=size, rows=0))
+    for name, fmt, data, ctype, n_rows in (
+        ("exclusions.jsonl", "exclusions", formats.exclusions_jsonl(exclusions),
+         "application/jsonl", len(exclusions)),
+        ("README.md", "card", card, "text/markdown", 0),
+    ):
+        path = f"versions/{vid}/{name}"
+        stored, n = _put_immutable(s3, f"{root}/{path}", data, ctype)
+        written += n
+        own[path] = partial(lambda b, c: (b, c), stored, ctype)
+        files.append(FileEntry(path=path, split=None, format=fmt, sha256=sha256_hex(stored),
+                               size=len(stored), rows=n_rows))
     step("files")
 
     manifest = Manifest(
@@ -650,6 +682,7 @@ def commit_version(
         created = False
         manifest = _read_manifest(s3, root, dataset, vid)
     step("manifest")
+    repaired = _repair_files(s3, manifest, own)
     moved, latest, retries, sup = advance_latest(s3, root, vid, snapshot_at, hook=hook)
     step("ref")
     return CommitResult(
@@ -657,8 +690,51 @@ def commit_version(
         parent=manifest.parent, rows=row_counts, bytes_written=written,
         bytes_total=sum(f.size for f in manifest.files),
         shards_written=len(new_shards), shards_reused=len(reused), cas_retries=retries,
-        superseded_by=sup,
+        superseded_by=sup, parent_missing=parent_missing, repaired=repaired,
     )
+
+
+def _shard_bytes(shard: list[SftRow], system_prompt: str | None, path: str) -> tuple[bytes, str]:
+    """One of a new shard's files again (for a repair): its bytes and content type."""
+    return next((data, ctype) for e, data, ctype in _shard_files(shard, system_prompt)
+                if e.path == path)
+
+
+def _missing_files(s3: S3, manifest: Manifest) -> list[FileEntry]:
+    with ThreadPoolExecutor(8) as pool:
+        gone = list(pool.map(lambda f: s3.head(manifest.key(f.path)) is None, manifest.files))
+    return [f for f, g in zip(manifest.files, gone, strict=True) if g]
+
+
+def _require_files(s3: S3, manifest: Manifest) -> None:
+    """Refuse to point ``refs/latest`` at a version whose files are not all there."""
+    missing = _missing_files(s3, manifest)
+    if missing:
+        raise SftflowError(
+            f"{manifest.dataset}@{manifest.version}: {len(missing)} file(s) its manifest lists "
+            f"are missing (first: {s3.uri(manifest.key(missing[0].path))}); refs/latest was "
+            "not moved. Delete the version's manifest (it is not referenced) and rebuild."
+        )
+
+
+def _repair_files(s3: S3, manifest: Manifest,
+                  own: Mapping[str, Callable[[], tuple[bytes, str]]]) -> list[str]:
+    """After the manifest is written and before ``refs/latest`` moves: every listed file
+    must exist (a ``gc`` that listed before the manifest existed may have deleted one).
+    Files this run wrote are put back; any other missing file is a clear error."""
+    repaired = []
+    for f in _missing_files(s3, manifest):
+        if f.path not in own:
+            _require_files(s3, manifest)  # raises, naming the first missing file
+        data, ctype = own[f.path]()
+        if sha256_hex(data) != f.sha256:
+            _require_files(s3, manifest)
+        s3.put_bytes(manifest.key(f.path), data, content_type=ctype)
+        repaired.append(f.path)
+    if repaired:
+        log.warning("%s@%s: %d file(s) were deleted during the commit, put back: %s",
+                    manifest.dataset, manifest.version, len(repaired), ", ".join(repaired[:5]))
+    return repaired
 
 
 # -- readers: diff, pull, gc ---------------------------------------------------------------------
@@ -749,33 +825,59 @@ def pull_version(s3: S3, dataset: str, version: str | None, dest: str | Path, *,
             "files": len(manifest.files), "bytes_downloaded": downloaded}
 
 
+def _referenced(s3: S3, root: str, manifest_keys: Iterable[str]) -> set[str]:
+    """The object keys the manifests at ``manifest_keys`` reference (themselves included),
+    located under ``root``, the root being collected, never the root written in a manifest."""
+    out = set()
+    for key in manifest_keys:
+        m = Manifest.parse(s3.get_bytes(key)[0], root=root, where=s3.uri(key))
+        out.add(key)
+        out.update(m.key(f.path) for f in m.files)
+    return out
+
+
+def _manifest_keys(s3: S3, root: str) -> set[str]:
+    return {o.key for o in s3.list(f"{root}/versions/") if o.key.endswith("/manifest.json")}
+
+
 def gc(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX, dry_run: bool = True,
        min_age_s: float = 3600.0) -> dict[str, Any]:
     """Objects under the dataset root that no manifest and no ref references, older than
-    ``min_age_s`` (so a commit in progress keeps its fresh uploads). Deleted unless dry run.
-    A manifest that does not validate stops the collection (nothing is deleted)."""
+    ``min_age_s``. Deleted unless dry run. A manifest that does not validate stops the
+    collection (nothing is deleted). References resolve under the root collected.
+
+    Safe beside a build: a commit re-puts every object it is about to reference (its age
+    restarts), and right before deleting, gc re-reads the manifests (a commit may have written
+    one since the listing) and checks each candidate's age again. What is left, a build
+    writing its manifest within the instant between that check and the delete, is repaired by
+    the build's own check of its files after its manifest (``commit_version``)."""
     root = dataset_root(prefix, dataset)
     objects = list(s3.list(f"{root}/"))
-    manifests = [o.key for o in objects if o.key.endswith("/manifest.json")
-                 and o.key.startswith(f"{root}/versions/")]
-    referenced = set(manifests)
-    for key in manifests:
-        m = Manifest.parse(s3.get_bytes(key)[0], root=root, where=s3.uri(key))
-        referenced.update(m.key(f.path) for f in m.files)
+    manifests = {o.key for o in objects if o.key.endswith("/manifest.json")
+                 and o.key.startswith(f"{root}/versions/")}
+    referenced = _referenced(s3, root, manifests)
     cutoff = utc_now() - timedelta(seconds=min_age_s)
-    garbage = [
-        o for o in objects
-        if o.key not in referenced and not o.key.startswith(f"{root}/refs/")
-        and (o.last_modified is None or o.last_modified <= cutoff)
-    ]
+
+    def collectable(o: ObjectInfo) -> bool:
+        return (o.key not in referenced and not o.key.startswith(f"{root}/refs/")
+                and (o.last_modified is None or o.last_modified <= cutoff))
+
+    garbage = [o for o in objects if collectable(o)]
     young = [o for o in objects if o.key not in referenced and o not in garbage
              and not o.key.startswith(f"{root}/refs/")]
+    deleted = 0
     if not dry_run and garbage:
-        s3.delete(o.key for o in garbage)
+        failpoint("gc.before-delete")
+        referenced |= _referenced(s3, root, _manifest_keys(s3, root) - manifests)
+        cutoff = utc_now() - timedelta(seconds=min_age_s)
+        with ThreadPoolExecutor(8) as pool:
+            now = list(pool.map(lambda o: s3.head(o.key), garbage))
+        doomed = [o.key for o in now if o is not None and collectable(o)]
+        deleted = s3.delete(doomed) if doomed else 0
     return {
         "dataset": dataset, "dry_run": dry_run, "versions": len(manifests),
         "objects": len(objects), "unreferenced": len(garbage),
         "unreferenced_bytes": sum(o.size for o in garbage),
-        "kept_too_young": len(young), "deleted": 0 if dry_run else len(garbage),
+        "kept_too_young": len(young), "deleted": deleted,
         "keys": [o.key for o in garbage[:50]],
     }
