@@ -274,3 +274,44 @@ def test_a_commit_failing_past_the_manifest_still_announces_the_version_once(
     assert [e["id"] for e in events] == [str(versioning.versioned_event_id(dataset,
                                                                            report.version))]
     assert events[0]["payload"]["version"] == report.version
+
+
+AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
+GH_TOKEN = "ghp_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"
+MAIL = "jane.doe@example.org"
+
+
+def test_exclusions_never_store_a_secret_whatever_the_drop_reason(prefect_harness, s3,
+                                                                  labelstudio):
+    """Issue #10 item 6: rows dropped for another reason than the scan (and export-stage
+    exclusions, which copy the prompt) still go through it before exclusions.jsonl is stored."""
+    tasks = [{"data": {"prompt": f"Which colour is fruit number {i}, in one sentence?"},
+              "annotations": [annotation(f"Fruit number {i} is coloured shade {i * 5}.")]}
+             for i in range(5)]
+    tasks += [
+        {"data": {"prompt": f"Repeat {AWS_KEY}"},  # echoed: response_equals_prompt
+         "annotations": [annotation(f"Repeat {AWS_KEY}")]},
+        {"data": {"prompt": "Write to whom?"},  # far too long: too_long_chars
+         "annotations": [annotation(f"Write to {MAIL}. " + "blah " * 60)]},
+        {"data": {"prompt": f"Token {GH_TOKEN}?"},  # empty answer: empty_response
+         "annotations": [annotation("  ")]},
+        {"data": {"prompt": f"Mail {MAIL} and use {GH_TOKEN}"},  # export stage: other widget
+         "annotations": [annotation(None, result=[textarea(["x"], from_name="comment")])]},
+    ]
+    p = make_project(labelstudio, unique("t-pii"), tasks)
+    try:
+        report = build_dataset(BuildParams(project=str(p.id), dataset="pii", bucket=s3.bucket,
+                                           filters={"max_chars": 200}))
+    finally:
+        labelstudio.projects.delete(id=p.id)
+    filters = report.counts["filters"]
+    assert filters["dropped:response_equals_prompt"] == 1
+    assert filters["dropped:too_long_chars"] == 1 and filters["dropped:empty_response"] == 1
+    assert filters["kept"] == 5 and report.counts["export"]["excluded:unknown_from_name"] == 1
+    m = versioning.load_manifest(s3, "pii", report.version)
+    ex = m.files_of("exclusions")[0]
+    stored = s3.get_bytes(versioning.file_key(m, ex.path))[0].decode()
+    assert ex.rows == 4 and len(stored.splitlines()) == 4
+    for secret in (AWS_KEY, GH_TOKEN, MAIL):
+        assert secret not in stored
+    assert "[AWS_ACCESS_KEY]" in stored and "[EMAIL]" in stored and "[GITHUB_TOKEN]" in stored
