@@ -13,8 +13,10 @@ Layout under ``s3://<bucket>/<prefix>/<dataset>/`` (the *dataset root*)::
     refs/announced/<version>                empty: the version's ``dataset.versioned`` event
                                             was emitted (written after the emission)
 
-Commit protocol: (1) upload shards (HEAD first, skip the ones that exist) and the version's
-own files, (2) write ``manifest.json`` with ``If-None-Match: *``, (3) move ``refs/latest`` with
+Commit protocol: (1) upload shards (even when they exist: the same bytes, a refreshed age for
+``gc``) and the version's own files, (2) write ``manifest.json`` with ``If-None-Match: *`` and
+check that every file it lists exists (put back what a concurrent ``gc`` deleted), (3) move
+``refs/latest`` with
 ``If-Match`` on its ETag, re-reading and retrying on 412. Readers trust only refs and
 manifests and verify checksums, so a crash before (2) leaves unreferenced objects (``gc``
 removes them) and a crash between (2) and (3) leaves a complete version that a rerun points
@@ -798,14 +800,29 @@ def local_path(f: FileEntry) -> str:
     return name
 
 
+def _inside(dest: Path, relative: str, manifest: Manifest) -> Path:
+    """``dest / relative``, refused unless it resolves inside ``dest``."""
+    base = dest.resolve()
+    out = dest / relative
+    if not out.resolve().is_relative_to(base) or out.resolve() == base:
+        raise SftflowError(
+            f"{manifest.dataset}@{manifest.version}: file {relative!r} resolves outside "
+            f"{dest} ({out.resolve()}); nothing was downloaded"
+        )
+    return out
+
+
 def pull_version(s3: S3, dataset: str, version: str | None, dest: str | Path, *,
                  prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
-    """Download a version into ``dest`` (checksums verified, files written atomically)."""
+    """Download a version into ``dest`` (checksums verified, files written atomically).
+    Every file's destination must resolve inside ``dest`` (symlinks followed), or nothing is
+    downloaded (SftflowError naming the file)."""
     manifest = load_manifest(s3, dataset, version, verify=False, prefix=prefix)
     dest = Path(dest)
+    targets = {f.path: _inside(dest, local_path(f), manifest) for f in manifest.files}
 
     def fetch(f: FileEntry) -> int:
-        out = dest / local_path(f)
+        out = targets[f.path]
         if (out.is_file() and out.stat().st_size == f.size
                 and sha256_hex(out.read_bytes()) == f.sha256):
             return 0
@@ -820,7 +837,7 @@ def pull_version(s3: S3, dataset: str, version: str | None, dest: str | Path, *,
 
     with ThreadPoolExecutor(8) as pool:
         downloaded = sum(pool.map(fetch, manifest.files))
-    (dest / "manifest.json").write_bytes(manifest.to_json())
+    _inside(dest, "manifest.json", manifest).write_bytes(manifest.to_json())
     return {"dataset": dataset, "version": manifest.version, "dir": str(dest),
             "files": len(manifest.files), "bytes_downloaded": downloaded}
 
