@@ -88,7 +88,8 @@ class BuildParams(BaseModel):
         None, ge=1, description="Rows per Parquet shard (empty: settings.datasets.shard_rows)."
     )
     export_timeout_s: float = Field(
-        900.0, gt=0, description="Deadline for Label Studio to finish the export snapshot."
+        900.0, gt=0, description="One deadline for the export snapshot: its creation (retries "
+        "included) and Label Studio finishing it."
     )
     keep_snapshot: bool = Field(
         False, description="Keep the export snapshot on the Label Studio server afterwards."
