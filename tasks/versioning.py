@@ -402,7 +402,7 @@ class CommitResult:
     latest: str | None  # refs/latest afterwards
     parent: str | None
     rows: dict[str, int] = field(default_factory=dict)
-    bytes_written: int = 0  # bytes this run uploaded (skipped, existing objects not counted)
+    bytes_written: int = 0  # bytes of new objects this run uploaded (refreshed, existing ones not counted)
     bytes_total: int = 0  # bytes of every file the version lists
     shards_written: int = 0
     shards_reused: int = 0
@@ -419,9 +419,11 @@ def _sort_key(row: SftRow) -> tuple:
 def _put_fresh(s3: S3, key: str, data: bytes, content_type: str) -> int:
     """Upload a content-addressed object even when it exists (same key, same bytes): the put
     refreshes its age, so ``gc`` (which keeps objects younger than its min age) does not
-    collect an orphan of a crashed run that this commit is about to reference."""
+    collect an orphan of a crashed run that this commit is about to reference. Returns the
+    bytes of new content (0 for an object that existed: a refresh, not new data)."""
+    existed = s3.head(key) is not None
     s3.put_bytes(key, data, content_type=content_type)
-    return len(data)
+    return 0 if existed else len(data)
 
 
 def _put_immutable(s3: S3, key: str, data: bytes, content_type: str) -> tuple[bytes, int]:
