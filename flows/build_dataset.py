@@ -14,7 +14,10 @@ manifest, ``refs/latest`` CAS).
 Outputs: ``s3://<bucket>/<datasets.prefix>/<dataset>/versions/<version>/manifest.json`` and
 the files it lists; artifacts (counts table, version link, dedup examples); the event
 ``sftflow.dataset.versioned`` {dataset, version, project_id, rows_train, rows_eval, created},
-emitted only when a new version was committed (so the fine-tune trigger does not refire).
+with the version's deterministic event id, emitted when the version is ``refs/latest`` and its
+event was not recorded yet (``refs/announced/<version>``, written after the emission): a
+retry or a rerun after a crash past the manifest or the ref still announces it, Prefect drops a
+repeat of the id, and an unchanged rebuild of an announced version stays quiet.
 
 Idempotency: the version id is a hash of the rows and the build config, so rebuilding
 unchanged annotations writes nothing and returns the existing version. A crash at any point
@@ -85,7 +88,8 @@ class BuildParams(BaseModel):
         None, ge=1, description="Rows per Parquet shard (empty: settings.datasets.shard_rows)."
     )
     export_timeout_s: float = Field(
-        900.0, gt=0, description="Deadline for Label Studio to finish the export snapshot."
+        900.0, gt=0, description="One deadline for the export snapshot: its creation (retries "
+        "included) and Label Studio finishing it."
     )
     keep_snapshot: bool = Field(
         False, description="Keep the export snapshot on the Label Studio server afterwards."
@@ -128,6 +132,7 @@ class BuildReport(BaseModel):
         self.counts["commit"] = {
             "shards_written": result.shards_written, "shards_reused": result.shards_reused,
             "cas_retries": result.cas_retries, "superseded_by": result.superseded_by,
+            "parent_missing": len(result.parent_missing), "repaired": len(result.repaired),
         }
         self.bytes_written, self.bytes_total = result.bytes_written, result.bytes_total
         self.uri = uri
@@ -206,12 +211,14 @@ def build_dataset(params: BuildParams) -> BuildReport:
     root = versioning.dataset_root(prefix, params.dataset)
     report.record_commit(result, s3.uri(f"{root}/versions/{result.version}/manifest.json"))
     logger.info(report.message)
-    _publish(params, report, split.stats)
+    _publish(s3, prefix, params, report, split.stats)
     return report
 
 
-def _publish(params: BuildParams, report: BuildReport, dedup_stats: dict[str, Any]) -> None:
-    """The counts and version artifacts; the ``dataset.versioned`` event for a new version."""
+def _publish(s3: S3, prefix: str, params: BuildParams, report: BuildReport,
+             dedup_stats: dict[str, Any]) -> None:
+    """The counts and version artifacts; the ``dataset.versioned`` event, once per version
+    (deterministic id; recorded under ``refs/announced/``), when it is ``refs/latest``."""
     create_table_artifact(build.counts_table(report.counts),
                           key=artifact_key("dataset", params.dataset, "counts"),
                           description=f"{params.dataset}@{report.version}: kept and dropped")
@@ -219,8 +226,9 @@ def _publish(params: BuildParams, report: BuildReport, dedup_stats: dict[str, An
                                                     dedup_stats.get("examples", [])),
                              key=artifact_key("dataset", params.dataset, "version"),
                              description=f"dataset version {report.version}")
-    if not report.created:
-        return  # an unchanged rebuild is not a new version: downstream triggers stay quiet
+    if not versioning.should_announce(s3, params.dataset, report.version, report.latest,
+                                      prefix=prefix):
+        return  # not refs/latest, or already announced: downstream triggers stay quiet
     emit_event(
         event=events.DATASET_VERSIONED,
         resource=events.dataset_resource(params.dataset),
@@ -229,7 +237,9 @@ def _publish(params: BuildParams, report: BuildReport, dedup_stats: dict[str, An
             "rows_train": report.rows.get("train", 0), "rows_eval": report.rows.get("eval", 0),
             "created": report.created,
         },
+        id=versioning.versioned_event_id(params.dataset, report.version),
     )
+    versioning.mark_announced(s3, params.dataset, report.version, prefix=prefix)
 
 
 def build_dataset_on(dask_address: str | None = None, **dask_kwargs: Any):

@@ -5,10 +5,13 @@ webhooks that were lost: they have a 1 s timeout and no retries), or the Prefect
 Inputs: ``CheckParams`` (project, dataset, threshold, the build deployment's name).
 Outputs: a ``CheckReport`` and a table artifact; when the threshold is reached, a flow run of
 the build-dataset deployment (``run_deployment``, not waited for).
-Idempotency: the build run is created with an idempotency key per threshold crossing
-(project, dataset, baseline version, threshold), so checks repeated before the build has
-committed a new version create no second run. One Label Studio API call and two small S3
-reads per check.
+Idempotency: one build run at a time per threshold crossing (project, dataset, baseline
+version, threshold). While the crossing's latest build run is scheduled, pending or running,
+checks reuse it and create no second run; once it ended without moving the baseline (failed,
+crashed, cancelled, or completed with nothing new to commit) the next check starts the next
+attempt, keyed ``<crossing>:attempt-<n>`` (``tasks/crossings.py``), so a failed or empty
+build never silences the schedule. Racing checks compute the same key: Prefect creates one
+run. One Label Studio API call, two small S3 reads and two Prefect API reads per check.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from prefect.deployments import run_deployment
 from pydantic import BaseModel, Field
 
 from sftflow.tasks.clients import Clients
+from sftflow.tasks.crossings import find_attempt_task
 from sftflow.tasks.labelstudio import require_project
 from sftflow.tasks.labelstudio.counters import CountMode, ProjectCounters, Threshold, progress
 from sftflow.tasks.versioning import load_baseline_task
@@ -45,10 +49,11 @@ class CheckReport(BaseModel):
     baseline_version: str | None
     idempotency_key: str | None = None
     build_flow_run_id: str | None = None
+    attempt: int | None = None
 
 
 def crossing_key(project_id: int, params: CheckParams, baseline_version: str | None) -> str:
-    """The build run's idempotency key: one per threshold crossing."""
+    """The crossing's key: its first build attempt's idempotency key."""
     return ":".join(
         str(x) for x in ("build", project_id, params.dataset, baseline_version, params.count,
                          params.min_annotations_per_task, params.min_new)
@@ -72,12 +77,13 @@ def check_annotations(params: CheckParams) -> CheckReport:
         min_new=p.min_new, baseline_version=version,
     )
     if p.reached:
-        report.idempotency_key = crossing_key(p.project_id, params, version)
+        attempt = find_attempt_task(params.build_deployment,
+                                    crossing_key(p.project_id, params, version))
+        report.idempotency_key, report.attempt = attempt.key, attempt.number
         run = run_deployment(
             params.build_deployment,
             parameters={"params": {"project": str(p.project_id), "dataset": params.dataset}},
-            idempotency_key=report.idempotency_key,
-            timeout=0,
+            idempotency_key=attempt.key, tags=[attempt.tag], timeout=0,
         )
         report.build_flow_run_id = str(run.id)
         logger.info("%s: build run %s (%s)", p.describe(), run.name, run.id)

@@ -1,7 +1,10 @@
 """Row filters and the PII / secret scan: pure functions over lists of ``SftRow``.
 
 Every dropped row comes back as an exclusion with its reason, every decision is counted, so
-the build can report what it kept and why it dropped the rest. ``filter_rows`` is applied per
+the build can report what it kept and why it dropped the rest. Exclusions are stored with the
+version, so their text is always scanned and redacted (``redact_exclusion``, also applied by
+the writer to the export stage's exclusions), whatever the drop reason and the scan policies;
+the scan policies decide only what happens to kept rows. ``filter_rows`` is applied per
 shard (a Prefect task mapped over shards by the build flow).
 
 Token counts are approximate: UTF-8 bytes / 4, which is close to BPE tokenisers for English
@@ -176,14 +179,26 @@ def filter_rows(rows: list[SftRow], cfg: FilterConfig) -> FilterResult:
             "task_id": row.get("task_id"), "annotation_id": row.get("annotation_id"),
             "prompt": row["prompt"], "completion": row["completion"],
         }
-        if reason.startswith(("pii:", "secret:")):
-            # The exclusions file is stored with the dataset: never copy the secret into it.
-            for name in ("prompt", "completion"):
-                hits = find_sensitive(excluded[name], {**SECRET_PATTERNS, **PII_PATTERNS})
-                excluded[name] = redact(excluded[name], hits)
-        out.excluded.append(excluded)
+        out.excluded.append(redact_exclusion(excluded))
     out.counts["kept"] += len(out.kept)
     return out
+
+
+_ALL_PATTERNS = {**SECRET_PATTERNS, **PII_PATTERNS}
+_TEXT_FIELDS = ("prompt", "completion", "detail")
+
+
+def redact_exclusion(ex: Exclusion) -> Exclusion:
+    """``ex`` with every secret and PII match in its text fields redacted, whatever its drop
+    reason and the scan policies: exclusions are stored with the version (a copy)."""
+    out = dict(ex)
+    for name in _TEXT_FIELDS:
+        text = out.get(name)
+        if isinstance(text, str) and text:
+            hits = find_sensitive(text, _ALL_PATTERNS)
+            if hits:
+                out[name] = redact(text, hits)
+    return out  # type: ignore[return-value]
 
 
 #: ``filter_rows`` as a Prefect task, mapped over shards by the build flow.

@@ -92,7 +92,11 @@ def trl_jsonl(rows: Iterable[SftRow]) -> bytes:
 
 
 def exclusions_jsonl(rows: Iterable[Exclusion]) -> bytes:
-    return _jsonl(rows)
+    """The version's ``exclusions.jsonl``: every secret and PII match in the text redacted
+    (export-stage exclusions copy the raw prompt; filter drops for any reason keep theirs)."""
+    from sftflow.tasks.filters import redact_exclusion
+
+    return _jsonl(redact_exclusion(r) for r in rows)
 
 
 def _yaml_str(s: str) -> str:

@@ -10,9 +10,13 @@ Layout under ``s3://<bucket>/<prefix>/<dataset>/`` (the *dataset root*)::
     versions/<version>/manifest.json        the version: files + sha256 + sizes + rows, ...
     refs/latest                             text: a version id (moved with If-Match CAS)
     refs/tags/<tag>                         text: a version id
+    refs/announced/<version>                empty: the version's ``dataset.versioned`` event
+                                            was emitted (written after the emission)
 
-Commit protocol: (1) upload shards (HEAD first, skip the ones that exist) and the version's
-own files, (2) write ``manifest.json`` with ``If-None-Match: *``, (3) move ``refs/latest`` with
+Commit protocol: (1) upload shards (even when they exist: the same bytes, a refreshed age for
+``gc``) and the version's own files, (2) write ``manifest.json`` with ``If-None-Match: *`` and
+check that every file it lists exists (put back what a concurrent ``gc`` deleted), (3) move
+``refs/latest`` with
 ``If-Match`` on its ETag, re-reading and retrying on 412. Readers trust only refs and
 manifests and verify checksums, so a crash before (2) leaves unreferenced objects (``gc``
 removes them) and a crash between (2) and (3) leaves a complete version that a rerun points
@@ -33,13 +37,16 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import posixpath
 import re
+import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -56,16 +63,18 @@ from pydantic import (
 
 from sftflow.core.clock import utc_now, utc_now_iso
 from sftflow.core.errors import SftflowError
+from sftflow.core.failpoints import failpoint
 from sftflow.core.hashing import config_hash, sha256_hex
 from sftflow.core.settings import DatasetSettings
 from sftflow.tasks import formats
 from sftflow.tasks._prefect import io_task
 from sftflow.tasks.polling import Backoff, retry
-from sftflow.tasks.storage import S3, PreconditionFailed
+from sftflow.tasks.storage import S3, ObjectInfo, PreconditionFailed
 
 if TYPE_CHECKING:
     from sftflow.tasks.labelstudio.export import Exclusion, SftRow
 
+log = logging.getLogger(__name__)
 DEFAULT_PREFIX: str = DatasetSettings.model_fields["prefix"].default
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SPLITS = ("train", "eval")
@@ -236,6 +245,33 @@ def list_tags(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX) -> dict[str
     return out
 
 
+def versioned_event_id(dataset: str, version: str) -> uuid.UUID:
+    """The ``dataset.versioned`` event's id for a version: the same for every emission, so
+    Prefect's trigger service drops a repeated one (a retry or a rerun after a crash)."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"sftflow:dataset.versioned:{dataset}@{version}")
+
+
+def _announced_key(root: str, version: str) -> str:
+    return f"{root}/refs/announced/{check_name('version', version)}"
+
+
+def should_announce(s3: S3, dataset: str, version: str, latest: str | None, *,
+                    prefix: str = DEFAULT_PREFIX) -> bool:
+    """Whether a build of ``version`` emits ``dataset.versioned``: the version is
+    ``refs/latest`` (this run moved it there, or found it there after a crash) and its event
+    was not recorded as emitted. An unchanged rebuild of an announced version stays quiet; a
+    version left behind a newer snapshot's is never announced."""
+    if latest != version:
+        return False
+    return s3.head(_announced_key(dataset_root(prefix, dataset), version)) is None
+
+
+def mark_announced(s3: S3, dataset: str, version: str, *, prefix: str = DEFAULT_PREFIX) -> None:
+    """Record that ``version``'s event was emitted (after emitting it)."""
+    s3.put_bytes(_announced_key(dataset_root(prefix, dataset), version), b"",
+                 content_type="text/plain")
+
+
 def resolve(s3: S3, dataset: str, version: str | None, *, prefix: str = DEFAULT_PREFIX) -> str:
     """A version id from None (latest), a tag or an id; clear error when there is none."""
     root = dataset_root(prefix, dataset)
@@ -366,38 +402,45 @@ class CommitResult:
     latest: str | None  # refs/latest afterwards
     parent: str | None
     rows: dict[str, int] = field(default_factory=dict)
-    bytes_written: int = 0  # bytes this run uploaded (skipped, existing objects not counted)
+    bytes_written: int = 0  # bytes of new objects this run uploaded (refreshed, existing ones not counted)
     bytes_total: int = 0  # bytes of every file the version lists
     shards_written: int = 0
     shards_reused: int = 0
     cas_retries: int = 0
     superseded_by: str | None = None  # refs/latest was left on a version from a newer snapshot
+    parent_missing: list[str] = field(default_factory=list)  # parent files gone (not reused)
+    repaired: list[str] = field(default_factory=list)  # files gone after the manifest, re-put
 
 
 def _sort_key(row: SftRow) -> tuple:
     return (row["split"], row["prompt_id"], row["task_id"], row["annotation_id"], row["row_hash"])
 
 
-def _put_if_absent(s3: S3, key: str, data: bytes, content_type: str) -> int:
-    """Upload unless the object exists (content-addressed keys). Returns bytes uploaded."""
-    if s3.head(key) is not None:
-        return 0
-    try:
-        s3.put_bytes(key, data, if_none_match=True, content_type=content_type)
-    except PreconditionFailed:
-        return 0
-    return len(data)
+def _put_fresh(s3: S3, key: str, data: bytes, content_type: str) -> int:
+    """Upload a content-addressed object even when it exists (same key, same bytes): the put
+    refreshes its age, so ``gc`` (which keeps objects younger than its min age) does not
+    collect an orphan of a crashed run that this commit is about to reference. Returns the
+    bytes of new content (0 for an object that existed: a refresh, not new data)."""
+    existed = s3.head(key) is not None
+    s3.put_bytes(key, data, content_type=content_type)
+    return 0 if existed else len(data)
 
 
-def _put_immutable(s3: S3, key: str, data: bytes, content_type: str) -> tuple[str, int, int]:
+def _put_immutable(s3: S3, key: str, data: bytes, content_type: str) -> tuple[bytes, int]:
     """Create ``key`` once; when it exists already (an earlier, crashed run of the same
-    version), keep it and describe what is there. Returns (sha256, size, bytes uploaded)."""
+    version), keep its content and describe what is there. The existing object is put back
+    (``If-Match`` its ETag: a concurrent writer's content is never replaced) to refresh its
+    age for ``gc``. Returns (the bytes stored, bytes uploaded)."""
     try:
         s3.put_bytes(key, data, if_none_match=True, content_type=content_type)
-        return sha256_hex(data), len(data), len(data)
+        return data, len(data)
     except PreconditionFailed:
-        existing, _ = s3.get_bytes(key)
-        return sha256_hex(existing), len(existing), 0
+        existing, etag = s3.get_bytes(key)
+        try:
+            s3.put_bytes(key, existing, if_match=etag, content_type=content_type)
+        except PreconditionFailed:  # rewritten meanwhile: describe what is there now
+            existing, _ = s3.get_bytes(key)
+        return existing, 0
 
 
 def _shard_row_hashes(s3: S3, key: str) -> list[str]:
@@ -405,24 +448,38 @@ def _shard_row_hashes(s3: S3, key: str) -> list[str]:
     return pq.read_table(io.BytesIO(data), columns=["row_hash"]).column(0).to_pylist()
 
 
+def _reusable(s3: S3, parent: Manifest, f: FileEntry) -> list[str] | None:
+    """The row hashes of a parent shard, or None when it or one of its JSONL copies is gone."""
+    try:
+        hashes = _shard_row_hashes(s3, parent.key(f.path))
+    except KeyError:
+        return None
+    if any(s3.head(parent.key(c.path)) is None for c in _companions(parent, f.sha256)):
+        return None
+    return hashes
+
+
 def plan_shards(
     s3: S3, rows: Sequence[SftRow], parent: Manifest | None, shard_rows: int,
-) -> tuple[list[FileEntry], list[list[SftRow]]]:
+) -> tuple[list[FileEntry], list[list[SftRow]], list[str]]:
     """Which parent shards the new version can reuse whole, and the leftover rows cut into
     new shards. A parent shard is reused when every row in it is still in the version with
-    the same split; small parent shards are merged into the new ones (bounded fragmentation).
-    Returns (reused parquet file entries, new shards as sorted row lists)."""
+    the same split and its files all exist; small parent shards are merged into the new ones
+    (bounded fragmentation). Returns (reused parquet file entries, new shards as sorted row
+    lists, paths of parent shards found missing: their rows are written anew)."""
     by_hash = {r["row_hash"]: r for r in rows}
     remaining = set(by_hash)
     reused: list[FileEntry] = []
+    missing: list[str] = []
     if parent:
         candidates = [f for f in parent.files_of("parquet")
                       if f.rows >= max(1, shard_rows // MERGE_BELOW)]
         with ThreadPoolExecutor(8) as pool:
-            hashes = list(pool.map(lambda f: _shard_row_hashes(s3, parent.key(f.path)),
-                                   candidates))
+            hashes = list(pool.map(lambda f: _reusable(s3, parent, f), candidates))
         for f, hs in zip(candidates, hashes, strict=True):
-            if hs and all(h in remaining and by_hash[h]["split"] == f.split for h in hs):
+            if hs is None:
+                missing.append(f.path)
+            elif hs and all(h in remaining and by_hash[h]["split"] == f.split for h in hs):
                 reused.append(f)
                 remaining.difference_update(hs)
     leftover = sorted((by_hash[h] for h in remaining), key=_sort_key)
@@ -430,7 +487,7 @@ def plan_shards(
     for split in SPLITS:
         part = [r for r in leftover if r["split"] == split]
         shards += [part[i:i + shard_rows] for i in range(0, len(part), shard_rows)]
-    return reused, shards
+    return reused, shards, missing
 
 
 def _companions(parent: Manifest | None, parquet_sha: str) -> list[FileEntry]:
@@ -534,10 +591,15 @@ def commit_version(
     and move ``refs/latest`` to it. Idempotent: the same rows and config give the same version,
     and a rerun after a crash at any point completes the commit.
 
-    ``hook(step)`` is called after each step (``shard``, ``files``, ``manifest``, ``ref``) so
-    tests can stop the process exactly there."""
+    ``hook(step)`` and the failpoint ``versioning.after-<step>`` are called after each step
+    (``shard``, ``files``, ``manifest``, ``ref``) so tests can stop the process exactly there."""
     root = dataset_root(prefix, dataset)
-    step = hook or (lambda _step: None)
+
+    def step(name: str) -> None:
+        if hook:
+            hook(name)
+        failpoint(f"versioning.after-{name}")
+
     cfg_hash = config_hash(config)
     vid = version_id((r["row_hash"] for r in rows), cfg_hash)
     counts = Counter(r["split"] for r in rows)
@@ -547,6 +609,7 @@ def commit_version(
 
     if s3.head(mkey) is not None:  # a rebuild of the same content, or a rerun past the manifest
         existing = _read_manifest(s3, root, dataset, vid)
+        _require_files(s3, existing)
         moved, latest, retries, sup = advance_latest(s3, root, vid, snapshot_at, hook=hook)
         step("ref")
         return CommitResult(
@@ -561,24 +624,32 @@ def commit_version(
     if parent_id:
         try:
             parent = load_manifest(s3, dataset, parent_id, verify=False, prefix=prefix)
-        except SftflowError:
-            parent = None  # unreadable parent: build everything fresh, never fail the build
-    reused, new_shards = plan_shards(s3, rows, parent, shard_rows)
+        except SftflowError as err:
+            log.warning("parent %s@%s unreadable, building every shard anew: %s",
+                        dataset, parent_id, err)
+    reused, new_shards, parent_missing = plan_shards(s3, rows, parent, shard_rows)
+    if parent_missing:
+        log.warning("parent %s@%s: %d shard(s) missing, their rows are written anew: %s",
+                    dataset, parent_id, len(parent_missing), ", ".join(parent_missing[:5]))
 
     files: list[FileEntry] = []
     written = 0
     for f in reused:
         files += [f, *_companions(parent, f.sha256)]
+    own: dict[str, Callable[[], tuple[bytes, str]]] = {}  # what this run can re-put, by path
 
     def write_shard(shard: list[SftRow]) -> tuple[list[FileEntry], int]:
         parts = _shard_files(shard, system_prompt)
         return [e for e, _, _ in parts], sum(
-            _put_if_absent(s3, f"{root}/{e.path}", data, ctype) for e, data, ctype in parts)
+            _put_fresh(s3, f"{root}/{e.path}", data, ctype) for e, data, ctype in parts)
 
     with ThreadPoolExecutor(4) as pool:
-        for entries, n in pool.map(write_shard, new_shards):
+        for shard, (entries, n) in zip(new_shards, pool.map(write_shard, new_shards),
+                                       strict=True):
             files += entries
             written += n
+            for e in entries:
+                own[e.path] = partial(_shard_bytes, shard, system_prompt, e.path)
             step("shard")
 
     split_order = {s: i for i, s in enumerate(SPLITS)}
@@ -586,18 +657,19 @@ def commit_version(
     sizes = {s: sum(f.size for f in files if f.split == s and f.format == "parquet")
              for s in SPLITS}
 
-    ex_data = formats.exclusions_jsonl(exclusions)
-    sha, size, n = _put_immutable(s3, f"{root}/versions/{vid}/exclusions.jsonl", ex_data,
-                                  "application/jsonl")
-    written += n
-    files.append(FileEntry(path=f"versions/{vid}/exclusions.jsonl", split=None,
-                           format="exclusions", sha256=sha, size=size, rows=len(exclusions)))
     card = formats.dataset_card(dataset=dataset, version=vid, rows=row_counts, sizes=sizes,
                                 stats=stats, source=source, config=config).encode()
-    sha, size, n = _put_immutable(s3, f"{root}/versions/{vid}/README.md", card, "text/markdown")
-    written += n
-    files.append(FileEntry(path=f"versions/{vid}/README.md", split=None, format="card",
-                           sha256=sha, size=size, rows=0))
+    for name, fmt, data, ctype, n_rows in (
+        ("exclusions.jsonl", "exclusions", formats.exclusions_jsonl(exclusions),
+         "application/jsonl", len(exclusions)),
+        ("README.md", "card", card, "text/markdown", 0),
+    ):
+        path = f"versions/{vid}/{name}"
+        stored, n = _put_immutable(s3, f"{root}/{path}", data, ctype)
+        written += n
+        own[path] = partial(lambda b, c: (b, c), stored, ctype)
+        files.append(FileEntry(path=path, split=None, format=fmt, sha256=sha256_hex(stored),
+                               size=len(stored), rows=n_rows))
     step("files")
 
     manifest = Manifest(
@@ -614,6 +686,7 @@ def commit_version(
         created = False
         manifest = _read_manifest(s3, root, dataset, vid)
     step("manifest")
+    repaired = _repair_files(s3, manifest, own)
     moved, latest, retries, sup = advance_latest(s3, root, vid, snapshot_at, hook=hook)
     step("ref")
     return CommitResult(
@@ -621,8 +694,51 @@ def commit_version(
         parent=manifest.parent, rows=row_counts, bytes_written=written,
         bytes_total=sum(f.size for f in manifest.files),
         shards_written=len(new_shards), shards_reused=len(reused), cas_retries=retries,
-        superseded_by=sup,
+        superseded_by=sup, parent_missing=parent_missing, repaired=repaired,
     )
+
+
+def _shard_bytes(shard: list[SftRow], system_prompt: str | None, path: str) -> tuple[bytes, str]:
+    """One of a new shard's files again (for a repair): its bytes and content type."""
+    return next((data, ctype) for e, data, ctype in _shard_files(shard, system_prompt)
+                if e.path == path)
+
+
+def _missing_files(s3: S3, manifest: Manifest) -> list[FileEntry]:
+    with ThreadPoolExecutor(8) as pool:
+        gone = list(pool.map(lambda f: s3.head(manifest.key(f.path)) is None, manifest.files))
+    return [f for f, g in zip(manifest.files, gone, strict=True) if g]
+
+
+def _require_files(s3: S3, manifest: Manifest) -> None:
+    """Refuse to point ``refs/latest`` at a version whose files are not all there."""
+    missing = _missing_files(s3, manifest)
+    if missing:
+        raise SftflowError(
+            f"{manifest.dataset}@{manifest.version}: {len(missing)} file(s) its manifest lists "
+            f"are missing (first: {s3.uri(manifest.key(missing[0].path))}); refs/latest was "
+            "not moved. Delete the version's manifest (it is not referenced) and rebuild."
+        )
+
+
+def _repair_files(s3: S3, manifest: Manifest,
+                  own: Mapping[str, Callable[[], tuple[bytes, str]]]) -> list[str]:
+    """After the manifest is written and before ``refs/latest`` moves: every listed file
+    must exist (a ``gc`` that listed before the manifest existed may have deleted one).
+    Files this run wrote are put back; any other missing file is a clear error."""
+    repaired = []
+    for f in _missing_files(s3, manifest):
+        if f.path not in own:
+            _require_files(s3, manifest)  # raises, naming the first missing file
+        data, ctype = own[f.path]()
+        if sha256_hex(data) != f.sha256:
+            _require_files(s3, manifest)
+        s3.put_bytes(manifest.key(f.path), data, content_type=ctype)
+        repaired.append(f.path)
+    if repaired:
+        log.warning("%s@%s: %d file(s) were deleted during the commit, put back: %s",
+                    manifest.dataset, manifest.version, len(repaired), ", ".join(repaired[:5]))
+    return repaired
 
 
 # -- readers: diff, pull, gc ---------------------------------------------------------------------
@@ -686,14 +802,29 @@ def local_path(f: FileEntry) -> str:
     return name
 
 
+def _inside(dest: Path, relative: str, manifest: Manifest) -> Path:
+    """``dest / relative``, refused unless it resolves inside ``dest``."""
+    base = dest.resolve()
+    out = dest / relative
+    if not out.resolve().is_relative_to(base) or out.resolve() == base:
+        raise SftflowError(
+            f"{manifest.dataset}@{manifest.version}: file {relative!r} resolves outside "
+            f"{dest} ({out.resolve()}); nothing was downloaded"
+        )
+    return out
+
+
 def pull_version(s3: S3, dataset: str, version: str | None, dest: str | Path, *,
                  prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
-    """Download a version into ``dest`` (checksums verified, files written atomically)."""
+    """Download a version into ``dest`` (checksums verified, files written atomically).
+    Every file's destination must resolve inside ``dest`` (symlinks followed), or nothing is
+    downloaded (SftflowError naming the file)."""
     manifest = load_manifest(s3, dataset, version, verify=False, prefix=prefix)
     dest = Path(dest)
+    targets = {f.path: _inside(dest, local_path(f), manifest) for f in manifest.files}
 
     def fetch(f: FileEntry) -> int:
-        out = dest / local_path(f)
+        out = targets[f.path]
         if (out.is_file() and out.stat().st_size == f.size
                 and sha256_hex(out.read_bytes()) == f.sha256):
             return 0
@@ -708,38 +839,64 @@ def pull_version(s3: S3, dataset: str, version: str | None, dest: str | Path, *,
 
     with ThreadPoolExecutor(8) as pool:
         downloaded = sum(pool.map(fetch, manifest.files))
-    (dest / "manifest.json").write_bytes(manifest.to_json())
+    _inside(dest, "manifest.json", manifest).write_bytes(manifest.to_json())
     return {"dataset": dataset, "version": manifest.version, "dir": str(dest),
             "files": len(manifest.files), "bytes_downloaded": downloaded}
+
+
+def _referenced(s3: S3, root: str, manifest_keys: Iterable[str]) -> set[str]:
+    """The object keys the manifests at ``manifest_keys`` reference (themselves included),
+    located under ``root``, the root being collected, never the root written in a manifest."""
+    out = set()
+    for key in manifest_keys:
+        m = Manifest.parse(s3.get_bytes(key)[0], root=root, where=s3.uri(key))
+        out.add(key)
+        out.update(m.key(f.path) for f in m.files)
+    return out
+
+
+def _manifest_keys(s3: S3, root: str) -> set[str]:
+    return {o.key for o in s3.list(f"{root}/versions/") if o.key.endswith("/manifest.json")}
 
 
 def gc(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX, dry_run: bool = True,
        min_age_s: float = 3600.0) -> dict[str, Any]:
     """Objects under the dataset root that no manifest and no ref references, older than
-    ``min_age_s`` (so a commit in progress keeps its fresh uploads). Deleted unless dry run.
-    A manifest that does not validate stops the collection (nothing is deleted)."""
+    ``min_age_s``. Deleted unless dry run. A manifest that does not validate stops the
+    collection (nothing is deleted). References resolve under the root collected.
+
+    Safe beside a build: a commit re-puts every object it is about to reference (its age
+    restarts), and right before deleting, gc re-reads the manifests (a commit may have written
+    one since the listing) and checks each candidate's age again. What is left, a build
+    writing its manifest within the instant between that check and the delete, is repaired by
+    the build's own check of its files after its manifest (``commit_version``)."""
     root = dataset_root(prefix, dataset)
     objects = list(s3.list(f"{root}/"))
-    manifests = [o.key for o in objects if o.key.endswith("/manifest.json")
-                 and o.key.startswith(f"{root}/versions/")]
-    referenced = set(manifests)
-    for key in manifests:
-        m = Manifest.parse(s3.get_bytes(key)[0], root=root, where=s3.uri(key))
-        referenced.update(m.key(f.path) for f in m.files)
+    manifests = {o.key for o in objects if o.key.endswith("/manifest.json")
+                 and o.key.startswith(f"{root}/versions/")}
+    referenced = _referenced(s3, root, manifests)
     cutoff = utc_now() - timedelta(seconds=min_age_s)
-    garbage = [
-        o for o in objects
-        if o.key not in referenced and not o.key.startswith(f"{root}/refs/")
-        and (o.last_modified is None or o.last_modified <= cutoff)
-    ]
+
+    def collectable(o: ObjectInfo) -> bool:
+        return (o.key not in referenced and not o.key.startswith(f"{root}/refs/")
+                and (o.last_modified is None or o.last_modified <= cutoff))
+
+    garbage = [o for o in objects if collectable(o)]
     young = [o for o in objects if o.key not in referenced and o not in garbage
              and not o.key.startswith(f"{root}/refs/")]
+    deleted = 0
     if not dry_run and garbage:
-        s3.delete(o.key for o in garbage)
+        failpoint("gc.before-delete")
+        referenced |= _referenced(s3, root, _manifest_keys(s3, root) - manifests)
+        cutoff = utc_now() - timedelta(seconds=min_age_s)
+        with ThreadPoolExecutor(8) as pool:
+            now = list(pool.map(lambda o: s3.head(o.key), garbage))
+        doomed = [o.key for o in now if o is not None and collectable(o)]
+        deleted = s3.delete(doomed) if doomed else 0
     return {
         "dataset": dataset, "dry_run": dry_run, "versions": len(manifests),
         "objects": len(objects), "unreferenced": len(garbage),
         "unreferenced_bytes": sum(o.size for o in garbage),
-        "kept_too_young": len(young), "deleted": 0 if dry_run else len(garbage),
+        "kept_too_young": len(young), "deleted": deleted,
         "keys": [o.key for o in garbage[:50]],
     }

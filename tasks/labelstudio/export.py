@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import codecs
 import json
+import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from typing import Any, BinaryIO, Literal, TypedDict
 from sftflow.core.errors import SftflowError
 from sftflow.tasks._prefect import compute_task, io_task
 from sftflow.tasks.labelstudio import PROMPT_NAME, RESPONSE_NAME
-from sftflow.tasks.polling import Backoff, wait_until
+from sftflow.tasks.polling import Backoff, is_transient, retry, wait_until
 from sftflow.tasks.prompts import prompt_id as compute_prompt_id
 
 AnnotationPolicy = Literal["latest", "ground_truth_first", "all"]
@@ -79,24 +81,69 @@ class Snapshot:
     md5: str | None = None
 
 
-@io_task(name="create-export-snapshot")
+def _snapshot_titled(client: Any, project_id: int, title: str) -> Any | None:
+    """The project's snapshot named ``title`` (made by a create whose answer was lost)."""
+    mine = [e for e in client.projects.exports.list(id=int(project_id))
+            if getattr(e, "title", None) == title]
+    return min(mine, key=lambda e: int(e.id)) if mine else None
+
+
+@io_task(name="create-export-snapshot", retries=0)  # one deadline: the retries are below
 def create_snapshot(
     client: Any, project_id: int, *, timeout_s: float = 900.0, poll_min_s: float = 0.5,
     poll_max_s: float = 10.0,
 ) -> Snapshot:
-    """Create an export snapshot and wait (backoff, deadline) until Label Studio completes it.
+    """Create an export snapshot and wait (backoff) until Label Studio completes it, all
+    within ``timeout_s``, retries included.
 
     Without a Redis queue Label Studio builds the snapshot inside the create request (about
-    60 s for 55k annotated tasks); with one, the loop below polls until it is done.
+    60 s for 55k annotated tasks), so that request is given what is left of the deadline as
+    its own timeout, not the client's per-request one. A create whose outcome is unknown (a
+    timeout, a lost answer, a 5xx) is not blindly repeated: the snapshot is made under a title
+    of its own, and the project's snapshots are searched for it before creating another.
     """
-    created = client.projects.exports.create(id=int(project_id), title="sftflow build")
+    deadline = time.monotonic() + timeout_s
+    title = f"sftflow build {uuid.uuid4().hex[:12]}"
+    tried = False
+
+    def left() -> float:
+        return deadline - time.monotonic()
+
+    def create() -> Any:
+        nonlocal tried
+        if tried and (found := _snapshot_titled(client, project_id, title)) is not None:
+            return found
+        if left() <= 0:
+            raise TimeoutError("no time left")
+        tried = True
+        return client.projects.exports.create(
+            id=int(project_id), title=title,
+            request_options={"timeout": max(left(), 1.0), "max_retries": 0},
+        )
+
+    try:
+        created = retry(create, attempts=20, backoff=Backoff(1.0, 30.0), timeout_s=timeout_s)
+    except Exception as err:
+        if not is_transient(err):
+            raise
+        raise SftflowError(
+            f"Label Studio export snapshot of project {project_id} not created within the "
+            f"{timeout_s:.0f} s export deadline ({type(err).__name__}: {err})"
+        ) from err
     export_id = int(created.id)
     info, asked = created, False
 
     def completed() -> bool:
         nonlocal info, asked
         if asked:  # the first look is at the create response itself
-            info = client.projects.exports.get(id=int(project_id), export_pk=export_id)
+            try:
+                info = client.projects.exports.get(
+                    id=int(project_id), export_pk=export_id,
+                    request_options={"timeout": max(min(left(), 60.0), 1.0)})
+            except Exception as err:
+                if is_transient(err):
+                    return False  # look again, within the deadline
+                raise
         asked = True
         if info.status == "failed":
             raise SftflowError(
@@ -104,10 +151,11 @@ def create_snapshot(
             )
         return info.status == "completed"
 
-    if not wait_until(completed, timeout_s=timeout_s, backoff=Backoff(poll_min_s, poll_max_s)):
+    if not wait_until(completed, timeout_s=max(left(), 0.0),
+                      backoff=Backoff(poll_min_s, poll_max_s)):
         raise SftflowError(
             f"Label Studio export snapshot {export_id} of project {project_id} not completed "
-            f"after {timeout_s:.0f} s (status {info.status!r})"
+            f"within the {timeout_s:.0f} s export deadline (status {info.status!r})"
         )
     created_at = getattr(info, "created_at", None) or getattr(created, "created_at", None)
     return Snapshot(

@@ -247,3 +247,37 @@ def test_a_finished_model_of_this_dataset_starts_drafting_and_others_do_not(pref
     assert [r.parameters["params"]["job"] for r in runs] == ["ft-mine"]
     assert runs[0].parameters["params"]["project"] == "7"
     assert runs[0].parameters["params"]["generator"] == "transformers"
+
+
+def _set_state(run_id: str, state) -> None:
+    """What the build's own end does to its run: the state it ended in, through the API."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, state, force=True)
+
+
+@pytest.mark.parametrize("ending", ["failed", "completed"])
+def test_a_crossing_whose_build_ended_without_a_version_gets_a_new_attempt(
+    labelstudio, deploy, projects, s3, ending
+):
+    """Issue #10 item 1: a build that failed, or completed without committing (the baseline
+    did not move), must not silence the schedule; an active attempt is never doubled."""
+    from prefect.states import Completed, Failed
+
+    p, task_ids = projects()
+    deployments = deploy()
+    params = CheckParams(project=p.title, dataset=DATASET, min_new=MIN_NEW, bucket=s3.bucket)
+    for task_id in task_ids[:MIN_NEW]:
+        annotate(labelstudio, task_id)
+    first = check_annotations(params)
+    assert check_annotations(params).build_flow_run_id == first.build_flow_run_id  # scheduled
+    _set_state(first.build_flow_run_id,
+               Failed(message="export failed") if ending == "failed" else Completed())
+    second = check_annotations(params)
+    assert second.reached and second.build_flow_run_id != first.build_flow_run_id
+    third = check_annotations(params)  # the second attempt is still scheduled: reused
+    assert third.build_flow_run_id == second.build_flow_run_id
+    runs = runs_of(deployments[BUILD], {"project": str(p.id)}, settle_s=1, want=2)
+    assert sorted(str(r.id) for r in runs) == sorted([first.build_flow_run_id,
+                                                      second.build_flow_run_id])

@@ -222,3 +222,96 @@ def test_a_build_crashing_in_its_commit_leaves_latest_and_a_rerun_completes(
     assert rerun.created == (step != "manifest")  # the manifest was already there
     m = versioning.load_manifest(s3, "crash")  # complete: every file verified
     assert m.version == rerun.version and sum(m.rows.values()) == 62
+
+
+def _versioned_events(dataset: str, want: int, settle_s: float = 4.0) -> list[dict]:
+    """``dataset.versioned`` events of ``dataset`` as the harness's events API stores them,
+    once their number has stopped changing (the client sends events in the background)."""
+    import time
+
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    body = {"filter": {"event": {"name": ["sftflow.dataset.versioned"]},
+                       "resource": {"id": [f"sftflow.dataset.{dataset}"]}}, "limit": 50}
+    deadline, seen, since = time.monotonic() + 40, None, time.monotonic()
+    while time.monotonic() < deadline:
+        r = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=30)
+        r.raise_for_status()
+        events = r.json()["events"]
+        if seen is None or len(events) != len(seen):
+            seen, since = events, time.monotonic()
+        elif len(events) >= want and time.monotonic() - since >= settle_s:
+            break
+        time.sleep(0.5)
+    return seen or []
+
+
+@pytest.mark.parametrize("point", ["versioning.after-manifest", "versioning.after-ref"])
+def test_a_commit_failing_past_the_manifest_still_announces_the_version_once(
+        prefect_harness, s3, labelstudio, point):
+    """Issue #10 item 5: the commit task fails right after the manifest (or the ref) is
+    written; Prefect's retry finds the manifest there ("not created") and must still emit
+    ``dataset.versioned``, with the version's deterministic id; an unchanged rebuild emits
+    nothing more."""
+    from sftflow.core import failpoints
+
+    tasks = [{"data": {"prompt": f"What is item {i} used for, in one sentence?"},
+              "annotations": [annotation(f"Item {i} is used for purpose number {i * 3}.")]}
+             for i in range(6)]
+    p = make_project(labelstudio, unique("t-ev"), tasks)
+    dataset = unique("ev")
+    params = BuildParams(project=str(p.id), dataset=dataset, bucket=s3.bucket)
+    try:
+        with failpoints.active({point: "raise@1"}):
+            report = build_dataset(params)  # the commit task fails once; Prefect retries it
+        assert not report.created and report.latest == report.version
+        again = build_dataset(params)
+    finally:
+        labelstudio.projects.delete(id=p.id)
+    assert again.version == report.version and not again.created and not again.ref_updated
+    events = _versioned_events(dataset, want=1)
+    assert [e["id"] for e in events] == [str(versioning.versioned_event_id(dataset,
+                                                                           report.version))]
+    assert events[0]["payload"]["version"] == report.version
+
+
+AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
+GH_TOKEN = "ghp_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"
+MAIL = "jane.doe@example.org"
+
+
+def test_exclusions_never_store_a_secret_whatever_the_drop_reason(prefect_harness, s3,
+                                                                  labelstudio):
+    """Issue #10 item 6: rows dropped for another reason than the scan (and export-stage
+    exclusions, which copy the prompt) still go through it before exclusions.jsonl is stored."""
+    tasks = [{"data": {"prompt": f"Which colour is fruit number {i}, in one sentence?"},
+              "annotations": [annotation(f"Fruit number {i} is coloured shade {i * 5}.")]}
+             for i in range(5)]
+    tasks += [
+        {"data": {"prompt": f"Repeat {AWS_KEY}"},  # echoed: response_equals_prompt
+         "annotations": [annotation(f"Repeat {AWS_KEY}")]},
+        {"data": {"prompt": "Write to whom?"},  # far too long: too_long_chars
+         "annotations": [annotation(f"Write to {MAIL}. " + "blah " * 60)]},
+        {"data": {"prompt": f"Token {GH_TOKEN}?"},  # empty answer: empty_response
+         "annotations": [annotation("  ")]},
+        {"data": {"prompt": f"Mail {MAIL} and use {GH_TOKEN}"},  # export stage: other widget
+         "annotations": [annotation(None, result=[textarea(["x"], from_name="comment")])]},
+    ]
+    p = make_project(labelstudio, unique("t-pii"), tasks)
+    try:
+        report = build_dataset(BuildParams(project=str(p.id), dataset="pii", bucket=s3.bucket,
+                                           filters={"max_chars": 200}))
+    finally:
+        labelstudio.projects.delete(id=p.id)
+    filters = report.counts["filters"]
+    assert filters["dropped:response_equals_prompt"] == 1
+    assert filters["dropped:too_long_chars"] == 1 and filters["dropped:empty_response"] == 1
+    assert filters["kept"] == 5 and report.counts["export"]["excluded:unknown_from_name"] == 1
+    m = versioning.load_manifest(s3, "pii", report.version)
+    ex = m.files_of("exclusions")[0]
+    stored = s3.get_bytes(versioning.file_key(m, ex.path))[0].decode()
+    assert ex.rows == 4 and len(stored.splitlines()) == 4
+    for secret in (AWS_KEY, GH_TOKEN, MAIL):
+        assert secret not in stored
+    assert "[AWS_ACCESS_KEY]" in stored and "[EMAIL]" in stored and "[GITHUB_TOKEN]" in stored

@@ -125,3 +125,76 @@ def test_snapshot_roundtrip_on_real_labelstudio(labelstudio, tmp_path):
         assert delete_snapshot(labelstudio, snap)
     finally:
         labelstudio.projects.delete(id=project.id)
+
+
+# -- snapshot creation through the fault proxy (issue #10, item 12) -------------------------------
+@pytest.fixture()
+def small_project(labelstudio):
+    tasks = [{"data": {"prompt": f"p{i}"}, "annotations": [annotation(f"answer {i}")]}
+             for i in range(5)]
+    project = make_project(labelstudio, unique("t-snap"), tasks)
+    yield project
+    labelstudio.projects.delete(id=project.id)
+
+
+@pytest.fixture()
+def ls_proxy(stack):
+    from urllib.parse import urlparse
+
+    from sftflow.tasks.labelstudio import build_labelstudio
+    from tests.faults.proxy import FaultProxy
+
+    up = urlparse(stack.labelstudio.url)
+    with FaultProxy(up.hostname, up.port) as proxy:
+        # A client whose own request timeout (2 s) is far below the export deadline.
+        client = build_labelstudio(stack.labelstudio.model_copy(
+            update={"url": proxy.url, "timeout_s": 2.0}))
+        yield proxy, client
+
+
+CREATE = r"/api/projects/\d+/exports/?$"
+
+
+@pytest.mark.integration
+def test_a_snapshot_create_slower_than_the_client_timeout_waits_within_the_deadline(
+        labelstudio, small_project, ls_proxy):
+    """Without an export queue Label Studio builds the snapshot inside the create request:
+    the request may take longer than the client's timeout, while the deadline allows it."""
+    from sftflow.tasks.labelstudio.export import create_snapshot
+    from tests.faults.proxy import Fault
+
+    proxy, client = ls_proxy
+    proxy.add(Fault("slow_response", method="POST", path=CREATE, seconds=4))
+    snap = create_snapshot.fn(client, small_project.id, timeout_s=60)
+    assert proxy.applied["slow_response"] == 1
+    exports = labelstudio.projects.exports.list(id=small_project.id)
+    assert [e.id for e in exports] == [snap.export_id]  # one snapshot, not one per attempt
+
+
+@pytest.mark.integration
+def test_a_lost_create_response_reuses_the_snapshot_the_server_made(
+        labelstudio, small_project, ls_proxy):
+    from sftflow.tasks.labelstudio.export import create_snapshot
+    from tests.faults.proxy import Fault
+
+    proxy, client = ls_proxy
+    proxy.add(Fault("lose_response", method="POST", path=CREATE, status=504))
+    snap = create_snapshot.fn(client, small_project.id, timeout_s=60)
+    assert proxy.applied["lose_response"] == 1
+    exports = labelstudio.projects.exports.list(id=small_project.id)
+    assert [e.id for e in exports] == [snap.export_id]
+
+
+@pytest.mark.integration
+def test_the_export_deadline_covers_the_create_request_and_its_retries(small_project, ls_proxy):
+    import time
+
+    from sftflow.tasks.labelstudio.export import create_snapshot
+    from tests.faults.proxy import Fault
+
+    proxy, client = ls_proxy
+    proxy.add(Fault("slow_response", method="POST", path=CREATE, seconds=12, times=0))
+    start = time.monotonic()
+    with pytest.raises(SftflowError, match="deadline"):
+        create_snapshot.fn(client, small_project.id, timeout_s=5)
+    assert time.monotonic() - start < 9

@@ -82,3 +82,21 @@ def test_secret_redact_and_off_policies():
 def test_approx_tokens_counts_bytes():
     assert approx_tokens("abcd" * 10) == 10
     assert approx_tokens("中文字") == 3  # 9 UTF-8 bytes
+
+
+def test_exclusions_are_redacted_whatever_the_reason_and_policy():
+    from sftflow.tasks.filters import FilterConfig, filter_rows, redact_exclusion
+
+    key = "AKIAIOSFODNN7EXAMPLE"
+    echo = {"prompt": f"say {key}", "completion": f"say {key}", "task_id": 1, "annotation_id": 1}
+    long = {"prompt": "x", "completion": "mail a@example.com " + "y" * 50, "task_id": 2,
+            "annotation_id": 2}
+    res = filter_rows([echo, long], FilterConfig(max_chars=40, secrets="off", pii="off"))
+    assert res.counts["dropped:response_equals_prompt"] == 1
+    assert res.counts["dropped:too_long_chars"] == 1
+    text = repr(res.excluded)
+    assert key not in text and "a@example.com" not in text and "[EMAIL]" in text
+    export = {"stage": "export", "reason": "unknown_from_name", "prompt": f"k {key}",
+              "completion": None, "detail": ""}
+    assert redact_exclusion(export)["prompt"] == "k [AWS_ACCESS_KEY]"
+    assert export["prompt"] == f"k {key}"  # a copy: the input is not changed

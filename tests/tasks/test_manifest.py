@@ -159,3 +159,43 @@ def test_version_ids_are_pinned():
         b'{"eval_fraction":0.1}').hexdigest()[:16]
     expected = hashlib.sha256(b"cfg\na\nb\n").hexdigest()[:16]
     assert versioning.version_id(["b", "a"], "cfg") == expected
+
+
+def _pull_cli(s3, dest):
+    from typer.testing import CliRunner
+
+    from sftflow.cli import app
+
+    return CliRunner().invoke(app, ["datasets", "pull", "d", str(dest), "--bucket", s3.bucket])
+
+
+@pytest.mark.integration
+def test_pull_refuses_a_crafted_manifest_and_writes_nothing(s3, tmp_path):
+    """Issue #10 item 9: a manifest in the bucket names a file outside the root."""
+    bad = _manifest()
+    bad["files"][0]["path"] = "shards/../../../../escaped.parquet"
+    _store(s3, bad)
+    s3.put_bytes(f"{ROOT}/shards/x.parquet", b"rows")
+    result = _pull_cli(s3, tmp_path / "dest")
+    assert isinstance(result.exception, SftflowError)
+    assert "is refused: files.0.path" in str(result.exception)
+    assert list(tmp_path.rglob("*")) == []
+
+
+@pytest.mark.integration
+def test_pull_refuses_a_destination_resolving_outside_dest(s3, tmp_path):
+    """Defence in depth: whatever the manifest says, every file's destination must resolve
+    inside ``dest`` (here ``dest/data`` is a symlink out of it)."""
+    one = _manifest()
+    one["files"] = one["files"][:1]  # shards/x.parquet, train: pulled to data/train/x.parquet
+    _store(s3, one)
+    s3.put_bytes(f"{ROOT}/shards/x.parquet", b"rows")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "data").symlink_to(outside, target_is_directory=True)
+    result = _pull_cli(s3, dest)
+    assert isinstance(result.exception, SftflowError)
+    assert "resolves outside" in str(result.exception)
+    assert list(outside.rglob("*")) == []

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,121 @@ def test_concurrent_commits_lose_no_ref_update(s3):
         assert r.latest is not None
         # Each writer either moved the ref or saw a version from a newer snapshot there.
         assert r.ref_updated or r.superseded_by is not None
+
+
+# -- gc beside builds (issue #10, item 4) ---------------------------------------------------------
+_BUILD = r"""
+import sys
+from sftflow.core.settings import Settings
+from sftflow.tasks.storage import build_s3
+from sftflow.tasks import versioning
+from tests.tasks._datasets import final_rows
+bucket, n = sys.argv[1], int(sys.argv[2])
+s3 = build_s3(Settings().s3.model_copy(update={"bucket": bucket}))
+def hook(name):
+    print(name, flush=True)
+versioning.commit_version(s3, "d", final_rows(n), config={"eval_fraction": 0.1},
+    source={"project_id": 1, "snapshot_at": "2026-03-01"}, stats={}, shard_rows=100, hook=hook)
+print("DONE", flush=True)
+"""
+
+
+def _build_process(s3, n: int, failpoints: str) -> subprocess.Popen:
+    """A commit of final_rows(n) in its own process, with failpoints; prints each step."""
+    return subprocess.Popen([sys.executable, "-c", _BUILD, s3.bucket, str(n)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT),
+                                 "SFTFLOW_FAILPOINTS": failpoints})
+
+
+def _crashed_build_leaves_orphans(s3, n: int = 600) -> None:
+    """A build killed right after uploading its files, before its manifest: its shards and
+    version files are orphans (gc may collect them), and a rerun will reuse them."""
+    proc = _build_process(s3, n, "versioning.after-files=crash")
+    assert proc.wait(120) == -signal.SIGKILL
+    assert any(o.key.startswith("datasets/d/versions/") and o.key.endswith("README.md")
+               for o in s3.list("datasets/d/"))
+
+
+def test_gc_while_a_rerun_is_between_its_files_and_its_manifest_leaves_it_complete(s3):
+    """The rerun reuses the crashed run's orphans; gc --delete (min age 2 s, the orphans are
+    older) runs while the rerun is held after its files, before its manifest."""
+    old = _commit(s3, final_rows(300))
+    _crashed_build_leaves_orphans(s3)
+    time.sleep(3)  # the orphans are now older than gc's min age
+    proc = _build_process(s3, 600, "versioning.after-files=sleep(6)")
+    try:
+        while (line := proc.stdout.readline().strip()) != "files":
+            assert line, "the rerun ended before its files step"
+        swept = versioning.gc(s3, "d", min_age_s=2, dry_run=False)
+        assert proc.wait(120) == 0
+    finally:
+        proc.kill()
+    m = versioning.load_manifest(s3, "d")  # every listed file there, checksums verified
+    assert m.version != old.version and m.rows == {"train": 540, "eval": 60}
+    assert swept["deleted"] == 0  # what the rerun reuses was refreshed: too young to collect
+
+
+def test_gc_stalled_before_its_delete_spares_what_a_build_committed_meanwhile(s3):
+    """gc lists the crashed run's orphans as garbage and stalls (failpoint sleep) before
+    deleting; meanwhile a rerun commits them into a version and moves refs/latest."""
+    from sftflow.core import failpoints
+
+    _commit(s3, final_rows(300))
+    _crashed_build_leaves_orphans(s3)
+    time.sleep(3)
+    out: dict = {}
+    with failpoints.active({"gc.before-delete": "sleep(8)"}):
+        sweeper = threading.Thread(target=lambda: out.update(
+            versioning.gc(s3, "d", min_age_s=2, dry_run=False)))
+        sweeper.start()
+        deadline = time.monotonic() + 60
+        while failpoints._hits["gc.before-delete"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert failpoints._hits["gc.before-delete"] == 1  # gc has chosen its garbage
+        rerun = _commit(s3, final_rows(600), snapshot_at="2026-03-01")
+        sweeper.join(60)
+    assert out["unreferenced"] > 0  # the orphans were garbage when gc listed them
+    assert versioning.latest_version(s3, "d") == rerun.version
+    versioning.load_manifest(s3, "d")  # complete: nothing it references was deleted
+
+
+def test_a_parent_with_missing_shards_is_rebuilt_around_not_fatal(s3):
+    first = _commit(s3, final_rows(300))
+    m = versioning.load_manifest(s3, "d", verify=False)
+    lost = m.files_of("parquet")[0]
+    s3.delete([versioning.file_key(m, lost.path)])  # as a gc of the past did
+    second = _commit(s3, final_rows(310), snapshot_at="2026-01-02")
+    assert second.created and second.parent == first.version
+    assert second.parent_missing == [lost.path]  # reported, not silent
+    versioning.load_manifest(s3, "d")  # the new version is complete
+
+
+def test_a_rerun_never_points_latest_at_a_version_with_missing_files(s3):
+    old = _commit(s3, final_rows(100))
+
+    def stop(name):
+        if name == "manifest":
+            raise SftflowError("crash after the manifest")
+
+    with pytest.raises(SftflowError, match="crash after"):
+        _commit(s3, final_rows(200), hook=stop)
+    new_id = versioning.version_id((r["row_hash"] for r in final_rows(200)),
+                                   versioning.config_hash(CFG))
+    m = versioning.load_manifest(s3, "d", new_id, verify=False)
+    s3.delete([versioning.file_key(m, m.files_of("parquet")[0].path)])
+    with pytest.raises(SftflowError, match="missing.*refs/latest was not moved"):
+        _commit(s3, final_rows(200))
+    assert versioning.latest_version(s3, "d") == old.version
+
+
+def test_gc_resolves_references_under_the_root_it_collects(s3):
+    """The dataset prefix changed: the objects were copied under a new prefix, the manifests
+    still say the old root. gc of the new prefix keeps every live file."""
+    v = _commit(s3, final_rows(150)).version
+    for o in list(s3.list("datasets/d/")):
+        s3.put_bytes("moved/" + o.key[len("datasets/"):], s3.get_bytes(o.key)[0])
+    s3.delete(o.key for o in list(s3.list("datasets/")))
+    done = versioning.gc(s3, "d", prefix="moved", min_age_s=0, dry_run=False)
+    assert done["deleted"] == 0
+    assert versioning.load_manifest(s3, "d", v, prefix="moved").root == "datasets/d"

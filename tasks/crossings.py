@@ -1,0 +1,91 @@
+"""Build attempts per threshold crossing: one build run at a time, a new one after it ended.
+
+A *crossing* is (project, dataset, baseline version, threshold). Its first build run carries
+the crossing's idempotency key as it always did; attempt n > 1 carries ``<key>:attempt-<n>``.
+Every attempt is tagged ``sftflow.crossing:<hash of the key>`` so the attempts can be found.
+
+``next_attempt`` decides: while the latest attempt is still scheduled, pending or running it
+is reused (no second concurrent build for one crossing); once it ended (failed, crashed,
+cancelled, or completed without moving the baseline) the next attempt gets the next key. Two
+checks racing on the same ended attempt compute the same next key, and Prefect returns the
+one run for it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sftflow.core.hashing import config_hash
+from sftflow.tasks._prefect import io_task
+
+#: Prefect state types of a run that has not ended (reuse it).
+ACTIVE_STATES = frozenset({"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"})
+_ATTEMPT = re.compile(r":attempt-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    key: str  # the idempotency key to create (or find) the run with
+    number: int
+    tag: str  # the crossing's tag, set on every attempt
+    reuse_run_id: str | None = None  # an attempt that has not ended yet
+
+
+def crossing_tag(base_key: str) -> str:
+    return f"sftflow.crossing:{config_hash(base_key)}"
+
+
+def attempt_number(base_key: str, idempotency_key: str | None) -> int:
+    """1 for the crossing's own key, n for ``<key>:attempt-<n>``, 0 for another key."""
+    if idempotency_key == base_key:
+        return 1
+    m = _ATTEMPT.search(idempotency_key or "")
+    if m and idempotency_key == f"{base_key}:attempt-{m.group(1)}":
+        return int(m.group(1))
+    return 0
+
+
+def next_attempt(base_key: str, runs: Iterable[tuple[str, str | None, str | None]]) -> Attempt:
+    """The attempt to start for a crossing, from its known runs ``(run id, idempotency key,
+    state type)``: the latest one while it is active, else the one after it."""
+    latest: tuple[int, str, str | None] | None = None
+    for run_id, key, state in runs:
+        n = attempt_number(base_key, key)
+        if n and (latest is None or n > latest[0]):
+            latest = (n, run_id, state)
+    tag = crossing_tag(base_key)
+    if latest is None:
+        return Attempt(base_key, 1, tag)
+    n, run_id, state = latest
+    if state in ACTIVE_STATES:
+        return Attempt(base_key if n == 1 else f"{base_key}:attempt-{n}", n, tag, run_id)
+    return Attempt(f"{base_key}:attempt-{n + 1}", n + 1, tag)
+
+
+def find_attempt(deployment: str, base_key: str) -> Attempt:
+    """``next_attempt`` over the runs of ``deployment`` ('<flow>/<deployment>') for this
+    crossing, read from the current Prefect API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterIdempotencyKey,
+        FlowRunFilterTags,
+    )
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(deployment)
+        of_dep = DeploymentFilter(id=DeploymentFilterId(any_=[dep.id]))
+        runs = {}
+        for flt in (FlowRunFilter(tags=FlowRunFilterTags(all_=[crossing_tag(base_key)])),
+                    FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=[base_key]))):
+            for r in client.read_flow_runs(flow_run_filter=flt, deployment_filter=of_dep):
+                runs[r.id] = (str(r.id), r.idempotency_key,
+                              r.state.type.value if r.state else None)
+    return next_attempt(base_key, runs.values())
+
+
+find_attempt_task = io_task(name="find-build-attempt")(find_attempt)
