@@ -3,9 +3,9 @@
 No model hub is reachable here, so tests and the demo build their base model locally: real
 weights and a real tokenizer, saved with ``save_pretrained`` like any hub checkpoint, small
 enough (hidden 64, 2 layers, vocab ~512, ~0.1 M parameters) that 20 training steps take about
-a second on CPU. Its tokenizer carries a small chat template (role tokens, ``<|end|>`` closing
-each turn, ``{% generation %}`` markers around the assistant's), so it trains and drafts in chat
-format like an instruct model; ``chat=False`` builds one without, as a plain base model.
+a second on CPU. ``chat=True`` gives its tokenizer a small chat template (role tokens,
+``<|end|>`` closing each turn, ``{% generation %}`` markers around the assistant's), so it
+trains and drafts in chat format like an instruct model; without, it is a plain base model.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ def build_tiny_model(
     num_heads: int = 4,
     max_position_embeddings: int = 512,
     seed: int = 0,
-    chat: bool = True,
+    chat: bool = False,
 ) -> Path:
     """Train a tokenizer on ``texts``, initialise a Llama model, save both to ``out_dir``
-    (the tokenizer with :data:`CHAT_TEMPLATE` unless ``chat`` is false)."""
+    (the tokenizer with :data:`CHAT_TEMPLATE` when ``chat``)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -98,5 +98,8 @@ def build_tiny_model(
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=True,
     )
-    LlamaForCausalLM(config).save_pretrained(out)
+    model = LlamaForCausalLM(config)
+    if chat:  # generation stops at the end of the assistant's turn too
+        model.generation_config.eos_token_id = [fast.eos_token_id, fast.convert_tokens_to_ids("<|end|>")]
+    model.save_pretrained(out)
     return out

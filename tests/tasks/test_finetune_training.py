@@ -22,7 +22,7 @@ from sftflow.tasks.finetune.training import (
     split_turns,
     to_example,
 )
-from tests.tasks._finetune import tiny_model  # noqa: F401
+from tests.tasks._finetune import tiny_chat_model, tiny_model  # noqa: F401
 
 SYSTEM = {"role": "system", "content": "Answer in one sentence."}
 
@@ -112,11 +112,12 @@ def _ids(tok, messages, **kw) -> list[int]:
 
 @pytest.mark.train
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_chat_rows_are_rendered_by_the_template_and_only_the_assistant_turn_is_labelled(tiny_model, tmp_path):
+def test_chat_rows_are_rendered_by_the_template_and_only_the_assistant_turn_is_labelled(tiny_chat_model,
+                                                                                          tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model)
     rows = [_messages(f"Prompt {i}: explain item {i} in a sentence.",
                       f"Item {i} is explained here with a sentence of moderate length.") for i in range(6)]
     fmt, examples, check = prepare_examples({"train": rows[:4], "eval": rows[4:]}, tok,
@@ -138,12 +139,10 @@ def test_chat_rows_are_rendered_by_the_template_and_only_the_assistant_turn_is_l
 
 @pytest.mark.train
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_a_tokenizer_without_chat_template_trains_on_plain_prompt_and_completion(tmp_path):
+def test_a_tokenizer_without_chat_template_trains_on_plain_prompt_and_completion(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftflow.tasks.finetune.tiny_model import build_tiny_model
-
-    plain = build_tiny_model(tmp_path / "plain", chat=False)
+    plain = tiny_model
     tok = AutoTokenizer.from_pretrained(plain)
     assert not tok.chat_template
     rows = [_messages("Write a short poem about the sea.", "The sea is wide.")] * 2
@@ -160,10 +159,11 @@ def test_a_tokenizer_without_chat_template_trains_on_plain_prompt_and_completion
 
 @pytest.mark.train
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_long_rows_are_measured_with_the_base_tokenizer_and_dropped_never_truncated(tiny_model, tmp_path):
+def test_long_rows_are_measured_with_the_base_tokenizer_and_dropped_never_truncated(tiny_chat_model,
+                                                                                     tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
     short = [_messages(f"Prompt {i}: explain item {i}.", f"Item {i} is explained.") for i in range(6)]
     long = [_messages(f"Prompt {i}: " + "explain the item in a sentence " * 12, "Fine.") for i in range(3)]
     hp = Hyperparameters(max_length=48, max_steps=1)
@@ -174,7 +174,7 @@ def test_long_rows_are_measured_with_the_base_tokenizer_and_dropped_never_trunca
     assert check.metrics() == {"max_length": 48, "length_policy": "drop", "rows_total": 9,
                                "rows_over_max_length": 3, "max_tokens_seen": max(lengths)}
     assert check.keep == {"train": [0, 1, 2, 3], "eval": [0, 1]}
-    trainer = build_trainer(AutoModelForCausalLM.from_pretrained(tiny_model), tok, hp,
+    trainer = build_trainer(AutoModelForCausalLM.from_pretrained(tiny_chat_model), tok, hp,
                             examples["train"], examples["eval"], tmp_path / "trainer")
     assert trainer.args.max_length is None  # TRL cuts nothing: what is left already fits
     kept = [len(r["input_ids"]) for r in trainer.train_dataset] + [len(r["input_ids"]) for r in trainer.eval_dataset]
