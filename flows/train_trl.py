@@ -13,8 +13,9 @@ to evaluate on the same eval split (the eval gate).
 
 Outputs: ``<output_uri>/model/`` (the full model, or the LoRA adapter, with its tokenizer) and
 ``<output_uri>/result.json`` (:class:`~tasks.finetune.trl_job.TrainResult`: status, metrics incl.
-``eval_loss`` and ``baseline_eval_loss``, loss history, artifact URIs); Prefect artifacts: the
-loss table and a summary.
+``eval_loss``, ``baseline_eval_loss``, the training format and the length check's counts, loss
+history per step, notes, artifact URIs), ``<output_uri>/loss.png`` (train and eval loss curves);
+Prefect artifacts: the loss curves as an image, the loss table and a summary.
 
 Idempotency: a rerun of a job whose ``result.json`` says ``succeeded`` returns that result
 without training again; a rerun after a crash trains again and overwrites the same keys.
@@ -22,21 +23,24 @@ without training again; a rerun after a crash trains again and overwrites the sa
 
 from __future__ import annotations
 
+import base64
 import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
 from sftflow.core.clock import utc_now_iso
 from sftflow.tasks._prefect import artifact_key
 from sftflow.tasks.clients import Clients
 from sftflow.tasks.finetune.backends import JobSpec
+from sftflow.tasks.finetune.loss_plot import loss_curve_png_task
 from sftflow.tasks.finetune.training import check_base_model, train_sft_task
 from sftflow.tasks.finetune.trl_job import (
     TrainResult,
     read_result_task,
     result_uri,
+    upload_loss_plot_task,
     upload_model_task,
     write_result_task,
 )
@@ -64,16 +68,23 @@ def train_trl(params: JobSpec) -> TrainResult:
             write_result_task(s3, params, TrainResult.failed(params, started, err))
             raise
         files = upload_model_task(s3, params, trained["model_dir"])
-    result = TrainResult.succeeded(params, started, trained, files)
+    for note in trained["notes"]:
+        logger.warning("%s: %s", params.job, note)
+    png = loss_curve_png_task(trained["history"])
+    result = TrainResult.succeeded(params, started, trained, files, upload_loss_plot_task(s3, params, png))
     write_result_task(s3, params, result)
-    _publish(params, result)
+    _publish(params, result, png)
     logger.info("trained %s: %s", params.job, result.metrics)
     return result
 
 
-def _publish(spec: JobSpec, result: TrainResult) -> None:
-    """The loss table and the summary as Prefect artifacts."""
+def _publish(spec: JobSpec, result: TrainResult, png: bytes) -> None:
+    """The loss curves (an image artifact: the PNG inline as a data: URL, the S3 copy is not
+    reachable from a browser), the loss table and the summary as Prefect artifacts."""
     key = artifact_key("train", spec.job)
+    image = "data:image/png;base64," + base64.b64encode(png).decode()
+    create_image_artifact(image_url=image, key=f"{key}-loss-curve",
+                          description=f"Train (blue) and eval (orange) loss per step of {spec.job}")
     if result.history:
         create_table_artifact(key=f"{key}-loss", table=result.history,
                               description=f"Training and eval loss of {spec.job} ({spec.dataset}@{spec.version})")
@@ -87,6 +98,11 @@ def _publish(spec: JobSpec, result: TrainResult) -> None:
         "| --- | --- |",
         *[f"| {k} | {v} |" for k, v in m.items()],
         "",
-        f"Model: `{(result.artifacts or {}).get('model')}`",
+        *[f"- {note}" for note in result.notes or []],
+        "",
+        f"![train (blue) and eval (orange) loss per step]({image})",
+        "",
+        (f"Model: `{(result.artifacts or {}).get('model')}`; loss curves: "
+         f"`{(result.artifacts or {}).get('loss_plot')}`"),
     ]
     create_markdown_artifact(key=key, markdown="\n".join(lines), description="Fine-tune summary")

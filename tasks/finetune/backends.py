@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from sftflow.core.errors import ConfigError
 from sftflow.tasks._prefect import io_task
@@ -32,11 +32,23 @@ class Hyperparameters(BaseModel):
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: epochs decide).")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     batch_size: int = Field(8, ge=1, description="Examples per device per step.")
-    max_length: int = Field(1024, ge=8, description="Tokens per example (longer ones are cut).")
+    max_length: int = Field(1024, ge=8, description="Tokens per example, measured with the base "
+                            "model's tokenizer (and chat template) before training; never truncated.")
+    length_policy: Literal["drop", "fail"] = Field(
+        "drop", description="Rows longer than max_length: drop them (counted in the metrics) or fail the run.")
     lora_r: int = Field(16, ge=1, description="LoRA rank (method=lora).")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (method=lora).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (method=lora).")
     seed: int = Field(42, description="Random seed.")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``length_policy`` is left out at its default ``drop``: the job names (a hash of this
+        dump) of configs written before it existed do not change."""
+        data = handler(self)
+        if data.get("length_policy") == "drop":
+            del data["length_policy"]
+        return data
 
 
 class Baseline(BaseModel):

@@ -1,19 +1,34 @@
-"""Supervised fine-tuning with TRL ``SFTTrainer`` on prompt/completion rows, optional LoRA (PEFT).
+"""Supervised fine-tuning with TRL ``SFTTrainer`` in chat format, optional LoRA (PEFT).
 
-This is what the ``train_trl`` flow runs on the training machine. Rows come from a dataset
-version's parquet files (read with ``datasets`` over s3:// through fsspec); the loss covers the
-completion tokens only (TRL's ``completion_only_loss`` on prompt/completion data). The trained
-model (full) or adapter (LoRA) and its tokenizer are saved to a folder the caller uploads.
-Nothing here talks to a model hub: models load with ``local_files_only=True`` (a hub id must be
-in the local cache). The process-wide ``HF_HUB_OFFLINE`` is left alone: it would also make
-``datasets`` refuse s3:// URLs for every other caller in the process.
+This is what the ``train_trl`` flow runs on the training machine. The rows are the dataset
+version's OpenAI chat files (``{"messages": [system?, user, assistant]}``, the very lines the
+``openai`` backend uploads, system prompt included), read with ``datasets`` over s3:// through
+fsspec, so both backends train on the same inputs.
+
+Format (:func:`chat_format`): with a chat template, each row is a conversational
+prompt/completion pair (prompt = the turns before the assistant's, completion = the assistant
+turn) rendered by the base model's own template; TRL labels the prompt tokens -100, so the loss
+covers the assistant turn only (its end-of-turn token included). A tokenizer without a chat
+template falls back to plain prompt/completion text (the user turn, no system prompt), said in
+the result's ``notes`` and ``metrics["format"]``.
+
+Length (:func:`check_lengths`): every row is measured with the base model's tokenizer, the way
+TRL tokenizes it, before training. Rows over ``max_length`` are dropped and counted, or fail the
+run (``length_policy``); TRL gets no ``max_length`` of its own, so nothing is truncated.
+
+The trained model (full) or adapter (LoRA) and its tokenizer are saved to a folder the caller
+uploads. Nothing here talks to a model hub: models load with ``local_files_only=True`` (a hub id
+must be in the local cache). The process-wide ``HF_HUB_OFFLINE`` is left alone: it would also
+make ``datasets`` refuse s3:// URLs for every other caller in the process.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel
 
 from sftflow.core.errors import SftflowError
 from sftflow.core.hashing import sha256_hex
@@ -25,7 +40,7 @@ from sftflow.tasks.storage import S3
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-COLUMNS = ("prompt", "completion")
+Format = Literal["chat", "prompt_completion"]
 
 
 def base_model_kind(s3: S3, base_model: str) -> str:
@@ -70,33 +85,125 @@ def materialise_model(s3: S3, model: str, cache_dir: Path) -> str:
     return str(dest)
 
 
-def load_splits(train_files: list[str], eval_files: list[str], storage_options: dict, cache_dir: Path):
-    """A ``DatasetDict`` with ``train`` and ``eval``, only the prompt and completion columns.
+def load_chat_splits(train_files: list[str], eval_files: list[str], storage_options: dict,
+                     cache_dir: Path) -> dict[str, list[list[dict[str, str]]]]:
+    """``{"train": [messages, ...], "eval": [...]}`` from the openai_chat JSONL files (``eval``
+    only when there are eval files).
 
     A user's ``HF_HUB_OFFLINE=1`` also makes ``datasets`` refuse every remote URL, s3://
-    included; the parquet builder never needs the hub, so offline mode is lifted for this call.
+    included; the json builder never needs the hub, so offline mode is lifted for this call.
     """
     import datasets
     from datasets import load_dataset
 
+    if not train_files:
+        raise SftflowError("the job has no openai_chat train files: the trl backend trains on them")
     files = {"train": train_files}
     if eval_files:
         files["eval"] = eval_files
     offline = datasets.config.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = False
     try:
-        ds = load_dataset(
-            "parquet", data_files=files, storage_options=storage_options, cache_dir=str(cache_dir)
-        )
+        ds = load_dataset("json", data_files=files, storage_options=storage_options,
+                          cache_dir=str(cache_dir))
     finally:
         datasets.config.HF_HUB_OFFLINE = offline
-    missing = [c for c in COLUMNS if c not in ds["train"].column_names]
-    if missing:
-        raise SftflowError(f"training data lacks columns {missing}: {train_files[0]}")
-    return ds.select_columns(list(COLUMNS))
+    if "messages" not in ds["train"].column_names:
+        raise SftflowError(f"training data lacks the messages column: {train_files[0]}")
+    return {split: ds[split]["messages"] for split in ds}
 
 
-def _sft_config(spec_hp: Hyperparameters, output_dir: Path):
+def chat_format(tokenizer) -> Format:
+    """``"chat"`` when the tokenizer has a chat template, else ``"prompt_completion"``."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "prompt_completion"
+
+
+def split_turns(messages: list[dict[str, Any]]) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """``(prompt turns, assistant turn)`` of one chat row: the last turn is the assistant's and
+    a user turn comes before it; SftflowError for any other shape."""
+    roles = [m.get("role") for m in messages]
+    if len(messages) < 2 or roles[-1] != "assistant" or "user" not in roles[:-1]:
+        raise SftflowError(f"a chat row must end with an assistant turn after a user turn, not {roles}")
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return turns[:-1], turns[-1]
+
+
+def to_example(messages: list[dict[str, Any]], fmt: Format) -> dict[str, Any]:
+    """One TRL prompt/completion example: conversational (lists of turns) for ``"chat"``, the
+    last user turn and the assistant's text for ``"prompt_completion"``."""
+    prompt, answer = split_turns(messages)
+    if fmt == "chat":
+        return {"prompt": prompt, "completion": [answer]}
+    user = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+    return {"prompt": user, "completion": answer["content"]}
+
+
+def token_length(tokenizer, example: dict[str, Any]) -> int:
+    """Tokens of ``example`` as trl 1.16's ``SFTTrainer`` tokenizes it: the chat template over
+    prompt + completion turns, or the text prompt + completion + EOS."""
+    if isinstance(example["prompt"], list):
+        return len(tokenizer.apply_chat_template(example["prompt"] + example["completion"],
+                                                 tokenize=True, return_dict=True)["input_ids"])
+    text = example["prompt"] + example["completion"]
+    eos = tokenizer.eos_token
+    if eos and not example["completion"].endswith(eos):
+        text += eos
+    return len(tokenizer(text=text)["input_ids"])
+
+
+class LengthCheck(BaseModel):
+    """What :func:`check_lengths` saw and which rows it keeps (indices per split)."""
+
+    max_length: int
+    length_policy: str
+    rows_total: int
+    rows_over_max_length: int
+    max_tokens_seen: int
+    keep: dict[str, list[int]]
+
+    def metrics(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"keep"})
+
+
+def check_lengths(lengths: dict[str, list[int]], max_length: int, policy: str) -> LengthCheck:
+    """Rows over ``max_length`` tokens are left out of ``keep`` (``drop``) or raise an
+    SftflowError naming how many (``fail``)."""
+    over = {split: [i for i, n in enumerate(ns) if n > max_length] for split, ns in lengths.items()}
+    n_over = sum(len(v) for v in over.values())
+    seen = max((n for ns in lengths.values() for n in ns), default=0)
+    if n_over and policy == "fail":
+        where = ", ".join(f"{len(v)} {split}" for split, v in over.items() if v)
+        raise SftflowError(f"{n_over} rows ({where}) are longer than max_length {max_length} tokens "
+                           f"(longest {seen}); length_policy=fail")
+    return LengthCheck(
+        max_length=max_length, length_policy=policy, rows_total=sum(len(v) for v in lengths.values()),
+        rows_over_max_length=n_over, max_tokens_seen=seen,
+        keep={split: [i for i, n in enumerate(ns) if n <= max_length] for split, ns in lengths.items()},
+    )
+
+
+def prepare_examples(messages: dict[str, list], tokenizer, hp: Hyperparameters):
+    """``(format, {split: Dataset}, LengthCheck)``: the rows in the tokenizer's format, measured,
+    the ones over ``max_length`` dropped (or an SftflowError under ``length_policy=fail``)."""
+    from datasets import Dataset
+
+    fmt = chat_format(tokenizer)
+    examples = {split: [to_example(m, fmt) for m in rows] for split, rows in messages.items()}
+    check = check_lengths({split: [token_length(tokenizer, e) for e in rows]
+                           for split, rows in examples.items()}, hp.max_length, hp.length_policy)
+    kept = {split: Dataset.from_list([rows[i] for i in check.keep[split]])
+            for split, rows in examples.items()}
+    if not len(kept["train"]):
+        raise SftflowError(f"no train row fits in max_length {hp.max_length} tokens "
+                           f"(longest {check.max_tokens_seen})")
+    if "eval" in kept and not len(kept["eval"]):
+        del kept["eval"]
+    return fmt, kept, check
+
+
+def _sft_config(spec_hp: Hyperparameters, output_dir: Path, eval_during_training: bool = False):
+    """No ``max_length``: the rows are measured and filtered before (:func:`prepare_examples`),
+    so TRL never truncates. The eval split is scored about ten times along the run."""
     import torch
     from trl import SFTConfig
 
@@ -107,11 +214,12 @@ def _sft_config(spec_hp: Hyperparameters, output_dir: Path):
         learning_rate=spec_hp.learning_rate,
         per_device_train_batch_size=spec_hp.batch_size,
         per_device_eval_batch_size=spec_hp.batch_size,
-        max_length=spec_hp.max_length,
+        max_length=None,
         completion_only_loss=True,
         packing=False,
         logging_steps=1,
-        eval_strategy="no",
+        eval_strategy="steps" if eval_during_training else "no",
+        eval_steps=0.1 if eval_during_training else None,
         save_strategy="no",
         report_to="none",
         seed=spec_hp.seed,
@@ -119,6 +227,29 @@ def _sft_config(spec_hp: Hyperparameters, output_dir: Path):
         disable_tqdm=True,
         dataset_num_proc=None,
     )
+
+
+def build_trainer(model, tokenizer, hp: Hyperparameters, train_ds, eval_ds, output_dir: Path,
+                  peft_config=None, eval_during_training: bool = False):
+    """An ``SFTTrainer`` over prepared examples (:func:`prepare_examples`), printing nothing."""
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=_sft_config(hp, output_dir, eval_during_training),
+                         train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                         peft_config=peft_config)
+    _quiet(trainer)
+    return trainer
+
+
+def loss_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per logged step: ``step``, ``epoch``, train ``loss``, ``eval_loss`` (where the
+    eval split was scored), ``learning_rate``, ``grad_norm``; in step order."""
+    keys = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm")
+    rows: dict[int, dict[str, Any]] = {}
+    for row in log_history:
+        if "loss" in row or "eval_loss" in row:
+            rows.setdefault(int(row["step"]), {}).update({k: row[k] for k in keys if k in row})
+    return [rows[step] for step in sorted(rows)]
 
 
 def _quiet(trainer) -> None:
@@ -142,9 +273,11 @@ def _load(model_dir: str, method: str, adapter_dir: str | None = None):
     return model, tokenizer
 
 
-def evaluate_baseline(s3: S3, baseline: Baseline, eval_ds, spec: JobSpec, workdir: Path) -> float:
-    """Eval loss of an earlier model on this version's eval split (same metric as training)."""
-    from trl import SFTTrainer
+def evaluate_baseline(s3: S3, baseline: Baseline, eval_messages: list, spec: JobSpec,
+                      workdir: Path) -> float:
+    """Eval loss of an earlier model on this version's eval rows (those the new model trained
+    with: same length check), in the earlier tokenizer's format; same metric as training."""
+    from datasets import Dataset
 
     cache = workdir / "models"
     saved = materialise_model(s3, baseline.model_uri, cache)
@@ -152,18 +285,17 @@ def evaluate_baseline(s3: S3, baseline: Baseline, eval_ds, spec: JobSpec, workdi
         model, tok = _load(materialise_model(s3, baseline.base_model, cache), "lora", saved)
     else:
         model, tok = _load(saved, "full")
-    args = _sft_config(spec.hyperparameters, workdir / "baseline-eval")
+    fmt = chat_format(tok)
+    eval_ds = Dataset.from_list([to_example(m, fmt) for m in eval_messages])
     # SFTTrainer insists on a train set; nothing is trained, the eval rows stand in.
-    trainer = SFTTrainer(model=model, args=args, train_dataset=eval_ds, eval_dataset=eval_ds,
-                         processing_class=tok)
-    _quiet(trainer)
+    trainer = build_trainer(model, tok, spec.hyperparameters, eval_ds, eval_ds,
+                            workdir / "baseline-eval")
     return float(trainer.evaluate()["eval_loss"])
 
 
 def train_sft(s3: S3, spec: JobSpec, workdir: Path) -> dict[str, Any]:
-    """Train, evaluate, save. Returns ``{"metrics", "history", "model_dir", "counts"}``."""
+    """Train, evaluate, save. Returns ``{"metrics", "history", "notes", "model_dir"}``."""
     from transformers.utils import logging as hf_logging
-    from trl import SFTTrainer
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -172,10 +304,19 @@ def train_sft(s3: S3, spec: JobSpec, workdir: Path) -> dict[str, Any]:
     datasets.disable_progress_bars()
 
     hp = spec.hyperparameters
-    splits = load_splits(spec.train_files, spec.eval_files, s3.fsspec_options(), workdir / "hf-datasets")
-    train_ds, eval_ds = splits["train"], splits.get("eval")
+    messages = load_chat_splits(spec.chat_train_files, spec.chat_eval_files, s3.fsspec_options(),
+                                workdir / "hf-datasets")
     model_dir = materialise_model(s3, spec.base_model, workdir / "models")
     model, tokenizer = _load(model_dir, "full")
+    fmt, examples, lengths = prepare_examples(messages, tokenizer, hp)
+    train_ds, eval_ds = examples["train"], examples.get("eval")
+    notes = []
+    if fmt == "prompt_completion":
+        notes.append(f"{spec.base_model} has no chat template: trained on plain prompt/completion "
+                     "text (the user turn, without the system prompt)")
+    if lengths.rows_over_max_length:
+        notes.append(f"dropped {lengths.rows_over_max_length} of {lengths.rows_total} rows longer "
+                     f"than max_length {hp.max_length} tokens (longest {lengths.max_tokens_seen})")
 
     peft_config = None
     if spec.method == "lora":
@@ -188,16 +329,8 @@ def train_sft(s3: S3, spec: JobSpec, workdir: Path) -> dict[str, Any]:
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-    args = _sft_config(hp, workdir / "trainer")
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-    _quiet(trainer)
+    trainer = build_trainer(model, tokenizer, hp, train_ds, eval_ds, workdir / "trainer",
+                            peft_config, eval_during_training=eval_ds is not None)
     out = trainer.train()
     metrics: dict[str, Any] = {
         "train_loss": float(out.training_loss),
@@ -206,22 +339,21 @@ def train_sft(s3: S3, spec: JobSpec, workdir: Path) -> dict[str, Any]:
         "eval_rows": len(eval_ds) if eval_ds is not None else 0,
         "train_runtime_s": round(float(out.metrics.get("train_runtime", 0.0)), 3),
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "format": fmt,
+        **lengths.metrics(),
     }
     if eval_ds is not None:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
-    history = [
-        {k: v for k, v in row.items() if k in ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm")}
-        for row in trainer.state.log_history
-        if "loss" in row or "eval_loss" in row
-    ]
+    history = loss_history(trainer.state.log_history)
     if spec.baseline is not None and eval_ds is not None:
         metrics["baseline_job"] = spec.baseline.job
-        metrics["baseline_eval_loss"] = evaluate_baseline(s3, spec.baseline, eval_ds, spec, workdir)
+        metrics["baseline_eval_loss"] = evaluate_baseline(
+            s3, spec.baseline, [messages["eval"][i] for i in lengths.keep["eval"]], spec, workdir)
 
     save_dir = workdir / "model"
     trainer.save_model(str(save_dir))  # the adapter only, for a PEFT model
     tokenizer.save_pretrained(str(save_dir))
-    return {"metrics": metrics, "history": history, "model_dir": save_dir}
+    return {"metrics": metrics, "history": history, "notes": notes, "model_dir": save_dir}
 
 
 check_base_model = io_task(name="check-base-model", retries=1)(base_model_kind)

@@ -60,6 +60,9 @@ class TrlBackend:
     def preflight(self, spec: JobSpec) -> dict[str, Any]:
         from sftflow.tasks.finetune.training import base_model_kind
 
+        if not spec.chat_train_files:
+            raise SftflowError(f"{spec.dataset}@{spec.version} has no openai_chat train files: "
+                               "the trl backend trains on them")
         checks = {"base_model": base_model_kind(self.s3, spec.base_model)}
         if self.mode == "deployment":
             checks["deployment"] = self._check_deployment()

@@ -1,4 +1,5 @@
-"""The files of one ``train-trl`` job under its output prefix: ``result.json`` and ``model/``.
+"""The files of one ``train-trl`` job under its output prefix: ``result.json``, ``model/`` and
+``loss.png`` (the loss curves).
 
 The ``train-trl`` flow writes them; the ``trl`` backend reads ``result.json`` back (status of a
 local run, metrics and artifacts of a finished one). A rerun of a job whose result says
@@ -10,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from sftflow.core.clock import utc_now_iso
 from sftflow.tasks._prefect import io_task
 from sftflow.tasks.finetune.backends import JobSpec
 from sftflow.tasks.finetune.files import read_json, upload_dir, write_json
-from sftflow.tasks.storage import S3
+from sftflow.tasks.storage import S3, parse_s3_uri
 
 
 class TrainResult(BaseModel):
@@ -28,7 +29,10 @@ class TrainResult(BaseModel):
     finished_at: str
     error: str | None = None
     metrics: dict[str, Any] | None = None
-    history: list[dict[str, Any]] | None = None
+    history: list[dict[str, Any]] | None = Field(
+        None, description="Loss per logged step: step, epoch, loss, eval_loss, learning_rate, grad_norm.")
+    notes: list[str] | None = Field(None, description="What the run decided for the data: "
+                                    "format fallback, rows dropped for length.")
     artifacts: dict[str, str] | None = None
 
     @classmethod
@@ -38,16 +42,19 @@ class TrainResult(BaseModel):
 
     @classmethod
     def succeeded(cls, spec: JobSpec, started_at: str, trained: dict[str, Any],
-                  model_files: list[str]) -> TrainResult:
+                  model_files: list[str], loss_plot: str | None = None) -> TrainResult:
+        artifacts = {
+            "model": model_uri(spec),
+            "kind": "adapter" if spec.method == "lora" else "model",
+            "files": str(len(model_files)),
+            "result": result_uri(spec),
+        }
+        if loss_plot:
+            artifacts["loss_plot"] = loss_plot
         return cls(
             job=spec.job, status="succeeded", started_at=started_at, finished_at=utc_now_iso(),
             metrics=trained["metrics"], history=trained["history"],
-            artifacts={
-                "model": model_uri(spec),
-                "kind": "adapter" if spec.method == "lora" else "model",
-                "files": str(len(model_files)),
-                "result": result_uri(spec),
-            },
+            notes=trained.get("notes") or None, artifacts=artifacts,
         )
 
 
@@ -57,6 +64,10 @@ def result_uri(spec: JobSpec) -> str:
 
 def model_uri(spec: JobSpec) -> str:
     return f"{spec.output_uri.rstrip('/')}/model"
+
+
+def loss_plot_uri(spec: JobSpec) -> str:
+    return f"{spec.output_uri.rstrip('/')}/loss.png"
 
 
 def read_result(s3: S3, uri: str) -> TrainResult | None:
@@ -76,6 +87,15 @@ def upload_model(s3: S3, spec: JobSpec, model_dir: Path) -> list[str]:
     return upload_dir(s3, model_dir, model_uri(spec))
 
 
+def upload_loss_plot(s3: S3, spec: JobSpec, png: bytes) -> str:
+    """Write the loss curves to ``<output_uri>/loss.png``; returns its s3:// URI."""
+    uri = loss_plot_uri(spec)
+    bucket, key = parse_s3_uri(uri)
+    s3.put_bytes(key, png, bucket=bucket, content_type="image/png")
+    return uri
+
+
 read_result_task = io_task(name="read-train-result")(read_result)
 write_result_task = io_task(name="write-train-result")(write_result)
 upload_model_task = io_task(name="upload-model")(upload_model)
+upload_loss_plot_task = io_task(name="upload-loss-plot")(upload_loss_plot)

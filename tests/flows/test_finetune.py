@@ -21,7 +21,13 @@ from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.finetune.dataset import read_version
 from sftflow.tasks.storage import parse_s3_uri
 from tests.contract.openai_server import OpenAIContractServer
-from tests.tasks._finetune import flow_settings, make_version, tiny_model, train_worker  # noqa: F401
+from tests.tasks._finetune import (  # noqa: F401
+    flow_settings,
+    make_version,
+    tiny_chat_model,
+    tiny_model,
+    train_worker,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect, pytest.mark.train,
               pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -67,8 +73,9 @@ def _deployment_runs(name: str = "train-trl/default") -> int:
 
 
 def test_trl_job_runs_on_the_work_pool_records_lineage_and_is_not_trained_twice(
-    prefect_harness, train_worker, flow_settings, s3, tiny_model
+    prefect_harness, train_worker, flow_settings, s3, tiny_chat_model
 ):
+    tiny_model = tiny_chat_model  # trains in chat format through its template
     version = make_version(s3, "qa", 40)
     report = finetune(_params(s3, "qa", tiny_model))
 
@@ -82,6 +89,8 @@ def test_trl_job_runs_on_the_work_pool_records_lineage_and_is_not_trained_twice(
     assert rec["history"][-1]["event"] == "recorded"
     assert rec["metrics"]["steps"] == 8 and rec["metrics"]["train_rows"] == 32
     assert rec["metrics"]["eval_rows"] == 8 and rec["metrics"]["eval_loss"] > 0
+    assert rec["metrics"]["format"] == "chat" and rec["metrics"]["rows_over_max_length"] == 0
+    assert rec["artifacts"]["loss_plot"] == s3.uri(f"models/{report.job}/loss.png")
 
     # the training ran as a flow run of the deployment, through the worker
     from prefect.client.orchestration import get_client

@@ -42,6 +42,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), texts)
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """The same tiny model with a chat template (``build_tiny_model(chat=True)``)."""
+    from sftflow.tasks.finetune.tiny_model import build_tiny_model
+
+    texts = [r["prompt"] + " " + r["completion"] for r in final_rows(200)]
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-chat-model"), texts, chat=True)
+
+
 @pytest.fixture()
 def flow_settings(monkeypatch, s3):
     """Point the flow's settings at the test bucket (the flow reads the cached settings)."""
