@@ -116,10 +116,10 @@ def _upload_sample(clients: Clients) -> str:
 def _tiny_model(workdir: Path) -> Path:
     from sftflow.tasks.finetune.tiny_model import build_tiny_model
 
-    out = workdir / "tiny-model"
+    out = workdir / "tiny-chat-model"  # with a chat template: trained in chat format
     if not (out / "config.json").exists():
         texts = [json.loads(line).get("response", "") for line in SAMPLE_PATH.open(encoding="utf-8")]
-        build_tiny_model(out, [t for t in texts if isinstance(t, str)])
+        build_tiny_model(out, [t for t in texts if isinstance(t, str)], chat=True)
     return out
 
 
