@@ -88,7 +88,7 @@ def machine(ls) -> dict:
         "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
         "label_studio": ls_version, "storage": "SeaweedFS (local)",
-        "note": "machine shared with other helpers running tests at the same time",
+        "note": "see the load averages: below ~1 on 2 cores means nothing else was running",
     }
 
 

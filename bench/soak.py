@@ -303,6 +303,9 @@ class Soak:
         self.clients().s3.ensure_bucket()
         per_round = []
         for number in range(1, self.args.rounds + 1):
+            if (time.monotonic() - started) / 60 > self.args.max_minutes:
+                print(f"stopping after {number - 1} rounds: --max-minutes reached", flush=True)
+                break
             self.round = number
             t = time.monotonic()
             try:
@@ -315,7 +318,7 @@ class Soak:
                   f"{sum(self.faults.values())}, violations {len(self.violations)}", flush=True)
         minutes = (time.monotonic() - started) / 60
         return {
-            "rounds": self.args.rounds, "seed": self.args.seed, "postgres": self.args.postgres,
+            "rounds": self.round, "rounds_asked": self.args.rounds, "seed": self.args.seed, "postgres": self.args.postgres,
             "prompts_per_round": self.args.prompts, "valid_prompts": len(self.valid),
             "bad_records": self.bad_records,
             "faults": sum(self.faults.values()), "faults_by_kind": dict(sorted(self.faults.items())),
@@ -323,7 +326,7 @@ class Soak:
             "steps_completed": dict(self.steps), "minutes": round(minutes, 1),
             "seconds_per_round": per_round,
             "targets": TARGETS,
-            "met": {"rounds": self.args.rounds >= TARGETS["rounds"],
+            "met": {"rounds": self.round >= TARGETS["rounds"],
                     "faults": sum(self.faults.values()) >= TARGETS["faults"],
                     "violations": not self.violations, "minutes": minutes <= TARGETS["minutes"]},
         }
@@ -341,6 +344,8 @@ def main() -> None:
     ap.add_argument("--base-port", type=int, default=26100)
     ap.add_argument("--postgres", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the stack folder afterwards")
+    ap.add_argument("--max-minutes", type=float, default=60.0,
+                    help="start no new round after this many minutes")
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="sftflow-soak-"))
     load = os.getloadavg()
