@@ -146,7 +146,8 @@ def machine() -> dict:
 
     return {"python": platform.python_version(), "platform": platform.platform(),
             "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "note": "2 cores shared with other jobs while measuring"}
+            "load_avg_1m": os.getloadavg()[0],
+            "note": "see load_avg_1m: below ~1 on 2 cores means nothing else was running"}
 
 
 def main() -> None:
