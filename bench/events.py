@@ -130,11 +130,14 @@ def latency_part(settings, ls, s3, crossings: int) -> dict:
     from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG
     from sftflow.tasks.webhooks import SECRET_HEADER, ThresholdQuery, register_webhook, webhook_url
 
-    cfg = ServeConfig(source=f"s3://{s3.bucket}/prompts/", project="-", dataset="bench",
-                      min_new=MIN_NEW, bucket=s3.bucket, debounce_s=600)
-    build = next(d for d in build_deployments(cfg) if d.name == BUILD)
-    deployment_id = build.apply()
-    time.sleep(2)
+    def build_deployment_for(project_id: int):
+        """The build deployment pinned to this project (it only reacts to its events)."""
+        cfg = ServeConfig(source=f"s3://{s3.bucket}/prompts/", project=str(project_id),
+                          dataset="bench", min_new=MIN_NEW, bucket=s3.bucket, debounce_s=600)
+        deployment_id = next(d for d in build_deployments(cfg) if d.name == BUILD).apply()
+        time.sleep(2)  # the trigger service picks the new trigger up within about a second
+        return deployment_id
+
     server, thread, url = start_bridge(settings)
     secret = settings.webhooks.secret.get_secret_value()
     latencies, post_s, runs_after_repeats, projects = [], [], [], []
@@ -144,6 +147,7 @@ def latency_part(settings, ls, s3, crossings: int) -> dict:
                 p = retry(ls.projects.create, title=f"bench-events-{os.getpid()}-{i}",
                                        label_config=SFT_LABEL_CONFIG)
                 projects.append(p.id)
+                deployment_id = build_deployment_for(p.id)
                 ids = retry(ls.projects.import_tasks, id=p.id, request=[{"prompt": f"q{j}"} for j in
                                                range(MIN_NEW + 1)], return_task_ids=True).task_ids
                 hook_url = webhook_url(f"{url}/labelstudio", ThresholdQuery(MIN_NEW, "bench"))
