@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, runtime, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -43,17 +43,18 @@ import sftflow
 from sftflow.core import events
 from sftflow.tasks import build, formats, versioning
 from sftflow.tasks._prefect import artifact_key, io_task
-from sftflow.tasks.build import dedup_and_split_task, fingerprint_shard
+from sftflow.tasks.build import fingerprint_shard, stable_split_task
 from sftflow.tasks.clients import Clients
 from sftflow.tasks.dedup import DedupConfig
 from sftflow.tasks.filters import FilterConfig, filter_shard
 from sftflow.tasks.labelstudio import RESPONSE_NAME, require_project
+from sftflow.tasks.labelstudio.delta import ls_time, watermark
 from sftflow.tasks.labelstudio.export import (
     AnnotationPolicy,
     create_snapshot,
     delete_snapshot,
     download_snapshot,
-    parse_export_file,
+    parse_tasks,
 )
 from sftflow.tasks.storage import S3
 
@@ -94,6 +95,12 @@ class BuildParams(BaseModel):
     keep_snapshot: bool = Field(
         False, description="Keep the export snapshot on the Label Studio server afterwards."
     )
+    mode: Literal["auto", "full", "scratch"] = Field(
+        "auto", description="'auto': read only the tasks changed since the parent version "
+        "when the project counters prove the change list complete, else a full export; "
+        "'full': a full export, the same stable rule (same version as 'auto'); 'scratch': "
+        "ignore the parent version (every row deduplicated anew, splits recomputed)."
+    )
 
     def build_config(self) -> dict[str, Any]:
         """Everything that changes the rows: hashed into the version id."""
@@ -123,7 +130,16 @@ class BuildReport(BaseModel):
     counts: dict[str, Any] = Field(default_factory=dict, description="Figures per stage.")
     bytes_written: int = 0
     bytes_total: int = 0
+    mode: str = Field("", description="incremental | full | scratch")
+    mode_reason: str = Field("", description="Why this mode (a fallback names its cause).")
+    seconds: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
     message: str = ""
+
+    def record_mode(self, changes: build.Changes, figures: dict[str, int],
+                    seconds: dict[str, float]) -> None:
+        self.mode, self.mode_reason, self.seconds = changes.mode, changes.reason, seconds
+        self.counts["changes"] = {**figures, "rows_deleted_in_place":
+                                  self.counts.get("commit", {}).get("rows_deleted", 0)}
 
     def record_commit(self, result: versioning.CommitResult, uri: str) -> None:
         self.version, self.created = result.version, result.created
@@ -131,6 +147,7 @@ class BuildReport(BaseModel):
         self.rows = self.counts["rows"] = result.rows
         self.counts["commit"] = {
             "shards_written": result.shards_written, "shards_reused": result.shards_reused,
+            "rows_deleted": result.rows_deleted,
             "cas_retries": result.cas_retries, "superseded_by": result.superseded_by,
             "parent_missing": len(result.parent_missing), "repaired": len(result.repaired),
         }
@@ -144,14 +161,14 @@ class BuildReport(BaseModel):
 
 
 @io_task(name="commit-version")
-def commit(s3: S3, params: BuildParams, split: build.DedupSplit, exclusions: list, *,
+def commit(s3: S3, params: BuildParams, outcome: build.Outcome, extra: list, *,
            prefix: str, shard_rows: int, source: dict, stats: dict) -> versioning.CommitResult:
     """Commit the version (and point ``params.tag`` at it)."""
     result = versioning.commit_version(
-        s3, params.dataset, split.rows, config=params.build_config(), source=source, stats=stats,
-        exclusions=exclusions + split.exclusions, prefix=prefix, shard_rows=shard_rows,
+        s3, params.dataset, outcome.rows, config=params.build_config(), source=source,
+        stats=stats, prefix=prefix, shard_rows=shard_rows,
         run_id=str(runtime.flow_run.id or ""), code_version=f"sftflow {sftflow.__version__}",
-        system_prompt=params.system_prompt,
+        system_prompt=params.system_prompt, signatures=outcome.signatures, extra_files=extra,
     )
     if params.tag:
         versioning.set_tag(s3, params.dataset, params.tag, result.version, prefix=prefix)
@@ -162,8 +179,10 @@ def commit(s3: S3, params: BuildParams, split: build.DedupSplit, exclusions: lis
 @flow(name="build-dataset", task_runner=ThreadPoolTaskRunner(max_workers=4),
       validate_parameters=True, log_prints=False)
 def build_dataset(params: BuildParams) -> BuildReport:
-    """Export, filter, dedup, split and commit one dataset version; see the module docstring."""
+    """Read what changed in Label Studio since the parent version (or everything), filter,
+    dedup against the parent, split and commit one dataset version; see the module docstring."""
     logger = get_run_logger()
+    clock = build.Stopwatch()
     versioning.check_name("dataset", params.dataset)
     clients = Clients.for_bucket(params.bucket)
     settings, ls, s3 = clients.settings, clients.labelstudio, clients.s3
@@ -173,46 +192,67 @@ def build_dataset(params: BuildParams) -> BuildReport:
     project = require_project(ls, params.project)
     report = BuildReport(dataset=params.dataset, project_id=project.id, project=project.title)
     source = build.project_source(settings.labelstudio.url, project)
-
-    snapshot = create_snapshot(ls, int(project.id), timeout_s=params.export_timeout_s)
-    source.update(export_id=snapshot.export_id, snapshot_at=snapshot.created_at)
+    plan = build.plan_build(s3, params.dataset, prefix, params.build_config(), mode=params.mode,
+                            full_every=settings.datasets.full_every)
+    clock.lap("parent")
     with tempfile.TemporaryDirectory(prefix="sftflow-export-") as tmp:
-        path = download_snapshot(ls, snapshot, Path(tmp) / "export.json")
-        if not params.keep_snapshot:
-            delete_snapshot(ls, snapshot)
-        parsed = parse_export_file(path, params.annotation_policy, params.response_name)
+        changes = build.read_changes(
+            ls, int(project.id), plan, lambda: _counters(ls, project.id),
+            lambda: _full_export(ls, project, params, source, Path(tmp)))
+    source.update(mode=changes.mode, mode_reason=changes.reason,
+                  since_full=plan.since_full if changes.mode == "incremental" else 0,
+                  watermark=changes.watermark or watermark(ls_time(source["snapshot_at"])))
+    clock.lap("export")
+    parsed = parse_tasks(changes.tasks, params.annotation_policy, params.response_name)
     report.counts["export"] = dict(parsed.counts)
-    logger.info("export %s of project %s: %s", snapshot.export_id, project.id,
-                report.counts["export"])
-
     shards = build.chunks(parsed.rows, shard_rows) if parsed.rows else []
     filtered = [f.result() for f in filter_shard.map(shards, unmapped(params.filters))]
-    rows, exclusions, filter_counts = build.merge_filtered(parsed.exclusions, filtered)
-    del parsed, filtered
+    fresh, exclusions, filter_counts = build.merge_filtered(parsed.exclusions, filtered)
     report.counts["filters"] = dict(filter_counts)
-    if not rows:
+    clock.lap("filters")
+    texts = build.dedup_texts(fresh, params.dedup)
+    fps = [f.result() for f in fingerprint_shard.map(build.chunks(texts, shard_rows),
+                                                     unmapped(params.dedup))] if fresh else []
+    outcome = stable_split_task(plan, changes, fresh, fps, params.dedup, params.eval_fraction,
+                                params.split_seed)
+    report.counts["dedup"] = build.dedup_counts(outcome.stats)
+    clock.lap("dedup")
+    if not outcome.rows:
         report.message = build.nothing_to_build(project.title, report.counts)
         logger.warning(report.message)
         create_table_artifact(build.counts_table(report.counts), description=report.message,
                               key=artifact_key("dataset", params.dataset, "counts"))
         return report
 
-    texts = build.dedup_texts(rows, params.dedup)
-    fps = [f.result() for f in fingerprint_shard.map(build.chunks(texts, shard_rows),
-                                                     unmapped(params.dedup))]
-    del texts
-    split = dedup_and_split_task(rows, fps, params.dedup, params.eval_fraction, params.split_seed)
-    report.counts["dedup"] = build.dedup_counts(split.stats)
     stats = {"export": report.counts["export"], "filters": report.counts["filters"],
-             "dedup": split.stats}
-
-    result = commit(s3, params, split, exclusions, prefix=prefix, shard_rows=shard_rows,
+             "dedup": outcome.stats, "changes": outcome.figures}
+    extra = build.index_files(outcome.tasks, build.carried_exclusions(plan, changes)
+                              + exclusions + outcome.exclusions)
+    result = commit(s3, params, outcome, extra, prefix=prefix, shard_rows=shard_rows,
                     source=source, stats=stats)
+    clock.lap("commit")
     root = versioning.dataset_root(prefix, params.dataset)
     report.record_commit(result, s3.uri(f"{root}/versions/{result.version}/manifest.json"))
+    report.record_mode(changes, outcome.figures, clock.seconds)
     logger.info(report.message)
-    _publish(s3, prefix, params, report, split.stats)
+    _publish(s3, prefix, params, report, outcome.stats)
     return report
+
+
+def _counters(ls: Any, project_id: int) -> dict[str, int]:
+    project = ls.projects.get(id=int(project_id))
+    return {k: int(getattr(project, k, 0) or 0) for k in build.PROJECT_COUNTERS}
+
+
+def _full_export(ls: Any, project: Any, params: BuildParams, source: dict[str, Any],
+                 tmp: Path) -> Path:
+    """A whole-project export snapshot, downloaded to ``tmp``; its id and time go to ``source``."""
+    snapshot = create_snapshot(ls, int(project.id), timeout_s=params.export_timeout_s)
+    source.update(export_id=snapshot.export_id, snapshot_at=snapshot.created_at)
+    path = download_snapshot(ls, snapshot, tmp / "export.json")
+    if not params.keep_snapshot:
+        delete_snapshot(ls, snapshot)
+    return path
 
 
 def _publish(s3: S3, prefix: str, params: BuildParams, report: BuildReport,

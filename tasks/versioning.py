@@ -50,6 +50,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import (
     BaseModel,
@@ -169,6 +171,9 @@ class Manifest(BaseModel):
     config_hash: str = ""
     code_version: str = ""
     run_id: str | None = None
+    #: Rows dropped from reused shards: Parquet file path -> row positions (0-based). The
+    #: shard's JSONL copies and signature sidecar hold the same rows in the same order.
+    deleted: dict[str, list[int]] = Field(default_factory=dict)
     _base: str = PrivateAttr("")  # the dataset root this manifest was read from
 
     @classmethod
@@ -185,7 +190,19 @@ class Manifest(BaseModel):
             first = err.errors()[0]
             loc = ".".join(str(p) for p in first["loc"]) or "manifest"
             raise SftflowError(f"manifest {where} is refused: {loc}: {first['msg']}") from None
+        sizes = {f.path: f.rows for f in manifest.files_of("parquet")}
+        for path, positions in manifest.deleted.items():
+            if path not in sizes or any(not 0 <= i < sizes[path] for i in positions):
+                raise SftflowError(f"manifest {where} is refused: deleted rows of {path!r} "
+                                   "name no rows of a listed Parquet file")
         return manifest.located(root)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_deleted(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if not self.deleted:
+            data.pop("deleted", None)  # manifests without deletions keep their old bytes
+        return data
 
     def located(self, root: str) -> Manifest:
         self._base = root
@@ -200,6 +217,12 @@ class Manifest(BaseModel):
     def files_of(self, fmt: str, split: str | None = None) -> list[FileEntry]:
         """Files of one format (and split, unless None), in manifest order."""
         return [f for f in self.files if f.format == fmt and (split is None or f.split == split)]
+
+    def shard_of(self, f: FileEntry) -> str:
+        """The Parquet path whose rows ``f`` holds (itself, or the shard it was written from)."""
+        if f.of is None:
+            return f.path
+        return next((p.path for p in self.files_of("parquet") if p.sha256 == f.of), f.path)
 
     def to_json(self) -> bytes:
         """The manifest's bytes as committed (key order and layout fixed)."""
@@ -289,6 +312,43 @@ def resolve(s3: S3, dataset: str, version: str | None, *, prefix: str = DEFAULT_
     raise SftflowError(f"dataset {dataset!r} has no version or tag {version!r} ({s3.uri(root)})")
 
 
+def kept_positions(manifest: Manifest, f: FileEntry) -> list[int]:
+    """Row positions of ``f`` (a shard or one of its copies) that belong to the version:
+    all but the ones its manifest records as deleted. Every reader of rows applies this."""
+    gone = set(manifest.deleted.get(manifest.shard_of(f), ()))
+    return [i for i in range(f.rows) if i not in gone]
+
+
+def read_file(s3: S3, manifest: Manifest, f: FileEntry) -> bytes:
+    """A listed file's bytes, size and sha256 checked."""
+    key = manifest.key(f.path)
+    try:
+        data, _ = s3.get_bytes(key)
+    except KeyError:
+        raise SftflowError(
+            f"{manifest.dataset}@{manifest.version}: file {s3.uri(key)} is missing") from None
+    if len(data) != f.size or sha256_hex(data) != f.sha256:
+        raise SftflowError(f"{manifest.dataset}@{manifest.version}: checksum mismatch for "
+                           f"{s3.uri(key)}")
+    return data
+
+
+def read_rows(s3: S3, manifest: Manifest, f: FileEntry, columns: Sequence[str] | None = None):
+    """A Parquet shard of the version as a pyarrow table, deleted rows left out."""
+    table = pq.read_table(io.BytesIO(read_file(s3, manifest, f)), columns=columns)
+    if manifest.deleted.get(f.path):
+        table = table.take(pa.array(kept_positions(manifest, f), type=pa.int64()))
+    return table
+
+
+def read_jsonl_lines(s3: S3, manifest: Manifest, f: FileEntry) -> list[str]:
+    """The lines of a JSONL copy of a shard that belong to the version."""
+    lines = read_file(s3, manifest, f).decode().splitlines()
+    if not manifest.deleted.get(manifest.shard_of(f)):
+        return lines
+    return [lines[i] for i in kept_positions(manifest, f)]
+
+
 def file_key(manifest: Manifest, path: str) -> str:
     """The object key of one of ``manifest``'s file paths (under the root it was read from)."""
     return manifest.key(path)
@@ -298,17 +358,7 @@ def verify_files(s3: S3, manifest: Manifest, files: Sequence[FileEntry] | None =
     """Download every listed file and check size and sha256; SftflowError names the first bad one."""
 
     def check(f: FileEntry) -> None:
-        key = manifest.key(f.path)
-        try:
-            data, _ = s3.get_bytes(key)
-        except KeyError:
-            raise SftflowError(
-                f"{manifest.dataset}@{manifest.version}: file {s3.uri(key)} is missing"
-            ) from None
-        if len(data) != f.size or sha256_hex(data) != f.sha256:
-            raise SftflowError(
-                f"{manifest.dataset}@{manifest.version}: checksum mismatch for {s3.uri(key)}"
-            )
+        read_file(s3, manifest, f)
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(check, files if files is not None else manifest.files))
@@ -406,6 +456,7 @@ class CommitResult:
     bytes_total: int = 0  # bytes of every file the version lists
     shards_written: int = 0
     shards_reused: int = 0
+    rows_deleted: int = 0  # rows of reused shards left out (recorded in the manifest)
     cas_retries: int = 0
     superseded_by: str | None = None  # refs/latest was left on a version from a newer snapshot
     parent_missing: list[str] = field(default_factory=list)  # parent files gone (not reused)
@@ -443,6 +494,21 @@ def _put_immutable(s3: S3, key: str, data: bytes, content_type: str) -> tuple[by
         return existing, 0
 
 
+def signature_bytes(sigs: np.ndarray) -> bytes:
+    """A shard's signature sidecar: ``.npy`` of (rows, num_perm) uint32, in row order."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(sigs, dtype=np.uint32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def read_signatures(data: bytes, rows: int) -> np.ndarray:
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if arr.dtype != np.uint32 or arr.ndim != 2 or len(arr) != rows:
+        raise SftflowError(f"signature sidecar has shape {arr.shape} {arr.dtype}, "
+                           f"not ({rows}, k) uint32")
+    return arr
+
+
 def _shard_row_hashes(s3: S3, key: str) -> list[str]:
     data, _ = s3.get_bytes(key)
     return pq.read_table(io.BytesIO(data), columns=["row_hash"]).column(0).to_pylist()
@@ -459,17 +525,25 @@ def _reusable(s3: S3, parent: Manifest, f: FileEntry) -> list[str] | None:
     return hashes
 
 
+#: A reused parent shard may lose at most this share of its rows (recorded as deleted);
+#: past it, the shard's remaining rows are written anew.
+MAX_DELETED = 0.25
+
+
 def plan_shards(
     s3: S3, rows: Sequence[SftRow], parent: Manifest | None, shard_rows: int,
-) -> tuple[list[FileEntry], list[list[SftRow]], list[str]]:
-    """Which parent shards the new version can reuse whole, and the leftover rows cut into
-    new shards. A parent shard is reused when every row in it is still in the version with
-    the same split and its files all exist; small parent shards are merged into the new ones
-    (bounded fragmentation). Returns (reused parquet file entries, new shards as sorted row
-    lists, paths of parent shards found missing: their rows are written anew)."""
+) -> tuple[list[FileEntry], dict[str, list[int]], list[list[SftRow]], list[str]]:
+    """Which parent shards the new version reuses, which of their rows it leaves out, and the
+    other rows cut into new shards. A parent shard is reused when its files all exist and at
+    least ``1 - MAX_DELETED`` of its rows are still in the version with the same split: the
+    rest are recorded as deleted (a small list in the manifest) instead of a rewrite. Small
+    parent shards are merged into the new ones (bounded fragmentation). Returns (reused parquet
+    entries, deleted positions per reused path, new shards as sorted row lists, paths of
+    parent shards found missing: their rows are written anew)."""
     by_hash = {r["row_hash"]: r for r in rows}
     remaining = set(by_hash)
     reused: list[FileEntry] = []
+    deleted: dict[str, list[int]] = {}
     missing: list[str] = []
     if parent:
         candidates = [f for f in parent.files_of("parquet")
@@ -479,15 +553,20 @@ def plan_shards(
         for f, hs in zip(candidates, hashes, strict=True):
             if hs is None:
                 missing.append(f.path)
-            elif hs and all(h in remaining and by_hash[h]["split"] == f.split for h in hs):
+                continue
+            here = [h in remaining and by_hash[h]["split"] == f.split for h in hs]
+            gone = [i for i, ok in enumerate(here) if not ok]
+            if hs and len(gone) <= MAX_DELETED * len(hs) and len(gone) < len(hs):
                 reused.append(f)
-                remaining.difference_update(hs)
+                if gone:
+                    deleted[f.path] = gone
+                remaining.difference_update(h for h, ok in zip(hs, here, strict=True) if ok)
     leftover = sorted((by_hash[h] for h in remaining), key=_sort_key)
     shards: list[list[SftRow]] = []
     for split in SPLITS:
         part = [r for r in leftover if r["split"] == split]
         shards += [part[i:i + shard_rows] for i in range(0, len(part), shard_rows)]
-    return reused, shards, missing
+    return reused, deleted, shards, missing
 
 
 def _companions(parent: Manifest | None, parquet_sha: str) -> list[FileEntry]:
@@ -552,8 +631,10 @@ def advance_latest(
 
 
 def _shard_files(shard: list[SftRow], system_prompt: str | None,
+                 signatures: Mapping[str, np.ndarray] | None = None,
                  ) -> list[tuple[FileEntry, bytes, str]]:
-    """A new shard's Parquet file and its two JSONL copies: (entry, bytes, content type)."""
+    """A new shard's Parquet file, its two JSONL copies and (given ``signatures``, row hash ->
+    MinHash signature) its signature sidecar: (entry, bytes, content type)."""
     split = shard[0]["split"]
     pq_bytes = formats.parquet_bytes(shard)
     pq_sha = sha256_hex(pq_bytes)
@@ -568,6 +649,12 @@ def _shard_files(shard: list[SftRow], system_prompt: str | None,
         out.append((FileEntry(path=f"shards/{sub}/{sha}.jsonl", split=split, format=fmt,
                               sha256=sha, size=len(data), rows=len(shard), of=pq_sha),
                     data, "application/jsonl"))
+    if signatures is not None:
+        data = signature_bytes(np.stack([signatures[r["row_hash"]] for r in shard]))
+        sha = sha256_hex(data)
+        out.append((FileEntry(path=f"shards/minhash/{sha}.npy", split=split, format="minhash",
+                              sha256=sha, size=len(data), rows=len(shard), of=pq_sha),
+                    data, "application/octet-stream"))
     return out
 
 
@@ -586,13 +673,20 @@ def commit_version(
     code_version: str = "",
     system_prompt: str | None = None,
     hook: Hook | None = None,
+    signatures: Mapping[str, np.ndarray] | None = None,
+    extra_files: Sequence[tuple[str, str, bytes, str, int]] = (),
 ) -> CommitResult:
     """Write ``rows`` (each with every column of ``formats.SCHEMA``) as a version of ``dataset``
     and move ``refs/latest`` to it. Idempotent: the same rows and config give the same version,
     and a rerun after a crash at any point completes the commit.
 
     ``hook(step)`` and the failpoint ``versioning.after-<step>`` are called after each step
-    (``shard``, ``files``, ``manifest``, ``ref``) so tests can stop the process exactly there."""
+    (``shard``, ``files``, ``manifest``, ``ref``) so tests can stop the process exactly there.
+
+    ``signatures`` (row hash -> MinHash signature) adds a signature sidecar to every new shard.
+    ``extra_files`` are content-addressed (path, format, bytes, content type, rows) files the
+    version lists (its task index and exclusion chunks); one the parent lists already is
+    referenced, not uploaded. Without them, ``exclusions`` go to ``versions/<v>/exclusions.jsonl``."""
     root = dataset_root(prefix, dataset)
 
     def step(name: str) -> None:
@@ -627,7 +721,7 @@ def commit_version(
         except SftflowError as err:
             log.warning("parent %s@%s unreadable, building every shard anew: %s",
                         dataset, parent_id, err)
-    reused, new_shards, parent_missing = plan_shards(s3, rows, parent, shard_rows)
+    reused, deleted, new_shards, parent_missing = plan_shards(s3, rows, parent, shard_rows)
     if parent_missing:
         log.warning("parent %s@%s: %d shard(s) missing, their rows are written anew: %s",
                     dataset, parent_id, len(parent_missing), ", ".join(parent_missing[:5]))
@@ -639,7 +733,7 @@ def commit_version(
     own: dict[str, Callable[[], tuple[bytes, str]]] = {}  # what this run can re-put, by path
 
     def write_shard(shard: list[SftRow]) -> tuple[list[FileEntry], int]:
-        parts = _shard_files(shard, system_prompt)
+        parts = _shard_files(shard, system_prompt, signatures)
         return [e for e, _, _ in parts], sum(
             _put_fresh(s3, f"{root}/{e.path}", data, ctype) for e, data, ctype in parts)
 
@@ -649,7 +743,7 @@ def commit_version(
             files += entries
             written += n
             for e in entries:
-                own[e.path] = partial(_shard_bytes, shard, system_prompt, e.path)
+                own[e.path] = partial(_shard_bytes, shard, system_prompt, e.path, signatures)
             step("shard")
 
     split_order = {s: i for i, s in enumerate(SPLITS)}
@@ -659,11 +753,21 @@ def commit_version(
 
     card = formats.dataset_card(dataset=dataset, version=vid, rows=row_counts, sizes=sizes,
                                 stats=stats, source=source, config=config).encode()
-    for name, fmt, data, ctype, n_rows in (
-        ("exclusions.jsonl", "exclusions", formats.exclusions_jsonl(exclusions),
-         "application/jsonl", len(exclusions)),
-        ("README.md", "card", card, "text/markdown", 0),
-    ):
+    parent_files = {f.path: f for f in parent.files} if parent else {}
+    for path, fmt, data, ctype, n_rows in extra_files:
+        if path in parent_files and parent_files[path].sha256 == sha256_hex(data):
+            files.append(parent_files[path])
+            continue
+        written += _put_fresh(s3, f"{root}/{path}", data, ctype)
+        own[path] = partial(lambda b, c: (b, c), data, ctype)
+        files.append(FileEntry(path=path, split=None, format=fmt, sha256=sha256_hex(data),
+                               size=len(data), rows=n_rows))
+    own_files = [("README.md", "card", card, "text/markdown", 0)]
+    if not extra_files:
+        own_files.insert(0, ("exclusions.jsonl", "exclusions",
+                             formats.exclusions_jsonl(exclusions), "application/jsonl",
+                             len(exclusions)))
+    for name, fmt, data, ctype, n_rows in own_files:
         path = f"versions/{vid}/{name}"
         stored, n = _put_immutable(s3, f"{root}/{path}", data, ctype)
         written += n
@@ -676,6 +780,7 @@ def commit_version(
         dataset=dataset, version=vid, parent=parent_id, root=root, created_at=utc_now_iso(),
         files=files, rows=row_counts, schema=formats.schema_json(), source=source, stats=stats,
         config=config, config_hash=cfg_hash, code_version=code_version, run_id=run_id,
+        deleted=deleted,
     ).located(root)
     body = manifest.to_json()
     created = True
@@ -693,14 +798,17 @@ def commit_version(
         dataset=dataset, version=vid, created=created, ref_updated=moved, latest=latest,
         parent=manifest.parent, rows=row_counts, bytes_written=written,
         bytes_total=sum(f.size for f in manifest.files),
-        shards_written=len(new_shards), shards_reused=len(reused), cas_retries=retries,
+        shards_written=len(new_shards), shards_reused=len(reused),
+        rows_deleted=sum(len(v) for v in deleted.values()), cas_retries=retries,
         superseded_by=sup, parent_missing=parent_missing, repaired=repaired,
     )
 
 
-def _shard_bytes(shard: list[SftRow], system_prompt: str | None, path: str) -> tuple[bytes, str]:
+def _shard_bytes(shard: list[SftRow], system_prompt: str | None, path: str,
+                 signatures: Mapping[str, np.ndarray] | None = None) -> tuple[bytes, str]:
     """One of a new shard's files again (for a repair): its bytes and content type."""
-    return next((data, ctype) for e, data, ctype in _shard_files(shard, system_prompt)
+    return next((data, ctype) for e, data, ctype in _shard_files(shard, system_prompt,
+                                                                 signatures)
                 if e.path == path)
 
 
@@ -742,17 +850,23 @@ def _repair_files(s3: S3, manifest: Manifest,
 
 
 # -- readers: diff, pull, gc ---------------------------------------------------------------------
-def _row_index(s3: S3, manifest: Manifest) -> dict[str, tuple[str, int, str]]:
-    """row_hash -> (split, annotation_id, prompt) for every row of a version."""
+def _row_index(s3: S3, manifest: Manifest, files: Sequence[FileEntry],
+               only: Callable[[FileEntry], set[int] | None] = lambda f: None,
+               ) -> dict[str, tuple[str, int, str]]:
+    """row_hash -> (split, annotation_id, prompt) for the version's rows in ``files``
+    (deletions applied), or only at the positions ``only(f)`` names when it names some."""
 
     def read(f: FileEntry) -> list[tuple]:
-        data, _ = s3.get_bytes(manifest.key(f.path))
-        t = pq.read_table(io.BytesIO(data), columns=["row_hash", "split", "annotation_id", "prompt"])
+        t = pq.read_table(io.BytesIO(read_file(s3, manifest, f)),
+                          columns=["row_hash", "split", "annotation_id", "prompt"])
+        keep = only(f)
+        keep = sorted(keep) if keep is not None else kept_positions(manifest, f)
+        t = t.take(pa.array(keep, type=pa.int64())) if len(keep) != t.num_rows else t
         return list(zip(*(t.column(i).to_pylist() for i in range(4)), strict=True))
 
     out = {}
     with ThreadPoolExecutor(8) as pool:
-        for part in pool.map(read, manifest.files_of("parquet")):
+        for part in pool.map(read, files):
             out.update({h: (s, a, p) for h, s, a, p in part})
     return out
 
@@ -760,10 +874,27 @@ def _row_index(s3: S3, manifest: Manifest) -> dict[str, tuple[str, int, str]]:
 def diff_versions(s3: S3, dataset: str, a: str | None, b: str | None, *,
                   prefix: str = DEFAULT_PREFIX, examples: int = 3) -> dict[str, Any]:
     """Rows added, removed, changed (same annotation, new content) and unchanged from a to b,
-    per split, and how many bytes of b's files a already had."""
+    per split, and how many bytes of b's files a already had. Reads only the shards the two
+    versions do not share, and the rows of shared shards that one of them deleted."""
     ma = load_manifest(s3, dataset, a, verify=False, prefix=prefix)
     mb = load_manifest(s3, dataset, b, verify=False, prefix=prefix)
-    ra, rb = _row_index(s3, ma), _row_index(s3, mb)
+    pa_, pb = ({f.path: f for f in m.files_of("parquet")} for m in (ma, mb))
+    shared = pa_.keys() & pb.keys()
+
+    def flips(m: Manifest, other: Manifest) -> Callable[[FileEntry], set[int] | None]:
+        # rows of a shared shard present in m but deleted in other
+        return lambda f: (set(other.deleted.get(f.path, ())) - set(m.deleted.get(f.path, ())))
+
+    def index(m: Manifest, other: Manifest, own: dict) -> dict:
+        idx = _row_index(s3, m, [f for p, f in own.items() if p not in shared])
+        differ = [own[p] for p in shared
+                  if set(m.deleted.get(p, ())) != set(other.deleted.get(p, ()))]
+        idx.update(_row_index(s3, m, differ, flips(m, other)))
+        return idx
+
+    ra, rb = index(ma, mb, pa_), index(mb, ma, pb)
+    unchanged = sum(len(kept_positions(mb, pb[p])) for p in shared) - sum(
+        len(set(ma.deleted.get(p, ())) - set(mb.deleted.get(p, ()))) for p in shared)
     ann_a = {v[1]: h for h, v in ra.items()}
     added = [h for h in rb if h not in ra]
     removed = [h for h in ra if h not in rb]
@@ -771,20 +902,22 @@ def diff_versions(s3: S3, dataset: str, a: str | None, b: str | None, *,
     changed_old = {ann_a[rb[h][1]] for h in changed}
     added_only = [h for h in added if h not in set(changed)]
     removed_only = [h for h in removed if h not in changed_old]
+    unchanged += len(rb) - len(added)
 
     def per_split(hs: list[str], idx: dict) -> dict[str, int]:
         c = Counter(idx[h][0] for h in hs)
         return {s: c.get(s, 0) for s in SPLITS}
 
     paths_a = {f.path for f in ma.files}
-    shared = sum(f.size for f in mb.files if f.path in paths_a)
+    shared_bytes = sum(f.size for f in mb.files if f.path in paths_a)
     return {
         "dataset": dataset, "a": ma.version, "b": mb.version,
         "rows_a": ma.rows, "rows_b": mb.rows,
         "added": per_split(added_only, rb), "removed": per_split(removed_only, ra),
         "changed": per_split(changed, rb),
-        "unchanged": len(rb) - len(added),
-        "bytes_b": sum(f.size for f in mb.files), "bytes_shared_with_a": shared,
+        "unchanged": unchanged,
+        "shards_read": len(pa_.keys() - shared) + len(pb.keys() - shared),
+        "bytes_b": sum(f.size for f in mb.files), "bytes_shared_with_a": shared_bytes,
         "examples": {
             "added": [rb[h][2][:120] for h in sorted(added_only)[:examples]],
             "removed": [ra[h][2][:120] for h in sorted(removed_only)[:examples]],

@@ -78,6 +78,9 @@ class PrefectSettings(BaseModel):
 class DatasetSettings(BaseModel):
     prefix: str = Field("datasets", description="Key prefix of dataset versions in the bucket.")
     shard_rows: int = Field(5000, ge=1, description="Rows per content-addressed Parquet shard.")
+    full_every: int = Field(
+        20, ge=1, description="Every N-th build of a dataset reads the whole project (a full "
+        "export snapshot) even when the incremental export reconciles: a periodic check.")
 
 
 class FinetuneSettings(BaseModel):

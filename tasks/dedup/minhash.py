@@ -557,6 +557,7 @@ def similar_pairs(
     order_keys: np.ndarray | None = None,
     texts: Sequence[str] | None = None,
     max_rounds: int = 8,
+    ignore_below: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Candidate pairs accepted as near-duplicates, and their (estimated or exact) Jaccard.
 
@@ -568,10 +569,15 @@ def similar_pairs(
     those that would join two groups not already joined by confident pairs (estimate >=
     threshold + margin): the others cannot change any cluster, so they are left out.
     Groups are joined in rounds, one pair per two groups each; after ``max_rounds`` the
-    remaining pairs are decided by their estimate.
+    remaining pairs are decided by their estimate. Pairs of two rows below ``ignore_below``
+    are never considered (the rows of a parent version: already deduplicated, see
+    ``stable.stable_dedup``).
     """
     margin = cfg.verify_margin
     a, b = candidate_pairs(sigs, cfg, order_keys)
+    if ignore_below:
+        new = b >= ignore_below  # a < b: a pair has a new row when b is new
+        a, b = a[new], b[new]
     est = np.empty(len(a), dtype=np.float64)
     step = max(1, (1 << 22) // sigs.shape[1])
     for i in range(0, len(a), step):

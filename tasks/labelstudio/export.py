@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, Literal, TypedDict
 from sftflow.core.errors import SftflowError
 from sftflow.tasks._prefect import compute_task, io_task
 from sftflow.tasks.labelstudio import PROMPT_NAME, RESPONSE_NAME
+from sftflow.tasks.labelstudio.delta import ls_time
 from sftflow.tasks.polling import Backoff, is_transient, retry, wait_until
 from sftflow.tasks.prompts import prompt_id as compute_prompt_id
 
@@ -369,8 +370,8 @@ def task_rows(
     pid = pid or compute_prompt_id(prompt)
     for ann, text in picked:
         completed_by = ann.get("completed_by")
-        if isinstance(completed_by, dict):
-            completed_by = completed_by.get("email") or completed_by.get("id")
+        if isinstance(completed_by, dict):  # the tasks API expands it; snapshots give the id
+            completed_by = completed_by.get("id")
         out.rows.append(SftRow(
             prompt=prompt,
             completion=text,
@@ -378,7 +379,7 @@ def task_rows(
             task_id=int(task.get("id") or 0),
             annotation_id=int(ann.get("id") or 0),
             annotator="" if completed_by is None else str(completed_by),
-            updated_at=str(ann.get("updated_at") or ann.get("created_at") or ""),
+            updated_at=ls_time(ann.get("updated_at") or ann.get("created_at")),
             ground_truth=bool(ann.get("ground_truth")),
         ))
     out.counts["rows"] += len(picked)

@@ -1,0 +1,144 @@
+"""Incremental builds on the real stack: a version reads only what changed since its parent,
+keeps the parent's rows and splits, and equals a build from a full export of the same
+annotations (two datasets on one project, one built each way)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from sftflow.flows.build_dataset import BuildParams, build_dataset
+from sftflow.tasks import versioning
+from tests.conftest import unique
+from tests.tasks._datasets import annotation, make_project, textarea
+
+pytestmark = [pytest.mark.integration, pytest.mark.prefect]
+
+TOPICS = ["bridges", "volcanoes", "tides", "rainbows", "glaciers", "comets", "deserts",
+          "coral reefs", "thunder", "magnets", "bees", "clouds", "rivers", "caves", "tornadoes"]
+
+
+def _qa(i: int) -> dict:
+    t = TOPICS[i % len(TOPICS)]
+    return {"data": {"prompt": f"Question {i}: explain how {t} work, for a child of {i % 9 + 5}."},
+            "annotations": [annotation(f"Answer {i}: {t} work because of reason {i * 13}, "
+                                       f"which a child can picture as picture {i * 7}.")]}
+
+
+@pytest.fixture()
+def project(labelstudio):
+    p = make_project(labelstudio, unique("inc"), [_qa(i) for i in range(80)])
+    yield p
+    labelstudio.projects.delete(id=p.id)
+
+
+def _build(s3, project, dataset: str, mode: str = "auto"):
+    return build_dataset(BuildParams(project=project.title, dataset=dataset, bucket=s3.bucket,
+                                     mode=mode, shard_rows=40))
+
+
+def _tasks(labelstudio, project) -> list:
+    return list(labelstudio.tasks.list(project=project.id, fields="all"))
+
+
+def _rows(s3, dataset: str) -> dict[int, dict]:
+    m = versioning.load_manifest(s3, dataset, None, prefix=versioning.DEFAULT_PREFIX)
+    out = {}
+    for f in m.files_of("parquet"):
+        for r in versioning.read_rows(s3, m, f).to_pylist():
+            out[r["task_id"]] = r
+    return out
+
+
+def _exclusions(s3, dataset: str) -> list[dict]:
+    m = versioning.load_manifest(s3, dataset, None)
+    return [json.loads(line) for f in m.files_of("exclusions")
+            for line in versioning.read_file(s3, m, f).decode().splitlines()]
+
+
+def test_incremental_equals_full_through_every_kind_of_change(prefect_harness, s3, labelstudio,
+                                                              project):
+    first_inc, first_full = _build(s3, project, "inc"), _build(s3, project, "full", "full")
+    assert first_inc.mode == "scratch" and first_inc.version == first_full.version
+    before = _rows(s3, "inc")
+    tasks = {t.id: t for t in _tasks(labelstudio, project)}
+    ids = sorted(tasks)
+
+    # new rows, a near-duplicate of an existing row, an edit, a deleted task, a deleted
+    # annotation, and a task sharing a prompt with an eval row
+    eval_task = next(t for t, r in before.items() if r["split"] == "eval")
+    train_task = next(t for t, r in before.items() if r["split"] == "train")
+    near = dict(_qa(3))
+    near["annotations"] = [annotation(_qa(3)["annotations"][0]["result"][0]["value"]["text"][0]
+                                      .replace("picture 21.", "picture 21!"))]
+    same_prompt = {"data": {"prompt": before[eval_task]["prompt"]},
+                   "annotations": [annotation("A second, quite different answer to it.")]}
+    labelstudio.projects.import_tasks(id=project.id, request=[
+        _qa(i) for i in range(100, 104)] + [near, same_prompt])
+    edited_ann = tasks[train_task].annotations[0]["id"]
+    labelstudio.annotations.update(id=edited_ann, result=[textarea(["A corrected answer, "
+                                                                    "written again with care."])])
+    labelstudio.tasks.delete(id=ids[10])
+    labelstudio.annotations.delete(id=tasks[ids[11]].annotations[0]["id"])
+
+    inc, full = _build(s3, project, "inc"), _build(s3, project, "full", "full")
+    assert inc.mode == "incremental", inc.mode_reason
+    assert full.mode == "full"
+    assert inc.version == full.version
+    ch = inc.counts["changes"]
+    assert ch["rows_added"] == 5  # 4 new + the same-prompt one; the near duplicate is dropped
+    assert ch["rows_changed"] == 1 and ch["rows_removed"] == 2 and ch["tasks_deleted"] == 1
+    assert inc.counts["dedup"]["dropped_against_parent"] == 1
+    assert ch["rows_retained"] == len(before) - 3
+    assert inc.bytes_written < first_inc.bytes_written / 2
+
+    after = _rows(s3, "inc")
+    assert after[train_task]["split"] == "train"  # the corrected row keeps its task's split
+    assert after[train_task]["completion"].startswith("A corrected answer")
+    assert ids[10] not in after and ids[11] not in after
+    for t, r in before.items():  # every other row stays as it was
+        if t not in (train_task, ids[10], ids[11]):
+            assert after[t] == r
+    twin_of = {r["prompt"]: r["split"] for r in after.values()}
+    assert twin_of[before[eval_task]["prompt"]] == "eval"  # the shared prompt joined eval
+    dup = [e for e in _exclusions(s3, "inc") if e["reason"] == "duplicate"
+           and "parent" in e.get("detail", "")]
+    assert len(dup) == 1 and dup[0]["cluster_id"] == before[ids[3]]["cluster_id"]
+
+    diff = versioning.diff_versions(s3, "inc", first_inc.version, inc.version)
+    assert sum(diff["added"].values()) == 5 and sum(diff["changed"].values()) == 1
+    assert sum(diff["removed"].values()) == 2
+    assert diff["shards_read"] < len(versioning.load_manifest(s3, "inc", None).files_of("parquet"))
+
+
+def test_rounds_of_random_changes_stay_equal_to_full_builds(prefect_harness, s3, labelstudio,
+                                                            project):
+    rng = random.Random(7)
+    _build(s3, project, "inc"), _build(s3, project, "full", "full")
+    for rnd in range(3):
+        tasks = _tasks(labelstudio, project)
+        annotated = [t for t in tasks if t.annotations]
+        labelstudio.projects.import_tasks(id=project.id, request=[
+            _qa(1000 + rnd * 10 + i) for i in range(rng.randint(1, 4))])
+        for t in rng.sample(annotated, 2):
+            labelstudio.annotations.update(id=t.annotations[0]["id"], result=[textarea(
+                [f"Round {rnd} rewrote this answer about task {t.id} completely."])])
+        labelstudio.tasks.delete(id=rng.choice(annotated).id)
+        inc, full = _build(s3, project, "inc"), _build(s3, project, "full", "full")
+        assert inc.mode == "incremental" and inc.version == full.version, (rnd, inc.mode_reason)
+
+
+def test_counters_that_do_not_reconcile_fall_back_to_a_full_export(prefect_harness, s3,
+                                                                   labelstudio, project):
+    first = _build(s3, project, "inc")
+    task = next(t for t in _tasks(labelstudio, project) if t.annotations)
+    # a Data Manager bulk action deletes annotations without moving the task's updated_at
+    labelstudio.actions.create(id="delete_tasks_annotations", project=project.id,
+                               selected_items={"all": False, "included": [task.id]})
+    second = _build(s3, project, "inc")
+    assert second.mode == "full" and "do not reconcile" in second.mode_reason
+    assert sum(second.rows.values()) == sum(first.rows.values()) - 1
+    third = _build(s3, project, "inc")  # and the next build is incremental again
+    assert third.mode == "incremental" and third.version == second.version
