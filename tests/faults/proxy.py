@@ -214,6 +214,9 @@ class FaultProxy:
                     return
                 writer.write(response.head + response.body)
                 await writer.drain()
+                if response.headers.get("connection", "").lower() == "close":
+                    writer.close()  # the body ended with the server's close: so does ours
+                    return
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             writer.transport.abort()
         finally:
@@ -233,6 +236,9 @@ class FaultProxy:
             if status != 100:  # an upstream 100 Continue is ours to skip
                 break
         no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
-        body = b"" if no_body else await _read_body(
-            reader, headers, until_close=headers.get("connection", "").lower() == "close")
+        # a response with neither a length nor chunks ends when the server closes (a stream)
+        body = b"" if no_body else await _read_body(reader, headers, until_close=True)
+        if not no_body and "content-length" not in headers and "chunked" not in headers.get(
+                "transfer-encoding", "").lower():
+            headers["connection"] = "close"
         return _Message(head, body, start, headers)

@@ -130,15 +130,30 @@ def test_rounds_of_random_changes_stay_equal_to_full_builds(prefect_harness, s3,
         assert inc.mode == "incremental" and inc.version == full.version, (rnd, inc.mode_reason)
 
 
-def test_counters_that_do_not_reconcile_fall_back_to_a_full_export(prefect_harness, s3,
-                                                                   labelstudio, project):
+def test_a_change_list_that_does_not_reconcile_falls_back_to_a_full_export(
+        prefect_harness, s3, labelstudio, project, monkeypatch):
+    from urllib.parse import urlparse
+
+    from sftflow.core.settings import get_settings
+    from tests.faults.proxy import Fault, FaultProxy
+
     first = _build(s3, project, "inc")
-    task = next(t for t in _tasks(labelstudio, project) if t.annotations)
-    # a Data Manager bulk action deletes annotations without moving the task's updated_at
-    labelstudio.actions.create(id="delete_tasks_annotations", project=project.id,
-                               selected_items={"all": False, "included": [task.id]})
-    second = _build(s3, project, "inc")
+    labelstudio.projects.import_tasks(id=project.id, request=[_qa(500), _qa(501)])
+    up = urlparse(get_settings().labelstudio.url)
+    with FaultProxy(up.hostname, up.port) as proxy:
+        # the changed-tasks listing ends early (a 404 is its end-of-pages answer): the two
+        # new tasks are missing from it, and the project counters say so
+        proxy.add(Fault("status", "GET", r"api/tasks/\?.*updated_at", times=0, status=404))
+        monkeypatch.setenv("SFTFLOW_LABELSTUDIO__URL", proxy.url)
+        get_settings.cache_clear()
+        try:
+            second = _build(s3, project, "inc")
+        finally:
+            monkeypatch.delenv("SFTFLOW_LABELSTUDIO__URL")
+            get_settings.cache_clear()
+    assert proxy.applied["status"] >= 1
     assert second.mode == "full" and "do not reconcile" in second.mode_reason
-    assert sum(second.rows.values()) == sum(first.rows.values()) - 1
+    assert "tasks: Label Studio says 82" in second.mode_reason
+    assert sum(second.rows.values()) == sum(first.rows.values()) + 2
     third = _build(s3, project, "inc")  # and the next build is incremental again
     assert third.mode == "incremental" and third.version == second.version
