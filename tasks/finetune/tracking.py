@@ -1,7 +1,7 @@
 """Optional MLflow tracking: one MLflow run per fine-tune job, written from its lineage record.
 
-Off unless ``SFTFLOW_MLFLOW__TRACKING_URI`` is set (an MLflow server, ``file:/path`` for a local
-file store, ``databricks``). The ``finetune`` flow calls :func:`track_job` once the job has
+Off unless ``SFTFLOW_MLFLOW__TRACKING_URI`` is set (an MLflow server, ``sqlite:///mlflow.db``,
+``file:/path`` for a local file store, ``databricks``). The ``finetune`` flow calls :func:`track_job` once the job has
 ended, whatever the backend, so the training machine needs no route to the tracker. The run
 (in experiment ``SFTFLOW_MLFLOW__EXPERIMENT``, named after the job) holds:
 
@@ -24,6 +24,7 @@ as it is; a run left unfinished by a crash is deleted and logged again.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -105,6 +106,10 @@ class MlflowTracker:
     """An ``MlflowClient`` on one tracking URI and experiment (created when missing)."""
 
     def __init__(self, tracking_uri: str, experiment: str = "sftflow"):
+        if "://" not in tracking_uri or tracking_uri.startswith("file:"):
+            # MLflow >= 3.7 refuses its file store unless opted in; naming a file: URI in
+            # sftflow's settings is that choice (the demo's store). sqlite:/// needs no opt-in.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
