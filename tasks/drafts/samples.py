@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from sftflow.tasks._prefect import compute_task
-from sftflow.tasks.drafts.generators import DraftGenerator, TransformersGenerator
+from sftflow.tasks.drafts.generators import DraftError, DraftGenerator, TransformersGenerator
 from sftflow.tasks.finetune.backends import Baseline, JobSpec
 from sftflow.tasks.storage import S3, parse_s3_uri
 
@@ -62,6 +62,8 @@ def read_chat_rows(s3: S3, uris: Sequence[str], n: int) -> list[dict[str, Any]]:
 
 
 def _cell(value: str | Exception | None) -> str:
+    if isinstance(value, DraftError) and value.reason == "empty_draft":
+        return "(empty answer)"  # an answer too: an untrained model often stops at once
     if isinstance(value, Exception):
         return f"(error: {type(value).__name__}: {value})"[:CELL_CHARS]
     text = (value or "").replace("\n", " ")

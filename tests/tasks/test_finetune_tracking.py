@@ -5,12 +5,19 @@ the run's input, the lineage link; one run per job; off without a tracking URI."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from sftflow.core.settings import Settings
 from sftflow.tasks.finetune.lineage import LineageRecord
-from sftflow.tasks.finetune.tracking import MlflowTracker, metric_history, run_params, step_metrics, track_job
+from sftflow.tasks.finetune.tracking import (
+    MlflowTracker,
+    metric_history,
+    run_params,
+    step_metrics,
+    track_job,
+)
 
 MANIFEST = "s3://bucket-x/datasets/qa/versions/v-0001/manifest.json"
 HISTORY = [
@@ -84,7 +91,7 @@ def test_a_job_is_logged_as_one_run_and_read_back(store):
     # the loss curves
     (art,) = client.list_artifacts(run.info.run_id)
     assert art.path == "loss.png"
-    png = open(client.download_artifacts(run.info.run_id, "loss.png"), "rb").read()
+    png = Path(client.download_artifacts(run.info.run_id, "loss.png")).read_bytes()
     assert png.startswith(b"\x89PNG")
 
     # the same job again (a rerun after a crash past tracking): the same run, nothing new
