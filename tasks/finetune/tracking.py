@@ -189,7 +189,11 @@ def track_job(settings: Settings, record: LineageRecord) -> dict[str, Any] | Non
     :class:`TrackedRun` as a dict, or ``{"error": ...}`` when the tracker failed (the model is
     trained: a tracker that is down costs the run its tracking, not its result). The MLflow
     client retries HTTP errors itself."""
-    tracker = MlflowTracker.from_settings(settings)
+    try:
+        tracker = MlflowTracker.from_settings(settings)
+    except ImportError:
+        return {"tracking_uri": settings.mlflow.tracking_uri,
+                "error": "mlflow-skinny is not installed (pip install 'sftflow[tracking]')"}
     if tracker is None:
         return None
     has_loss = any("loss" in row or "eval_loss" in row for row in record.loss_history)
