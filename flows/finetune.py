@@ -14,9 +14,12 @@ must pass, else the flow fails with one clear error and nothing is submitted.
 
 Outputs: ``s3://<bucket>/<models_prefix>/<job>/manifest.json`` (lineage: dataset version and
 its manifest sha256, base model, config, backend and job id, status, metrics, artifacts, eval
-gate, error); for ``trl`` the model or adapter under ``<job>/model/``; the dataset tag
+gate, error, loss per step); for ``trl`` the model or adapter under ``<job>/model/``; the dataset tag
 ``trained-<job>`` on the version; ``_refs/<dataset>/best`` moved to the better model; events
-``sftflow.finetune.submitted | succeeded | failed``; Prefect artifacts with the gates and result.
+``sftflow.finetune.submitted | succeeded | failed``; Prefect artifacts with the gates and result;
+with ``SFTFLOW_MLFLOW__TRACKING_URI`` set, one MLflow run per job (``tasks/finetune/tracking.py``:
+params, loss per step, the dataset version as input, the lineage record's URI), named in the
+record's ``tracking``.
 
 Idempotency: the job name is a hash of (version manifest sha256, normalised config). A rerun
 with a finished job returns it without training again (a failed one fails again with its
@@ -69,6 +72,7 @@ from sftflow.tasks.finetune.lineage import (
     update_record_task,
 )
 from sftflow.tasks.finetune.openai_backend import OpenAIBackend
+from sftflow.tasks.finetune.tracking import track_job_task
 from sftflow.tasks.finetune.trl_backend import TrlBackend
 from sftflow.tasks.polling import Backoff, wait_until
 from sftflow.tasks.storage import S3
@@ -174,17 +178,20 @@ def finetune(params: FinetuneParams) -> FinetuneReport:
 
     # 4. Record the outcome: lineage, eval gate, dataset tag, events.
     if final.state != "succeeded":
-        record = update_record_task(s3, prefix, job, {"status": final.state, "error": final.error,
-                                                      "finished_at": utc_now_iso()})
+        failed: dict[str, Any] = {"status": final.state, "error": final.error, "finished_at": utc_now_iso()}
+        failed["tracking"] = track_job_task(settings, record.model_copy(update=failed))
+        record = update_record_task(s3, prefix, job, failed)
         _published(events.FINETUNE_FAILED, record)
         raise SftflowError(f"fine-tune job {job} {final.state}: {final.error} (lineage {record.lineage_uri})")
     result = job_result(backend, backend_job_id, spec)
     changes: dict[str, Any] = {"status": "succeeded", "finished_at": utc_now_iso(), "metrics": result.metrics,
-                               "artifacts": result.artifacts, "fine_tuned_model": result.fine_tuned_model}
+                               "artifacts": result.artifacts, "fine_tuned_model": result.fine_tuned_model,
+                               "loss_history": result.history}
     if use_eval_gate:
         changes["eval_gate"] = eval_gate_task(s3, prefix, data.dataset, job, result.metrics, spec.baseline,
                                               baseline_etag)
     changes["dataset_tag"] = tag_trained_task(s3, datasets_prefix, data, job)
+    changes["tracking"] = track_job_task(settings, record.model_copy(update=changes))
     record = update_record_task(s3, prefix, job, changes, event="recorded")
     _published(events.FINETUNE_SUCCEEDED, record)
     return FinetuneReport.from_record(record, False, gates)

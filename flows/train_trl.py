@@ -15,7 +15,8 @@ Outputs: ``<output_uri>/model/`` (the full model, or the LoRA adapter, with its 
 ``<output_uri>/result.json`` (:class:`~tasks.finetune.trl_job.TrainResult`: status, metrics incl.
 ``eval_loss``, ``baseline_eval_loss``, the training format and the length check's counts, loss
 history per step, notes, artifact URIs), ``<output_uri>/loss.png`` (train and eval loss curves);
-Prefect artifacts: the loss curves as an image, the loss table and a summary.
+Prefect artifacts: the loss curves as an image, the loss table, sample outputs (three eval
+prompts answered by the new model beside the baseline, the dataset's previous best) and a summary.
 
 Idempotency: a rerun of a job whose ``result.json`` says ``succeeded`` returns that result
 without training again; a rerun after a crash trains again and overwrites the same keys.
@@ -33,6 +34,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from sftflow.core.clock import utc_now_iso
 from sftflow.tasks._prefect import artifact_key
 from sftflow.tasks.clients import Clients
+from sftflow.tasks.drafts.samples import sample_outputs_task
 from sftflow.tasks.finetune.backends import JobSpec
 from sftflow.tasks.finetune.loss_plot import loss_curve_png_task
 from sftflow.tasks.finetune.training import check_base_model, train_sft_task
@@ -68,19 +70,21 @@ def train_trl(params: JobSpec) -> TrainResult:
             write_result_task(s3, params, TrainResult.failed(params, started, err))
             raise
         files = upload_model_task(s3, params, trained["model_dir"])
+        samples = sample_outputs_task(s3, params, trained["model_dir"], Path(workdir))
     for note in trained["notes"]:
         logger.warning("%s: %s", params.job, note)
     png = loss_curve_png_task(trained["history"])
     result = TrainResult.succeeded(params, started, trained, files, upload_loss_plot_task(s3, params, png))
     write_result_task(s3, params, result)
-    _publish(params, result, png)
+    _publish(params, result, png, samples)
     logger.info("trained %s: %s", params.job, result.metrics)
     return result
 
 
-def _publish(spec: JobSpec, result: TrainResult, png: bytes) -> None:
+def _publish(spec: JobSpec, result: TrainResult, png: bytes, samples: list[dict[str, str]]) -> None:
     """The loss curves (an image artifact: the PNG inline as a data: URL, the S3 copy is not
-    reachable from a browser), the loss table and the summary as Prefect artifacts."""
+    reachable from a browser), the loss table, sample outputs of the new and previous model on
+    eval prompts, and the summary as Prefect artifacts."""
     key = artifact_key("train", spec.job)
     image = "data:image/png;base64," + base64.b64encode(png).decode()
     create_image_artifact(image_url=image, key=f"{key}-loss-curve",
@@ -88,6 +92,9 @@ def _publish(spec: JobSpec, result: TrainResult, png: bytes) -> None:
     if result.history:
         create_table_artifact(key=f"{key}-loss", table=result.history,
                               description=f"Training and eval loss of {spec.job} ({spec.dataset}@{spec.version})")
+    if samples:
+        create_table_artifact(key=f"{key}-samples", table=samples,
+                              description=f"Eval prompts answered by {spec.job} and the previous model")
     m = result.metrics or {}
     lines = [
         f"# {spec.job}: {spec.method} fine-tune of `{spec.base_model}`",

@@ -100,6 +100,15 @@ class FinetuneSettings(BaseModel):
     train_work_pool: str = Field("sftflow-train", description="Work pool of the training deployment.")
 
 
+class MlflowSettings(BaseModel):
+    """Optional experiment tracking: each fine-tune job becomes one MLflow run."""
+
+    tracking_uri: str = Field(
+        "", description="MLflow tracking URI (http(s)://server, file:/path, databricks); "
+        "empty: no tracking.")
+    experiment: str = Field("sftflow", description="MLflow experiment the runs go to.")
+
+
 class DraftSettings(BaseModel):
     """Model drafts for annotators through an OpenAI-compatible chat endpoint (vLLM, TGI, hosted)."""
 
@@ -193,6 +202,7 @@ class Settings(BaseSettings):
     finetune: FinetuneSettings = FinetuneSettings()
     webhooks: WebhookSettings = WebhookSettings()
     drafts: DraftSettings = DraftSettings()
+    mlflow: MlflowSettings = MlflowSettings()
     stack: StackSettings = StackSettings()
 
     @classmethod

@@ -27,7 +27,7 @@ from typing import Any
 from rich.console import Console
 
 from sftflow.core.errors import SftflowError
-from sftflow.core.settings import Settings
+from sftflow.core.settings import Settings, get_settings
 from sftflow.demo.sample import SAMPLE_PATH
 from sftflow.tasks.clients import Clients, prefect_api
 
@@ -156,6 +156,10 @@ def run_demo(settings: Settings, workdir: Path = Path(".demo")) -> dict[str, Any
 
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ["SFTFLOW_FINETUNE__TRL_DEPLOYMENT"] = "train-trl/default"
+    # Experiment tracking in a local MLflow file store, unless a tracker is configured; the
+    # finetune flow reads the settings afresh.
+    os.environ.setdefault("SFTFLOW_MLFLOW__TRACKING_URI", (workdir / "mlruns").resolve().as_uri())
+    get_settings.cache_clear()
     clients = Clients(settings)
     started = time.monotonic()
     console.rule("[bold]sftflow demo")

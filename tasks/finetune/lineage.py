@@ -4,10 +4,11 @@ Layout under ``s3://<bucket>/<models_prefix>/``:
 
 - ``<job>/manifest.json``: the lineage record (dataset, version, the dataset manifest's sha256,
   base model, method, config, backend and its job id, status, metrics, artifacts, eval gate,
-  error, state history, and the claim: which run may submit the job, until when). Created with
-  ``If-None-Match: *`` before the job is submitted (the claim), then updated with
-  compare-and-swap (``If-Match`` on its ETag) on every change; an expired claim is taken over
-  with compare-and-swap too, so one run only submits (:func:`claim_submission`).
+  error, state history, loss per step, the MLflow run if tracked, and the claim: which run may
+  submit the job, until when). Created with ``If-None-Match: *`` before the job is submitted
+  (the claim), then updated with compare-and-swap (``If-Match`` on its ETag) on every change;
+  an expired claim is taken over with compare-and-swap too, so one run only submits
+  (:func:`claim_submission`).
 - ``<job>/model/``, ``<job>/result.json``: what the ``trl`` training flow uploads.
 - ``_refs/<dataset>/best``: the job name of the dataset's best model (advanced with CAS).
 
@@ -89,6 +90,10 @@ class LineageRecord(BaseModel):
     run_id: str | None = None
     code_version: str | None = None
     history: list[dict[str, Any]] = Field(default_factory=list, description="[{at, event}]")
+    loss_history: list[dict[str, Any]] = Field(
+        default_factory=list, description="The backend's loss per logged step (JobResult.history).")
+    tracking: dict[str, Any] | None = Field(
+        None, description="The job's MLflow run (tracking_uri, experiment_id, run_id) or the tracker's error.")
     # set by updates
     updated_at: str | None = None
     backend_status: str | None = None
@@ -138,6 +143,9 @@ class LineageRecord(BaseModel):
         ]
         if self.error:
             lines.append(f"- error: {self.error}")
+        if self.tracking:
+            where = self.tracking.get("run_id") or f"not tracked: {self.tracking.get('error')}"
+            lines.append(f"- MLflow run: `{where}` ({self.tracking.get('tracking_uri')})")
         if self.eval_gate:
             lines.append(f"- eval gate: {self.eval_gate.get('decision')} ({self.eval_gate.get('reason')})")
         if self.metrics:

@@ -1,0 +1,209 @@
+"""Pictures of a dataset version: what its rows look like and what the build dropped.
+
+Three PNGs per version (:func:`version_pictures`), drawn with matplotlib's Agg backend through
+``Figure`` (no pyplot, no global state, safe in worker threads):
+
+- ``lengths``: histogram of prompt and response lengths in characters (one series for plain
+  lengths);
+- ``clusters``: how many dedup clusters have each size (a cluster is a kept row plus the
+  duplicates dropped in its favour; size 1 is a row that had no duplicate);
+- ``drops``: rows dropped per reason (``stage:reason``), longest bar first.
+
+They reach the Prefect UI as image artifacts whose URL is the PNG as a ``data:`` URI
+(:func:`publish_pictures`): Prefect 3 artifacts hold text, not bytes, and its UI shows an image
+artifact as ``<img src=...>``, which takes a data URI; a link to S3 would not load in a browser
+without credentials. A markdown artifact (:func:`pictures_markdown`) puts them side by side with
+their captions (the UI's markdown sanitiser keeps ``data:`` URIs on images). The PNGs are kept
+small (480 x 256 px, ~10-20 kB) since each is stored in the Prefect database as text.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+from uuid import UUID
+
+from sftflow.tasks._prefect import artifact_key, compute_task, io_task
+
+WIDTH_IN, HEIGHT_IN, DPI = 6.0, 3.2, 80
+PROMPT_COLOUR, RESPONSE_COLOUR, BAR_COLOUR = "#1f77b4", "#ff7f0e", "#4c72b0"
+
+CAPTIONS = {
+    "lengths": "Length of prompts and responses (characters)",
+    "clusters": "Dedup clusters by size (kept row + dropped duplicates)",
+    "drops": "Rows dropped, by reason",
+}
+
+
+def _figure():
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _empty(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what}", ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def row_lengths(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[int]]:
+    """``{"prompt": [...], "response": [...]}``: characters of each row's prompt and
+    completion (the SFT row's ``prompt`` and ``completion``)."""
+    prompts, responses = [], []
+    for row in rows:
+        prompts.append(len(row.get("prompt") or ""))
+        responses.append(len(row.get("completion") or ""))
+    return {"prompt": prompts, "response": responses}
+
+
+def cluster_sizes(rows: Iterable[Mapping[str, Any]], exclusions: Iterable[Mapping[str, Any]]) -> list[int]:
+    """The size of every dedup cluster of a version: each kept row is one cluster, grown by one
+    for every dedup exclusion that names its ``cluster_id``. One entry per kept row."""
+    dropped = Counter(e["cluster_id"] for e in exclusions
+                      if e.get("stage") == "dedup" and e.get("cluster_id"))
+    return [1 + dropped.get(row.get("cluster_id"), 0) for row in rows]
+
+
+def drops_by_reason(exclusions: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Exclusions counted by ``stage:reason``, most frequent first."""
+    counts = Counter(f"{e.get('stage', '?')}:{e.get('reason', '?')}" for e in exclusions)
+    return dict(counts.most_common())
+
+
+def version_stats(rows: Sequence[Mapping[str, Any]], exclusions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``stats`` :func:`version_pictures` draws, from a version's stored rows and its
+    exclusions (the lines of ``exclusions.jsonl``)."""
+    return {"cluster_sizes": cluster_sizes(rows, exclusions), "dropped": drops_by_reason(exclusions)}
+
+
+def lengths_png(lengths: Mapping[str, Sequence[int]], bins: int = 30) -> bytes:
+    """Histogram of each series of ``lengths`` (name -> values) on shared bins."""
+    fig, ax = _figure()
+    series = {k: list(v) for k, v in lengths.items() if len(v)}
+    if not series:
+        _empty(ax, "rows")
+    else:
+        top = max(max(v) for v in series.values())
+        edges = [top * i / bins for i in range(bins + 1)] if top else [0, 1]
+        colours = iter([PROMPT_COLOUR, RESPONSE_COLOUR, "#2ca02c", "#d62728"])
+        for name, values in series.items():
+            ax.hist(values, bins=edges, alpha=0.6, label=f"{name} (n={len(values)})", color=next(colours))
+        ax.set_xlabel("characters")
+        ax.set_ylabel("rows")
+        ax.legend(fontsize=8)
+    ax.set_title(CAPTIONS["lengths"], fontsize=10)
+    return _png(fig)
+
+
+def clusters_png(sizes: Sequence[int]) -> bytes:
+    """Bar chart: number of dedup clusters (log scale) per cluster size."""
+    fig, ax = _figure()
+    counts = Counter(int(s) for s in sizes)
+    if not counts:
+        _empty(ax, "clusters")
+    else:
+        xs = sorted(counts)
+        bars = ax.bar([str(x) for x in xs], [counts[x] for x in xs], color=BAR_COLOUR)
+        ax.bar_label(bars, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xlabel("cluster size (rows)")
+        ax.set_ylabel("clusters")
+    ax.set_title(CAPTIONS["clusters"], fontsize=10)
+    return _png(fig)
+
+
+def drops_png(dropped: Mapping[str, int]) -> bytes:
+    """Horizontal bars: rows dropped per reason, the largest on top."""
+    fig, ax = _figure()
+    items = sorted(((k, int(v)) for k, v in dropped.items() if v), key=lambda kv: kv[1])
+    if not items:
+        _empty(ax, "rows dropped")
+    else:
+        bars = ax.barh([k for k, _ in items], [v for _, v in items], color=BAR_COLOUR)
+        ax.bar_label(bars, fontsize=8)
+        ax.set_xlabel("rows")
+        ax.tick_params(axis="y", labelsize=8)
+    ax.set_title(CAPTIONS["drops"], fontsize=10)
+    return _png(fig)
+
+
+def _dropped(stats: Mapping[str, Any]) -> dict[str, int]:
+    """``stats["dropped"]`` (reason -> count), or the flat ``dropped:<reason>`` keys of the
+    build's counts."""
+    if "dropped" in stats:
+        return dict(stats["dropped"])
+    return {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("dropped:")}
+
+
+def version_pictures(rows_or_lengths: Sequence[Mapping[str, Any]] | Sequence[int],
+                     stats: Mapping[str, Any]) -> dict[str, bytes]:
+    """``{"lengths", "clusters", "drops"}`` -> PNG bytes for one dataset version.
+
+    ``rows_or_lengths``: the version's rows (``prompt``/``completion``: two length series) or
+    plain lengths (one series). ``stats``: ``cluster_sizes`` (one size per cluster, see
+    :func:`cluster_sizes`) and ``dropped`` (reason -> rows) or flat ``dropped:<reason>`` keys;
+    :func:`version_stats` builds both from rows and exclusions.
+    """
+    if len(rows_or_lengths) and isinstance(rows_or_lengths[0], Mapping):
+        lengths = row_lengths(rows_or_lengths)  # type: ignore[arg-type]
+    else:
+        lengths = {"row": [int(n) for n in rows_or_lengths]}  # type: ignore[union-attr]
+    return {
+        "lengths": lengths_png(lengths),
+        "clusters": clusters_png(stats.get("cluster_sizes") or []),
+        "drops": drops_png(_dropped(stats)),
+    }
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def pictures_markdown(pictures: Mapping[str, bytes], title: str,
+                      captions: Mapping[str, str] | None = None) -> str:
+    """One markdown document with every picture inline (data URIs) under its caption."""
+    captions = {**CAPTIONS, **(captions or {})}
+    lines = [f"# {title}"]
+    for name, png in pictures.items():
+        caption = captions.get(name, name)
+        lines += ["", f"## {caption}", "", f"![{caption}]({data_uri(png)})"]
+    return "\n".join(lines)
+
+
+def publish_pictures(pictures: Mapping[str, bytes], key: str, title: str,
+                     captions: Mapping[str, str] | None = None) -> dict[str, UUID]:
+    """Each picture as a Prefect image artifact ``<key>-<name>``, and all of them in the
+    markdown artifact ``<key>``. Returns the artifact ids by name (``"markdown"`` for the
+    document). Must run inside a flow or task run."""
+    from prefect.artifacts import create_image_artifact, create_markdown_artifact
+
+    captions = {**CAPTIONS, **(captions or {})}
+    ids = {name: create_image_artifact(image_url=data_uri(png), key=artifact_key(key, name),
+                                       description=f"{title}: {captions.get(name, name)}")
+           for name, png in pictures.items()}
+    ids["markdown"] = create_markdown_artifact(key=artifact_key(key), description=title,
+                                               markdown=pictures_markdown(pictures, title, captions))
+    return ids
+
+
+def publish_version_pictures(dataset: str, version: str, rows: Sequence[Mapping[str, Any]],
+                             exclusions: Sequence[Mapping[str, Any]]) -> dict[str, UUID]:
+    """Draw and publish a version's pictures (artifacts ``version-pictures-<dataset>[-<name>]``)."""
+    pictures = version_pictures(rows, version_stats(rows, exclusions))
+    return publish_pictures(pictures, artifact_key("version-pictures", dataset),
+                            f"{dataset} @ {version}")
+
+
+version_pictures_task = compute_task(name="version-pictures")(version_pictures)
+publish_version_pictures_task = io_task(name="publish-version-pictures")(publish_version_pictures)
