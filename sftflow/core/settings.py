@@ -78,6 +78,10 @@ class PrefectSettings(BaseModel):
 class DatasetSettings(BaseModel):
     prefix: str = Field("datasets", description="Key prefix of dataset versions in the bucket.")
     shard_rows: int = Field(5000, ge=1, description="Rows per content-addressed Parquet shard.")
+    license: str = Field(
+        "other", description="License id of the Hub dataset card `sftflow datasets pull` writes "
+        "(an HF id such as cc-by-4.0 or apache-2.0; 'other': none declared).",
+    )
 
 
 class FinetuneSettings(BaseModel):
