@@ -49,6 +49,11 @@ class S3Settings(BaseModel):
     secret_access_key_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding the secret access key."
     )
+    credentials_block: str | None = Field(
+        None, description="Name of a prefect-aws AwsCredentials block (needs the `aws` extra): "
+        "its keys, session token, profile or assumed role, region and endpoint_url (client "
+        "parameters) replace the key pair, region and endpoint above.",
+    )
     bucket: str = Field("sftflow", description="Default bucket for prompts, datasets and models.")
     max_attempts: int = Field(
         6, ge=0, description="botocore retries after the first attempt (adaptive mode)."
