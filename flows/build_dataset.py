@@ -159,7 +159,7 @@ def commit(s3: S3, params: BuildParams, split: build.DedupSplit, exclusions: lis
 
 
 # -- the flow ----------------------------------------------------------------------------------
-@flow(name="build-dataset", task_runner=ThreadPoolTaskRunner(max_workers=4),
+@flow(name="build-dataset", flow_run_name="build {params.dataset} from {params.project}", task_runner=ThreadPoolTaskRunner(max_workers=4),
       validate_parameters=True, log_prints=False)
 def build_dataset(params: BuildParams) -> BuildReport:
     """Export, filter, dedup, split and commit one dataset version; see the module docstring."""
