@@ -33,7 +33,7 @@ install-labelstudio: $(UV)
 
 # Re-pin after editing pyproject.toml dependencies.
 lock: $(UV)
-	$(UV) pip compile -q pyproject.toml --extra train --extra tracking --extra dev -c requirements/constraints.txt $(FIND_LINKS) --python-version 3.11 -o requirements/lock.txt
+	$(UV) pip compile -q pyproject.toml --extra train --extra tracking --extra aws --extra dev -c requirements/constraints.txt $(FIND_LINKS) --python-version 3.11 -o requirements/lock.txt
 	$(UV) pip compile -q requirements/labelstudio.in --python-version 3.11 -o requirements/labelstudio.lock.txt
 
 # The test suite starts (or reuses) the local stack it needs and stops what it started.

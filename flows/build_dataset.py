@@ -176,7 +176,7 @@ def commit(s3: S3, params: BuildParams, outcome: build.Outcome, extra: list, *,
 
 
 # -- the flow ----------------------------------------------------------------------------------
-@flow(name="build-dataset", task_runner=ThreadPoolTaskRunner(max_workers=4),
+@flow(name="build-dataset", flow_run_name="build {params.dataset} from {params.project}", task_runner=ThreadPoolTaskRunner(max_workers=4),
       validate_parameters=True, log_prints=False)
 def build_dataset(params: BuildParams) -> BuildReport:
     """Read what changed in Label Studio since the parent version (or everything), filter,

@@ -60,7 +60,7 @@ def crossing_key(project_id: int, params: CheckParams, baseline_version: str | N
     )
 
 
-@flow(name="check-annotations")
+@flow(name="check-annotations", flow_run_name="check {params.project} for {params.dataset}")
 def check_annotations(params: CheckParams) -> CheckReport:
     """One look at the project's counters; starts a build run when the threshold is reached."""
     logger = get_run_logger()

@@ -52,7 +52,7 @@ class PipelineReport(BaseModel):
     finetune: dict[str, Any] | None = None
 
 
-@flow(name="sft-pipeline")
+@flow(name="sft-pipeline", flow_run_name="pipeline {params.project} -> {params.dataset}")
 def sft_pipeline(params: PipelineParams) -> PipelineReport:
     """Returns the report; ends ``NotEnough`` when the wait stage timed out."""
     logger = get_run_logger()

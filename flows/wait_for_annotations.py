@@ -109,7 +109,7 @@ def _progress_key(project: str) -> str:
     return artifact_key("wait-annotations", artifact_key(project)[:40].strip("-") or "project")
 
 
-@flow(name="wait-for-annotations")
+@flow(name="wait-for-annotations", flow_run_name="wait {params.project}: {params.min_new} new")
 def wait_for_annotations(params: WaitParams) -> WaitReport:
     """Poll a project's counters until enough new annotations exist, or the deadline.
     Returns the report; the run ends Completed, or Completed named NotEnough at the deadline."""

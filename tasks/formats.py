@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sftflow.core.hashing import sha256_hex
+from sftflow.tasks.hub import hf_split
 
 if TYPE_CHECKING:
     from sftflow.tasks.labelstudio.export import Exclusion, SftRow
@@ -113,20 +114,22 @@ def dataset_card(
     source: dict[str, Any],
     config: dict[str, Any],
 ) -> str:
-    """A README.md with Hugging Face YAML front matter. ``data_files`` point at the layout of
-    ``sftflow datasets pull`` (``data/<split>/*.parquet``), so the pulled folder loads with
-    ``datasets.load_dataset(<folder>)``. The JSONL copies (``openai/<split>/``,
-    ``trl/<split>/``) are not configs: ``datasets`` infers one file format per repository."""
+    """The card stored with a version: a README.md with Hugging Face YAML front matter whose
+    ``data_files`` and split names (``train``, ``validation``) are those of the Hub layout of
+    ``sftflow datasets pull`` (``tasks/hub.py``, which writes the pulled folder's fuller card).
+    The JSONL copies (``openai/<split>/``, ``trl/<split>/``) are not configs: ``datasets``
+    infers one file format per repository."""
     splits = [s for s in ("train", "eval") if rows.get(s)]
     lines = ["---", "configs:", "- config_name: default", "  default: true", "  data_files:"]
     for s in splits:
-        lines += [f"  - split: {s}", f"    path: data/{s}/*.parquet"]
+        lines += [f"  - split: {hf_split(s)}", f"    path: data/{hf_split(s)}/*.parquet"]
     lines += ["dataset_info:", "  features:"]
     for f in SCHEMA:
         lines += [f"  - name: {f.name}", f"    dtype: {'int64' if f.type == pa.int64() else 'bool' if f.type == pa.bool_() else 'string'}"]
     lines += ["  splits:"]
     for s in splits:
-        lines += [f"  - name: {s}", f"    num_examples: {rows[s]}", f"    num_bytes: {sizes.get(s, 0)}"]
+        lines += [f"  - name: {hf_split(s)}", f"    num_examples: {rows[s]}",
+                  f"    num_bytes: {sizes.get(s, 0)}"]
     lines += [f"pretty_name: {_yaml_str(dataset)}", "task_categories:", "- text-generation",
               "tags:", "- sft", "- sftflow", "---", ""]
     body = [
@@ -137,7 +140,7 @@ def dataset_card(
         "",
         "| split | rows | parquet bytes |",
         "| --- | ---: | ---: |",
-        *[f"| {s} | {rows[s]} | {sizes.get(s, 0)} |" for s in splits],
+        *[f"| {hf_split(s)} | {rows[s]} | {sizes.get(s, 0)} |" for s in splits],
         "",
         "## Source",
         "",

@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING
 from sftflow.core.errors import SftflowError
 from sftflow.core.hashing import sha256_hex
 from sftflow.core.settings import Settings, get_settings
+from sftflow.tasks.hub import HF_SPLITS
 
 if TYPE_CHECKING:
     import datasets
-
-#: sftflow split -> the name HF users expect.
-HF_SPLITS = {"train": "train", "eval": "validation"}
 
 
 def load_dataset(

@@ -18,7 +18,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from sftflow.core.errors import ServiceUnavailable, SftflowError
+from sftflow.core.errors import ConfigError, ServiceUnavailable, SftflowError
 from sftflow.core.settings import S3Settings, resolve_secret
 
 
@@ -215,15 +215,23 @@ class S3:
 
 
 def build_s3(settings: S3Settings) -> S3:
-    """The one place an S3 client is built from settings."""
-    secret = resolve_secret(settings.secret_access_key, settings.secret_access_key_block)
-    key_id = settings.access_key_id.get_secret_value() if settings.access_key_id else None
-    if not key_id or not secret:
-        # An empty key id (SFTFLOW_S3__ACCESS_KEY_ID=) means boto3's own credential chain
-        # (environment, profile, instance role); never half a pair.
-        key_id = secret = None
+    """The one place an S3 client is built from settings. Credentials, first found: the
+    prefect-aws ``AwsCredentials`` block named by ``credentials_block``, the configured key
+    pair, boto3's own chain."""
+    endpoint, region = settings.endpoint_url or None, settings.region
+    if settings.credentials_block:
+        session, endpoint, region = _block_session(settings.credentials_block, endpoint, region)
+        key_id = secret = None  # the session carries them
+    else:
+        session = boto3.session.Session()
+        secret = resolve_secret(settings.secret_access_key, settings.secret_access_key_block)
+        key_id = settings.access_key_id.get_secret_value() if settings.access_key_id else None
+        if not key_id or not secret:
+            # An empty key id (SFTFLOW_S3__ACCESS_KEY_ID=) means boto3's own credential chain
+            # (environment, profile, instance role); never half a pair.
+            key_id = secret = None
     config = Config(
-        region_name=settings.region,
+        region_name=region,
         retries={"max_attempts": settings.max_attempts, "mode": "adaptive"},
         connect_timeout=settings.connect_timeout_s,
         read_timeout=settings.read_timeout_s,
@@ -233,18 +241,43 @@ def build_s3(settings: S3Settings) -> S3:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    client = boto3.session.Session().client(
+    client = session.client(
         "s3",
-        endpoint_url=settings.endpoint_url or None,
+        endpoint_url=endpoint,
         aws_access_key_id=key_id,
         aws_secret_access_key=secret,
         config=config,
     )
-    s3 = S3(client, settings.bucket, settings.endpoint_url)
-    opts: dict[str, Any] = {"client_kwargs": {"region_name": settings.region}}
-    if settings.endpoint_url:
-        opts["client_kwargs"]["endpoint_url"] = settings.endpoint_url
+    s3 = S3(client, settings.bucket, endpoint)
+    opts: dict[str, Any] = {"client_kwargs": {"region_name": region}}
+    if endpoint:
+        opts["client_kwargs"]["endpoint_url"] = endpoint
     if key_id and secret:
         opts.update(key=key_id, secret=secret)
+    elif settings.credentials_block and (creds := session.get_credentials()) is not None:
+        frozen = creds.get_frozen_credentials()
+        opts.update(key=frozen.access_key, secret=frozen.secret_key)
+        if frozen.token:
+            opts["token"] = frozen.token
     s3._fsspec_options = opts
     return s3
+
+
+def _block_session(name: str, endpoint: str | None,
+                   region: str) -> tuple[boto3.session.Session, str | None, str]:
+    """A boto3 session from the ``AwsCredentials`` block ``name``, and the endpoint and region
+    to use (the block's when it sets them)."""
+    try:
+        from prefect_aws import AwsCredentials
+    except ImportError:
+        raise ConfigError(
+            f"SFTFLOW_S3__CREDENTIALS_BLOCK={name!r} needs prefect-aws: "
+            "pip install 'sftflow[aws]'"
+        ) from None
+    try:
+        block = AwsCredentials.load(name)
+    except ValueError as err:
+        raise ConfigError(f"S3 credentials block {name!r}: {err}") from None
+    params = block.aws_client_parameters
+    return (block.get_boto3_session(), (params.endpoint_url if params else None) or endpoint,
+            block.region_name or region)

@@ -68,7 +68,7 @@ from sftflow.core.errors import SftflowError
 from sftflow.core.failpoints import failpoint
 from sftflow.core.hashing import config_hash, sha256_hex
 from sftflow.core.settings import DatasetSettings
-from sftflow.tasks import formats
+from sftflow.tasks import formats, hub
 from sftflow.tasks._prefect import io_task
 from sftflow.tasks.polling import Backoff, retry
 from sftflow.tasks.storage import S3, ObjectInfo, PreconditionFailed
@@ -925,16 +925,6 @@ def diff_versions(s3: S3, dataset: str, a: str | None, b: str | None, *,
     }
 
 
-def local_path(f: FileEntry) -> str:
-    """Where ``pull`` puts a manifest file: the layout the dataset card describes."""
-    name = f.path.rsplit("/", 1)[-1]
-    if f.format == "parquet":
-        return f"data/{f.split}/{name}"
-    if f.format in ("openai_chat", "trl"):
-        return f"{'openai' if f.format == 'openai_chat' else 'trl'}/{f.split}/{name}"
-    return name
-
-
 def _inside(dest: Path, relative: str, manifest: Manifest) -> Path:
     """``dest / relative``, refused unless it resolves inside ``dest``."""
     base = dest.resolve()
@@ -948,13 +938,16 @@ def _inside(dest: Path, relative: str, manifest: Manifest) -> Path:
 
 
 def pull_version(s3: S3, dataset: str, version: str | None, dest: str | Path, *,
-                 prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
-    """Download a version into ``dest`` (checksums verified, files written atomically).
-    Every file's destination must resolve inside ``dest`` (symlinks followed), or nothing is
-    downloaded (SftflowError naming the file)."""
+                 prefix: str = DEFAULT_PREFIX, license: str = hub.DEFAULT_LICENSE,
+                 ) -> dict[str, Any]:
+    """Download a version into ``dest`` as a Hub dataset repository (``tasks/hub.py``:
+    layout and card), checksums verified, files written atomically. Every file's destination
+    must resolve inside ``dest`` (symlinks followed), or nothing is downloaded (SftflowError
+    naming the file)."""
     manifest = load_manifest(s3, dataset, version, verify=False, prefix=prefix)
     dest = Path(dest)
-    targets = {f.path: _inside(dest, local_path(f), manifest) for f in manifest.files}
+    files = hub.pulled_files(manifest.files)
+    targets = {f.path: _inside(dest, hub.local_path(f), manifest) for f in files}
 
     def fetch(f: FileEntry) -> int:
         out = targets[f.path]
@@ -971,10 +964,11 @@ def pull_version(s3: S3, dataset: str, version: str | None, dest: str | Path, *,
         return len(data)
 
     with ThreadPoolExecutor(8) as pool:
-        downloaded = sum(pool.map(fetch, manifest.files))
+        downloaded = sum(pool.map(fetch, files))
     _inside(dest, "manifest.json", manifest).write_bytes(manifest.to_json())
+    card = hub.write_card(_inside(dest, hub.CARD, manifest).parent, manifest, license=license)
     return {"dataset": dataset, "version": manifest.version, "dir": str(dest),
-            "files": len(manifest.files), "bytes_downloaded": downloaded}
+            "files": len(files) + 1, "bytes_downloaded": downloaded, "card": card}
 
 
 def _referenced(s3: S3, root: str, manifest_keys: Iterable[str]) -> set[str]:

@@ -191,17 +191,26 @@ def pull(
     bucket: str = BucketOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Download a version, checksums verified."""
+    """Download a version as a Hugging Face dataset repository (README.md card, data/<split>/
+    Parquet), checksums verified: `datasets.load_dataset(DEST)` loads it and
+    `huggingface-cli upload REPO DEST --repo-type dataset` publishes it."""
     from sftflow.tasks import versioning
 
     s3, prefix = _s3(bucket)
     name, version = versioning.parse_ref(ref)
-    out = versioning.pull_version(s3, name, version, dest, prefix=prefix)
+    out = versioning.pull_version(s3, name, version, dest, prefix=prefix,
+                                  license=get_settings().datasets.license)
     if as_json:
         print_json(out)
         return
+    card = out["card"]
     console.print(f"{name}@{out['version']} -> {out['dir']} ({out['files']} files, "
-                  f"{out['bytes_downloaded']:,} bytes downloaded)", highlight=False)
+                  f"{out['bytes_downloaded']:,} bytes downloaded); card: license "
+                  f"{card['license']}, languages {', '.join(card['languages']) or 'none detected'}, "
+                  f"{card['size_category']} rows", highlight=False)
+    console.print(f"  load: datasets.load_dataset({str(out['dir'])!r})\n"
+                  f"  publish: huggingface-cli upload <user>/{name} {out['dir']} --repo-type dataset",
+                  highlight=False)
 
 
 @datasets_app.command("tag")

@@ -49,6 +49,11 @@ class S3Settings(BaseModel):
     secret_access_key_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding the secret access key."
     )
+    credentials_block: str | None = Field(
+        None, description="Name of a prefect-aws AwsCredentials block (needs the `aws` extra): "
+        "its keys, session token, profile or assumed role, region and endpoint_url (client "
+        "parameters) replace the key pair, region and endpoint above.",
+    )
     bucket: str = Field("sftflow", description="Default bucket for prompts, datasets and models.")
     max_attempts: int = Field(
         6, ge=0, description="botocore retries after the first attempt (adaptive mode)."
@@ -81,6 +86,10 @@ class DatasetSettings(BaseModel):
     full_every: int = Field(
         20, ge=1, description="Every N-th build of a dataset reads the whole project (a full "
         "export snapshot) even when the incremental export reconciles: a periodic check.")
+    license: str = Field(
+        "other", description="License id of the Hub dataset card `sftflow datasets pull` writes "
+        "(an HF id such as cc-by-4.0 or apache-2.0; 'other': none declared).",
+    )
 
 
 class FinetuneSettings(BaseModel):

@@ -8,16 +8,23 @@ import re
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sftflow.deployments.serve import ServeConfig, build_deployments
+from sftflow.deployments.trainer import ENTRYPOINT as TRAIN_ENTRYPOINT
 
 ROOT = Path(__file__).parents[2]
 YAML = ROOT / "deployments" / "prefect.yaml"
 
 
+def _all_yaml_deployments() -> list[dict]:
+    return yaml.safe_load(YAML.read_text())["deployments"]
+
+
 def _yaml_deployments() -> dict[str, dict]:
-    return {d["name"]: d for d in yaml.safe_load(YAML.read_text())["deployments"]}
+    """The deployments `sftflow serve` also makes (all but the training flow's)."""
+    return {d["name"]: d for d in _all_yaml_deployments() if d["entrypoint"] != TRAIN_ENTRYPOINT}
 
 
 def _served() -> dict:
@@ -63,7 +70,8 @@ def test_same_triggers():
 
 
 def test_entrypoints_are_paths_from_a_checkout():
-    for name, d in _yaml_deployments().items():
+    for d in _all_yaml_deployments():
+        name = d["name"]
         path, _, func = d["entrypoint"].partition(":")
         assert not Path(path).is_absolute() and ".." not in Path(path).parts, name
         tree = ast.parse((ROOT / path).read_text())
@@ -89,5 +97,118 @@ def test_the_failure_automation_is_a_valid_prefect_automation():
     assert automation.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed",
                                          "prefect.flow-run.TimedOut"}
     assert automation.actions[0].type == "send-notification"
-    tags = {t for d in _yaml_deployments().values() for t in d.get("tags", [])}
-    assert "sftflow" in tags  # what the trigger matches is on every deployment
+    assert all("sftflow" in d["tags"] for d in _all_yaml_deployments())
+
+
+# -- train-trl on the Kubernetes GPU pool (infra/k8s/) -------------------------------------------
+K8S = ROOT / "infra" / "k8s"
+K8S_POOL = "sftflow-k8s"  # the pool infra/k8s/README.md creates
+
+
+def _train() -> dict:
+    (d,) = [d for d in _all_yaml_deployments() if d["entrypoint"] == TRAIN_ENTRYPOINT]
+    return d
+
+
+def _job_template() -> dict:
+    import json
+
+    return json.loads((K8S / "gpu-job-template.json").read_text())
+
+
+def test_prefects_own_config_model_reads_the_train_deployment():
+    """`prefect deploy` parses prefect.yaml with this model; the train deployment is the
+    trl backend's default `train-trl/default`, on the GPU pool, started in the image's WORKDIR."""
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    from sftflow.core.settings import FinetuneSettings
+    from sftflow.flows.train_trl import train_trl
+
+    model = PrefectYamlModel.model_validate(yaml.safe_load(YAML.read_text()))
+    (train,) = [d for d in model.deployments if d.entrypoint == TRAIN_ENTRYPOINT]
+    assert f"{train_trl.name}/{train.name}" == FinetuneSettings().trl_deployment
+    assert train.work_pool.name == K8S_POOL
+    assert train.work_pool.job_variables["gpu_count"] == 1
+    workdir = [ln.split()[1] for ln in (ROOT / "infra" / "Dockerfile").read_text().splitlines()
+               if ln.startswith("WORKDIR ")]
+    assert train.pull == [{"prefect.deployments.steps.set_working_directory":
+                           {"directory": workdir[-1]}}]
+    worker = yaml.safe_load_all((K8S / "worker.yaml").read_text())
+    images = {c["image"] for d in worker if d["kind"] == "Deployment"
+              for c in d["spec"]["template"]["spec"]["containers"]}
+    assert train.work_pool.job_variables["image"] in images  # the worker's own image
+
+
+def test_the_train_job_manifest_renders_with_a_gpu():
+    """The pool's base job template with the deployment's job variables, rendered as the
+    Kubernetes worker renders it: one `nvidia.com/gpu`, the image, the GPU node selector."""
+    import jsonschema
+    from prefect.utilities.templating import apply_values
+
+    template = _job_template()
+    variables = template["variables"]
+    job_variables = _train()["work_pool"]["job_variables"]
+    jsonschema.validate(job_variables, variables)
+    values = {k: v.get("default") for k, v in variables["properties"].items()} | job_variables
+    values["command"] = "python -m prefect.engine"
+    manifest = apply_values(template["job_configuration"]["job_manifest"], values)
+    pod = manifest["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 1, "memory": "32Gi"}
+    assert container["resources"]["requests"] == {"cpu": "4", "memory": "32Gi"}
+    assert container["image"] == job_variables["image"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert manifest["spec"]["ttlSecondsAfterFinished"] == 86400
+
+
+@pytest.mark.prefect
+def test_prefect_deploy_all_accepts_the_file(prefect_harness):
+    """`prefect deploy --all` against a real Prefect API, with the pools the docs create:
+    every deployment is registered; the server checked the train deployment's job variables
+    against the GPU pool's template (it refuses a wrong type, shown last)."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.settings import PREFECT_API_URL
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        for name, type_, template in (
+            ("sftflow", "process", ProcessWorker.get_default_base_job_template()),
+            ("sftflow-train", "process", ProcessWorker.get_default_base_job_template()),
+            (K8S_POOL, "kubernetes", _job_template()),
+        ):
+            try:
+                client.create_work_pool(WorkPoolCreate(name=name, type=type_,
+                                                       base_job_template=template))
+            except ObjectAlreadyExists:
+                pass
+    prefect = str(Path(sys.executable).parent / "prefect")
+    res = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(YAML)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "SFTFLOW_HOME": str(ROOT),
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                         os.environ.get("PYTHONPATH")]))},
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    with get_client(sync_client=True) as client:
+        train = client.read_deployment_by_name("train-trl/default")
+        assert train.work_pool_name == K8S_POOL and train.work_queue_name == "gpu"
+        assert train.job_variables["gpu_count"] == 1
+        assert train.pull_steps == _train()["pull"]
+        assert set(train.tags) == {"sftflow", "train"}
+        for flow_name, name in (("ingest-prompts", "ingest"), ("build-dataset", "build-dataset"),
+                                ("finetune", "finetune"),
+                                ("check-annotations", "check-annotations")):
+            assert client.read_deployment_by_name(f"{flow_name}/{name}").work_pool_name
+        with pytest.raises(httpx.HTTPStatusError, match="422") as refused:
+            client.create_deployment(flow_id=train.flow_id, name="wrong-gpu",
+                                     work_pool_name=K8S_POOL, job_variables={"gpu_count": "one"})
+        assert "gpu_count" in refused.value.response.text

@@ -99,7 +99,7 @@ def test_trl_job_runs_on_the_work_pool_records_lineage_and_is_not_trained_twice(
         run = client.read_flow_run(rec["backend_job_id"])
         dep = client.read_deployment(run.deployment_id)
     assert dep.name == "default" and dep.work_pool_name == train_worker
-    assert run.state.is_completed() and run.name == report.job
+    assert run.state.is_completed() and run.name.endswith(f" job {report.job}")  # train D@V job J
 
     # the adapter and its tokenizer are in the bucket, next to the result
     model_keys = {o.key.rsplit("/", 1)[-1] for o in s3.list(f"models/{report.job}/model/")}

@@ -51,9 +51,9 @@ def test_card_front_matter_is_valid_hf_yaml():
     default = meta["configs"][0]
     assert default["config_name"] == "default"
     assert default["data_files"] == [{"split": "train", "path": "data/train/*.parquet"},
-                                     {"split": "eval", "path": "data/eval/*.parquet"}]
+                                     {"split": "validation", "path": "data/validation/*.parquet"}]
     assert {s["name"]: s["num_examples"] for s in meta["dataset_info"]["splits"]} == {
-        "train": 9, "eval": 1}
+        "train": 9, "validation": 1}
     assert '"kept": 10' in card
 
 

@@ -31,3 +31,15 @@ def test_a_corrupted_shard_is_refused(s3):
     s3.put_bytes(m.key(shard.path), b"not the bytes the manifest names")
     with pytest.raises(SftflowError, match="checksum mismatch"):
         sftflow.load_dataset("hf-bad", bucket=s3.bucket)
+
+
+def test_the_bucket_and_a_pulled_folder_give_the_same_splits_and_rows(s3, tmp_path):
+    import datasets
+
+    version = make_version(s3, "hf-same", 50, eval_every=5)
+    versioning.pull_version(s3, "hf-same", version, tmp_path / "pulled")
+    remote = sftflow.load_dataset("hf-same", version, bucket=s3.bucket)
+    local = datasets.load_dataset(str(tmp_path / "pulled"), cache_dir=str(tmp_path / "cache"))
+    assert set(remote) == set(local) == {"train", "validation"}
+    for split in ("train", "validation"):
+        assert sorted(remote[split]["row_hash"]) == sorted(local[split]["row_hash"])

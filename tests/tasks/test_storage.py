@@ -81,3 +81,42 @@ def test_empty_key_id_uses_the_boto3_credential_chain(settings, s3, monkeypatch)
                                                      "bucket": s3.bucket}))
     client.put_bytes("chain", b"ok")
     assert s3.get_bytes("chain")[0] == b"ok"
+
+
+@pytest.mark.prefect
+def test_keys_come_from_a_prefect_aws_credentials_block(settings, s3, prefect_harness):
+    """`SFTFLOW_S3__CREDENTIALS_BLOCK` names a saved `AwsCredentials` block: its keys (and
+    endpoint) are used, whatever key pair the settings carry; S3 and s3fs both get them."""
+    import fsspec
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+    from pydantic import SecretStr
+
+    from sftflow.tasks.storage import build_s3
+
+    good = f"sftflow-s3-{s3.bucket}"
+    AwsCredentials(
+        aws_access_key_id=settings.s3.access_key_id.get_secret_value(),
+        aws_secret_access_key=settings.s3.secret_access_key.get_secret_value(),
+        region_name="us-east-1",
+        aws_client_parameters=AwsClientParameters(endpoint_url=settings.s3.endpoint_url),
+    ).save(good, overwrite=True)
+    bad = f"sftflow-s3-bad-{s3.bucket}"
+    AwsCredentials(aws_access_key_id="nobody", aws_secret_access_key="nothing",
+                   aws_client_parameters=AwsClientParameters(
+                       endpoint_url=settings.s3.endpoint_url)).save(bad, overwrite=True)
+    # Wrong settings keys and no endpoint: only the block can make this work.
+    wrong = settings.s3.model_copy(update={
+        "access_key_id": SecretStr("wrong"), "secret_access_key": SecretStr("wrong"),
+        "endpoint_url": None, "bucket": s3.bucket, "max_attempts": 0})
+
+    client = build_s3(wrong.model_copy(update={"credentials_block": good}))
+    client.put_bytes("from-block", b"ok")
+    assert s3.get_bytes("from-block")[0] == b"ok"
+    fs = fsspec.filesystem("s3", **client.fsspec_options())
+    assert fs.cat(f"{s3.bucket}/from-block") == b"ok"
+
+    refused = build_s3(wrong.model_copy(update={"credentials_block": bad}))
+    with pytest.raises(Exception, match="InvalidAccessKeyId"):
+        refused.put_bytes("from-bad-block", b"no")
+    assert s3.head("from-bad-block") is None

@@ -100,7 +100,7 @@ def test_tags_data_files_pull_and_load_dataset(s3, tmp_path):
     out = versioning.pull_version(s3, "d", v, tmp_path / "pulled")
     assert out["files"] == len(m.files)
     local = load_dataset(str(tmp_path / "pulled"), cache_dir=str(tmp_path / "cache2"))
-    assert (local["train"].num_rows, local["eval"].num_rows) == (207, 23)
+    assert (local["train"].num_rows, local["validation"].num_rows) == (207, 23)
     chat = load_dataset("json", data_files={"train": str(tmp_path / "pulled/openai/train/*.jsonl")},
                         cache_dir=str(tmp_path / "cache3"))
     assert chat["train"].num_rows == 207
