@@ -5,7 +5,7 @@
 All three use the same shingling (``tasks.dedup.shingles``: normalised text, punctuation deleted
 and digit runs read as 0 (``normalize_punctuation``, the default), word 5-grams, or character
 5-grams for unspaced scripts), threshold 0.8 and 128 permutations, on prompt + response.
-sftflow also runs with ``normalize_punctuation`` off (``sftflow_punct_off``).
+sftflow also runs with ``normalize_punctuation`` and ``normalize_digits`` off (``sftflow_punct_off``).
 Timings include shingling/hashing from raw text, LSH and grouping:
 
 * sftflow: ``deduplicate`` end to end (normalise, fingerprint in a pool of ``--workers``
@@ -213,7 +213,7 @@ def main() -> None:
 
     res, (t_pool, c_pool) = best(run_sftflow, rows, cfg, args.workers)
     res_est, (t_est, c_est) = best(run_sftflow, rows, est_cfg, args.workers)
-    off_cfg = cfg.model_copy(update={"normalize_punctuation": False})
+    off_cfg = cfg.model_copy(update={"normalize_punctuation": False, "normalize_digits": False})
     res_off, (t_off, c_off) = best(run_sftflow, rows, off_cfg, args.workers)
     _, (t_one, c_one) = best(run_sftflow, rows, cfg, 1)
     print(
@@ -271,7 +271,8 @@ def main() -> None:
     rng = np.random.default_rng(7)
     gen_pairs = []
     for punct in (True, False):  # candidates under either definition
-        gen_cfg = D.DedupConfig(threshold=0.5, num_perm=256, seed=99, normalize_punctuation=punct)
+        gen_cfg = D.DedupConfig(threshold=0.5, num_perm=256, seed=99,
+                                normalize_punctuation=punct, normalize_digits=punct)
         gfp = D.fingerprint(texts, gen_cfg)
         gen_pairs.append(np.stack(D.candidate_pairs(gfp.sigs, gen_cfg, gfp.keys)))
     ga, gb = np.unique(np.concatenate(gen_pairs, axis=1), axis=1)

@@ -101,10 +101,15 @@ class DedupConfig(BaseModel):
     seed: int = Field(1, ge=0, description="Seed of the MinHash hash functions.")
     normalize_punctuation: bool = Field(
         True,
-        description="Near-duplicate shingles ignore punctuation and read every run of digits "
-        "as 0 (as datatrove does before MinHash), so a prompt retyped with other punctuation "
-        "or numbers stays a near-duplicate. Exact duplicates still compare the text with its "
-        "punctuation.",
+        description="Near-duplicate shingles ignore punctuation (as datatrove does before "
+        "MinHash), so a text retyped with other punctuation stays a near-duplicate. Exact "
+        "duplicates still compare the text with its punctuation.",
+    )
+    normalize_digits: bool = Field(
+        True,
+        description="Near-duplicate shingles read every run of digits as 0 (as datatrove "
+        "does). Texts that differ only in their numbers (arithmetic drills) become "
+        "near-duplicates: turn it off for such data. Exact duplicates still compare digits.",
     )
     verify_margin: float = Field(
         0.05,
@@ -157,15 +162,15 @@ def _char_classes() -> np.ndarray:
     return cls
 
 
-def _unicode_simplify(texts: list[str]) -> list[str]:
+def _unicode_simplify(texts: list[str], punctuation: bool = True, digits: bool = True) -> list[str]:
     """Punctuation deleted and every digit made ``0`` (runs are not collapsed), vectorised over
     the code points of all ``texts`` at once."""
     if not texts:
         return []
     cps = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype="<u4")
     cls = _char_classes()[np.minimum(cps, _CLASS_LIMIT)]
-    out = np.where(cls == 2, np.uint32(48), cps).astype("<u4")
-    keep = cls != 1
+    out = np.where(cls == 2, np.uint32(48), cps).astype("<u4") if digits else cps
+    keep = cls != 1 if punctuation else np.ones(len(cps), dtype=bool)
     ck = np.zeros(len(cps) + 1, dtype=np.int64)
     np.cumsum(keep, out=ck[1:])
     ends = np.cumsum([len(t) for t in texts])
@@ -174,12 +179,16 @@ def _unicode_simplify(texts: list[str]) -> list[str]:
     return [joined[i:j] for i, j in zip(np.concatenate(([0], bounds[:-1])), bounds, strict=True)]
 
 
-def simplify(norm: str) -> str:
-    """What near-duplicate shingles see of a normalised text (``normalize_punctuation``):
-    punctuation deleted (``string.punctuation`` and Unicode P*, as datatrove does), each run of
-    digits in any script replaced by ``0``, whitespace runs collapsed, ends stripped."""
-    text = norm.translate(_ASCII_PUNCT_DELETE) if norm.isascii() else _unicode_simplify([norm])[0]
-    return " ".join(_DIGITS.sub("0", text).split())
+def simplify(norm: str, punctuation: bool = True, digits: bool = True) -> str:
+    """What near-duplicate shingles see of a normalised text: punctuation deleted
+    (``string.punctuation`` and Unicode P*, as datatrove does; ``normalize_punctuation``), each
+    run of digits in any script replaced by ``0`` (``normalize_digits``), whitespace runs
+    collapsed, ends stripped."""
+    if norm.isascii():
+        text = norm.translate(_ASCII_PUNCT_DELETE) if punctuation else norm
+    else:
+        text = _unicode_simplify([norm], punctuation, digits)[0]
+    return " ".join((_DIGITS.sub("0", text) if digits else text).split())
 
 
 def dedup_text(prompt: str, response: str, cfg: DedupConfig) -> str:
@@ -218,8 +227,8 @@ def shingles(text: str, cfg: DedupConfig) -> set[str]:
     """
     norm = normalize(text)
     unspaced = is_unspaced(norm, cfg)  # decided before ``simplify``
-    if cfg.normalize_punctuation:
-        norm = simplify(norm)
+    if cfg.normalize_punctuation or cfg.normalize_digits:
+        norm = simplify(norm, cfg.normalize_punctuation, cfg.normalize_digits)
     if not norm:
         return set()
     if unspaced:
@@ -395,17 +404,19 @@ def _shingle_hashes(pre: list[str], cfg: DedupConfig) -> tuple[np.ndarray, np.nd
         full = whole * ipw[starts] + clens.astype(U64) * U64(0x632BE59BD9B4E019)
     keys = (_mix(full) >> U64(1)).astype(np.int64)
 
-    if cfg.normalize_punctuation:  # shingles see the simplified text; the keys above do not
+    punct, digits = cfg.normalize_punctuation, cfg.normalize_digits
+    if punct or digits:  # shingles see the simplified text; the keys above do not
         uni = [i for i, t in enumerate(pre) if not t.isascii()]
         if not uni:
             buf, blens = raw, lens
         else:  # non-ASCII texts: punctuation and digits done here, the rest by the bytes pass
             enc2 = list(enc)
-            for i, t in zip(uni, _unicode_simplify([pre[i] for i in uni]), strict=True):
+            for i, t in zip(uni, _unicode_simplify([pre[i] for i in uni], punct, digits),
+                            strict=True):
                 enc2[i] = t.encode("utf-8", "surrogatepass")
             blens = np.fromiter(map(len, enc2), dtype=np.int64, count=n_docs)
             buf = _BYTE_MAP[np.frombuffer(b"".join(enc2), dtype=np.uint8)]
-        c, clens = _simplify_bytes(buf, blens)
+        c, clens = _simplify_bytes(buf, blens, punct, digits)
         m = len(c)
         ends = np.cumsum(clens)
         starts = ends - clens
@@ -483,13 +494,16 @@ def _text_starts(lens: np.ndarray, size: int) -> np.ndarray:
     return first[:size]
 
 
-def _simplify_bytes(buf: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _simplify_bytes(
+    buf: np.ndarray, lens: np.ndarray, punctuation: bool = True, digits: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """``simplify`` on concatenated texts already through ``_BYTE_MAP`` (whitespace is a space,
     A-Z lower case): ASCII punctuation deleted, digit runs to one ``0``, whitespace runs
     collapsed, ends stripped. Non-ASCII punctuation and digits were handled by ``_unicode_simplify``."""
-    buf, lens = _drop(buf, lens, _PUNCT_BYTE[buf])
+    if punctuation:
+        buf, lens = _drop(buf, lens, _PUNCT_BYTE[buf])
     first = _text_starts(lens, len(buf))
-    digit = _DIGIT_BYTE[buf]
+    digit = _DIGIT_BYTE[buf] if digits else np.zeros(len(buf), dtype=bool)
     space = buf == 32
     # A digit after a digit, a space after a space or at a text's start, a space before the
     # next text's start (or the end).

@@ -158,6 +158,9 @@ def test_config_validates():
         DedupConfig(ngram=2, char_ngram=3, num_perm=64, seed=7),
         DedupConfig(normalize_punctuation=False),
         DedupConfig(ngram=1, char_ngram=2, normalize_punctuation=False),
+        DedupConfig(normalize_digits=False),
+        DedupConfig(ngram=2, normalize_punctuation=False, normalize_digits=True),
+        DedupConfig(normalize_punctuation=False, normalize_digits=False),
     ],
 )
 def test_fingerprint_equals_reference_signature(cfg):
@@ -217,7 +220,7 @@ PINNED_SIGS_PUNCTUATION_KEPT = "520af139628885698ec223d5f7302905f3be951900d0ff0f
 def test_exact_keys_are_unchanged_by_punctuation_normalisation(on):
     import hashlib
 
-    fp = fingerprint(PINNED_TEXTS, DedupConfig(normalize_punctuation=on))
+    fp = fingerprint(PINNED_TEXTS, DedupConfig(normalize_punctuation=on, normalize_digits=on))
     assert fp.keys.tolist() == PINNED_KEYS
     if not on:
         assert hashlib.sha256(fp.sigs.tobytes()).hexdigest() == PINNED_SIGS_PUNCTUATION_KEPT
@@ -233,6 +236,9 @@ def test_simplify_deletes_punctuation_and_reads_digit_runs_as_zero():
     assert D.simplify("「你好」，世界！123 ٤٥٦") == "你好世界0 0"
     assert D.simplify("don't stop-me now ...") == "dont stopme now"
     assert D.simplify("?!") == ""
+    assert D.simplify("call 555-1234, ok", digits=False) == "call 5551234 ok"
+    assert D.simplify("call 555-1234 ١٢", punctuation=False) == "call 0-0 0"
+    assert D.simplify("「你好」123", punctuation=False, digits=False) == "「你好」123"
     assert shingles("?!", CFG) == set()
     assert shingles("A b, c!", CFG) == {"a b c"}
     assert shingles("A b, c!", DedupConfig(normalize_punctuation=False)) == {"a b, c!"}
