@@ -92,9 +92,12 @@ class IngestParams(BaseModel):
         "project or earlier in the run (near_duplicate_prompt, with the existing task id).",
     )
     near_duplicate_threshold: float = Field(
-        0.9, gt=0.0, le=1.0,
+        1.0, gt=0.0, le=1.0,
         description="Estimated Jaccard similarity of word 5-gram sets (punctuation ignored, "
-        "digits kept) at or above which a prompt is a near-duplicate.",
+        "digits kept) at or above which a prompt is a near-duplicate. The default, 1.0, stops "
+        "prompts retyped with other punctuation (and long prompts equal but for a word or two); "
+        "lower values also stop edited prompts but, on prompts sharing long contexts, other "
+        "instructions on the same text (README: near-duplicate prompts).",
     )
     import_doubt_s: float = Field(
         300, gt=0,
