@@ -183,21 +183,20 @@ class ProjectImporter:
         """Queue the file's new prompts; returns how many were duplicates. A complete file is
         marked processed once the batches holding its prompts are confirmed."""
         counts: Counter[str] = Counter()
-        prompts, sigs = intake.prompts, {}
+        prompts, index = intake.prompts, None
         if self.near_cfg is not None:
             prompts, sigs = self._stop_near_duplicates(obj, uri, prompts, counts)
-        added: list[tuple[str, str]] = []
+            index = self._index
+            if sigs:  # in the index before any of them is sent: a batch's segment holds them all
+                index.add(list(sigs), np.stack(list(sigs.values())))
         for p in new_prompts(prompts, self.known, counts):
             if not self._buffer:
                 self._batch = f"{self._run_tag}-{self.totals.batches:05d}"
             self._buffer.append(task_data(p, obj, uri, self._batch))
-            added.append((p.prompt_id, self._batch))
+            if index is not None and (row := index.row(p.prompt_id)) is not None:
+                index.batches[row] = self._batch
             if len(self._buffer) >= self.batch_size:
                 self._flush()
-        added = [(a, b) for a, b in added if a in sigs]
-        if self._index is not None and added:  # later prompts of the run are checked against them
-            self._index.add([a for a, _ in added], np.stack([sigs[a] for a, _ in added]),
-                            batches=[b for _, b in added])
         if intake.complete:
             self._read.append((obj, intake.summary(counts)))
         return counts["duplicate"]

@@ -413,7 +413,9 @@ def test_near_duplicate_prompts_are_quarantined_with_the_existing_task_id(
 ):
     put_jsonl(s3, "in/a.jsonl", [BRIDGE + ".", "Name three primary colours.",
                                  "Write a haiku about autumn rain in the city."])
-    params = IngestParams(source=f"s3://{s3.bucket}/in/", project=title)
+    # one prompt per batch: batches of a file settle while the file is read, and each batch's
+    # signatures are stored with it (the next run finds the index complete: no rebuild)
+    params = IngestParams(source=f"s3://{s3.bucket}/in/", project=title, batch_size=1)
     first = ingest_prompts(params)
     assert (first.imported, first.quarantined, first.index_rebuilds) == (3, 0, 1)
 
