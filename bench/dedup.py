@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/dedup.py [--rows N] [--workers 2] [--sample 3000]
 
-All three use the same shingling (``tasks.dedup.shingles``: normalised text, word 5-grams, or
-character 5-grams for unspaced scripts), threshold 0.8 and 128 permutations, on prompt + response.
+All three use the same shingling (``tasks.dedup.shingles``: normalised text, punctuation deleted
+and digit runs read as 0 (``normalize_punctuation``, the default), word 5-grams, or character
+5-grams for unspaced scripts), threshold 0.8 and 128 permutations, on prompt + response.
+sftflow also runs with ``normalize_punctuation`` and ``normalize_digits`` off (``sftflow_punct_off``).
 Timings include shingling/hashing from raw text, LSH and grouping:
 
 * sftflow: ``deduplicate`` end to end (normalise, fingerprint in a pool of ``--workers``
@@ -23,6 +25,11 @@ Quality against exact Jaccard of the shingle sets:
 * pair recall: share of truly similar pairs found directly (identical normalised texts count).
 * random pairs flagged: share of random pairs (almost all dissimilar) a method groups.
 
+Each method is judged against the exact Jaccard of its own shingles. The ``punctuation`` section
+judges sftflow with normalisation on and off against both definitions side by side (the ground
+truth pool is drawn from candidates of both), and counts the pairs similar only when
+punctuation and digits are normalised.
+
 Writes bench/results/dedup.json.
 """
 
@@ -34,6 +41,7 @@ import json
 import os
 import platform
 import random
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -205,10 +213,12 @@ def main() -> None:
 
     res, (t_pool, c_pool) = best(run_sftflow, rows, cfg, args.workers)
     res_est, (t_est, c_est) = best(run_sftflow, rows, est_cfg, args.workers)
+    off_cfg = cfg.model_copy(update={"normalize_punctuation": False, "normalize_digits": False})
+    res_off, (t_off, c_off) = best(run_sftflow, rows, off_cfg, args.workers)
     _, (t_one, c_one) = best(run_sftflow, rows, cfg, 1)
     print(
         f"sftflow: {t_pool:.2f} s with {args.workers} processes, {t_one:.2f} s in one; "
-        f"estimate only: {t_est:.2f} s"
+        f"estimate only: {t_est:.2f} s; punctuation kept: {t_off:.2f} s"
     )
     da, db, (t_ds, c_ds), (bands, band_rows) = run_datasketch(texts, cfg)
     print(f"datasketch: {t_ds:.2f} s")
@@ -221,42 +231,51 @@ def main() -> None:
     print(f"rensa: {t_rs:.2f} s")
 
     fp = D.fingerprint(texts, cfg)
+    fp_off = D.fingerprint(texts, off_cfg)
     _, reps = np.unique(fp.keys, return_index=True)  # the pairs cluster() sees
 
-    def accepted(c):
-        a, b, _ = D.similar_pairs(fp.sigs[reps], c, fp.keys[reps], [texts[i] for i in reps])
+    def accepted(c, f=fp):
+        a, b, _ = D.similar_pairs(f.sigs[reps], c, f.keys[reps], [texts[i] for i in reps])
         return reps[a], reps[b]
 
     sa, sb = accepted(cfg)
     ea, eb = accepted(est_cfg)
+    oa, ob = accepted(off_cfg, fp_off)
 
     groups = {
         "sftflow": res.cluster_id,
         "sftflow_estimate": res_est.cluster_id,
+        "sftflow_punct_off": res_off.cluster_id,
         "datasketch": components(n, da, db),
         "rensa": components(n, ra, rb),
     }
     pairs = {
         "sftflow": (sa, sb),
         "sftflow_estimate": (ea, eb),
+        "sftflow_punct_off": (oa, ob),
         "datasketch": (da, db),
         "rensa": (ra, rb),
     }
 
-    # Exact Jaccard, cached per text.
-    cache: dict[int, set] = {}
+    # Exact Jaccard of each definition's shingles, cached per text.
+    caches: dict[bool, dict[int, set]] = {True: {}, False: {}}
 
-    def jac(i: int, j: int) -> float:
+    def jac(i: int, j: int, punct: bool = True) -> float:
+        cache, c = caches[punct], (cfg if punct else off_cfg)
         for k in (i, j):
             if k not in cache:
-                cache[k] = D.shingles(texts[k], cfg)
+                cache[k] = D.shingles(texts[k], c)
         x, y = cache[i], cache[j]
         return len(x & y) / len(x | y) if x | y else 1.0
 
     rng = np.random.default_rng(7)
-    gen_cfg = D.DedupConfig(threshold=0.5, num_perm=256, seed=99)
-    gfp = D.fingerprint(texts, gen_cfg)
-    ga, gb = D.candidate_pairs(gfp.sigs, gen_cfg, gfp.keys)
+    gen_pairs = []
+    for punct in (True, False):  # candidates under either definition
+        gen_cfg = D.DedupConfig(threshold=0.5, num_perm=256, seed=99,
+                                normalize_punctuation=punct, normalize_digits=punct)
+        gfp = D.fingerprint(texts, gen_cfg)
+        gen_pairs.append(np.stack(D.candidate_pairs(gfp.sigs, gen_cfg, gfp.keys)))
+    ga, gb = np.unique(np.concatenate(gen_pairs, axis=1), axis=1)
     pick = rng.choice(len(ga), size=min(args.sample, len(ga)), replace=False)
     rand_a = rng.integers(0, n, size=args.sample)
     rand_b = rng.integers(0, n, size=args.sample)
@@ -264,20 +283,32 @@ def main() -> None:
     rand_a, rand_b = rand_a[keep_r], rand_b[keep_r]
     pool_a = np.concatenate([ga[pick], rand_a])
     pool_b = np.concatenate([gb[pick], rand_b])
-    pool_j = np.array([jac(int(i), int(j)) for i, j in zip(pool_a, pool_b, strict=True)])
-    rand_j = pool_j[len(pick) :]
+    pool_js = {
+        punct: np.array(
+            [jac(int(i), int(j), punct) for i, j in zip(pool_a, pool_b, strict=True)]
+        )
+        for punct in (True, False)
+    }
+    pool_j = pool_js[True]
     true = pool_j >= cfg.threshold
-    print(f"ground truth: {len(pool_a)} pairs checked, {int(true.sum())} similar")
+    true_off = pool_js[False] >= cfg.threshold
+    print(
+        f"ground truth: {len(pool_a)} pairs checked, {int(true.sum())} similar "
+        f"({int(true_off.sum())} with punctuation kept)"
+    )
+
+    def precision(a, b, punct: bool) -> float:
+        s = rng.choice(len(a), size=min(args.sample, len(a)), replace=False) if len(a) else []
+        if not len(s):
+            return 0.0
+        return float(np.mean([jac(int(a[i]), int(b[i]), punct) >= cfg.threshold for i in s]))
 
     results = {}
     for name, (a, b) in pairs.items():
         g = groups[name]
-        s = rng.choice(len(a), size=min(args.sample, len(a)), replace=False) if len(a) else []
-        prec = (
-            float(np.mean([jac(int(a[i]), int(b[i])) >= cfg.threshold for i in s]))
-            if len(s)
-            else 0.0
-        )
+        punct = name != "sftflow_punct_off"  # judged by its own shingles
+        truth = true if punct else true_off
+        prec = precision(a, b, punct)
         same = g[pool_a] == g[pool_b]
         edge = set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist(), strict=True))
         direct = np.array(
@@ -289,6 +320,7 @@ def main() -> None:
         secs, cpu = {
             "sftflow": (t_pool, c_pool),
             "sftflow_estimate": (t_est, c_est),
+            "sftflow_punct_off": (t_off, c_off),
             "datasketch": (t_ds, c_ds),
             "rensa": (t_rs, c_rs),
         }[name]
@@ -300,10 +332,10 @@ def main() -> None:
             "rows_per_cpu_s": round(n / cpu),
             "pairs": len(a),
             "precision": round(prec, 4),
-            "recall": round(float(same[true].mean()), 4),
-            "pair_recall": round(float(direct[true].mean()), 4),
+            "recall": round(float(same[truth].mean()), 4),
+            "pair_recall": round(float(direct[truth].mean()), 4),
             "random_pairs_flagged": round(
-                float(same[len(pick) :][rand_j < cfg.threshold].mean()), 5
+                float(same[len(pick) :][pool_js[punct][len(pick) :] < cfg.threshold].mean()), 5
             ),
             "rows_removed": int(n - len(np.unique(g))),
         }
@@ -320,6 +352,42 @@ def main() -> None:
     dj = np.array([jac(int(i), kept_of[int(res.cluster_id[i])]) for i in ds])
     results["sftflow"]["dropped_rows_similar_to_kept"] = round(
         float((dj >= cfg.threshold).mean()), 4
+    )
+
+    # Punctuation normalisation on and off, each judged by both definitions.
+    punctuation = {"similar_only_normalised": int((true & ~true_off).sum()),
+                   "similar_only_kept": int((~true & true_off).sum()),
+                   "similar_both": int((true & true_off).sum())}
+    only = np.flatnonzero(true & ~true_off)
+    digits = re.compile(r"\d+")
+    digit_only = [i for i in only
+                  if digits.findall(texts[pool_a[i]]) != digits.findall(texts[pool_b[i]])]
+    punctuation["similar_only_normalised_texts_differ_in_digits"] = len(digit_only)
+    for name, (a, b), g in (("on", (sa, sb), res.cluster_id),
+                            ("off", (oa, ob), res_off.cluster_id)):
+        same = g[pool_a] == g[pool_b]
+        punctuation[name] = {
+            f"vs_{truth_name}": {
+                "precision": round(precision(a, b, punct), 4),
+                "recall": round(float(same[truth].mean()), 4),
+            }
+            for truth_name, punct, truth in (("normalised", True, true),
+                                              ("punctuation_kept", False, true_off))
+        } | {"rows_removed": int(n - len(np.unique(g)))}
+    print("punctuation normalisation (precision / recall against each definition):")
+    for name in ("on", "off"):
+        r = punctuation[name]
+        print(
+            f"  {name:3}: vs normalised {r['vs_normalised']['precision']:.3f} / "
+            f"{r['vs_normalised']['recall']:.3f}; vs punctuation kept "
+            f"{r['vs_punctuation_kept']['precision']:.3f} / "
+            f"{r['vs_punctuation_kept']['recall']:.3f}; rows removed {r['rows_removed']:,}"
+        )
+    print(
+        f"  pool pairs similar only when normalised: {punctuation['similar_only_normalised']} "
+        f"(of which differing in digits: "
+        f"{punctuation['similar_only_normalised_texts_differ_in_digits']}); only when kept: "
+        f"{punctuation['similar_only_kept']}"
     )
 
     own = results["sftflow"]
@@ -350,6 +418,7 @@ def main() -> None:
             "random": len(rand_a),
         },
         "results": results,
+        "punctuation": punctuation,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

@@ -13,7 +13,10 @@ Outputs:
   Supervised LLM Fine-tuning config (created when missing);
 - ``s3://<source bucket>/<state_prefix>/ingest/project-<id>/``: the ledger (prompt_ids per
   confirmed batch, processed objects by key + ETag);
-- ``s3://<source bucket>/<state_prefix>/quarantine/``: rejected records and files, with reasons;
+- ``s3://<source bucket>/<state_prefix>/ingest/project-<id>/signatures/``: the MinHash signature
+  index of the project's prompts (``tasks.prompt_index``);
+- ``s3://<source bucket>/<state_prefix>/quarantine/``: rejected records and files, with reasons
+  (near-duplicate prompts under ``near_duplicates/``, with the existing task's id);
 - artifacts: a progress bar while importing, a table of counts and throughput;
 - event ``sftflow.prompts.ingested`` with the counts.
 
@@ -25,7 +28,9 @@ ledger write checks. An import request with an unknown outcome, or left pending 
 resent only after it has certainly ended on the server (all its tasks found, or
 ``import_doubt_s`` past its sending); a final check compares the project's task count with the
 ledger and rescans (removing unannotated duplicates) if they disagree.
-Every input record ends as exactly one of imported / duplicate / quarantined.
+Every input record ends as exactly one of imported / duplicate / quarantined (a prompt whose id is
+already in the project is a duplicate; one that near-duplicates a prompt of the project or of the
+run is quarantined as ``near_duplicate_prompt``).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from sftflow.tasks.labelstudio.importer import ImportTotals, ProjectImporter
 from sftflow.tasks.labelstudio.projects import ensure_project_task
 from sftflow.tasks.locks import ingest_lock_name, s3_lock
 from sftflow.tasks.progress import PhaseTimer, ProgressBar
+from sftflow.tasks.prompt_index import prompt_config
 from sftflow.tasks.prompts import FieldMapping, Ledger, Limits, bucket_exists, read_prompt_file
 from sftflow.tasks.storage import parse_s3_uri
 
@@ -80,6 +86,18 @@ class IngestParams(BaseModel):
     )
     import_timeout_s: float | None = Field(
         None, gt=0, description="HTTP timeout per import request (default: Label Studio settings)."
+    )
+    near_duplicates: bool = Field(
+        True, description="Quarantine a new prompt that near-duplicates a prompt already in the "
+        "project or earlier in the run (near_duplicate_prompt, with the existing task id).",
+    )
+    near_duplicate_threshold: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="Estimated Jaccard similarity of word 5-gram sets (punctuation ignored, "
+        "digits kept) at or above which a prompt is a near-duplicate. The default, 1.0, stops "
+        "prompts retyped with other punctuation (and long prompts equal but for a word or two); "
+        "lower values also stop edited prompts but, on prompts sharing long contexts, other "
+        "instructions on the same text (README: near-duplicate prompts).",
     )
     import_doubt_s: float = Field(
         300, gt=0,
@@ -117,6 +135,7 @@ class IngestReport(BaseModel):
     reconciled: int = 0  # prompts found already landed when a batch was retried or recovered
     recovered_batches: int = 0  # pending batches of an earlier, interrupted run
     full_scans: int = 0
+    index_rebuilds: int = 0  # the signature index rebuilt from the project (missing or stale)
     duplicates_removed: int = 0
     task_number: int = 0
     verified: bool = False  # the project's task count matched the ledger at the end (else: rescan)
@@ -151,6 +170,8 @@ def ingest_prompts(params: IngestParams) -> IngestReport:
     importer = ProjectImporter(lsc, ledger, state_prefix=state_prefix,
                                batch_size=params.batch_size, timeout_s=params.import_timeout_s,
                                doubt_s=params.import_doubt_s,
+                               near_duplicates=(prompt_config(params.near_duplicate_threshold)
+                                                if params.near_duplicates else None),
                                timer=timer, logger=logger)
     tally = IntakeTally()
     with contextlib.ExitStack() as held:
@@ -204,6 +225,7 @@ def _report(params: IngestParams, project: Any, ledger: Ledger, selection: Selec
         reasons=dict(sorted((tally.reasons + totals.reasons).items())),
         batches=totals.batches, requests=totals.requests, reconciled=totals.reconciled,
         recovered_batches=totals.recovered_batches, full_scans=totals.full_scans,
+        index_rebuilds=totals.index_rebuilds,
         duplicates_removed=totals.duplicates_removed, task_number=totals.task_number,
         verified=totals.verified, elapsed_s=elapsed,
         prompts_per_s=round(tally.records / elapsed, 1) if elapsed else 0.0,

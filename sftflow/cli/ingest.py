@@ -26,6 +26,13 @@ def ingest(
     max_files: int = typer.Option(None, "--max-files", min=1, help="New objects per run."),
     max_records: int = typer.Option(None, "--max-records", min=1, help="Records per run."),
     no_create: bool = typer.Option(False, "--no-create", help="Fail if the project is missing."),
+    near_threshold: float = typer.Option(
+        1.0, "--near-duplicate-threshold", min=0.01, max=1.0,
+        help="Quarantine prompts this similar to one in the project (estimated Jaccard).",
+    ),
+    no_near: bool = typer.Option(
+        False, "--no-near-duplicates", help="Do not check new prompts for near-duplicates."
+    ),
     as_json: bool = JsonOption,
 ) -> None:
     """Import every new prompt under SOURCE into the project, exactly once."""
@@ -35,6 +42,7 @@ def ingest(
         IngestParams, "ingest",
         source=source, project=project, batch_size=batch_size, max_files=max_files,
         max_records=max_records, create_project=not no_create,
+        near_duplicates=not no_near, near_duplicate_threshold=near_threshold,
         fields={"prompt_field": prompt_field, "input_field": input_field,
                 "keep_fields": keep_field or []},
     )

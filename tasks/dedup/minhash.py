@@ -5,7 +5,11 @@ functions in tasks (``fingerprint`` per shard, ``cluster``/``deduplicate`` once 
 
 Pipeline
 --------
-1. *Normalise* (``normalize``): NFKC, casefold, whitespace runs collapsed to one space.
+1. *Normalise* (``normalize``): NFKC, casefold, whitespace runs collapsed to one space. For
+   near-duplicate shingles only (``normalize_punctuation``, on by default), punctuation is then
+   deleted and every run of digits read as ``0`` (``simplify``), as datatrove does before
+   MinHash: "how a bridge works." and "how a bridge works!" shingle alike. Exact keys (and so
+   prompt ids) keep the punctuation.
 2. *Shingle*: word n-grams (``ngram``) for spaced text; character n-grams (``char_ngram``) for
    text written mostly in scripts without spaces (Han, kana, Thai, Lao, Khmer, Myanmar; see
    ``is_unspaced``). A text shorter than n gives one shingle: the whole text.
@@ -16,8 +20,8 @@ Pipeline
    minimum; empty bins copy a filled bin chosen by a fixed, text-independent probe sequence. Two
    signatures agree in a bin with probability equal to the Jaccard similarity of the shingle
    sets, as with ``num_perm`` independent permutations, at the cost of one hash per shingle
-   instead of ``num_perm``. The exact key (a 63-bit hash of the normalised text) comes out of
-   the same pass. Fingerprints of shards concatenate (``Fingerprints.concat``): a shard's result
+   instead of ``num_perm``. The exact key (a 63-bit hash of the normalised text, punctuation
+   kept) comes out of the same pass. Fingerprints of shards concatenate (``Fingerprints.concat``): a shard's result
    does not depend on the other shards.
 4. *Cluster* (``cluster``): rows with the same exact key are merged; one representative per
    exact group goes through LSH banding (``lsh_params``: b bands of r rows chosen for the
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import string
 import unicodedata
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
@@ -63,6 +68,7 @@ __all__ = [
     "shingles",
     "signatures",
     "similar_pairs",
+    "simplify",
 ]
 
 U64 = np.uint64
@@ -93,6 +99,18 @@ class DedupConfig(BaseModel):
     )
     num_perm: int = Field(128, ge=8, le=1024, description="MinHash signature length.")
     seed: int = Field(1, ge=0, description="Seed of the MinHash hash functions.")
+    normalize_punctuation: bool = Field(
+        True,
+        description="Near-duplicate shingles ignore punctuation (as datatrove does before "
+        "MinHash), so a text retyped with other punctuation stays a near-duplicate. Exact "
+        "duplicates still compare the text with its punctuation.",
+    )
+    normalize_digits: bool = Field(
+        True,
+        description="Near-duplicate shingles read every run of digits as 0 (as datatrove "
+        "does). Texts that differ only in their numbers (arithmetic drills) become "
+        "near-duplicates: turn it off for such data. Exact duplicates still compare digits.",
+    )
     verify_margin: float = Field(
         0.05,
         ge=0.0,
@@ -121,6 +139,56 @@ def normalize(text: str) -> str:
     if text.isascii():  # NFKC is the identity and casefold is lower on ASCII
         return " ".join(text.lower().split())
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+_DIGITS = re.compile(r"\d+")
+_ASCII_PUNCT_DELETE = str.maketrans("", "", string.punctuation)
+_CLASS_LIMIT = 0x20000  # code points from here on are kept as they are
+
+
+@lru_cache(maxsize=1)
+def _char_classes() -> np.ndarray:
+    """uint8 per code point below ``_CLASS_LIMIT`` (and one more, 0, for all above): 1 for
+    punctuation (``string.punctuation`` and Unicode categories P*), 2 for digits (Nd)."""
+    cls = np.zeros(_CLASS_LIMIT + 1, dtype=np.uint8)
+    cls[np.frombuffer(string.punctuation.encode(), dtype=np.uint8)] = 1
+    cls[48:58] = 2
+    for c in range(0x80, _CLASS_LIMIT):
+        cat = unicodedata.category(chr(c))
+        if cat[0] == "P":
+            cls[c] = 1
+        elif cat == "Nd":
+            cls[c] = 2
+    return cls
+
+
+def _unicode_simplify(texts: list[str], punctuation: bool = True, digits: bool = True) -> list[str]:
+    """Punctuation deleted and every digit made ``0`` (runs are not collapsed), vectorised over
+    the code points of all ``texts`` at once."""
+    if not texts:
+        return []
+    cps = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    cls = _char_classes()[np.minimum(cps, _CLASS_LIMIT)]
+    out = np.where(cls == 2, np.uint32(48), cps).astype("<u4") if digits else cps
+    keep = cls != 1 if punctuation else np.ones(len(cps), dtype=bool)
+    ck = np.zeros(len(cps) + 1, dtype=np.int64)
+    np.cumsum(keep, out=ck[1:])
+    ends = np.cumsum([len(t) for t in texts])
+    bounds = ck[ends]
+    joined = out[keep].tobytes().decode("utf-32-le", "surrogatepass")
+    return [joined[i:j] for i, j in zip(np.concatenate(([0], bounds[:-1])), bounds, strict=True)]
+
+
+def simplify(norm: str, punctuation: bool = True, digits: bool = True) -> str:
+    """What near-duplicate shingles see of a normalised text: punctuation deleted
+    (``string.punctuation`` and Unicode P*, as datatrove does; ``normalize_punctuation``), each
+    run of digits in any script replaced by ``0`` (``normalize_digits``), whitespace runs
+    collapsed, ends stripped."""
+    if norm.isascii():
+        text = norm.translate(_ASCII_PUNCT_DELETE) if punctuation else norm
+    else:
+        text = _unicode_simplify([norm], punctuation, digits)[0]
+    return " ".join((_DIGITS.sub("0", text) if digits else text).split())
 
 
 def dedup_text(prompt: str, response: str, cfg: DedupConfig) -> str:
@@ -158,9 +226,12 @@ def shingles(text: str, cfg: DedupConfig) -> set[str]:
     them to datasketch and rensa and computes exact Jaccard from them.
     """
     norm = normalize(text)
+    unspaced = is_unspaced(norm, cfg)  # decided before ``simplify``
+    if cfg.normalize_punctuation or cfg.normalize_digits:
+        norm = simplify(norm, cfg.normalize_punctuation, cfg.normalize_digits)
     if not norm:
         return set()
-    if is_unspaced(norm, cfg):
+    if unspaced:
         n, toks, sep = cfg.char_ngram, list(norm), ""
     else:
         n, toks, sep = cfg.ngram, norm.split(" "), " "
@@ -208,6 +279,11 @@ def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
 _BYTE_MAP = np.arange(256, dtype=np.uint8)
 _BYTE_MAP[[9, 10, 11, 12, 13, 28, 29, 30, 31]] = 32
 _BYTE_MAP[65:91] += 32
+# Bytes ``simplify`` deletes (ASCII punctuation) and digits, as lookup tables over byte values.
+_PUNCT_BYTE = np.zeros(256, dtype=bool)
+_PUNCT_BYTE[np.frombuffer(string.punctuation.encode(), dtype=np.uint8)] = True
+_DIGIT_BYTE = np.zeros(256, dtype=bool)
+_DIGIT_BYTE[48:58] = True
 
 
 @lru_cache(maxsize=16)
@@ -320,13 +396,33 @@ def _shingle_hashes(pre: list[str], cfg: DedupConfig) -> tuple[np.ndarray, np.nd
     starts = ends - clens
 
     # Polynomial prefix hashes: hash(c[s:e]) = (H[e] - H[s]) * BASE**-s  (mod 2**64).
-    pw, ipw = _power_tables(m + 1)
-    h = np.zeros(m + 1, dtype=U64)
+    h = _prefix_hashes(c)
+    ipw = _power_tables(m + 1)[1]
     with np.errstate(over="ignore"):
-        np.cumsum(c * pw[:m], out=h[1:])
+        whole = h[ends] - h[starts]
         # Exact keys: hash of each whole normalised text (its length separates "" from others).
-        full = (h[ends] - h[starts]) * ipw[starts] + clens.astype(U64) * U64(0x632BE59BD9B4E019)
+        full = whole * ipw[starts] + clens.astype(U64) * U64(0x632BE59BD9B4E019)
     keys = (_mix(full) >> U64(1)).astype(np.int64)
+
+    punct, digits = cfg.normalize_punctuation, cfg.normalize_digits
+    if punct or digits:  # shingles see the simplified text; the keys above do not
+        uni = [i for i, t in enumerate(pre) if not t.isascii()]
+        if not uni:
+            buf, blens = raw, lens
+        else:  # non-ASCII texts: punctuation and digits done here, the rest by the bytes pass
+            enc2 = list(enc)
+            for i, t in zip(uni, _unicode_simplify([pre[i] for i in uni], punct, digits),
+                            strict=True):
+                enc2[i] = t.encode("utf-8", "surrogatepass")
+            blens = np.fromiter(map(len, enc2), dtype=np.int64, count=n_docs)
+            buf = _BYTE_MAP[np.frombuffer(b"".join(enc2), dtype=np.uint8)]
+        c, clens = _simplify_bytes(buf, blens, punct, digits)
+        m = len(c)
+        ends = np.cumsum(clens)
+        starts = ends - clens
+        nonempty = clens > 0
+        h = _prefix_hashes(c)
+        ipw = _power_tables(m + 1)[1]
 
     # Token boundaries: words (between spaces) or, for unspaced texts, characters.
     char_mode = np.fromiter(
@@ -370,6 +466,62 @@ def _shingle_hashes(pre: list[str], cfg: DedupConfig) -> tuple[np.ndarray, np.nd
         sh *= U64(0xBF58476D1CE4E5B9)
         sh ^= sh >> U64(29)
     return sh, sh_doc, keys
+
+
+def _prefix_hashes(c: np.ndarray) -> np.ndarray:
+    """H[i] = sum of c[j] * BASE**j for j < i (mod 2**64), with H[0] = 0."""
+    m = len(c)
+    pw = _power_tables(m + 1)[0]
+    h = np.zeros(m + 1, dtype=U64)
+    with np.errstate(over="ignore"):
+        np.cumsum(c * pw[:m], out=h[1:])
+    return h
+
+
+def _drop(buf: np.ndarray, lens: np.ndarray, drop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated texts less the bytes marked in ``drop`` (few), and each text's new length."""
+    gone = np.flatnonzero(drop)
+    if not len(gone):
+        return buf, lens
+    per_text = np.bincount(np.searchsorted(np.cumsum(lens), gone, side="right"), minlength=len(lens))
+    return buf[~drop], lens - per_text[: len(lens)]
+
+
+def _text_starts(lens: np.ndarray, size: int) -> np.ndarray:
+    """Bool per byte of concatenated texts: the first byte of a (non-empty) text."""
+    first = np.zeros(size + 1, dtype=bool)
+    first[(np.cumsum(lens) - lens)[lens > 0]] = True
+    return first[:size]
+
+
+def _simplify_bytes(
+    buf: np.ndarray, lens: np.ndarray, punctuation: bool = True, digits: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """``simplify`` on concatenated texts already through ``_BYTE_MAP`` (whitespace is a space,
+    A-Z lower case): ASCII punctuation deleted, digit runs to one ``0``, whitespace runs
+    collapsed, ends stripped. Non-ASCII punctuation and digits were handled by ``_unicode_simplify``."""
+    if punctuation:
+        buf, lens = _drop(buf, lens, _PUNCT_BYTE[buf])
+    first = _text_starts(lens, len(buf))
+    digit = _DIGIT_BYTE[buf] if digits else np.zeros(len(buf), dtype=bool)
+    space = buf == 32
+    # A digit after a digit, a space after a space or at a text's start, a space before the
+    # next text's start (or the end).
+    drop = np.empty(len(buf), dtype=bool)
+    if len(buf):
+        drop[0] = space[0]
+        drop[1:] = (digit[1:] & digit[:-1]) | (space[1:] & space[:-1])
+        drop &= ~first
+        drop |= space & first
+        drop[:-1] |= space[:-1] & first[1:]
+        drop[-1] |= space[-1]
+    if digit.any():
+        buf = np.where(digit, np.uint8(48), buf)
+    buf, lens = _drop(buf, lens, drop)
+    last = (np.cumsum(lens) - 1)[lens > 0]  # a run of spaces ending a text leaves its first
+    trailing = np.zeros(len(buf), dtype=bool)
+    trailing[last[buf[last] == 32]] = True
+    return _drop(buf, lens, trailing)
 
 
 def _densify(sig: np.ndarray, cfg: DedupConfig) -> None:

@@ -7,12 +7,21 @@
   segment. If the project's task count then differs from what the
   ledger expects, the project is rescanned: its prompt_ids become the ledger's snapshot and
   unannotated duplicate tasks are removed.
-- ``add_file()`` queues a file's prompts whose id is not known yet, in batches of
+- ``add_file()`` quarantines a file's new prompts that near-duplicate a prompt of the project or
+  an earlier one of the run (``near_duplicate_prompt``, when ``near_duplicates`` is given;
+  ``tasks.prompt_index``), then queues the prompts whose id is not known yet, in batches of
   ``batch_size``. A full batch is marked pending in the ledger and submitted (``import_batch``)
   while the next one is read: one batch in flight. Before the next is sent, the one in flight
-  is settled: its landed prompt_ids become a segment, tasks Label Studio refused go to
-  ``quarantine/rejected/<batch>.jsonl`` (their ids are no longer known), and the source objects
-  whose prompts were all in it or earlier are marked processed.
+  is settled: its landed prompt_ids become a segment, then their signatures a segment of the
+  signature index; tasks Label Studio refused go to ``quarantine/rejected/<batch>.jsonl``
+  (their ids are no longer known), and the source objects whose prompts were all in it or
+  earlier are marked processed, each after its near-duplicates' quarantine records (with the
+  existing task's id) are written.
+
+A prompt whose id is already in the project is a duplicate, never a near-duplicate: so a rerun
+after a crash between an import and its index segment does not quarantine what was imported.
+The index is loaded when the first file comes, and rebuilt from the project's tasks when its
+prompt_ids differ from the ledger's.
 - ``finish()`` sends and settles what is left and checks the project's task count against the
   ledger once more (rescanning as above if they differ). Its ``ImportTotals`` go into the
   run's report.
@@ -32,20 +41,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from label_studio_sdk import LabelStudio
 
 from sftflow.core.clock import utc_now
 from sftflow.core.failpoints import failpoint
+from sftflow.tasks.dedup import DedupConfig, fingerprint
 from sftflow.tasks.intake import FileIntake, new_prompts
 from sftflow.tasks.labelstudio.imports import (
     BatchResult,
     await_outcome,
     import_batch,
+    iter_project_tasks,
     remove_unannotated,
     scan_project_task,
     task_count,
 )
 from sftflow.tasks.progress import PhaseTimer
+from sftflow.tasks.prompt_index import (
+    Match,
+    SignatureIndex,
+    load_index,
+    near_duplicate_key,
+    save_segment,
+    save_snapshot,
+)
 from sftflow.tasks.prompts import Ledger, Prompt, prompt_id, rejected_batch_key
 from sftflow.tasks.storage import ObjectInfo
 
@@ -77,6 +97,7 @@ class ImportTotals:
     reconciled: int = 0  # prompts found already landed when a batch was retried or recovered
     recovered_batches: int = 0  # pending batches of an earlier, interrupted run
     full_scans: int = 0
+    index_rebuilds: int = 0  # signature index rebuilt from the project (missing or stale)
     duplicates_removed: int = 0
     task_number: int = 0  # the project's task count at the end
     verified: bool = False  # that count matched the ledger at the end (else: rescanned)
@@ -101,10 +122,13 @@ class ProjectImporter:
         timer: PhaseTimer | None = None,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
         submit: Callable[..., Any] | None = None,
+        near_duplicates: DedupConfig | None = None,
     ):
         """``submit(client, project_id, batch, tasks, timeout_s=..., doubt_s=...)`` returns a
         future of a ``BatchResult``; by default ``import_batch.submit``. ``doubt_s``: how long an
-        import request may live on the server (see ``imports.await_outcome``)."""
+        import request may live on the server (see ``imports.await_outcome``).
+        ``near_duplicates``: how prompts are compared (``prompt_index.prompt_config``); None
+        imports near-duplicates like any other prompt."""
         self.client, self.ledger, self.project_id = client, ledger, ledger.project_id
         self.state_prefix, self.batch_size, self.timeout_s = state_prefix, batch_size, timeout_s
         self.doubt_s = doubt_s
@@ -120,6 +144,9 @@ class ProjectImporter:
         self._buffer: list[dict[str, Any]] = []
         self._read: list[tuple[ObjectInfo, dict[str, Any]]] = []  # complete since the last submit
         self._in_flight: _InFlight | None = None
+        self.near_cfg = near_duplicates
+        self._index: SignatureIndex | None = None
+        self._near: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (key, etag) -> records
 
     # -- start ----------------------------------------------------------------------------------
     def open(self, project_created_at: str) -> None:
@@ -156,15 +183,124 @@ class ProjectImporter:
         """Queue the file's new prompts; returns how many were duplicates. A complete file is
         marked processed once the batches holding its prompts are confirmed."""
         counts: Counter[str] = Counter()
-        for p in new_prompts(intake.prompts, self.known, counts):
+        prompts, index = intake.prompts, None
+        if self.near_cfg is not None:
+            prompts, sigs = self._stop_near_duplicates(obj, uri, prompts, counts)
+            index = self._index
+            if sigs:  # in the index before any of them is sent: a batch's segment holds them all
+                index.add(list(sigs), np.stack(list(sigs.values())))
+        for p in new_prompts(prompts, self.known, counts):
             if not self._buffer:
                 self._batch = f"{self._run_tag}-{self.totals.batches:05d}"
             self._buffer.append(task_data(p, obj, uri, self._batch))
+            if index is not None and (row := index.row(p.prompt_id)) is not None:
+                index.batches[row] = self._batch
             if len(self._buffer) >= self.batch_size:
                 self._flush()
         if intake.complete:
             self._read.append((obj, intake.summary(counts)))
         return counts["duplicate"]
+
+    def _stop_near_duplicates(self, obj: ObjectInfo, uri: str, prompts: list[Prompt],
+                              counts: Counter[str]) -> tuple[list[Prompt], dict[str, np.ndarray]]:
+        """The file's prompts less the near-duplicates of the project's or the run's earlier
+        prompts (queued for quarantine), and the signatures of the new ones by prompt_id."""
+        index = self._load_index()
+        first: dict[str, Prompt] = {}
+        for p in prompts:  # new ids only: one already in the project is a duplicate, not near
+            if p.prompt_id not in self.known and p.prompt_id not in first:
+                first[p.prompt_id] = p
+        if not first:
+            return prompts, {}
+        cand = list(first.values())
+        fp = fingerprint([p.prompt for p in cand], index.cfg).sigs
+        matches = index.check([p.prompt_id for p in cand], fp)
+        near = {p.prompt_id: m for p, m in zip(cand, matches, strict=True) if m is not None}
+        if near:  # every record of such a prompt (exact copies included) is quarantined
+            records = [self._near_record(p, near[p.prompt_id], obj, uri)
+                       for p in prompts if p.prompt_id in near]
+            self._near.setdefault((obj.key, obj.etag), []).extend(records)
+            counts["near_duplicate"] += len(records)
+            self.totals.quarantined += len(records)
+            self.totals.reasons["near_duplicate_prompt"] += len(records)
+        sigs = {p.prompt_id: s for p, s in zip(cand, fp, strict=True) if p.prompt_id not in near}
+        return [p for p in prompts if p.prompt_id not in near], sigs
+
+    @staticmethod
+    def _near_record(p: Prompt, m: Match, obj: ObjectInfo, uri: str) -> dict[str, Any]:
+        return {"reason": "near_duplicate_prompt", "source": uri, "etag": obj.etag, "row": p.row,
+                "prompt_id": p.prompt_id, "prompt": p.prompt, "existing_prompt_id": m.prompt_id,
+                "existing_task_id": None, "similarity": round(m.similarity, 4)}
+
+    def _load_index(self) -> SignatureIndex:
+        """The project's signature index, rebuilt from its tasks when missing or when its
+        prompt_ids are not the ledger's (a crash between a ledger write and an index write)."""
+        if self._index is not None:
+            return self._index
+        assert self.near_cfg is not None
+        root = self.ledger.root
+        index, segments = load_index(self.ledger.s3, self.ledger.bucket, root, self.near_cfg)
+        if index is None or set(index.ids) != self.known:
+            self.log.info("signature index of project %s missing or stale: rebuilding it",
+                          self.project_id)
+            index = self._rebuild_index()
+            self.totals.index_rebuilds += 1
+        elif segments > 32:
+            self.ledger.fence()
+            save_snapshot(self.ledger.s3, self.ledger.bucket, root, index)
+        self._index = index
+        return index
+
+    def _rebuild_index(self) -> SignatureIndex:
+        ids: dict[str, tuple[int, str, str]] = {}
+        for task_id, data in sorted(iter_project_tasks(self.client, self.project_id)):
+            text = data.get("prompt")
+            if not isinstance(text, str):
+                continue
+            pid = data.get("prompt_id") or prompt_id(text)
+            ids.setdefault(pid, (task_id, text, str(data.get("ingest_batch") or "")))
+        assert self.near_cfg is not None
+        index = SignatureIndex(self.near_cfg)
+        if ids:
+            rows = list(ids.values())
+            index.add(list(ids), fingerprint([t for _, t, _ in rows], self.near_cfg).sigs,
+                      [tid for tid, _, _ in rows], [b for _, _, b in rows])
+        self.ledger.fence()
+        save_snapshot(self.ledger.s3, self.ledger.bucket, self.ledger.root, index)
+        return index
+
+    def _existing_task_ids(self, prompt_ids: set[str]) -> dict[str, int]:
+        """Task ids of prompts in the index; those imported by this run are looked up in Label
+        Studio once per batch (their batch is confirmed by now)."""
+        index = self._index
+        if index is None:
+            return {}
+        rows = {p: r for p in prompt_ids if (r := index.row(p)) is not None}
+        for batch in sorted({index.batches[r] for r in rows.values() if index.task_ids[r] < 0}):
+            if not batch:
+                continue
+            for task_id, data in iter_project_tasks(self.client, self.project_id, batch=batch):
+                r = index.row(str(data.get("prompt_id")))
+                if r is not None and index.task_ids[r] < 0:
+                    index.task_ids[r] = task_id
+        return {p: int(index.task_ids[r]) for p, r in rows.items() if index.task_ids[r] >= 0}
+
+    def _write_near(self, obj: ObjectInfo) -> None:
+        """The quarantine records of an object's near-duplicates, with the existing task ids."""
+        records = self._near.pop((obj.key, obj.etag), None)
+        if not records:
+            return
+        tids = self._existing_task_ids({r["existing_prompt_id"] for r in records})
+        for r in records:
+            r["existing_task_id"] = tids.get(r["existing_prompt_id"])
+        body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+        self.ledger.fence()
+        self.ledger.s3.put_bytes(near_duplicate_key(self.state_prefix, obj.key, obj.etag), body,
+                                 bucket=self.ledger.bucket, content_type="application/x-ndjson")
+
+    def _mark(self, obj: ObjectInfo, summary: dict[str, Any]) -> None:
+        self._write_near(obj)
+        self.ledger.mark_object(obj, summary)
 
     def _flush(self) -> None:
         """Settle the batch in flight, then submit the buffer (or, if it is empty, mark the
@@ -174,7 +310,7 @@ class ProjectImporter:
             self._in_flight = None
         if not self._buffer:
             for obj, summary in self._read:
-                self.ledger.mark_object(obj, summary)
+                self._mark(obj, summary)
             self._read = []
             return
         self.ledger.mark_pending(self._batch, len(self._buffer))
@@ -191,6 +327,10 @@ class ProjectImporter:
         totals = self.totals
         self.ledger.confirm(result.batch, result.landed, len(result.landed))
         failpoint("ingest.after-confirm")
+        if self._index is not None:
+            self.ledger.fence()
+            save_segment(self.ledger.s3, self.ledger.bucket, self.ledger.root, result.batch,
+                         self._index, result.landed)
         self.expected += len(result.landed)
         totals.imported += len(result.landed)
         totals.reconciled += result.reconciled
@@ -203,7 +343,7 @@ class ProjectImporter:
             self.ledger.s3.put_bytes(rejected_batch_key(self.state_prefix, result.batch),
                                      rejected_lines(result.rejected), bucket=self.ledger.bucket)
         for obj, summary in in_flight.objects:
-            self.ledger.mark_object(obj, summary)
+            self._mark(obj, summary)
 
     # -- end ------------------------------------------------------------------------------------
     def finish(self) -> ImportTotals:
@@ -211,6 +351,8 @@ class ProjectImporter:
         expects (rescan and repair if not)."""
         self._flush()
         self._flush()  # settles the last batch in flight and marks the objects read after it
+        for key, etag in list(self._near):  # files cut short by max_records (not marked)
+            self._write_near(ObjectInfo(key=key, etag=etag, size=0))
         totals = self.totals
         with self.timer.phase("verify"):
             # Nothing sent: the count read at the start still holds (saves a request on reruns).

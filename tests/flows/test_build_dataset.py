@@ -15,17 +15,29 @@ from tests.tasks._datasets import annotation, make_project, textarea
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
 
 
+_A = ["amber", "basil", "cedar", "delta", "ember", "fjord", "grove", "heron", "iris", "jade"]
+_B = ["kite", "lotus", "maple", "nectar", "onyx", "pearl"]
+
+
+def _word(i: int) -> str:
+    """A distinct made-up word per i (numbers alone would not do: near-duplicate shingles read
+    every digit run as 0)."""
+    return _A[i % 10] + _B[i // 10]
+
+
 def _tasks() -> list[dict]:
     """60 distinct Q/A tasks plus every kind of trouble, each with a known fate."""
     tasks = [
-        {"data": {"prompt": f"In one sentence, what does the word number {i} mean?"},
-         "annotations": [annotation(f"Word {i} means thing {i}; it is used in context {i * 7}.")]}
+        {"data": {"prompt": f"In one sentence, what does the word {_word(i)} mean?"},
+         "annotations": [annotation(f"Word {_word(i)} means thing {_word(i)}; it is used in "
+                                    f"context {_word(59 - i)}.")]}
         for i in range(60)
     ]
     tasks += [
         # exact duplicate of task 0 (same prompt and response, other task): dedup drops one
-        {"data": {"prompt": "In one sentence, what does the word number 0 mean?"},
-         "annotations": [annotation("Word 0 means thing 0; it is used in context 0.")]},
+        {"data": {"prompt": f"In one sentence, what does the word {_word(0)} mean?"},
+         "annotations": [annotation(f"Word {_word(0)} means thing {_word(0)}; it is used in "
+                                    f"context {_word(59)}.")]},
         # several annotations: 'latest' keeps the last one only
         {"data": {"prompt": "Name a primary colour."},
          "annotations": [annotation("Red is a primary colour.", ground_truth=True),

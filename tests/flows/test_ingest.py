@@ -396,3 +396,100 @@ def test_an_import_that_never_reached_label_studio_is_sent_again_after_the_doubt
     assert (report.imported, report.reconciled, report.duplicates_removed) == (50, 0, 0)
     _, ids, _ = project_prompts(labelstudio, title)
     assert len(ids) == 50 and set(ids.values()) == {1}
+
+
+# -- near-duplicate prompts ---------------------------------------------------------------------
+BRIDGE = "Please explain to a child how a bridge works"
+EMAIL = "Summarise the following email in two sentences{} the meeting moved to Friday"
+
+
+def near_records(s3) -> list[dict]:
+    keys = [o.key for o in s3.list("_sftflow/quarantine/near_duplicates/")]
+    return [json.loads(line) for k in sorted(keys) for line in s3.get_bytes(k)[0].splitlines()]
+
+
+def test_near_duplicate_prompts_are_quarantined_with_the_existing_task_id(
+    prefect_harness, s3, labelstudio, title
+):
+    put_jsonl(s3, "in/a.jsonl", [BRIDGE + ".", "Name three primary colours.",
+                                 "Write a haiku about autumn rain in the city."])
+    # one prompt per batch: batches of a file settle while the file is read, and each batch's
+    # signatures are stored with it (the next run finds the index complete: no rebuild)
+    params = IngestParams(source=f"s3://{s3.bucket}/in/", project=title, batch_size=1)
+    first = ingest_prompts(params)
+    assert (first.imported, first.quarantined, first.index_rebuilds) == (3, 0, 1)
+
+    # a later file: one retyped prompt of the project, and two near-identical new ones
+    put_jsonl(s3, "in/b.jsonl", [BRIDGE + "!", EMAIL.format(":"), EMAIL.format(" -") + ".",
+                                 "Why do volcanoes erupt?"])
+    second = ingest_prompts(params)
+    assert (second.records, second.imported, second.duplicate, second.quarantined) == (4, 2, 0, 2)
+    assert second.reasons == {"near_duplicate_prompt": 2} and second.index_rebuilds == 0
+    _, ids, _ = project_prompts(labelstudio, title)
+    (project,) = [p for p in labelstudio.projects.list(title=title) if p.title == title]
+    task_of = {d["prompt"]: tid for tid, d in iter_project_tasks(labelstudio, project.id)}
+    assert len(ids) == 5 and BRIDGE + "!" not in task_of and EMAIL.format(" -") + "." not in task_of
+    bridge, email = near_records(s3)
+    assert bridge["reason"] == "near_duplicate_prompt" and bridge["row"] == 1
+    assert bridge["prompt"] == BRIDGE + "!" and bridge["source"].endswith("in/b.jsonl")
+    assert bridge["existing_task_id"] == task_of[BRIDGE + "."]
+    assert bridge["existing_prompt_id"] == prompt_id(BRIDGE + ".")
+    assert email["row"] == 3 and email["existing_task_id"] == task_of[EMAIL.format(":")]
+    assert email["similarity"] == 1.0
+
+    # the same file again (new ETag): the exact ids are duplicates, the near one stays out
+    put_jsonl(s3, "in/b.jsonl", [BRIDGE + "!", EMAIL.format(":"), EMAIL.format(" -") + ".",
+                                 "Why do volcanoes erupt?", "How do bees make honey?"])
+    third = ingest_prompts(params)
+    assert (third.imported, third.duplicate, third.quarantined) == (1, 2, 2)
+    assert third.reasons == {"near_duplicate_prompt": 2}
+
+
+def test_near_duplicate_check_off_and_its_threshold(prefect_harness, s3, labelstudio, title):
+    put_jsonl(s3, "in/a.jsonl", [BRIDGE + ".", BRIDGE + "!", EMAIL.format(":")])
+    params = IngestParams(source=f"s3://{s3.bucket}/in/", project=title)
+    off = ingest_prompts(params.model_copy(update={"near_duplicates": False}))
+    assert (off.imported, off.quarantined, off.index_rebuilds) == (3, 0, 0)
+    assert not [o for o in s3.list("_sftflow/ingest/") if "/signatures/" in o.key]
+
+    # Jaccard 0.67: below the default threshold (0.9), above 0.5
+    water = "Describe the water cycle for a school report in simple words and {} sentences"
+    put_jsonl(s3, "in/b.jsonl", [water.format("short"), water.format("long")])
+    default = ingest_prompts(params)
+    assert (default.imported, default.quarantined, default.index_rebuilds) == (2, 0, 1)
+    put_jsonl(s3, "in/c.jsonl", [water.format("tiny")])
+    loose = ingest_prompts(params.model_copy(update={"near_duplicate_threshold": 0.5}))
+    assert (loose.imported, loose.quarantined, loose.index_rebuilds) == (0, 1, 0)
+    assert loose.reasons == {"near_duplicate_prompt": 1}
+
+
+@pytest.mark.parametrize("point", ["ingest.after-import", "ingest.after-confirm"])
+def test_a_rerun_after_a_crash_quarantines_no_imported_prompt(
+    stack_prefect, s3, labelstudio, title, point
+):
+    prompts = [f"Crash run prompt {i}: " + "lorem ipsum " * 20 for i in range(399)] + [BRIDGE + "."]
+    put_jsonl(s3, "in/00.jsonl", prompts)
+    put_jsonl(s3, "in/01.jsonl", [BRIDGE + "?"] + [f"Later prompt {i} " + "dolor sit " * 10
+                                                   for i in range(100)])
+    from sftflow.tasks.labelstudio.projects import ensure_project
+
+    project = ensure_project(labelstudio, title)
+    # killed when the first batch (file 00) has landed: before the ledger confirms it, or after
+    # the ledger did and before its signatures are written
+    env = {**os.environ, "PREFECT_API_URL": stack_prefect, "SFTFLOW_FAILPOINTS": f"{point}=crash"}
+    run = subprocess.run([sys.executable, "-c", KILLED_RUN, f"s3://{s3.bucket}/in/", title],
+                         check=False, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert run.returncode == -signal.SIGKILL, run.stderr.decode()[-2000:]
+    assert task_count(labelstudio, project.id) == 400
+    assert not near_records(s3)
+
+    report = ingest_prompts(IngestParams(source=f"s3://{s3.bucket}/in/", project=title,
+                                         batch_size=400, lock_timeout_s=60))
+    assert report.records == 501 and report.balanced
+    assert (report.imported, report.duplicate, report.quarantined) == (100, 400, 1)
+    assert report.reasons == {"near_duplicate_prompt": 1} and report.index_rebuilds == 1
+    _, ids, _ = project_prompts(labelstudio, title)
+    assert len(ids) == 500 and set(ids.values()) == {1}
+    task_of = {d["prompt"]: tid for tid, d in iter_project_tasks(labelstudio, project.id)}
+    (record,) = near_records(s3)
+    assert record["prompt"] == BRIDGE + "?" and record["existing_task_id"] == task_of[BRIDGE + "."]

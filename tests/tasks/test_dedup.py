@@ -102,6 +102,16 @@ EDGE_TEXTS = [
     "\u3000中文\t文本\u0085测试一下这段文字 ",
     "line one\u2028line two  three four five six",
     "x" * 3,
+    # punctuation and digits (simplified for near-duplicate shingles only)
+    "!!! ... ???",
+    "a - b -- c; d: e, f. g!",
+    "- leading and trailing -",
+    "Call 555-1234 at 3.14 pm, or in 2024!",
+    "x1y22 333 z 4 5",
+    "¿Qué tal? ¡Muy bien! «Gracias» — dijo.",
+    "「你好」，世界！１２３ 和 ٤٥٦",
+    "word , word . word ? word ! word",
+    "Ünïcödé — ok . . .",
 ]
 
 
@@ -141,7 +151,18 @@ def test_config_validates():
 # -- fingerprints ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg", [CFG, DedupConfig(ngram=2, char_ngram=3, num_perm=64, seed=7)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CFG,
+        DedupConfig(ngram=2, char_ngram=3, num_perm=64, seed=7),
+        DedupConfig(normalize_punctuation=False),
+        DedupConfig(ngram=1, char_ngram=2, normalize_punctuation=False),
+        DedupConfig(normalize_digits=False),
+        DedupConfig(ngram=2, normalize_punctuation=False, normalize_digits=True),
+        DedupConfig(normalize_punctuation=False, normalize_digits=False),
+    ],
+)
 def test_fingerprint_equals_reference_signature(cfg):
     texts = EDGE_TEXTS + [" ".join(words(40, 1)), "".join(words(30, 2))]
     fp = fingerprint(texts, cfg)
@@ -168,6 +189,101 @@ def test_exact_keys_are_keys_of_the_normalised_text():
     assert keys[4] == keys[5] and keys[4] != keys[0]
     assert np.array_equal(keys, fingerprint([normalize(t) for t in texts], CFG).keys)
     assert (keys >= 0).all()
+
+
+# Exact keys computed on main before punctuation normalisation existed: they must not move.
+PINNED_TEXTS = [
+    "",
+    "Hello",
+    "How does a bridge work?",
+    "Explain how a bridge works.",
+    "Ünïcödé  ｆｕｌｌｗｉｄｔｈ text, here!",
+    "介绍一下中国平安保险集团。",
+    "Call 555-1234 at 3.14 pm",
+    " Tabs\tand  spaces; ok? ",
+]
+PINNED_KEYS = [
+    0,
+    871726215374999461,
+    2354735032545241091,
+    3012343332359169281,
+    5555973061344622010,
+    7101110171582289812,
+    241765593064911395,
+    3354995209715948942,
+]
+#: sha256 of those texts' signatures with punctuation kept (the behaviour before the option).
+PINNED_SIGS_PUNCTUATION_KEPT = "520af139628885698ec223d5f7302905f3be951900d0ff0f182edc8eb5b13275"
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_exact_keys_are_unchanged_by_punctuation_normalisation(on):
+    import hashlib
+
+    fp = fingerprint(PINNED_TEXTS, DedupConfig(normalize_punctuation=on, normalize_digits=on))
+    assert fp.keys.tolist() == PINNED_KEYS
+    if not on:
+        assert hashlib.sha256(fp.sigs.tobytes()).hexdigest() == PINNED_SIGS_PUNCTUATION_KEPT
+    # "works." and "works!" are different texts for exact dedup, whatever the option
+    a, b = fingerprint(["how a bridge works.", "how a bridge works!"], CFG).keys
+    assert a != b
+
+
+def test_simplify_deletes_punctuation_and_reads_digit_runs_as_zero():
+    assert D.simplify("how a bridge works!") == "how a bridge works"
+    assert D.simplify("call 555-1234 at 3.14 pm, in 2024") == "call 0 at 0 pm in 0"
+    assert D.simplify("¿qué tal? «bien» — dijo…") == "qué tal bien dijo"
+    assert D.simplify("「你好」，世界！123 ٤٥٦") == "你好世界0 0"
+    assert D.simplify("don't stop-me now ...") == "dont stopme now"
+    assert D.simplify("?!") == ""
+    assert D.simplify("call 555-1234, ok", digits=False) == "call 5551234 ok"
+    assert D.simplify("call 555-1234 ١٢", punctuation=False) == "call 0-0 0"
+    assert D.simplify("「你好」123", punctuation=False, digits=False) == "「你好」123"
+    assert shingles("?!", CFG) == set()
+    assert shingles("A b, c!", CFG) == {"a b c"}
+    assert shingles("A b, c!", DedupConfig(normalize_punctuation=False)) == {"a b, c!"}
+
+
+BRIDGE = "Please explain to a child how a bridge works{}"
+
+
+def test_the_bridge_pair_is_a_near_duplicate_only_with_punctuation_normalised():
+    texts = [BRIDGE.format("."), BRIDGE.format("!"), BRIDGE.format("?")]
+    off = DedupConfig(normalize_punctuation=False)
+    assert jaccard(shingles(texts[0], off), shingles(texts[1], off)) < off.threshold
+    assert jaccard(shingles(texts[0], CFG), shingles(texts[1], CFG)) == 1.0
+    fp = fingerprint(texts, CFG)
+    assert len(set(fp.keys.tolist())) == 3  # three distinct exact keys ...
+    assert len(set(cluster(fp.sigs, CFG, fp.keys, texts).tolist())) == 1  # ... one cluster
+    fp_off = fingerprint(texts, off)
+    assert len(set(cluster(fp_off.sigs, off, fp_off.keys, texts).tolist())) == 3
+    res = deduplicate([{"prompt": t, "completion": "It spreads the load."} for t in texts], CFG)
+    assert res.dropped == {"exact_duplicate": 0, "near_duplicate": 2}
+
+
+def test_short_prompts_retyped_with_other_punctuation_cluster():
+    groups = [
+        ["What is the capital of France?", "what is the capital of france", "What is the capital of France ?!"],
+        ['Translate "good morning" into Spanish.', "Translate good morning into Spanish", "Translate 'good morning' into Spanish!"],
+        ["Summarise this: 3 apples, 4 pears.", "Summarise this 12 apples 7 pears"],
+        ["¿Cómo estás?", "¡Cómo estás!"],
+    ]
+    others = ["What is the capital of Spain?", "Translate good evening into Spanish", "Cómo"]
+    texts = [t for g in groups for t in g] + others
+    fp = fingerprint(texts, CFG)
+    cid = cluster(fp.sigs, CFG, fp.keys, texts).tolist()
+    at = 0
+    seen = set()
+    for g in groups:
+        ids = set(cid[at : at + len(g)])
+        assert len(ids) == 1, g
+        seen |= ids
+        at += len(g)
+    assert len(seen) == len(groups)
+    assert not seen & set(cid[at:]) and len(set(cid[at:])) == len(others)
+    off = DedupConfig(normalize_punctuation=False)
+    fp_off = fingerprint(texts, off)
+    assert len(set(cluster(fp_off.sigs, off, fp_off.keys, texts).tolist())) > len(groups) + len(others)
 
 
 def test_signature_agreement_estimates_jaccard():
