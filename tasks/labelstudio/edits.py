@@ -15,6 +15,10 @@ sum of the lengths) rates rewrites kinder: "kitten" -> "sitting" is 0.62 there, 
 "abcdefgh" reversed is 0.125 there, 0.0 here. Bit-parallel C++: under 1 us for a 1.5 KB pair
 that differs in a few characters, about 60 us for two unrelated 1.5 KB texts.
 
+A draft is *accepted unchanged* when the response has the draft's words in the draft's order:
+whitespace is not an edit (the response is still the model's own output, which is what the
+training policy is about); the similarity itself is taken on the raw texts.
+
 These are the parse's pieces; the figures built from them (acceptance per model, agreement,
 outlying annotators, the training policy) are in ``sftflow.tasks.drafts.figures``.
 """
@@ -38,7 +42,7 @@ class DraftFields(TypedDict):
 
     draft_model: str | None  # model_version of the prediction the annotator started from
     draft_similarity: float | None  # edit similarity of the response to that draft's text
-    draft_unchanged: bool | None  # the response is the draft, character for character
+    draft_unchanged: bool | None  # the response is the draft, up to whitespace
 
 
 NO_DRAFT: DraftFields = {"draft_model": None, "draft_similarity": None, "draft_unchanged": None}
@@ -58,7 +62,11 @@ def draft_fields(draft: tuple[str, str | None] | None, completion: str) -> Draft
     if text is None:
         return {"draft_model": model, "draft_similarity": None, "draft_unchanged": None}
     return {"draft_model": model, "draft_similarity": edit_similarity(text, completion),
-            "draft_unchanged": text == completion}
+            "draft_unchanged": _words(text) == _words(completion)}
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
 
 
 def task_pairs(answers: Sequence[tuple[str, str]]) -> list[Pair]:

@@ -28,8 +28,11 @@ def test_draft_fields_of_an_unchanged_an_edited_a_textless_and_no_draft():
     assert edits.draft_fields(("job-2", None), "anything") == {
         "draft_model": "job-2", "draft_similarity": None, "draft_unchanged": None}
     assert edits.draft_fields(None, "anything") == edits.NO_DRAFT
-    # A trailing space is an edit: "unchanged" means character for character.
-    assert edits.draft_fields(("job-1", "Paris."), "Paris. ")["draft_unchanged"] is False
+    # Whitespace is not an edit (the text is still the model's), though it counts in similarity.
+    assert edits.draft_fields(("job-1", "Paris is  big."), "Paris is big.\n") == {
+        "draft_model": "job-1", "draft_similarity": pytest.approx(1 - 2 / 14),
+        "draft_unchanged": True}
+    assert edits.draft_fields(("job-1", "Paris."), "Paris!")["draft_unchanged"] is False
 
 
 def test_task_pairs_are_every_pair_of_different_annotators_sorted():
