@@ -307,9 +307,11 @@ def _response(ann: dict, response_name: str) -> tuple[str | None, str]:
 
 
 def _annotator(ann: dict) -> str:
+    """Who made the annotation, for agreement pairs: the user id (snapshots give the id; the
+    tasks API an object holding it)."""
     completed_by = ann.get("completed_by")
     if isinstance(completed_by, dict):
-        completed_by = completed_by.get("email") or completed_by.get("id")
+        completed_by = completed_by.get("id")
     return "" if completed_by is None else str(completed_by)
 
 
@@ -322,6 +324,20 @@ def _model_drafts(task: dict, response_name: str) -> dict[int, tuple[str, str | 
             found[pred["id"]] = (str(pred.get("model_version") or ""),
                                  _response(pred, response_name)[0])
     return found
+
+
+def _row_draft(out: ParsedExport, model_drafts: dict[int, tuple[str, str | None]], ann: dict,
+               text: str) -> edits.DraftFields:
+    """The draft columns of the row of ``ann`` (counted in ``out``)."""
+    parent = ann.get("parent_prediction")
+    draft = model_drafts.get(parent) if isinstance(parent, int) else None
+    if parent and draft is None:
+        out.counts["model_draft_missing"] += 1  # not in the export: deleted, or ids only
+    fields = edits.draft_fields(draft, text)
+    if draft is not None:
+        out.counts["rows_with_model_draft"] += 1
+        out.counts["rows_model_draft_unchanged"] += bool(fields["draft_unchanged"])
+    return fields
 
 
 def _pick(candidates: list[tuple[dict, str]], policy: AnnotationPolicy) -> list[tuple[dict, str]]:
@@ -393,31 +409,25 @@ def task_rows(
     out.counts["superseded_annotations"] += len(candidates) - len(picked)
     pid = data.get("prompt_id") if isinstance(data.get("prompt_id"), str) else None
     pid = pid or compute_prompt_id(prompt)
-    task_id = int(task.get("id") or 0)
     if len(candidates) > 1 and (pairs := edits.task_pairs(
             [(_annotator(ann), text) for ann, text in candidates])):
-        out.agreement[task_id] = pairs
+        out.agreement[int(task.get("id") or 0)] = pairs
     model_drafts = (_model_drafts(task, response_name)
                     if any(ann.get("parent_prediction") for ann, _ in picked) else {})
     for ann, text in picked:
-        parent = ann.get("parent_prediction")
-        draft = model_drafts.get(parent) if isinstance(parent, int) else None
-        if parent and draft is None:
-            out.counts["model_draft_missing"] += 1  # not in the export: deleted, or ids only
-        fields = edits.draft_fields(draft, text)
-        if draft is not None:
-            out.counts["rows_with_model_draft"] += 1
-            out.counts["rows_model_draft_unchanged"] += bool(fields["draft_unchanged"])
+        completed_by = ann.get("completed_by")
+        if isinstance(completed_by, dict):
+            completed_by = completed_by.get("email") or completed_by.get("id")
         out.rows.append(SftRow(
             prompt=prompt,
             completion=text,
             prompt_id=pid,
-            task_id=task_id,
+            task_id=int(task.get("id") or 0),
             annotation_id=int(ann.get("id") or 0),
-            annotator=_annotator(ann),
+            annotator="" if completed_by is None else str(completed_by),
             updated_at=str(ann.get("updated_at") or ann.get("created_at") or ""),
             ground_truth=bool(ann.get("ground_truth")),
-            **fields,
+            **_row_draft(out, model_drafts, ann, text),
         ))
     out.counts["rows"] += len(picked)
     return out
