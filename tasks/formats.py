@@ -21,7 +21,9 @@ from sftflow.tasks.hub import hf_split
 if TYPE_CHECKING:
     from sftflow.tasks.labelstudio.export import Exclusion, SftRow
 
-#: Columns of every Parquet shard, in this order: the fields of ``SftRow``.
+#: Columns of every Parquet shard, in this order: the fields of ``SftRow``. The ``draft_*``
+#: columns are null on rows whose annotation did not start from a model draft (and a row may
+#: leave them out: it means null).
 SCHEMA = pa.schema([
     pa.field("prompt", pa.string(), nullable=False),
     pa.field("completion", pa.string(), nullable=False),
@@ -31,16 +33,20 @@ SCHEMA = pa.schema([
     pa.field("annotator", pa.string(), nullable=False),
     pa.field("updated_at", pa.string(), nullable=False),
     pa.field("ground_truth", pa.bool_(), nullable=False),
+    pa.field("draft_model", pa.string(), nullable=True),
+    pa.field("draft_similarity", pa.float64(), nullable=True),
+    pa.field("draft_unchanged", pa.bool_(), nullable=True),
     pa.field("cluster_id", pa.string(), nullable=False),
     pa.field("split", pa.string(), nullable=False),
     pa.field("row_hash", pa.string(), nullable=False),
 ])
 COLUMNS = tuple(SCHEMA.names)
+_OPTIONAL = frozenset(f.name for f in SCHEMA if f.nullable)
 
 _PARQUET_OPTIONS = {
     "compression": "zstd",
     "compression_level": 3,
-    "use_dictionary": ["prompt_id", "annotator", "split", "cluster_id"],
+    "use_dictionary": ["prompt_id", "annotator", "split", "cluster_id", "draft_model"],
     "write_statistics": False,
     "version": "2.6",
     "data_page_version": "1.0",
@@ -48,9 +54,13 @@ _PARQUET_OPTIONS = {
 }
 
 
+def _cell(row: SftRow, column: str) -> Any:
+    return row.get(column) if column in _OPTIONAL else row[column]  # type: ignore[literal-required]
+
+
 def row_hash(row: SftRow) -> str:
     """Content hash of one stored row: every column but ``row_hash`` itself (32 hex chars)."""
-    payload = json.dumps([row[c] for c in COLUMNS if c != "row_hash"], ensure_ascii=False,
+    payload = json.dumps([_cell(row, c) for c in COLUMNS if c != "row_hash"], ensure_ascii=False,
                          separators=(",", ":"))
     return sha256_hex(payload.encode("utf-8", "surrogatepass"))[:32]
 
@@ -61,7 +71,7 @@ def schema_json() -> dict[str, str]:
 
 def parquet_bytes(rows: Sequence[SftRow]) -> bytes:
     """One Parquet file (one row group) holding ``rows`` in the given order."""
-    table = pa.Table.from_pylist([{c: r[c] for c in COLUMNS} for r in rows], schema=SCHEMA)
+    table = pa.Table.from_pylist([{c: _cell(r, c) for c in COLUMNS} for r in rows], schema=SCHEMA)
     sink = io.BytesIO()
     pq.write_table(table, sink, row_group_size=max(1, len(rows)), **_PARQUET_OPTIONS)
     return sink.getvalue()
@@ -100,6 +110,56 @@ def exclusions_jsonl(rows: Iterable[Exclusion]) -> bytes:
     return _jsonl(redact_exclusion(r) for r in rows)
 
 
+_HF_DTYPES = {pa.int64(): "int64", pa.bool_(): "bool", pa.float64(): "float64"}
+
+
+def drafts_section(drafts: dict[str, Any]) -> list[str]:
+    """Markdown lines on model drafts (``stats["drafts"]``, made by
+    ``sftflow.tasks.drafts.figures.draft_figures``): acceptance and edit similarity per
+    drafting model, the training policy, annotator agreement and who is flagged."""
+    head = (f"Rows from model drafts: {drafts.get('drafted_rows', 0)} of "
+            f"{drafts.get('rows', 0)}. Training policy for drafts accepted unchanged: "
+            f"**{drafts.get('policy')}** ({drafts.get('excluded', 0)} rows excluded). "
+            f"{drafts.get('policy_reason', '')}")
+    lines = [head, ""]
+    models = drafts.get("models") or {}
+    if models:
+        lines += [
+            ("| drafting model | rows | accepted unchanged | acceptance rate | mean similarity "
+             "| mean similarity when edited |"),
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            *[(f"| `{m}` | {f['rows']} | {f['accepted_unchanged']} | "
+               f"{_num(f['acceptance_rate'])} | {_num(f['mean_similarity'])} | "
+               f"{_num(f['mean_similarity_edited'])} |") for m, f in models.items()],
+            "",
+            ("Similarity: normalised Levenshtein similarity of the submitted response to the "
+             "draft (1 = unchanged)."),
+            "",
+        ]
+    agreement = drafts.get("agreement") or {}
+    if agreement.get("pairs"):
+        flagged = ", ".join(agreement.get("flagged") or []) or "none"
+        lines += [
+            (f"Annotator agreement (mean pairwise similarity over {agreement['tasks']} tasks "
+             f"with several annotators, {agreement['pairs']} pairs): "
+             f"{_num(agreement['mean_similarity'])}."),
+            "",
+            "| annotator | pairs | mean similarity | robust z | flagged |",
+            "| --- | ---: | ---: | ---: | --- |",
+            *[(f"| {a} | {f['pairs']} | {_num(f['mean_similarity'])} | {_num(f['robust_z'])} "
+               f"| {'**yes**' if f['flagged'] else ''} |")
+              for a, f in (agreement.get("annotators") or {}).items()],
+            "",
+            f"Flagged for review: {flagged} ({agreement.get('method', '')}).",
+            "",
+        ]
+    return lines
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
 def _yaml_str(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid YAML scalar
 
@@ -125,7 +185,7 @@ def dataset_card(
         lines += [f"  - split: {hf_split(s)}", f"    path: data/{hf_split(s)}/*.parquet"]
     lines += ["dataset_info:", "  features:"]
     for f in SCHEMA:
-        lines += [f"  - name: {f.name}", f"    dtype: {'int64' if f.type == pa.int64() else 'bool' if f.type == pa.bool_() else 'string'}"]
+        lines += [f"  - name: {f.name}", f"    dtype: {_HF_DTYPES.get(f.type, 'string')}"]
     lines += ["  splits:"]
     for s in splits:
         lines += [f"  - name: {hf_split(s)}", f"    num_examples: {rows[s]}",
@@ -146,6 +206,7 @@ def dataset_card(
         "",
         *[f"- {k}: {v}" for k, v in source.items()],
         "",
+        *(["## Model drafts", "", *drafts_section(stats["drafts"])] if stats.get("drafts") else []),
         "## What was kept and dropped",
         "",
         "```json",

@@ -27,6 +27,7 @@ from typing import Any
 from rich.console import Console
 
 from sftflow.core.errors import SftflowError
+from sftflow.core.hashing import sha256_hex
 from sftflow.core.settings import Settings, get_settings
 from sftflow.demo.sample import SAMPLE_PATH
 from sftflow.tasks.clients import Clients, prefect_api
@@ -50,11 +51,45 @@ def _sample_answers() -> dict[str, str]:
     return answers
 
 
+#: One simulated annotator in this many accepts a model's draft unchanged; the others edit it
+#: into the sample's reference answer.
+ACCEPT_ONE_IN = 3
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+
+def simulated_response(prompt_id: str, reference: str, predictions: list[Any]) -> tuple[str, int | None]:
+    """What a simulated annotator submits, and the draft (prediction id) it started from.
+
+    With a model's draft on the task (the newest prediction), the annotator starts from it, as
+    Label Studio's editor does (``parent_prediction``): one prompt in ``ACCEPT_ONE_IN`` (by its
+    id, so reruns agree) is accepted unchanged, the others are edited into the reference
+    answer. Without a draft: the reference answer, written from nothing."""
+    drafts = [p for p in predictions if _draft_text(p) is not None]
+    if not drafts:
+        return reference, None
+    newest = max(drafts, key=lambda p: int(_get(p, "id")))
+    if int(sha256_hex(prompt_id.encode())[:8], 16) % ACCEPT_ONE_IN == 0:
+        return _draft_text(newest) or "", int(_get(newest, "id"))
+    return reference, int(_get(newest, "id"))
+
+
+def _draft_text(prediction: Any) -> str | None:
+    for item in _get(prediction, "result") or []:
+        text = (_get(item, "value") or {}).get("text")
+        if _get(item, "from_name") == "instruction" and isinstance(text, list) and text:
+            return "\n".join(map(str, text))
+    return None
+
+
 class SimulatedAnnotators(threading.Thread):
     """Answers every unannotated task of the demo project until told to stop or a deadline.
 
     This is a simulation of human annotators: it writes the sample's reference answers through
-    the same Label Studio API a person's browser uses.
+    the same Label Studio API a person's browser uses, starting from a model's draft when the
+    task has one (``simulated_response``).
     """
 
     def __init__(self, clients: Clients, deadline_s: float = 600.0):
@@ -63,6 +98,7 @@ class SimulatedAnnotators(threading.Thread):
         self.deadline = time.monotonic() + deadline_s
         self.stop = threading.Event()
         self.answered = 0
+        self.from_drafts = 0  # answers started from a model's draft
         self.errors: list[str] = []
 
     def run(self) -> None:
@@ -88,15 +124,19 @@ class SimulatedAnnotators(threading.Thread):
             if self.stop.is_set() or task.annotations:
                 continue
             data = task.data or {}
-            text = answers.get(data.get("prompt_id", ""))
-            if text is None:
+            pid = data.get("prompt_id", "")
+            reference = answers.get(pid)
+            if reference is None:
                 continue
+            text, parent = simulated_response(pid, reference, list(task.predictions or []))
             ls.annotations.create(
                 id=task.id,
                 result=[{"from_name": "instruction", "to_name": "prompt", "type": "textarea",
                          "value": {"text": [text]}}],
+                **({"parent_prediction": parent} if parent is not None else {}),
             )
             self.answered += 1
+            self.from_drafts += parent is not None
 
 
 def _upload_sample(clients: Clients) -> str:
@@ -211,6 +251,7 @@ def _summary(settings: Settings, clients: Clients, report: dict, annotators: Sim
         "message": report["message"],
         "seconds": round(seconds, 1),
         "simulated_annotations": annotators.answered,
+        "simulated_from_drafts": annotators.from_drafts,
         "simulation_errors": annotators.errors[:3],
         "ingest": report.get("ingest"),
         "prefect_ui": settings.prefect.api_url.removesuffix("/api") + "/runs",
@@ -243,7 +284,8 @@ def _summary(settings: Settings, clients: Clients, report: dict, annotators: Sim
     console.print(f"                          sftflow datasets show {DATASET}")
     console.print(f"model lineage manifest:   {summary['model_manifest']}")
     console.print("                          sftflow models list")
-    console.print(f"simulated annotations this run: {annotators.answered}; "
+    console.print(f"simulated annotations this run: {annotators.answered} "
+                  f"({annotators.from_drafts} started from a model's draft); "
                   f"pipeline stage reached: {report['stage']} ({report['message']}); "
                   f"{seconds:.0f} s")
     return summary

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Literal, TypedDict
 
 from sftflow.core.errors import SftflowError
 from sftflow.tasks._prefect import compute_task, io_task
-from sftflow.tasks.labelstudio import PROMPT_NAME, RESPONSE_NAME
+from sftflow.tasks.labelstudio import PROMPT_NAME, RESPONSE_NAME, edits
 from sftflow.tasks.labelstudio.delta import ls_time
 from sftflow.tasks.polling import Backoff, is_transient, retry, wait_until
 from sftflow.tasks.prompts import prompt_id as compute_prompt_id
@@ -43,6 +43,10 @@ class _ExportedRow(TypedDict):
     annotator: str  # e-mail or user id of who completed the annotation
     updated_at: str  # ISO 8601, the annotation's last change
     ground_truth: bool
+    # None, all three, when the annotation did not start from a model draft (edits.py):
+    draft_model: str | None  # model_version (job id) of the prediction the annotator started from
+    draft_similarity: float | None  # edits.edit_similarity(draft text, completion)
+    draft_unchanged: bool | None  # the completion is the draft, unedited
 
 
 class SftRow(_ExportedRow, total=False):
@@ -118,7 +122,7 @@ def create_snapshot(
             raise TimeoutError("no time left")
         tried = True
         return client.projects.exports.create(
-            id=int(project_id), title=title,
+            id=int(project_id), title=title, serialization_options=edits.EXPORT_SERIALIZATION,
             request_options={"timeout": max(left(), 1.0), "max_retries": 0},
         )
 
@@ -255,11 +259,15 @@ class ParsedExport:
     rows: list[SftRow] = field(default_factory=list)
     exclusions: list[Exclusion] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)  # tasks, annotations, excluded:<reason>...
+    #: task id -> every pair of its annotators' responses (tasks with 2+ annotators only), from
+    #: all its usable annotations, not only the picked ones: what annotator agreement is made of.
+    agreement: dict[int, list[edits.Pair]] = field(default_factory=dict)
 
     def merge(self, other: ParsedExport) -> None:
         self.rows.extend(other.rows)
         self.exclusions.extend(other.exclusions)
         self.counts.update(other.counts)
+        self.agreement.update(other.agreement)
 
 
 def _exclusion(reason: str, task: dict, ann: dict | None, detail: str = "") -> Exclusion:
@@ -297,6 +305,40 @@ def _response(ann: dict, response_name: str) -> tuple[str | None, str]:
             return None, "malformed_text"
         return "\n".join(text), ""
     return None, other_reason
+
+
+def _annotator(ann: dict) -> str:
+    """Who made the annotation, for agreement pairs: the user id (snapshots give the id; the
+    tasks API an object holding it)."""
+    completed_by = ann.get("completed_by")
+    if isinstance(completed_by, dict):
+        completed_by = completed_by.get("id")
+    return "" if completed_by is None else str(completed_by)
+
+
+def _model_drafts(task: dict, response_name: str) -> dict[int, tuple[str, str | None]]:
+    """The task's predictions by id: (model_version, response text or None). Empty when the
+    snapshot listed only their ids (made without ``edits.EXPORT_SERIALIZATION``)."""
+    found: dict[int, tuple[str, str | None]] = {}
+    for pred in task.get("predictions") or []:
+        if isinstance(pred, dict) and isinstance(pred.get("id"), int):
+            found[pred["id"]] = (str(pred.get("model_version") or ""),
+                                 _response(pred, response_name)[0])
+    return found
+
+
+def _row_draft(out: ParsedExport, model_drafts: dict[int, tuple[str, str | None]], ann: dict,
+               text: str) -> edits.DraftFields:
+    """The draft columns of the row of ``ann`` (counted in ``out``)."""
+    parent = ann.get("parent_prediction")
+    draft = model_drafts.get(parent) if isinstance(parent, int) else None
+    if parent and draft is None:
+        out.counts["model_draft_missing"] += 1  # not in the export: deleted, or ids only
+    fields = edits.draft_fields(draft, text)
+    if draft is not None:
+        out.counts["rows_with_model_draft"] += 1
+        out.counts["rows_model_draft_unchanged"] += bool(fields["draft_unchanged"])
+    return fields
 
 
 def _pick(candidates: list[tuple[dict, str]], policy: AnnotationPolicy) -> list[tuple[dict, str]]:
@@ -368,6 +410,11 @@ def task_rows(
     out.counts["superseded_annotations"] += len(candidates) - len(picked)
     pid = data.get("prompt_id") if isinstance(data.get("prompt_id"), str) else None
     pid = pid or compute_prompt_id(prompt)
+    if len(candidates) > 1 and (pairs := edits.task_pairs(
+            [(_annotator(ann), text) for ann, text in candidates])):
+        out.agreement[int(task.get("id") or 0)] = pairs
+    model_drafts = (_model_drafts(task, response_name)
+                    if any(ann.get("parent_prediction") for ann, _ in picked) else {})
     for ann, text in picked:
         completed_by = ann.get("completed_by")
         if isinstance(completed_by, dict):  # the tasks API expands it; snapshots give the id
@@ -381,6 +428,7 @@ def task_rows(
             annotator="" if completed_by is None else str(completed_by),
             updated_at=ls_time(ann.get("updated_at") or ann.get("created_at")),
             ground_truth=bool(ann.get("ground_truth")),
+            **_row_draft(out, model_drafts, ann, text),
         ))
     out.counts["rows"] += len(picked)
     return out

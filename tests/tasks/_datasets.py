@@ -22,6 +22,7 @@ def final_rows(n: int, start: int = 0, eval_every: int = 10, tag: str = "") -> l
             "annotator": "1",
             "updated_at": "2026-01-01T00:00:00Z",
             "ground_truth": False,
+            "draft_model": None, "draft_similarity": None, "draft_unchanged": None,
             "cluster_id": f"{i:016x}",
             "split": "eval" if i % eval_every == 0 else "train",
         }

@@ -13,7 +13,8 @@ def _row(i: int, prompt: str, completion: str, **kw) -> dict:
     return {"prompt": prompt, "completion": completion, "prompt_id": kw.pop("pid", f"p{i}"),
             "task_id": i, "annotation_id": 1000 + i, "annotator": "1",
             "updated_at": kw.pop("updated_at", "2026-01-01T00:00:00Z"),
-            "ground_truth": kw.pop("gt", False)}
+            "ground_truth": kw.pop("gt", False),
+            "draft_model": None, "draft_similarity": None, "draft_unchanged": None}
 
 
 def _split(rows, cfg=None, shard=3, eval_fraction=0.5):

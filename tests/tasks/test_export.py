@@ -98,6 +98,44 @@ def test_malformed_rows_are_counted_and_excluded_never_raised():
     assert out.counts["tasks"] == 10 and out.counts["tasks_without_annotations"] == 1
 
 
+def _prediction(pid: int, model: str, text: str | None) -> dict:
+    return {"id": pid, "model_version": model, "result": [textarea([text])] if text else []}
+
+
+def test_rows_record_the_draft_they_started_from_and_tasks_their_annotator_pairs():
+    t = _task(1, [dict(annotation("abcd"), parent_prediction=501, completed_by=7),
+                  dict(annotation("abce"), parent_prediction=502, completed_by=8),
+                  dict(annotation("wxyz"), completed_by=9),
+                  dict(annotation("skip", cancelled=True), completed_by=10)])
+    t["predictions"] = [_prediction(501, "job-a", "abcd"), _prediction(502, "job-b", "abcf")]
+    out = task_rows(t, "all")
+    assert [(r["annotator"], r["draft_model"], r["draft_similarity"], r["draft_unchanged"])
+            for r in out.rows] == [("7", "job-a", 1.0, True), ("8", "job-b", 0.75, False),
+                                   ("9", None, None, None)]
+    assert out.counts["rows_with_model_draft"] == 2
+    assert out.counts["rows_model_draft_unchanged"] == 1
+    # Every usable annotation makes the pairs (the cancelled one does not), whatever is picked.
+    latest = task_rows(t, "latest")
+    assert [r["annotator"] for r in latest.rows] == ["9"]
+    assert latest.agreement == out.agreement == {1: [
+        ("7", "8", 0.75), ("7", "9", 0.0), ("8", "9", 0.0)]}
+    single = task_rows(_task(2, [annotation("alone")]))
+    assert single.agreement == {} and single.rows[0]["draft_model"] is None
+    merged = parse_tasks([t, _task(2, [annotation("alone")])], "latest")
+    assert set(merged.agreement) == {1}
+
+
+def test_a_draft_missing_from_the_export_is_counted_and_the_row_kept_without_draft():
+    t = _task(1, [dict(annotation("Paris."), parent_prediction=501)])
+    t["predictions"] = [501]  # a snapshot made without whole predictions lists their ids
+    out = task_rows(t)
+    assert out.rows[0]["draft_model"] is None and out.counts["model_draft_missing"] == 1
+    t["predictions"] = [_prediction(501, "job-a", None)]  # a draft with no response text
+    row = task_rows(t).rows[0]
+    assert (row["draft_model"], row["draft_similarity"], row["draft_unchanged"]) == (
+        "job-a", None, None)
+
+
 def test_parse_export_file_names_the_file_when_not_json(tmp_path):
     bad = tmp_path / "export.json"
     bad.write_text("<html>oops</html>")
