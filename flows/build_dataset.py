@@ -46,6 +46,7 @@ from sftflow.tasks._prefect import artifact_key, io_task
 from sftflow.tasks.build import fingerprint_shard, stable_split_task
 from sftflow.tasks.clients import Clients
 from sftflow.tasks.dedup import DedupConfig
+from sftflow.tasks.drafts import figures
 from sftflow.tasks.filters import FilterConfig, filter_shard
 from sftflow.tasks.labelstudio import RESPONSE_NAME, require_project
 from sftflow.tasks.labelstudio.delta import ls_time, watermark
@@ -56,6 +57,7 @@ from sftflow.tasks.labelstudio.export import (
     download_snapshot,
     parse_tasks,
 )
+from sftflow.tasks.pictures import publish_version_pictures_task
 from sftflow.tasks.storage import S3
 
 
@@ -95,6 +97,12 @@ class BuildParams(BaseModel):
     keep_snapshot: bool = Field(
         False, description="Keep the export snapshot on the Label Studio server afterwards."
     )
+    draft_policy: figures.DraftPolicy = Field(
+        figures.DEFAULT_DRAFT_POLICY,
+        description="Rows whose response is a model's draft accepted unchanged: 'exclude' "
+        "(default: no model trains on its own unedited outputs unless someone decides so; "
+        "they go to exclusions as accepted_draft_unchanged) or 'include'.",
+    )
     mode: Literal["auto", "full", "scratch"] = Field(
         "auto", description="'auto': read only the tasks changed since the parent version "
         "when the project counters prove the change list complete, else a full export; "
@@ -112,6 +120,7 @@ class BuildParams(BaseModel):
             "eval_fraction": self.eval_fraction,
             "split_seed": self.split_seed,
             "system_prompt": self.system_prompt,
+            "draft_policy": self.draft_policy,
             "schema": list(formats.COLUMNS),
         }
 
@@ -205,9 +214,12 @@ def build_dataset(params: BuildParams) -> BuildReport:
     clock.lap("export")
     parsed = parse_tasks(changes.tasks, params.annotation_policy, params.response_name)
     report.counts["export"] = dict(parsed.counts)
-    shards = build.chunks(parsed.rows, shard_rows) if parsed.rows else []
+    drafts = figures.draft_figures(parsed.rows, parsed.agreement, params.draft_policy)
+    rows, draft_excluded = figures.apply_draft_policy(parsed.rows, params.draft_policy)
+    shards = build.chunks(rows, shard_rows) if rows else []
     filtered = [f.result() for f in filter_shard.map(shards, unmapped(params.filters))]
-    fresh, exclusions, filter_counts = build.merge_filtered(parsed.exclusions, filtered)
+    fresh, exclusions, filter_counts = build.merge_filtered(parsed.exclusions + draft_excluded,
+                                                            filtered)
     report.counts["filters"] = dict(filter_counts)
     clock.lap("filters")
     texts = build.dedup_texts(fresh, params.dedup)
@@ -225,9 +237,9 @@ def build_dataset(params: BuildParams) -> BuildReport:
         return report
 
     stats = {"export": report.counts["export"], "filters": report.counts["filters"],
-             "dedup": outcome.stats, "changes": outcome.figures}
-    extra = build.index_files(outcome.tasks, build.carried_exclusions(plan, changes)
-                              + exclusions + outcome.exclusions)
+             "dedup": outcome.stats, "changes": outcome.figures, "drafts": drafts}
+    all_exclusions = build.carried_exclusions(plan, changes) + exclusions + outcome.exclusions
+    extra = build.index_files(outcome.tasks, all_exclusions)
     result = commit(s3, params, outcome, extra, prefix=prefix, shard_rows=shard_rows,
                     source=source, stats=stats)
     clock.lap("commit")
@@ -235,7 +247,8 @@ def build_dataset(params: BuildParams) -> BuildReport:
     report.record_commit(result, s3.uri(f"{root}/versions/{result.version}/manifest.json"))
     report.record_mode(changes, outcome.figures, clock.seconds)
     logger.info(report.message)
-    _publish(s3, prefix, params, report, outcome.stats)
+    _publish(s3, prefix, params, report, outcome.stats, drafts)
+    publish_version_pictures_task(params.dataset, result.version, outcome.rows, all_exclusions)
     return report
 
 
@@ -256,7 +269,7 @@ def _full_export(ls: Any, project: Any, params: BuildParams, source: dict[str, A
 
 
 def _publish(s3: S3, prefix: str, params: BuildParams, report: BuildReport,
-             dedup_stats: dict[str, Any]) -> None:
+             dedup_stats: dict[str, Any], drafts: dict[str, Any]) -> None:
     """The counts and version artifacts; the ``dataset.versioned`` event, once per version
     (deterministic id; recorded under ``refs/announced/``), when it is ``refs/latest``."""
     create_table_artifact(build.counts_table(report.counts),
@@ -266,6 +279,9 @@ def _publish(s3: S3, prefix: str, params: BuildParams, report: BuildReport,
                                                     dedup_stats.get("examples", [])),
                              key=artifact_key("dataset", params.dataset, "version"),
                              description=f"dataset version {report.version}")
+    create_table_artifact(figures.figures_table(drafts),
+                          key=artifact_key("dataset", params.dataset, "drafts"),
+                          description=figures.figures_markdown(drafts))
     if not versioning.should_announce(s3, params.dataset, report.version, report.latest,
                                       prefix=prefix):
         return  # not refs/latest, or already announced: downstream triggers stay quiet

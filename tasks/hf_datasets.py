@@ -8,12 +8,9 @@ for the second is ``eval``). Only the Parquet shards are read, not the JSONL cop
 
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from sftflow.core.errors import SftflowError
-from sftflow.core.hashing import sha256_hex
 from sftflow.core.settings import Settings, get_settings
 from sftflow.tasks.hub import HF_SPLITS
 
@@ -28,7 +25,6 @@ def load_dataset(
     """Version ``version`` (id, tag, or None for ``refs/latest``) of dataset ``name``."""
     import datasets
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from sftflow.tasks import versioning
     from sftflow.tasks.clients import Clients
@@ -39,11 +35,7 @@ def load_dataset(
                                         prefix=settings.datasets.prefix)
 
     def read(entry: versioning.FileEntry) -> pa.Table:
-        key = manifest.key(entry.path)
-        data, _ = s3.get_bytes(key)
-        if len(data) != entry.size or sha256_hex(data) != entry.sha256:
-            raise SftflowError(f"{name}@{manifest.version}: checksum mismatch for {s3.uri(key)}")
-        return pq.read_table(io.BytesIO(data))
+        return versioning.read_rows(s3, manifest, entry)  # verified, deleted rows left out
 
     out = {}
     with ThreadPoolExecutor(8) as pool:

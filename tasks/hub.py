@@ -92,11 +92,16 @@ def local_path(f: _File) -> str | None:
         return f"data/{hf_split(f.split or '')}/{name}"
     if f.format in _JSONL_FOLDERS:
         return f"{_JSONL_FOLDERS[f.format]}/{hf_split(f.split or '')}/{name}"
+    if f.format in ("minhash", "tasks"):
+        return None  # the build's own bookkeeping: signatures and the task index
+    if f.format == "exclusions" and f.path.startswith("index/"):
+        return f"exclusions/{name}"  # chunks by task id
     return name
 
 
 def pulled_files(files: Iterable[_File]) -> list[_File]:
-    """The manifest files a pull downloads (all but the stored card)."""
+    """The manifest files a pull downloads (all but the stored card and the build's own
+    signatures and task index)."""
     return [f for f in files if local_path(f) is not None]
 
 

@@ -349,6 +349,26 @@ def read_jsonl_lines(s3: S3, manifest: Manifest, f: FileEntry) -> list[str]:
     return [lines[i] for i in kept_positions(manifest, f)]
 
 
+def version_bytes(s3: S3, manifest: Manifest, f: FileEntry) -> bytes:
+    """A file's bytes as the version holds it: checksum verified, then, for a shard or a
+    JSONL copy with deleted rows, those rows left out (a Parquet shard is rewritten)."""
+    if not manifest.deleted.get(manifest.shard_of(f)):
+        return read_file(s3, manifest, f)
+    if f.format == "parquet":
+        buf = io.BytesIO()
+        pq.write_table(read_rows(s3, manifest, f), buf, compression="zstd")
+        return buf.getvalue()
+    if f.path.endswith(".jsonl"):
+        return "".join(line + "\n" for line in read_jsonl_lines(s3, manifest, f)).encode()
+    return read_file(s3, manifest, f)
+
+
+def derived_key(root: str, version: str, f: FileEntry) -> str:
+    """Where a reader that needs whole files (a training job) keeps the trimmed copy of a
+    shard with deleted rows: under the version, kept by ``gc`` while the version exists."""
+    return f"{root}/derived/{check_name('version', version)}/{f.path}"
+
+
 def file_key(manifest: Manifest, path: str) -> str:
     """The object key of one of ``manifest``'s file paths (under the root it was read from)."""
     return manifest.key(path)
@@ -951,12 +971,11 @@ def pull_version(s3: S3, dataset: str, version: str | None, dest: str | Path, *,
 
     def fetch(f: FileEntry) -> int:
         out = targets[f.path]
-        if (out.is_file() and out.stat().st_size == f.size
+        trimmed = bool(manifest.deleted.get(manifest.shard_of(f)))
+        if (not trimmed and out.is_file() and out.stat().st_size == f.size
                 and sha256_hex(out.read_bytes()) == f.sha256):
             return 0
-        data, _ = s3.get_bytes(manifest.key(f.path))
-        if sha256_hex(data) != f.sha256:
-            raise SftflowError(f"checksum mismatch for {s3.uri(manifest.key(f.path))}")
+        data = version_bytes(s3, manifest, f)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".part")
         tmp.write_bytes(data)
@@ -1004,7 +1023,11 @@ def gc(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX, dry_run: bool = Tr
     referenced = _referenced(s3, root, manifests)
     cutoff = utc_now() - timedelta(seconds=min_age_s)
 
+    live = {k.split("/")[-2] for k in manifests}
+
     def collectable(o: ObjectInfo) -> bool:
+        if o.key.startswith(f"{root}/derived/"):  # trimmed copies live as long as their version
+            return o.key[len(root) + 9:].split("/", 1)[0] not in live
         return (o.key not in referenced and not o.key.startswith(f"{root}/refs/")
                 and (o.last_modified is None or o.last_modified <= cutoff))
 

@@ -68,11 +68,21 @@ def read_version(s3: S3, datasets_prefix: str, ref: str) -> TrainingData:
     manifest = versioning.load_manifest(s3, name, version, verify=True, prefix=datasets_prefix)
     key = f"{versioning.dataset_root(datasets_prefix, name)}/versions/{version}/manifest.json"
     raw, _ = s3.get_bytes(key)
+    root = versioning.dataset_root(datasets_prefix, name)
+
+    def uri(f: versioning.FileEntry) -> str:
+        """The file, or for a shard with deleted rows its trimmed copy (written once)."""
+        if not manifest.deleted.get(manifest.shard_of(f)):
+            return s3.uri(manifest.key(f.path))
+        derived = versioning.derived_key(root, version, f)
+        if s3.head(derived) is None:
+            s3.put_bytes(derived, versioning.version_bytes(s3, manifest, f))
+        return s3.uri(derived)
+
     return TrainingData(
         dataset=name, version=version, manifest_uri=s3.uri(key), manifest_sha256=sha256_hex(raw),
         rows={split: int(n or 0) for split, n in manifest.rows.items()},
-        files=[DataFile(split=f.split, format=f.format, uri=s3.uri(manifest.key(f.path)))
-               for f in manifest.files],
+        files=[DataFile(split=f.split, format=f.format, uri=uri(f)) for f in manifest.files],
         columns=sorted(manifest.schema_) or None,
     )
 

@@ -1,0 +1,190 @@
+"""Benchmark: incremental builds against full builds of the same annotations, side by side.
+
+One Label Studio project, two datasets: ``inc`` built with ``mode=auto`` (the incremental
+export when the counters reconcile) and ``full`` built with ``mode=full`` (a full export
+snapshot, the same stable rule). Each build runs in its own process (peak RSS is that
+process's ``ru_maxrss``), against the stack's Prefect server.
+
+1. 55k annotated tasks from ``t0_train_50k.jsonl.gz``; first version of both datasets.
+2. +1 % changes mixed as in real work: new prompts (80 %), near-duplicates of existing rows
+   (punctuation and one word changed, 10 %), edited annotations on old tasks (10 %), and one
+   deleted task. Targets: incremental <= 15 s and <= 0.2x the full build; bytes written
+   <= 10 % of the first version's; the same version id as the full build; peak RSS < 1 GB.
+3. Rounds of +2.5 % new annotated tasks: the incremental build every round, the full build
+   every ``--full-every`` rounds (a full build costs a minute or more, so not every round).
+   Target: the last incremental round <= 1.5x the first. Plot: bench/results/incremental.png.
+
+Run: ``.venv/bin/python bench/incremental.py [--rows N] [--rounds 20]`` (local stack and
+../shared/data). Writes ``bench/results/incremental.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.build import _peak_rss_mb, as_task, import_tasks, load_rows, machine  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "incremental.json"
+PLOT = ROOT / "bench" / "results" / "incremental.png"
+TARGETS = {"incremental_s": 15.0, "ratio_to_full": 0.2, "bytes_ratio": 0.10,
+           "flat_ratio": 1.5, "peak_rss_mb": 1024.0}
+
+
+def child_build(project: str, dataset: str, mode: str) -> dict:
+    from sftflow.core.settings import get_settings
+    from sftflow.flows.build_dataset import BuildParams, build_dataset
+    from sftflow.tasks.clients import prefect_api
+
+    with prefect_api(get_settings()):
+        t0 = time.perf_counter()
+        r = build_dataset(BuildParams(project=project, dataset=dataset, mode=mode))
+        elapsed = time.perf_counter() - t0
+    return {"seconds": round(elapsed, 2), "version": r.version, "mode": r.mode,
+            "mode_reason": r.mode_reason, "rows": r.rows, "bytes_written": r.bytes_written,
+            "bytes_total": r.bytes_total, "stage_seconds": r.seconds,
+            "changes": r.counts.get("changes", {}), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+
+
+def build(project: str, dataset: str, mode: str) -> dict:
+    import os
+    import subprocess
+
+    # the periodic full export (every 20th build by default) is measured as the full build
+    env = {**os.environ, "SFTFLOW_DATASETS__FULL_EVERY": "1000"}
+    proc = subprocess.run([sys.executable, __file__, "--child", project, dataset, mode],
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=3600,
+                          env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"build {dataset} ({mode}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def mixed_changes(ls, project_id: int, rows: list[dict], fresh: list[dict], n: int,
+                  rng: random.Random) -> dict[str, int]:
+    """``n`` changes: 80 % new prompts, 10 % near-duplicates of existing rows, 10 % edited
+    annotations on old tasks, and one deleted task."""
+    n_new, n_near = int(n * 0.8), int(n * 0.1)
+    n_edit = n - n_new - n_near
+    near = []
+    for r in rng.sample(rows, n_near):
+        words = r["completion"].split()
+        if len(words) > 3:
+            words[len(words) // 2] = "indeed"
+        near.append({"prompt": r["prompt"].rstrip("?.!") + "!", "completion": " ".join(words)})
+    import_tasks(ls, project_id, fresh[:n_new] + near)
+    tasks = ls.tasks.list(project=project_id, fields="all", page_size=1000)
+    picked = []
+    for t in tasks:
+        if t.annotations and rng.random() < 0.02:
+            picked.append(t)
+        if len(picked) >= n_edit + 1:
+            break
+    for t in picked[:n_edit]:
+        ls.annotations.update(id=t.annotations[0]["id"], result=[{
+            "from_name": "instruction", "to_name": "prompt", "type": "textarea",
+            "value": {"text": [f"An edited answer for task {t.id}, rewritten by a reviewer."]}}])
+    ls.tasks.delete(id=picked[-1].id)
+    return {"new": n_new, "near_duplicates": n_near, "edited": n_edit, "deleted": 1}
+
+
+def plot(rounds: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    xs = [r["tasks"] for r in rounds]
+    ax.plot(xs, [r["incremental"]["seconds"] for r in rounds], "o-", label="incremental (auto)")
+    full = [(r["tasks"], r["full"]["seconds"]) for r in rounds if r.get("full")]
+    if full:
+        ax.plot(*zip(*full, strict=True), "s--", label="full export (--full)")
+    ax.set_xlabel("annotated tasks in the project")
+    ax.set_ylabel("build seconds")
+    ax.set_title("Dataset version build time per round (+2.5 % annotations a round)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(PLOT)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=None, help="First N rows (default all, 55k).")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--full-every", type=int, default=5)
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child_build(*args.child)))
+        return
+
+    from sftflow.tasks.clients import Clients
+    from sftflow.tasks.labelstudio.projects import ensure_project
+
+    rng = random.Random(11)
+    data = load_rows(None)
+    base = data[: args.rows] if args.rows else data[:55_000]
+    spare = data[len(base):] + [
+        {"prompt": f"{r['prompt']} (variant {i})", "completion": r["completion"]}
+        for i, r in enumerate(data[: 60_000])]
+    rng.shuffle(spare)
+    ls = Clients.for_bucket(None).labelstudio
+    title = f"bench-inc-{uuid.uuid4().hex[:8]}"
+    project = ensure_project(ls, title)
+    tag = uuid.uuid4().hex[:6]
+    inc, full = f"bench-inc-{tag}", f"bench-full-{tag}"
+    out: dict = {"benchmark": "incremental", "machine": machine(), "targets": TARGETS,
+                 "project": title, "rows_start": len(base)}
+    out["import_s"] = round(import_tasks(ls, project.id, base), 1)
+    out["first"] = {"inc": build(title, inc, "auto"), "full": build(title, full, "full")}
+    print("first", json.dumps(out["first"]), flush=True)
+
+    n = max(1, len(base) // 100)
+    out["changes"] = mixed_changes(ls, project.id, base, spare[:n], n, rng)
+    spare = spare[n:]
+    out["one_percent"] = {"inc": build(title, inc, "auto"), "full": build(title, full, "full")}
+    print("1%", json.dumps(out["one_percent"]), flush=True)
+    first_bytes = out["first"]["inc"]["bytes_total"]
+    o = out["one_percent"]
+    o["ratio_to_full"] = round(o["inc"]["seconds"] / o["full"]["seconds"], 3)
+    o["bytes_ratio"] = round(o["inc"]["bytes_written"] / first_bytes, 4)
+    o["same_version"] = o["inc"]["version"] == o["full"]["version"]
+
+    rounds = []
+    tasks = len(base) + n
+    for i in range(args.rounds):
+        k = max(1, int(tasks * 0.025))
+        import_tasks(ls, project.id, spare[:k])
+        spare, tasks = spare[k:], tasks + k
+        rnd = {"round": i + 1, "tasks": tasks, "incremental": build(title, inc, "auto")}
+        if i == 0 or (i + 1) % args.full_every == 0 or i == args.rounds - 1:
+            rnd["full"] = build(title, full, "full")
+            rnd["same_version"] = rnd["full"]["version"] == rnd["incremental"]["version"]
+        print("round", json.dumps(rnd), flush=True)
+        rounds.append(rnd)
+    out["rounds"] = rounds
+    if rounds:
+        out["flat_ratio"] = round(rounds[-1]["incremental"]["seconds"]
+                                  / rounds[0]["incremental"]["seconds"], 3)
+        plot(rounds)
+    out["peak_rss_mb_incremental"] = max(
+        [o["inc"]["peak_rss_mb"]] + [r["incremental"]["peak_rss_mb"] for r in rounds])
+    out["load_avg_1m_end"] = __import__("os").getloadavg()[0]
+    RESULTS.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: out.get(k) for k in ("one_percent", "flat_ratio",
+                                              "peak_rss_mb_incremental")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
