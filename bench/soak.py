@@ -33,7 +33,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,14 @@ KILLS = {
 }
 
 
+def label_studio_bin() -> Path:
+    """label-studio of this checkout, else of the checkout whose virtualenv runs this script
+    (a git worktree shares the main checkout's environments)."""
+    mine = ROOT / ".venv-labelstudio/bin/label-studio"
+    beside = Path(sys.executable).parents[2] / ".venv-labelstudio/bin/label-studio"
+    return mine if mine.exists() or not beside.exists() else beside
+
+
 def stack_env(base: int, folder: Path, postgres: bool) -> dict[str, str]:
     return {
         "SFTFLOW_STACK__DIR": str(folder),
@@ -65,7 +75,7 @@ def stack_env(base: int, folder: Path, postgres: bool) -> dict[str, str]:
         "SFTFLOW_STACK__PREFECT_PORT": str(base + 5),
         "SFTFLOW_STACK__POSTGRES_PORT": str(base + 6),
         "SFTFLOW_STACK__POSTGRES": "true" if postgres else "false",
-        "SFTFLOW_STACK__LABEL_STUDIO_BIN": str(ROOT / ".venv-labelstudio/bin/label-studio"),
+        "SFTFLOW_STACK__LABEL_STUDIO_BIN": str(label_studio_bin()),
         "SFTFLOW_S3__ENDPOINT_URL": f"http://127.0.0.1:{base}",
         "SFTFLOW_S3__BUCKET": "soak",
         "SFTFLOW_LABELSTUDIO__URL": f"http://127.0.0.1:{base + 4}",
@@ -97,6 +107,22 @@ class Soak:
         self.bad_records = 0
         self.steps: Counter[str] = Counter()
         self.round = 0
+        self.phases: dict[str, float] = {}  # seconds per phase of the current round
+        self.round_faults: list[str] = []  # faults injected in the current round
+        self.rounds: list[dict[str, Any]] = []  # per round: seconds, faults, phases
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the block's wall time to the current round's phase ``name``."""
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = round(self.phases.get(name, 0.0) + time.monotonic() - t, 2)
+
+    def fault(self, kind: str) -> None:
+        self.faults[kind] += 1
+        self.round_faults.append(kind)
 
     # -- plumbing ------------------------------------------------------------------------------
     def clients(self):
@@ -117,18 +143,21 @@ class Soak:
     def step(self, name: str, argv: list[str], fault: str | None) -> None:
         """Run a step (crashing it first at a failpoint when ``fault`` names one), then again
         until it succeeds, at most 3 times: the loop must resume by itself."""
-        if fault and fault.startswith("kill:"):
-            res = self.cli(*argv, failpoint=fault.removeprefix("kill:"))
-            self.faults[fault] += 1
+        killed = bool(fault and fault.startswith("kill:"))
+        if fault and killed:
+            with self.phase(f"{name}:killed"):
+                res = self.cli(*argv, failpoint=fault.removeprefix("kill:"))
+            self.fault(fault)
             if res.returncode != -9:
                 self.violate("failpoint did not fire", step=name, fault=fault,
                              rc=res.returncode, err=res.stderr[-400:])
-        for attempt in range(3):
-            res = self.cli(*argv)
-            if res.returncode == 0:
-                self.steps[name] += 1
-                return
-            time.sleep(2 * (attempt + 1))
+        with self.phase(f"{name}:after-kill" if killed else name):
+            for attempt in range(3):
+                res = self.cli(*argv)
+                if res.returncode == 0:
+                    self.steps[name] += 1
+                    return
+                time.sleep(2 * (attempt + 1))
         self.violate("step did not resume", step=name, err=res.stderr[-600:])
 
     def violate(self, what: str, **detail: Any) -> None:
@@ -167,7 +196,8 @@ class Soak:
                 "value": {"text": [f"An answer to: {prompt[:60]} (annotator {task.id % 3})"]}}])
 
     def run_round(self) -> None:
-        self.write_prompts()
+        with self.phase("prompts"):
+            self.write_prompts()
         choice = self.rng.random
         # ingest
         fault = None
@@ -180,7 +210,8 @@ class Soak:
                   fault)
         if r >= 0.4 and r < 0.7:
             self.ingest_through_proxy()
-        self.annotate()
+        with self.phase("annotate"):
+            self.annotate()
         # build
         r = choice()
         build = ["build", "--project", PROJECT, "--dataset", DATASET, "--json"]
@@ -200,18 +231,20 @@ class Soak:
                                "--deadline", "120", "--json"], fault)
 
     def restart_prefect(self) -> None:
-        self.stack.down(["prefect"])
-        self.stack.up(["prefect"])
-        self.faults["prefect-restart"] += 1
+        with self.phase("prefect-restart"):
+            self.stack.down(["prefect"])
+            self.stack.up(["prefect"])
+        self.fault("prefect-restart")
 
     def concurrently(self, kind: str, a: list[str], b: list[str]) -> None:
         env = {**os.environ, **self.env}
         env.pop("SFTFLOW_FAILPOINTS", None)
-        procs = [subprocess.Popen([SFTFLOW, *argv], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for argv in (a, b)]
-        for p in procs:
-            p.communicate(timeout=900)
-        self.faults[kind] += 1
+        with self.phase(kind):
+            procs = [subprocess.Popen([SFTFLOW, *argv], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for argv in (a, b)]
+            for p in procs:
+                p.communicate(timeout=900)
+        self.fault(kind)
         self.step("build", a, None)  # whatever happened, a plain build then succeeds
 
     def ingest_through_proxy(self) -> None:
@@ -223,11 +256,11 @@ class Soak:
 
         key = self.write_prompts_extra()
         up = urlparse(self.settings.labelstudio.url)
-        with FaultProxy(up.hostname, up.port) as proxy:
-            kind = self.rng.choice(["slow_response", "lose_response"])
+        kind = self.rng.choice(["slow_response", "lose_response"])
+        with FaultProxy(up.hostname, up.port) as proxy, self.phase(f"ingest:proxy-{kind}"):
             proxy.add(Fault(kind, method="POST", path=r"/api/projects/\d+/import", seconds=6,
                             status=504))
-            self.faults[f"proxy:{kind}"] += 1
+            self.fault(f"proxy:{kind}")
             self.cli("ingest", f"s3://soak/{key}", "--project", PROJECT, "--json",
                      extra_env={"SFTFLOW_LABELSTUDIO__URL": proxy.url,
                                 "SFTFLOW_LABELSTUDIO__TIMEOUT_S": "3"})
@@ -271,7 +304,8 @@ class Soak:
         except Exception as err:  # noqa: BLE001 - the invariant is that this never fails
             self.violate("refs/latest does not verify", error=str(err)[:300])
             return
-        res = self.cli("build", "--project", PROJECT, "--dataset", CLEAN, "--json")
+        with self.phase("check:clean-build"):
+            res = self.cli("build", "--project", PROJECT, "--dataset", CLEAN, "--json")
         if res.returncode != 0:
             self.violate("clean rebuild failed", err=res.stderr[-300:])
             return
@@ -307,15 +341,21 @@ class Soak:
                 print(f"stopping after {number - 1} rounds: --max-minutes reached", flush=True)
                 break
             self.round = number
+            self.phases, self.round_faults = {}, []
             t = time.monotonic()
             try:
                 self.run_round()
-                self.check()
+                with self.phase("check"):
+                    self.check()
             except Exception as err:  # noqa: BLE001 - a harness error is a finding, not a crash
                 self.violate("round raised", error=f"{type(err).__name__}: {err}"[:400])
             per_round.append(round(time.monotonic() - t, 1))
-            print(f"round {self.round}: {per_round[-1]} s, faults so far "
-                  f"{sum(self.faults.values())}, violations {len(self.violations)}", flush=True)
+            self.rounds.append({"round": number, "seconds": per_round[-1],
+                                "faults": self.round_faults, "phases": self.phases,
+                                "load_avg_1m": round(os.getloadavg()[0], 2)})
+            print(f"round {self.round}: {per_round[-1]} s, faults {self.round_faults}, so far "
+                  f"{sum(self.faults.values())}, violations {len(self.violations)}; "
+                  f"{json.dumps(self.phases)}", flush=True)
         minutes = (time.monotonic() - started) / 60
         return {
             "rounds": self.round, "rounds_asked": self.args.rounds, "seed": self.args.seed, "postgres": self.args.postgres,
@@ -325,6 +365,8 @@ class Soak:
             "violations": len(self.violations), "violation_details": self.violations[:50],
             "steps_completed": dict(self.steps), "minutes": round(minutes, 1),
             "seconds_per_round": per_round,
+            "seconds_by_phase": phase_totals(self.rounds),
+            "round_details": self.rounds,
             "targets": TARGETS,
             "met": {"rounds": self.round >= TARGETS["rounds"],
                     "faults": sum(self.faults.values()) >= TARGETS["faults"],
@@ -334,6 +376,19 @@ class Soak:
     def close(self) -> None:
         self.stack.down()
         self.openai.__exit__(None, None, None)
+
+
+def phase_totals(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per phase over all rounds: how many rounds had it, total, mean and max seconds
+    (``check`` includes ``check:clean-build``; ``<step>:after-kill`` is the rerun after a kill,
+    waits for the dead holder's lease included)."""
+    seen: dict[str, list[float]] = defaultdict(list)
+    for r in rounds:
+        for name, secs in r["phases"].items():
+            seen[name].append(secs)
+    return {name: {"rounds": len(v), "total": round(sum(v), 1), "mean": round(sum(v) / len(v), 1),
+                   "max": round(max(v), 1)}
+            for name, v in sorted(seen.items(), key=lambda kv: -sum(kv[1]))}
 
 
 def main() -> None:
@@ -346,6 +401,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the stack folder afterwards")
     ap.add_argument("--max-minutes", type=float, default=60.0,
                     help="start no new round after this many minutes")
+    ap.add_argument("--out", type=Path, default=RESULTS,
+                    help="where to write the results (default: bench/results/soak.json)")
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="sftflow-soak-"))
     load = os.getloadavg()
@@ -359,9 +416,10 @@ def main() -> None:
     result["machine"] = {"python": platform.python_version(), "cpus": os.cpu_count(),
                          "load_avg_1m_at_start": load[0], "load_avg_1m_at_end": os.getloadavg()[0]}
     result["when"] = datetime.now(UTC).isoformat(timespec="seconds")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "seconds_per_round"}, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items()
+                      if k not in ("seconds_per_round", "round_details")}, indent=2))
 
 
 if __name__ == "__main__":
