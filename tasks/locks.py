@@ -1,12 +1,13 @@
 """Named, cluster-wide mutual exclusion: a leased, fenced lock record in S3.
 
-``S3Lock`` (ingest per project, the dataset build per dataset): the owner record ``<prefix>/locks/<name>.json`` is taken with a
-conditional write (``If-None-Match: *`` for a new record, ``If-Match: <etag>`` to take over an
-expired or released one), so exactly one contender wins. It survives a Prefect restart (it is
-not in Prefect) and a killed holder (its lease expires: the next contender takes it over after
-``lease_s``; the setting ``locks.lease_s``, 60 s by default). The holder renews the lease every
-``lease_s / 3`` from a background thread, so a live holder that reaches S3 is never overtaken
-(it would have to miss two renewals in a row). Each
+``S3Lock`` (ingest per project, the dataset build per dataset): the owner record
+``<prefix>/locks/<name>.json`` is taken with a conditional write (``If-None-Match: *`` for a new
+record, ``If-Match: <etag>`` to take over an expired or released one), so exactly one contender
+wins; the others poll with backoff, never sleeping past the end of the lease they read. It
+survives a Prefect restart (it is not in Prefect) and a killed holder (its lease expires: the
+next contender takes it over after ``lease_s``; the setting ``locks.lease_s``, 60 s by
+default). The holder renews the lease every ``lease_s / 3`` from a background thread, so a live
+holder that reaches S3 is never overtaken (it would have to miss two renewals in a row). Each
 acquisition increments the record's fencing ``token``; ``fence()`` raises ``LeaseLost`` once
 the record is no longer the one this holder wrote (taken over, or its lease ran out and could
 not be renewed), and writers call it before every write.
@@ -25,6 +26,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -74,6 +76,7 @@ class S3Lock:
         self.token = 0
         self._etag: str | None = None
         self._lost: str | None = None
+        self._busy_until: datetime | None = None  # the lease end of the holder last seen
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -94,6 +97,7 @@ class S3Lock:
         """Take the lock if it is free now (no record, released, or its lease expired)."""
         current = self._read()
         if current is not None and not current[0].free(utc_now()):
+            self._busy_until = current[0].expires_at
             return False
         token = (current[0].token if current else 0) + 1
         try:
@@ -107,13 +111,23 @@ class S3Lock:
         return True
 
     def acquire(self, timeout_s: float) -> None:
-        """Wait (polling with backoff) until the lock is ours, or raise LockTimeout."""
-        if not wait_until(self.try_acquire, timeout_s=timeout_s, backoff=Backoff(0.5, 5.0)):
+        """Wait (polling with backoff, never sleeping past the end of the lease last read)
+        until the lock is ours, or raise LockTimeout."""
+        if not wait_until(self.try_acquire, timeout_s=timeout_s, backoff=Backoff(0.5, 5.0),
+                          sleep=self._sleep_within_lease):
             holder = self._read()
             raise LockTimeout(
                 f"lock {self.name!r} (s3://{self.bucket}/{self.key}) still held after "
                 f"{timeout_s:g} s" + (f" by {holder[0].holder}, lease until "
                                       f"{holder[0].expires_at:%Y-%m-%dT%H:%M:%SZ}" if holder else ""))
+
+    def _sleep_within_lease(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less: until just after the holder's lease ends (a dead
+        holder's lock is taken as its lease ends, not at the next backoff poll)."""
+        if self._busy_until is not None:
+            left = (self._busy_until - utc_now()).total_seconds() + 0.05
+            seconds = min(seconds, max(0.05, left))
+        time.sleep(seconds)
 
     def renew(self) -> bool:
         """Extend the lease; False (and ``fence()`` raises from then on) if it was lost."""

@@ -120,3 +120,16 @@ def test_a_killed_build_holder_is_taken_over_after_its_lease_a_live_one_never(s3
         assert contender.token == 2
     assert waited < 2 + 5 + 1  # the lease, at most one backoff poll (5 s), and some slack
     assert record(s3, build_lock_name(dataset)).released
+
+
+def test_a_waiter_takes_a_dead_holders_lock_as_its_lease_ends_not_at_its_next_backoff_poll(s3):
+    """The waiter polls with backoff (0.5, 1, 2, 4 s, +-25 %: its 4th poll comes 5.6 s or more
+    after the first) but never sleeps past the lease end it read: the lock is taken as the
+    5 s lease of the dead holder ends."""
+    dead = s3_lock(s3, s3.bucket, "_sftflow", "l5", lease_s=5)
+    assert dead.try_acquire()
+    started = time.monotonic()
+    waiter = s3_lock(s3, s3.bucket, "_sftflow", "l5", lease_s=30)
+    waiter.acquire(timeout_s=20)
+    assert waiter.token == 2
+    assert time.monotonic() - started < 5.5
