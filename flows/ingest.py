@@ -80,9 +80,10 @@ class IngestParams(BaseModel):
     lock_timeout_s: float = Field(
         900, gt=0, description="How long to wait for another ingest of the same project."
     )
-    lock_lease_s: float = Field(
-        60, ge=1, description="Lease of the project's ingest lock, renewed while the run works: "
-        "a killed run's lock is taken over this long after its last renewal.",
+    lock_lease_s: float | None = Field(
+        None, ge=1, description="Lease of the project's ingest lock, renewed every third of it "
+        "while the run works: a killed run's lock is taken over this long after its last "
+        "renewal (empty: the setting locks.lease_s, 60 s unless configured).",
     )
     import_timeout_s: float | None = Field(
         None, gt=0, description="HTTP timeout per import request (default: Label Studio settings)."
@@ -165,7 +166,8 @@ def ingest_prompts(params: IngestParams) -> IngestReport:
         raise ConfigError(f"source bucket {bucket!r} does not exist (from {params.source})")
     with timer.phase("project"):
         project = ensure_project_task(lsc, params.project, create=params.create_project)
-    lock = s3_lock(s3, bucket, state_prefix, ingest_lock_name(project.id), lease_s=params.lock_lease_s)
+    lock = s3_lock(s3, bucket, state_prefix, ingest_lock_name(project.id),
+                   lease_s=params.lock_lease_s or clients.settings.locks.lease_s)
     ledger = Ledger(s3, bucket, state_prefix, project.id, fence=lock.fence)
     importer = ProjectImporter(lsc, ledger, state_prefix=state_prefix,
                                batch_size=params.batch_size, timeout_s=params.import_timeout_s,

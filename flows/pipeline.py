@@ -8,8 +8,11 @@ Label Studio, a dataset version in S3, a model lineage record) and emit (their e
 Stops early, without failing, when annotations did not arrive before the deadline (state
 ``NotEnough``) or when there was nothing to build; fine-tuning runs only with a ``base_model``.
 Idempotency: every stage is idempotent (ingest ledger, content-addressed versions, lineage by
-job), so a rerun after a crash continues without duplicates. The build holds a Prefect global
-concurrency slot per dataset, so it never overlaps another pipeline's build of that dataset.
+job), so a rerun after a crash continues without duplicates. The build holds the dataset's S3
+lock (``tasks/locks.py``: ``<bucket>/_sftflow/locks/sftflow-build-dataset-<dataset>.json``,
+leased and renewed), so it never overlaps another pipeline's build of that dataset; the lock
+lives in the bucket, not in Prefect, so it survives a Prefect server restart, and a killed
+build's lock is taken over after its lease.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from sftflow.flows.build_dataset import BuildParams, build_dataset
 from sftflow.flows.finetune import FinetuneParams, finetune
 from sftflow.flows.ingest import IngestParams, ingest_prompts
 from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
+from sftflow.tasks.clients import Clients
 from sftflow.tasks.labelstudio.counters import CountMode
-from sftflow.tasks.locks import build_lock_name, global_lock
+from sftflow.tasks.locks import build_lock
 
 
 class PipelineParams(BaseModel):
@@ -41,6 +45,10 @@ class PipelineParams(BaseModel):
     backend: str | None = Field(None, description="Fine-tuning backend (empty: settings default).")
     bucket: str | None = Field(None, description="Bucket of datasets/models (empty: configured).")
     build_lock_timeout_s: float = Field(3600.0, gt=0, description="Wait this long for a build slot.")
+    build_lock_lease_s: float | None = Field(
+        None, ge=1, description="Lease of the dataset's build lock, renewed every third of it "
+        "while the build runs (empty: the setting locks.lease_s, 60 s unless configured).",
+    )
 
 
 class PipelineReport(BaseModel):
@@ -71,7 +79,10 @@ def sft_pipeline(params: PipelineParams) -> PipelineReport:
         logger.info(report.message)
         return Completed(name="NotEnough", message=report.message, data=report)
 
-    with global_lock(build_lock_name(params.dataset), timeout_s=params.build_lock_timeout_s):
+    clients = Clients.for_bucket(params.bucket)
+    lock = build_lock(clients.s3, params.dataset,
+                      lease_s=params.build_lock_lease_s or clients.settings.locks.lease_s)
+    with lock.held(params.build_lock_timeout_s):
         built = build_dataset(BuildParams(project=project, dataset=params.dataset,
                                           bucket=params.bucket))
     report.stage, report.build = "build", built.model_dump(mode="json")

@@ -1,21 +1,22 @@
-"""Named, cluster-wide mutual exclusion: a leased, fenced lock record in S3, and the older
-Prefect global concurrency limit.
+"""Named, cluster-wide mutual exclusion: a leased, fenced lock record in S3.
 
-``S3Lock`` (ingest): the owner record ``<prefix>/locks/<name>.json`` is taken with a
-conditional write (``If-None-Match: *`` for a new record, ``If-Match: <etag>`` to take over an
-expired or released one), so exactly one contender wins. It survives a Prefect restart (it is
-not in Prefect) and a killed holder (its lease expires: the next contender takes it over after
-``lease_s``). The holder renews the lease every ``lease_s / 3`` from a background thread. Each
+``S3Lock`` (ingest per project, the dataset build per dataset): the owner record
+``<prefix>/locks/<name>.json`` is taken with a conditional write (``If-None-Match: *`` for a new
+record, ``If-Match: <etag>`` to take over an expired or released one), so exactly one contender
+wins; the others poll with backoff, never sleeping past the end of the lease they read. It
+survives a Prefect restart (it is not in Prefect) and a killed holder (its lease expires: the
+next contender takes it over after ``lease_s``; the setting ``locks.lease_s``, 60 s by
+default). The holder renews the lease every ``lease_s / 3`` from a background thread, so a live
+holder that reaches S3 is never overtaken (it would have to miss two renewals in a row). Each
 acquisition increments the record's fencing ``token``; ``fence()`` raises ``LeaseLost`` once
 the record is no longer the one this holder wrote (taken over, or its lease ran out and could
 not be renewed), and writers call it before every write.
 
 Limits: expiry compares the holders' wall clocks (keep them in sync: NTP); ``fence()`` then a
 write is two requests, so a holder that stalls between them longer than the lease could still
-write once after a takeover (S3 cannot make one object's write conditional on another's).
-
-``global_lock`` (the dataset build) holds the single slot of a Prefect global concurrency limit
-of that name; its leases live in the Prefect server's memory.
+write once after a takeover (S3 cannot make one object's write conditional on another's). The
+build lock serialises builds but its token does not fence the build's writes: a commit is
+content-addressed and moves ``refs/latest`` by compare-and-swap, safe without it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -74,6 +76,7 @@ class S3Lock:
         self.token = 0
         self._etag: str | None = None
         self._lost: str | None = None
+        self._busy_until: datetime | None = None  # the lease end of the holder last seen
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -94,6 +97,7 @@ class S3Lock:
         """Take the lock if it is free now (no record, released, or its lease expired)."""
         current = self._read()
         if current is not None and not current[0].free(utc_now()):
+            self._busy_until = current[0].expires_at
             return False
         token = (current[0].token if current else 0) + 1
         try:
@@ -107,13 +111,23 @@ class S3Lock:
         return True
 
     def acquire(self, timeout_s: float) -> None:
-        """Wait (polling with backoff) until the lock is ours, or raise LockTimeout."""
-        if not wait_until(self.try_acquire, timeout_s=timeout_s, backoff=Backoff(0.5, 5.0)):
+        """Wait (polling with backoff, never sleeping past the end of the lease last read)
+        until the lock is ours, or raise LockTimeout."""
+        if not wait_until(self.try_acquire, timeout_s=timeout_s, backoff=Backoff(0.5, 5.0),
+                          sleep=self._sleep_within_lease):
             holder = self._read()
             raise LockTimeout(
                 f"lock {self.name!r} (s3://{self.bucket}/{self.key}) still held after "
                 f"{timeout_s:g} s" + (f" by {holder[0].holder}, lease until "
                                       f"{holder[0].expires_at:%Y-%m-%dT%H:%M:%SZ}" if holder else ""))
+
+    def _sleep_within_lease(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less: until just after the holder's lease ends (a dead
+        holder's lock is taken as its lease ends, not at the next backoff poll)."""
+        if self._busy_until is not None:
+            left = (self._busy_until - utc_now()).total_seconds() + 0.05
+            seconds = min(seconds, max(0.05, left))
+        time.sleep(seconds)
 
     def renew(self) -> bool:
         """Extend the lease; False (and ``fence()`` raises from then on) if it was lost."""
@@ -181,28 +195,17 @@ def s3_lock(s3: S3, bucket: str, prefix: str, name: str, *, lease_s: float = 60.
     return S3Lock(s3, bucket, lock_key(prefix, name), name, lease_s=lease_s)
 
 
-@contextlib.contextmanager
-def global_lock(name: str, timeout_s: float, lease_s: float = 60) -> Iterator[None]:
-    """Hold the single slot of the Prefect global concurrency limit ``name`` (created with
-    limit 1 on first use). A crashed holder's lease expires after ``lease_s`` (the server's
-    minimum is 60 s); a Prefect server restart loses the leases it kept in memory."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):  # another run created it just now
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-    with concurrency(name, occupy=1, timeout_seconds=timeout_s, lease_duration=lease_s, strict=True):
-        yield
+STATE_PREFIX = "_sftflow"  # lock records live under <bucket>/_sftflow/locks/ by default
 
 
 def build_lock_name(dataset: str) -> str:
     return f"sftflow-build-dataset-{dataset}"
+
+
+def build_lock(s3: S3, dataset: str, *, lease_s: float, prefix: str = STATE_PREFIX) -> S3Lock:
+    """The build lock of ``dataset``: ``s3://<s3.bucket>/<prefix>/locks/
+    sftflow-build-dataset-<dataset>.json``, in the bucket of the dataset's versions."""
+    return s3_lock(s3, s3.bucket, prefix, build_lock_name(dataset), lease_s=lease_s)
 
 
 def ingest_lock_name(project_id: int) -> str:

@@ -37,6 +37,9 @@ def finetune_cmd(
     min_train_rows: int = typer.Option(10, "--min-train-rows", help="Gate: minimum train rows."),
     min_eval_rows: int = typer.Option(1, "--min-eval-rows", help="Gate: minimum eval rows."),
     deadline: float = typer.Option(6 * 3600, "--deadline", help="Seconds to watch the job."),
+    poll_interval: float = typer.Option(
+        2.0, "--poll-interval", min=0.05, help="First pause between job status polls (then backoff)."
+    ),
     local: bool = typer.Option(False, "--local", help="trl: train in this process, no work pool."),
     bucket: str = BucketOption,
     as_json: bool = JsonOption,
@@ -51,7 +54,7 @@ def finetune_cmd(
                          "learning_rate": learning_rate, "batch_size": batch_size,
                          "max_length": max_length, "seed": seed},
         min_train_rows=min_train_rows, min_eval_rows=min_eval_rows, deadline_s=deadline,
-        bucket=bucket,
+        poll_min_s=poll_interval, bucket=bucket,
     )
     if local:
         import os

@@ -128,6 +128,18 @@ class DraftSettings(BaseModel):
     batch_size: int = Field(8, ge=1, description="Prompts generated per batch (and per Prefect task).")
 
 
+class LockSettings(BaseModel):
+    """The leased lock records in S3 (``tasks/locks.py``): ingest per project, build per dataset."""
+
+    lease_s: float = Field(
+        60.0, ge=1,
+        description="Lease of a lock record. The live holder renews it every third of the lease, "
+        "so it is never overtaken while it can reach S3; a killed holder's lock is taken over "
+        "this long after its last renewal. Shorter: faster recovery after a crash, more renewal "
+        "writes; keep it well above the slowest S3 write.",
+    )
+
+
 class WebhookSettings(BaseModel):
     """The event bridge (``sftflow webhooks serve``): Label Studio and S3 notifications in."""
 
@@ -212,6 +224,7 @@ class Settings(BaseSettings):
     webhooks: WebhookSettings = WebhookSettings()
     drafts: DraftSettings = DraftSettings()
     mlflow: MlflowSettings = MlflowSettings()
+    locks: LockSettings = LockSettings()
     stack: StackSettings = StackSettings()
 
     @classmethod

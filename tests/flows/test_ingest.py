@@ -169,9 +169,8 @@ def test_concurrent_runs_on_one_project_do_not_double_import(prefect_harness, s3
 KILLED_RUN = """
 import sys
 from sftflow.flows.ingest import IngestParams, ingest_prompts
-ingest_prompts(IngestParams(source=sys.argv[1], project=sys.argv[2], batch_size=400,
-                            lock_lease_s=3))
-"""
+ingest_prompts(IngestParams(source=sys.argv[1], project=sys.argv[2], batch_size=400))
+"""  # its lease comes from the setting locks.lease_s (SFTFLOW_LOCKS__LEASE_S)
 
 
 @pytest.fixture()
@@ -200,7 +199,8 @@ def test_killed_mid_import_then_rerun_leaves_each_prompt_once(
 
     project = ensure_project(labelstudio, title)
     # SIGKILLed at the 2nd batch: its import returned, the ledger has (not) confirmed it yet.
-    env = {**os.environ, "PREFECT_API_URL": stack_prefect, "SFTFLOW_FAILPOINTS": f"{point}=crash@2"}
+    env = {**os.environ, "PREFECT_API_URL": stack_prefect, "SFTFLOW_FAILPOINTS": f"{point}=crash@2",
+           "SFTFLOW_LOCKS__LEASE_S": "3"}
     run = subprocess.run([sys.executable, "-c", KILLED_RUN, f"s3://{s3.bucket}/in/", title],
                          check=False, cwd=ROOT, env=env, capture_output=True, timeout=300)
     assert run.returncode == -signal.SIGKILL, run.stderr.decode()[-2000:]
@@ -211,7 +211,8 @@ def test_killed_mid_import_then_rerun_leaves_each_prompt_once(
     started = time.monotonic()
     report = ingest_prompts(IngestParams(source=f"s3://{s3.bucket}/in/", project=title,
                                          batch_size=400, lock_timeout_s=60))
-    assert time.monotonic() - started < 45  # the 3 s lease expired: no Prefect lease to wait for
+    # the dead run's 3 s lease (from the setting) expired: no 60 s default, no Prefect lease
+    assert time.monotonic() - started < 45
     _, ids, _ = project_prompts(labelstudio, title)
     assert len(ids) == 4000 and set(ids.values()) == {1}
     assert report.records == report.imported + report.duplicate + report.quarantined

@@ -69,3 +69,43 @@ def test_pipeline_builds_once_enough_annotations_arrive_and_reruns_cleanly(
         assert again.wait["baseline_version"] == report.build["version"]
     finally:
         labelstudio.projects.delete(id=report.ingest["project_id"])
+
+
+def test_pipeline_build_takes_the_datasets_s3_lock_over_a_dead_holder(prefect_harness, labelstudio, s3):
+    """The build lock is the dataset's lock record in the bucket (not a Prefect concurrency
+    limit, whose leases a server restart loses): a holder that died holding it delays the
+    build by its lease only, and the build leaves it released with the next fencing token."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from sftflow.tasks.locks import LeaseLost, LockRecord, build_lock, build_lock_name, lock_key
+
+    s3.put_bytes("prompts/batch.jsonl",
+                 "\n".join(json.dumps({"prompt": p}) for p in PROMPTS).encode())
+    title, dataset = unique("t-pipe-lock"), unique("pipe-lock")
+    dead = build_lock(s3, dataset, lease_s=2)
+    assert dead.try_acquire()  # then never renewed: a killed build
+    params = PipelineParams(
+        source=f"s3://{s3.bucket}/prompts/", project=title, dataset=dataset, min_new=3,
+        wait_timeout_s=120, min_interval_s=0.5, max_interval_s=2, bucket=s3.bucket,
+        build_lock_timeout_s=60,
+    )
+    stop = threading.Event()
+    annotator = threading.Thread(target=annotate_when_ready, args=(labelstudio, title, 3, stop))
+    annotator.start()
+    try:
+        report = sft_pipeline(params)
+    finally:
+        stop.set()
+        annotator.join()
+    try:
+        assert report.stage == "build" and report.build["created"]
+        lock = LockRecord.model_validate_json(
+            s3.get_bytes(lock_key("_sftflow", build_lock_name(dataset)))[0])
+        assert lock.token == 2 and lock.released and lock.owner != dead.owner
+        with pytest.raises(LeaseLost):
+            dead.fence()
+        with get_client(sync_client=True) as client, pytest.raises(ObjectNotFound):
+            client.read_global_concurrency_limit_by_name(build_lock_name(dataset))
+    finally:
+        labelstudio.projects.delete(id=report.ingest["project_id"])

@@ -77,3 +77,59 @@ def test_a_dead_holders_lock_is_taken_over_after_its_lease_and_the_stale_holder_
         Ledger(s3, s3.bucket, "_sftflow", 7, fence=new.fence).confirm("b0", ["a"], 1)
     stale.release()  # a stale holder's release does not free the new holder's record
     assert record(s3, "l4").owner == new.owner
+
+
+HOLDER = """
+import sys, time
+from sftflow.tasks.clients import Clients
+from sftflow.tasks.locks import build_lock
+s3 = Clients.for_bucket(sys.argv[1]).s3
+with build_lock(s3, sys.argv[2], lease_s=float(sys.argv[3])).held(timeout_s=10) as lock:
+    print(lock.token, flush=True)
+    time.sleep(600)  # working (and renewing) until killed
+"""
+
+
+def test_a_killed_build_holder_is_taken_over_after_its_lease_a_live_one_never(s3, tmp_path):
+    """A real holder process with a 2 s lease: alive, its renewals keep every contender out for
+    three leases; SIGKILLed, its lock is taken over within the lease (plus a poll)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from sftflow.tasks.locks import build_lock, build_lock_name
+
+    dataset = f"ds-{tmp_path.name[-8:]}"
+    env = {**os.environ, "SFTFLOW_S3__BUCKET": s3.bucket}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, s3.bucket, dataset, "2"], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "1"  # it holds the lock, token 1
+        contender = build_lock(s3, dataset, lease_s=2)
+        with pytest.raises(LockTimeout, match="still held after 6 s"):
+            contender.acquire(timeout_s=6)  # three leases: renewed, never overtaken
+        assert holder.poll() is None
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    killed_at = time.monotonic()
+    assert not record(s3, build_lock_name(dataset)).released  # a dead holder releases nothing
+    with contender.held(timeout_s=20):
+        waited = time.monotonic() - killed_at
+        assert contender.token == 2
+    assert waited < 2 + 5 + 1  # the lease, at most one backoff poll (5 s), and some slack
+    assert record(s3, build_lock_name(dataset)).released
+
+
+def test_a_waiter_takes_a_dead_holders_lock_as_its_lease_ends_not_at_its_next_backoff_poll(s3):
+    """The waiter polls with backoff (0.5, 1, 2, 4 s, +-25 %: its 4th poll comes 5.6 s or more
+    after the first) but never sleeps past the lease end it read: the lock is taken as the
+    5 s lease of the dead holder ends."""
+    dead = s3_lock(s3, s3.bucket, "_sftflow", "l5", lease_s=5)
+    assert dead.try_acquire()
+    started = time.monotonic()
+    waiter = s3_lock(s3, s3.bucket, "_sftflow", "l5", lease_s=30)
+    waiter.acquire(timeout_s=20)
+    assert waiter.token == 2
+    assert time.monotonic() - started < 5.5

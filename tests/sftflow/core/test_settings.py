@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from pydantic import ValidationError
+
 from sftflow.core.settings import Settings
 
 
@@ -50,3 +53,12 @@ def test_the_bridge_refuses_the_default_secret_beyond_loopback():
     for secret, said in ((LOCAL_WEBHOOK_SECRET, "the default secret"), (None, "no secret")):
         with pytest.raises(ConfigError, match=f"listen on 0.0.0.0, beyond loopback, with {said}"):
             hooks.check_bind("0.0.0.0", secret)
+
+
+def test_the_lock_lease_is_a_setting_with_a_one_second_floor(monkeypatch):
+    assert Settings().locks.lease_s == 60.0
+    monkeypatch.setenv("SFTFLOW_LOCKS__LEASE_S", "10")
+    assert Settings().locks.lease_s == 10.0
+    monkeypatch.setenv("SFTFLOW_LOCKS__LEASE_S", "0.5")  # renewal every 0.17 s: refused
+    with pytest.raises(ValidationError, match="lease_s"):
+        Settings()
