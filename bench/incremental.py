@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.build import _peak_rss_mb, as_task, import_tasks, load_rows, machine  # noqa: E402
+from bench.build import _peak_rss_mb, import_tasks, load_rows, machine
 
 RESULTS = ROOT / "bench" / "results" / "incremental.json"
 PLOT = ROOT / "bench" / "results" / "incremental.png"

@@ -41,6 +41,13 @@ def build(
     ),
     threshold: float = typer.Option(0.8, "--threshold", help="Near-duplicate Jaccard threshold."),
     tag: str = typer.Option(None, "--tag", help="Also point this tag at the version."),
+    full: bool = typer.Option(False, "--full", help="Read the whole project (a full export "
+                              "snapshot) instead of the changes since the parent version."),
+    scratch: bool = typer.Option(False, "--scratch", help="Ignore the parent version: "
+                                 "dedup and split every row anew."),
+    draft_policy: str = typer.Option(
+        "exclude", "--draft-policy",
+        help="Model drafts accepted unchanged: exclude (default) | include."),
     bucket: str = BucketOption,
     dask_address: str = typer.Option(
         None, "--dask-address", help="Run mapped tasks on this dask.distributed scheduler."
@@ -52,7 +59,8 @@ def build(
 
     params = parse_params(
         BuildParams, "build", project=project, dataset=dataset, annotation_policy=policy,
-        eval_fraction=eval_fraction, tag=tag, bucket=bucket,
+        eval_fraction=eval_fraction, tag=tag, bucket=bucket, draft_policy=draft_policy,
+        mode="scratch" if scratch else "full" if full else "auto",
         filters={"pii": pii, "secrets": secrets}, dedup={"on": dedup_on, "threshold": threshold},
     )
     flow_fn = build_dataset_on(dask_address) if dask_address else build_dataset
@@ -62,7 +70,11 @@ def build(
         print_json(report.model_dump(mode="json"))
         return
     console.print(report.message, highlight=False)
-    for stage in ("export", "filters", "dedup"):
+    if report.mode:
+        console.print(f"  mode: {report.mode}" + (f" ({report.mode_reason})"
+                                                  if report.mode_reason else ""),
+                      highlight=False)
+    for stage in ("changes", "export", "filters", "dedup"):
         counts = report.counts.get(stage) or {}
         shown = ", ".join(f"{k}: {v}" for k, v in counts.items() if v and isinstance(v, int))
         console.print(f"  {stage}: {shown}", highlight=False)
