@@ -78,8 +78,8 @@ def test_incremental_equals_full_through_every_kind_of_change(prefect_harness, s
     labelstudio.projects.import_tasks(id=project.id, request=[
         _qa(i) for i in range(100, 104)] + [near, same_prompt])
     edited_ann = tasks[train_task].annotations[0]["id"]
-    labelstudio.annotations.update(id=edited_ann, result=[textarea(["A corrected answer, "
-                                                                    "written again with care."])])
+    corrected = "A corrected answer, written again with care."
+    labelstudio.annotations.update(id=edited_ann, result=[textarea([corrected])])
     labelstudio.tasks.delete(id=ids[10])
     labelstudio.annotations.delete(id=tasks[ids[11]].annotations[0]["id"])
 
