@@ -297,9 +297,11 @@ def test_exclusions_never_store_a_secret_whatever_the_drop_reason(prefect_harnes
                                                                   labelstudio):
     """Issue #10 item 6: rows dropped for another reason than the scan (and export-stage
     exclusions, which copy the prompt) still go through it before exclusions.jsonl is stored."""
-    tasks = [{"data": {"prompt": f"Which colour is fruit number {i}, in one sentence?"},
-              "annotations": [annotation(f"Fruit number {i} is coloured shade {i * 5}.")]}
-             for i in range(5)]
+    fruits = [("plum", "purple"), ("lime", "green"), ("banana", "yellow"),
+              ("cherry", "red"), ("blueberry", "blue")]
+    tasks = [{"data": {"prompt": f"Which colour is a ripe {f}, in one sentence?"},
+              "annotations": [annotation(f"A ripe {f} is usually {c} all over.")]}
+             for f, c in fruits]
     tasks += [
         {"data": {"prompt": f"Repeat {AWS_KEY}"},  # echoed: response_equals_prompt
          "annotations": [annotation(f"Repeat {AWS_KEY}")]},

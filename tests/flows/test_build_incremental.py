@@ -20,11 +20,20 @@ TOPICS = ["bridges", "volcanoes", "tides", "rainbows", "glaciers", "comets", "de
           "coral reefs", "thunder", "magnets", "bees", "clouds", "rivers", "caves", "tornadoes"]
 
 
+def _word(i: int, k: int) -> str:
+    """A made-up word, distinct per (i, k): rows must differ in words, not only in digits
+    (near-duplicate detection ignores digits and punctuation)."""
+    n = i * 7 + k * 1013 + 17
+    return "".join("bcdfghklmnprstvz"[(n >> (4 * j)) % 16] + "aeiou"[(n >> j) % 5]
+                   for j in range(4))
+
+
 def _qa(i: int) -> dict:
     t = TOPICS[i % len(TOPICS)]
-    return {"data": {"prompt": f"Question {i}: explain how {t} work, for a child of {i % 9 + 5}."},
-            "annotations": [annotation(f"Answer {i}: {t} work because of reason {i * 13}, "
-                                       f"which a child can picture as picture {i * 7}.")]}
+    w = [_word(i, k) for k in range(6)]
+    return {"data": {"prompt": f"Explain how {t} work, in the {w[0]} {w[1]} way of {w[2]}."},
+            "annotations": [annotation(f"{t.capitalize()} work because {w[3]} meets {w[4]}, "
+                                       f"which a child can picture as {w[5]} with {w[0]}.")]}
 
 
 @pytest.fixture()
@@ -72,7 +81,7 @@ def test_incremental_equals_full_through_every_kind_of_change(prefect_harness, s
     train_task = next(t for t, r in before.items() if r["split"] == "train")
     near = dict(_qa(3))
     near["annotations"] = [annotation(_qa(3)["annotations"][0]["result"][0]["value"]["text"][0]
-                                      .replace("picture 21.", "picture 21!"))]
+                                      .rstrip(".") + "!")]
     same_prompt = {"data": {"prompt": before[eval_task]["prompt"]},
                    "annotations": [annotation("A second, quite different answer to it.")]}
     labelstudio.projects.import_tasks(id=project.id, request=[

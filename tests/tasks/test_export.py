@@ -59,7 +59,7 @@ def test_policies_pick_latest_ground_truth_or_all():
     assert [r["completion"] for r in every] == ["first", "second"]
     row = every[0]
     assert row["task_id"] == 1 and row["annotation_id"] == 10 and row["annotator"] == "7"
-    assert row["updated_at"] == "2026-01-01T00:00:00Z" and row["ground_truth"] is True
+    assert row["updated_at"] == "2026-01-01T00:00:00.000000Z" and row["ground_truth"] is True
     assert row["prompt_id"] == prompt_id("What is 2+2?")  # computed when ingest did not set it
     assert task_rows(_task(2, [annotation("x")], prompt_id="given"), "latest").rows[0][
         "prompt_id"] == "given"
