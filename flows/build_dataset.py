@@ -23,6 +23,9 @@ Idempotency: the version id is a hash of the rows and the build config, so rebui
 unchanged annotations writes nothing and returns the existing version. A crash at any point
 leaves ``refs/latest`` on a complete version; a rerun completes the commit.
 
+Large inputs (rows, the parent's state) go to tasks wrapped in ``quote``: Prefect would
+otherwise walk every row looking for futures (2 s per 50k rows, per task).
+
 Task runner: the default thread pool, or ``build_dataset_on(dask_address)`` for a
 ``dask.distributed`` cluster (the mapped filter and fingerprint tasks run on its workers).
 """
@@ -37,6 +40,7 @@ from prefect import flow, get_run_logger, runtime, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field
 
 import sftflow
@@ -225,8 +229,8 @@ def build_dataset(params: BuildParams) -> BuildReport:
     texts = build.dedup_texts(fresh, params.dedup)
     fps = [f.result() for f in fingerprint_shard.map(build.chunks(texts, shard_rows),
                                                      unmapped(params.dedup))] if fresh else []
-    outcome = stable_split_task(plan, changes, fresh, fps, params.dedup, params.eval_fraction,
-                                params.split_seed)
+    outcome = stable_split_task(quote(plan), quote(changes), quote(fresh), quote(fps),
+                                params.dedup, params.eval_fraction, params.split_seed)
     report.counts["dedup"] = build.dedup_counts(outcome.stats)
     clock.lap("dedup")
     if not outcome.rows:
@@ -240,15 +244,16 @@ def build_dataset(params: BuildParams) -> BuildReport:
              "dedup": outcome.stats, "changes": outcome.figures, "drafts": drafts}
     all_exclusions = build.carried_exclusions(plan, changes) + exclusions + outcome.exclusions
     extra = build.index_files(outcome.tasks, all_exclusions)
-    result = commit(s3, params, outcome, extra, prefix=prefix, shard_rows=shard_rows,
-                    source=source, stats=stats)
+    result = commit(s3, params, quote(outcome), quote(extra), prefix=prefix,
+                    shard_rows=shard_rows, source=source, stats=stats)
     clock.lap("commit")
     root = versioning.dataset_root(prefix, params.dataset)
     report.record_commit(result, s3.uri(f"{root}/versions/{result.version}/manifest.json"))
     report.record_mode(changes, outcome.figures, clock.seconds)
     logger.info(report.message)
     _publish(s3, prefix, params, report, outcome.stats, drafts)
-    publish_version_pictures_task(params.dataset, result.version, outcome.rows, all_exclusions)
+    publish_version_pictures_task(params.dataset, result.version, quote(outcome.rows),
+                                  quote(all_exclusions))
     return report
 
 

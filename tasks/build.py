@@ -46,6 +46,7 @@ from sftflow.tasks.labelstudio import PROMPT_NAME
 from sftflow.tasks.labelstudio.delta import (
     TaskState,
     fetch_tasks,
+    find_deleted,
     list_task_ids,
     reconcile,
     task_state,
@@ -294,7 +295,9 @@ def read_changes(ls: Any, project_id: int, plan: Plan, counters: Callable[[], di
         why = "the project changed during the reading" if now != before else reconcile(
             plan.parent.states(), states, deleted, now)
         if why and now == before:
-            deleted = set(plan.parent.tasks) - list_task_ids(ls, project_id)
+            expected = set(plan.parent.tasks) | set(states)
+            found = find_deleted(ls, project_id, expected)
+            deleted = found if found is not None else expected - list_task_ids(ls, project_id)
             why = reconcile(plan.parent.states(), states, deleted, now)
         if not why:
             reread = _reread(plan, states, deleted)
