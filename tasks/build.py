@@ -48,6 +48,7 @@ from sftflow.tasks.labelstudio.delta import (
     fetch_tasks,
     find_deleted,
     list_task_ids,
+    ls_time,
     reconcile,
     task_state,
     watermark,
@@ -288,7 +289,14 @@ def read_changes(ls: Any, project_id: int, plan: Plan, counters: Callable[[], di
     reason = plan.reason
     if plan.mode == "incremental":
         before = counters()
-        delta = fetch_tasks(ls, project_id, updated_after=plan.parent.source["watermark"])
+        seen = fetch_tasks(ls, project_id, updated_after=plan.parent.source["watermark"],
+                           light=True)
+        known = plan.parent.tasks
+        stale = sorted(int(t["id"]) for t in seen.tasks if int(t["id"]) not in known
+                       or not known[int(t["id"])].get("updated_at")
+                       or known[int(t["id"])]["updated_at"] != ls_time(t.get("updated_at")))
+        delta = fetch_tasks(ls, project_id, ids=stale)
+        delta.server_time = seen.server_time
         now = counters()
         states = {int(t["id"]): task_state(t, prompt_name) for t in delta.tasks}
         deleted: set[int] = set()
@@ -307,7 +315,8 @@ def read_changes(ls: Any, project_id: int, plan: Plan, counters: Callable[[], di
             by_id = {int(t["id"]): t for t in delta.tasks + extra}
             return Changes("incremental", "", [by_id[t] for t in sorted(reread) if t in by_id],
                            states, deleted, reread, watermark(delta.server_time),
-                           {"requests": delta.requests, "tasks_listed": len(delta.tasks)})
+                           {"requests": seen.requests + delta.requests,
+                            "tasks_listed": len(seen.tasks), "tasks_fetched": len(delta.tasks)})
         reason = f"counters do not reconcile ({why})"
     path = full_export()
     with path.open("rb") as fp:

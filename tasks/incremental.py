@@ -56,22 +56,26 @@ class TaskRecord(TypedDict):
     n_cancelled: int
     split: str | None  # the split of the task's kept rows, or of the row its rows duplicate
     twins: str  # comma-separated cluster ids of the kept rows its dropped rows duplicate
+    updated_at: str  # the task's updated_at when it was read ("" if unknown)
 
 
 _TASK_SCHEMA = pa.schema([
     ("task_id", pa.int64()), ("state", pa.string()), ("n_annotations", pa.int32()),
     ("n_cancelled", pa.int32()), ("split", pa.string()), ("twins", pa.string()),
+    ("updated_at", pa.string()),
 ])
 
 
 def record(state: TaskState, split: str | None = None, twins: Iterable[str] = ()) -> TaskRecord:
     return TaskRecord(task_id=state.task_id, state=state.state,
                       n_annotations=state.n_annotations, n_cancelled=state.n_cancelled,
-                      split=split, twins=",".join(sorted(set(twins))))
+                      split=split, twins=",".join(sorted(set(twins))),
+                      updated_at=state.updated_at)
 
 
 def as_state(rec: TaskRecord) -> TaskState:
-    return TaskState(rec["task_id"], rec["state"], rec["n_annotations"], rec["n_cancelled"])
+    return TaskState(rec["task_id"], rec["state"], rec["n_annotations"], rec["n_cancelled"],
+                     rec.get("updated_at") or "")
 
 
 # -- chunks ---------------------------------------------------------------------------------------

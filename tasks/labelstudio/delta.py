@@ -62,6 +62,7 @@ class TaskState:
     state: str  # 16 hex: the prompt and every annotation's (id, updated_at, cancelled, gt)
     n_annotations: int  # not cancelled (Label Studio's total_annotations_number counts these)
     n_cancelled: int  # skipped_annotations_number
+    updated_at: str = ""  # the task's own time (ls_time): unchanged means nothing to read
 
 
 def task_state(task: Mapping[str, Any], prompt_name: str = PROMPT_NAME) -> TaskState:
@@ -77,6 +78,7 @@ def task_state(task: Mapping[str, Any], prompt_name: str = PROMPT_NAME) -> TaskS
         state=sha256_hex(canonical_json([data.get(prompt_name), marks]))[:16],
         n_annotations=len(anns) - cancelled,
         n_cancelled=cancelled,
+        updated_at=ls_time(task.get("updated_at")),
     )
 
 
@@ -134,15 +136,18 @@ def _pages(client: Any, project_id: int, base: dict[str, Any], page_size: int,
 @io_task(name="fetch-changed-tasks")
 def fetch_tasks(client: Any, project_id: int, *, updated_after: str | None = None,
                 ids: Sequence[int] | None = None, page_size: int = 500,
-                timeout_s: float = 120.0) -> Delta:
+                timeout_s: float = 120.0, light: bool = False) -> Delta:
     """Tasks of the project updated after ``updated_after`` (``ls_time`` form), or the tasks
-    with the given ``ids``; each with its annotations, in the shape of a snapshot export."""
+    with the given ``ids``; each with its annotations, in the shape of a snapshot export.
+    ``light``: only each task's id and ``updated_at`` (about 6x cheaper a task)."""
     out = Delta()
     if ids is not None and not ids:
         return out
     chunks = [list(ids[i:i + 100]) for i in range(0, len(ids), 100)] if ids else [None]
+    what = ({"fields": "task_only", "include": "id,updated_at"} if light
+            else {"fields": "all"})
     for chunk in chunks:
-        base = {"fields": "all", "query": _filters(updated_after, chunk)}
+        base = {**what, "query": _filters(updated_after, chunk)}
         for tasks in _pages(client, project_id, base, page_size, timeout_s, out):
             out.tasks += tasks
     return out
