@@ -38,6 +38,18 @@ def annotate_when_ready(client, title: str, n: int, stop: threading.Event) -> No
         time.sleep(0.5)
 
 
+def _run_while_annotating(labelstudio, title: str, params: PipelineParams):
+    """Run the pipeline while a thread annotates its first 3 tasks once they exist."""
+    stop = threading.Event()
+    annotator = threading.Thread(target=annotate_when_ready, args=(labelstudio, title, 3, stop))
+    annotator.start()
+    try:
+        return sft_pipeline(params)
+    finally:
+        stop.set()
+        annotator.join()
+
+
 def test_pipeline_builds_once_enough_annotations_arrive_and_reruns_cleanly(
     prefect_harness, labelstudio, s3
 ):
@@ -48,14 +60,7 @@ def test_pipeline_builds_once_enough_annotations_arrive_and_reruns_cleanly(
         source=f"s3://{s3.bucket}/prompts/", project=title, dataset="pipe", min_new=3,
         wait_timeout_s=120, min_interval_s=0.5, max_interval_s=2, bucket=s3.bucket,
     )
-    stop = threading.Event()
-    annotator = threading.Thread(target=annotate_when_ready, args=(labelstudio, title, 3, stop))
-    annotator.start()
-    try:
-        report = sft_pipeline(params)
-    finally:
-        stop.set()
-        annotator.join()
+    report = _run_while_annotating(labelstudio, title, params)
     try:
         assert report.ingest["imported"] == 4 and report.wait["reached"]
         assert report.stage == "build" and report.build["created"]
@@ -90,14 +95,7 @@ def test_pipeline_build_takes_the_datasets_s3_lock_over_a_dead_holder(prefect_ha
         wait_timeout_s=120, min_interval_s=0.5, max_interval_s=2, bucket=s3.bucket,
         build_lock_timeout_s=60,
     )
-    stop = threading.Event()
-    annotator = threading.Thread(target=annotate_when_ready, args=(labelstudio, title, 3, stop))
-    annotator.start()
-    try:
-        report = sft_pipeline(params)
-    finally:
-        stop.set()
-        annotator.join()
+    report = _run_while_annotating(labelstudio, title, params)
     try:
         assert report.stage == "build" and report.build["created"]
         lock = LockRecord.model_validate_json(
