@@ -136,7 +136,10 @@ def main() -> None:
                   f"{r['caught_same_template']} | {r['caught_other_template']} | "
                   f"{r['exact_jaccard_reaches_threshold']} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "neardup_threshold", "results": results},
+    machine = {"load_avg_1m": __import__("os").getloadavg()[0],
+               "note": "counts of prompts caught, not timings: load does not change them"}
+    args.out.write_text(json.dumps({"benchmark": "neardup_threshold", "machine": machine,
+                                    "results": results},
                                    indent=2) + "\n")
     print(f"wrote {args.out}")
 
