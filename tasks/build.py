@@ -81,11 +81,12 @@ def project_source(labelstudio_url: str, project: Any) -> dict[str, Any]:
 def merge_filtered(
     exclusions: Iterable[Exclusion], results: Iterable[FilterResult]
 ) -> tuple[list[SftRow], list[Exclusion], Counter]:
-    """The rows every filtered shard kept, the export's exclusions followed by the filters',
-    and the filter counts added up."""
+    """The rows every filtered shard kept, the given exclusions followed by the filters', and
+    the filter counts added up. A given exclusion of stage ``filter`` (a row the draft policy
+    left out before the shards were filtered) counts as a filter drop by its reason."""
     rows: list[SftRow] = []
     excluded = list(exclusions)
-    counts: Counter = Counter()
+    counts: Counter = Counter(f"dropped:{e['reason']}" for e in excluded if e["stage"] == "filter")
     for res in results:
         rows += res.kept
         excluded += res.excluded

@@ -329,3 +329,60 @@ def test_exclusions_never_store_a_secret_whatever_the_drop_reason(prefect_harnes
     for secret in (AWS_KEY, GH_TOKEN, MAIL):
         assert secret not in stored
     assert "[AWS_ACCESS_KEY]" in stored and "[EMAIL]" in stored and "[GITHUB_TOKEN]" in stored
+
+
+def test_a_version_reports_each_drafting_models_acceptance_and_leaves_unedited_drafts_out(
+        prefect_harness, s3, labelstudio):
+    """Issue #12: annotators start from a model's drafts (Label Studio predictions, the
+    annotation's ``parent_prediction``). The incremental version built after them records the
+    model's acceptance rate and edit similarity in its manifest, drops the drafts accepted
+    unchanged (``draft_policy='exclude'``, the default) as a counted filter reason with an
+    exclusion each, and keeps them under ``include``."""
+    from sftflow.tasks.drafts.stage import draft_result
+
+    def qa(i: int) -> tuple[str, str]:
+        return (f"In one sentence, what is a {_word(i)} for?",
+                f"A {_word(i)} is for holding {_word(59 - i)} near the {_word(i + 20)}.")
+
+    p = make_project(labelstudio, unique("t-drafts"),
+                     [{"data": {"prompt": qa(i)[0]}, "annotations": [annotation(qa(i)[1])]}
+                      for i in range(6)])
+    try:
+        first = build_dataset(BuildParams(project=str(p.id), dataset="dr", bucket=s3.bucket))
+        labelstudio.projects.import_tasks(id=p.id, request=[{"prompt": qa(i)[0]}
+                                                            for i in range(6, 16)])
+        drafted = sorted((t for t in labelstudio.tasks.list(project=p.id, fields="all")
+                          if not t.annotations), key=lambda t: t.id)
+        assert len(drafted) == 10
+        for n, task in enumerate(drafted):
+            i = n + 6
+            draft = f"A {_word(i)} is for holding things, most of the time."
+            pred = labelstudio.predictions.create(task=task.id, result=draft_result(draft),
+                                                  model_version="ft-model-1")
+            answer = draft if n < 4 else qa(i)[1]  # four accepted as they are, six edited
+            labelstudio.annotations.create(id=task.id, result=draft_result(answer),
+                                           parent_prediction=pred.id)
+        second = build_dataset(BuildParams(project=str(p.id), dataset="dr", bucket=s3.bucket))
+        included = build_dataset(BuildParams(project=str(p.id), dataset="dr-all",
+                                             bucket=s3.bucket, draft_policy="include"))
+    finally:
+        labelstudio.projects.delete(id=p.id)
+
+    assert second.mode == "incremental" and second.parent == first.version
+    assert second.counts["export"]["rows_with_model_draft"] == 10
+    assert second.counts["filters"]["dropped:accepted_draft_unchanged"] == 4
+    assert second.counts["filters"]["kept"] == 6 and sum(second.rows.values()) == 12
+    m = versioning.load_manifest(s3, "dr", second.version)
+    model = m.stats["drafts"]["models"]["ft-model-1"]
+    assert (model["rows"], model["accepted_unchanged"], model["acceptance_rate"]) == (10, 4, 0.4)
+    assert 0 < model["mean_similarity_edited"] < model["mean_similarity"] < 1
+    ex = m.files_of("exclusions")[0]
+    stored = [json.loads(x) for x in s3.get_bytes(versioning.file_key(m, ex.path))[0]
+              .decode().splitlines()]
+    assert sorted(e["task_id"] for e in stored if e["reason"] == "accepted_draft_unchanged") == \
+        sorted(t.id for t in drafted[:4])
+
+    assert included.counts["filters"].get("dropped:accepted_draft_unchanged", 0) == 0
+    assert sum(included.rows.values()) == 16
+    assert versioning.load_manifest(s3, "dr-all", included.version).stats["drafts"][
+        "models"]["ft-model-1"]["acceptance_rate"] == 0.4

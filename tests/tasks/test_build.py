@@ -69,10 +69,12 @@ def test_the_stored_cluster_id_does_not_move_when_a_worse_twin_joins():
 def test_merge_filtered_and_counts():
     rows = [_row(0, "Echo", "Echo"), _row(1, "Q?", "A real answer.")]
     results = [filter_rows(c, FilterConfig()) for c in build.chunks(rows, 1)]
-    kept, excluded, counts = build.merge_filtered([{"stage": "export", "reason": "x"}], results)
+    kept, excluded, counts = build.merge_filtered(
+        [{"stage": "export", "reason": "x"}, {"stage": "filter", "reason": "policy"}], results)
     assert [r["task_id"] for r in kept] == [1]
-    assert [e["reason"] for e in excluded] == ["x", "response_equals_prompt"]
-    assert counts == {"kept": 1, "dropped:response_equals_prompt": 1}
+    assert [e["reason"] for e in excluded] == ["x", "policy", "response_equals_prompt"]
+    # an export exclusion is the export's count; a filter-stage one given in is a filter drop
+    assert counts == {"kept": 1, "dropped:response_equals_prompt": 1, "dropped:policy": 1}
 
 
 def test_report_figures():
