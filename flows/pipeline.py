@@ -17,7 +17,7 @@ build's lock is taken over after its lease.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.states import Completed
@@ -28,6 +28,7 @@ from sftflow.flows.finetune import FinetuneParams, finetune
 from sftflow.flows.ingest import IngestParams, ingest_prompts
 from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
 from sftflow.tasks.clients import Clients
+from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.labelstudio.counters import CountMode
 from sftflow.tasks.locks import build_lock
 
@@ -43,6 +44,9 @@ class PipelineParams(BaseModel):
     max_interval_s: float = Field(600.0, ge=0.05, description="Longest pause between polls.")
     base_model: str | None = Field(None, description="Fine-tune this model (empty: no fine-tune).")
     backend: str | None = Field(None, description="Fine-tuning backend (empty: settings default).")
+    method: Literal["full", "lora"] = Field("lora", description="Full fine-tune or LoRA adapter (trl).")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters,
+                                             description="Training knobs of the fine-tune stage.")
     bucket: str | None = Field(None, description="Bucket of datasets/models (empty: configured).")
     build_lock_timeout_s: float = Field(3600.0, gt=0, description="Wait this long for a build slot.")
     build_lock_lease_s: float | None = Field(
@@ -92,7 +96,8 @@ def sft_pipeline(params: PipelineParams) -> PipelineReport:
 
     tuned = finetune(FinetuneParams(
         dataset=f"{params.dataset}@{built.version}", base_model=params.base_model,
-        backend=params.backend, bucket=params.bucket,
+        backend=params.backend, method=params.method, hyperparameters=params.hyperparameters,
+        bucket=params.bucket,
     ))
     report.stage, report.finetune = "finetune", tuned.model_dump(mode="json")
     report.message = f"{built.message}; fine-tune {tuned.job}: {tuned.status}"

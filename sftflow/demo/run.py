@@ -2,14 +2,19 @@
 
 1. builds a tiny Llama-style model locally (no hub) and registers the ``train-trl`` deployment
    on a process work pool, with a worker that this demo starts and stops by pid;
-2. uploads ``sample_prompts.jsonl`` to ``s3://<bucket>/demo/prompts/``;
-3. runs the ``sft_pipeline`` flow on the stack's Prefect server: ingest -> wait -> build ->
-   fine-tune, while SIMULATED annotators answer the new tasks through the Label Studio API with the
-   sample's reference answers (a stand-in for people, and labelled so in the output);
-4. prints where to look.
+2. splits ``sample_prompts.jsonl`` into two prompt files, one per round (``sample_round``);
+3. turns the wheel twice. Round 1: the first file lands in ``s3://<bucket>/demo/prompts/``, is
+   ingested, SIMULATED annotators answer the new tasks through the Label Studio API with the
+   sample's reference answers (a stand-in for people, and labelled so in the output), and the
+   ``sft_pipeline`` flow on the stack's Prefect server waits, builds version 1 and fine-tunes
+   model 1. Round 2: the second file lands and is ingested; model 1 (the dataset's best) drafts
+   every open task; the annotators accept one draft in three unchanged and edit the others;
+   version 2 reports model 1's acceptance rate and mean edit, and model 2 trains on it;
+4. prints what happened to every record, the wheel's figures, and where to look.
 
-A second run reuses everything: nothing new is imported, there is nothing to annotate, the wait
-stage ends at once in its "not enough" state, and the existing version and model are shown.
+A second run reuses everything: nothing new is imported, there is nothing to draft or annotate,
+each round's wait ends at once in its "not enough" state, and the existing versions and models
+are shown.
 """
 
 from __future__ import annotations
@@ -139,11 +144,25 @@ class SimulatedAnnotators(threading.Thread):
             self.from_drafts += parent is not None
 
 
-def _upload_sample(clients: Clients) -> str:
+#: The sample lands in the bucket as two files, one per turn of the wheel: ``round-1`` is
+#: annotated from nothing and trains model 1; ``round-2`` arrives later, model 1 drafts it, the
+#: annotators edit those drafts, and version 2 trains model 2. A row's round comes from its
+#: position (three of every five rows in round 1), so both rounds mix every kind of row.
+ROUNDS = (1, 2)
+
+
+def sample_round(index: int) -> int:
+    return 1 if index % 5 < 3 else 2
+
+
+def _upload_round(clients: Clients, round_no: int) -> str:
+    """Put the sample's rows of ``round_no`` under the demo's prompt prefix (unchanged bytes are
+    not written again); the prefix's URI, which ingest reads whole."""
     s3 = clients.s3
     s3.ensure_bucket()
-    key = PROMPTS_PREFIX + "sample.jsonl"
-    body = SAMPLE_PATH.read_bytes()
+    lines = SAMPLE_PATH.read_text(encoding="utf-8").splitlines()
+    body = "".join(line + "\n" for i, line in enumerate(lines) if sample_round(i) == round_no).encode()
+    key = f"{PROMPTS_PREFIX}round-{round_no}.jsonl"
     try:
         current, _ = s3.get_bytes(key)
     except KeyError:
@@ -190,10 +209,72 @@ def _stop_worker(proc: subprocess.Popen) -> None:
         pass
 
 
-def run_demo(settings: Settings, workdir: Path = Path(".demo")) -> dict[str, Any]:
-    from sftflow.flows.pipeline import PipelineParams, sft_pipeline
-    from sftflow.tasks.labelstudio import find_project
+#: Longest draft the tiny model writes (it was trained on short answers).
+DRAFT_TOKENS = 48
+#: How the demo trains its tiny model: a full fine-tune for 40 epochs (about 10 s on 2 cores)
+#: teaches a randomly initialised model enough of the sample's answers that its drafts are
+#: text ("'meadow' has 2 vowels."), some right and most not; LoRA for one epoch leaves it
+#: repeating a role token, every draft empty.
+DEMO_TRAINING = {"method": "full", "hyperparameters": {"epochs": 40, "learning_rate": 3e-3}}
 
+
+def _open_tasks(ls: Any, project_id: int) -> int:
+    """Tasks of the project with no annotation yet (what the simulated annotators will answer)."""
+    return sum(1 for task in ls.tasks.list(project=project_id, fields="all") if not task.annotations)
+
+
+def _turn(clients: Clients, round_no: int, base_model: Path) -> dict[str, Any]:
+    """One turn of the wheel: the round's prompt file lands; it is ingested; the dataset's best
+    model (if there is one yet) drafts every open task; the simulated annotators answer, from
+    the drafts where there are some; the pipeline waits for them, builds a version and trains
+    a model on it. Each step is idempotent, so a rerun finds nothing to do and says so."""
+    from sftflow.flows.draft_responses import DraftParams, draft_responses
+    from sftflow.flows.ingest import IngestParams, ingest_prompts
+    from sftflow.flows.pipeline import PipelineParams, sft_pipeline
+    from sftflow.tasks.finetune.lineage import read_model_ref
+
+    source = _upload_round(clients, round_no)
+    console.rule(f"[bold]round {round_no}: {PROMPTS_PREFIX}round-{round_no}.jsonl")
+    ingested = ingest_prompts(IngestParams(source=source, project=PROJECT))
+    open_tasks = _open_tasks(clients.labelstudio, ingested.project_id)
+    drafter, _ = read_model_ref(clients.s3, clients.settings.finetune.models_prefix, DATASET)
+    drafted = None
+    if open_tasks and drafter:
+        console.print(f"model {drafter} (the dataset's best) drafts the {open_tasks} open tasks")
+        drafted = draft_responses(DraftParams(dataset=DATASET, project=str(ingested.project_id),
+                                              max_new_tokens=DRAFT_TOKENS))
+    annotators = SimulatedAnnotators(clients)
+    console.print(f"[yellow]SIMULATION[/yellow]: simulated annotators answer the {open_tasks} open "
+                  "tasks through the Label Studio API (the sample's reference answers"
+                  + (", starting from the drafts)" if drafted else ")"))
+    annotators.start()
+    try:
+        report = sft_pipeline(PipelineParams(
+            source=source, project=PROJECT, dataset=DATASET,
+            # Wait until every open task is answered; with none open (a rerun), look once.
+            min_new=max(1, open_tasks), wait_timeout_s=300 if open_tasks else 5,
+            min_interval_s=2, max_interval_s=5, base_model=str(base_model.resolve()),
+            **DEMO_TRAINING,
+        )).model_dump(mode="json")
+    finally:
+        annotators.stop.set()
+        annotators.join(timeout=30)
+    return {
+        "round": round_no, "stage": report["stage"], "message": report["message"],
+        "ingest": ingested.model_dump(mode="json"), "open_tasks": open_tasks,
+        "drafting_model": drafter if drafted else None,
+        "drafts": drafted.model_dump(mode="json", exclude={"failures"}) if drafted else None,
+        "simulated_annotations": annotators.answered,
+        "simulated_from_drafts": annotators.from_drafts,
+        "simulation_errors": annotators.errors[:3],
+        "version": (report.get("build") or {}).get("version"),
+        "model": (report.get("finetune") or {}).get("job"),
+        "eval_gate": ((report.get("finetune") or {}).get("eval_gate") or {}).get("decision"),
+        "build": report.get("build"),
+    }
+
+
+def run_demo(settings: Settings, workdir: Path = Path(".demo")) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ["SFTFLOW_FINETUNE__TRL_DEPLOYMENT"] = "train-trl/default"
     # Experiment tracking in a local MLflow file store, unless a tracker is configured; the
@@ -203,80 +284,102 @@ def run_demo(settings: Settings, workdir: Path = Path(".demo")) -> dict[str, Any
     clients = Clients(settings)
     started = time.monotonic()
     console.rule("[bold]sftflow demo")
-    source = _upload_sample(clients)
-    console.print(f"sample: {SAMPLE_PATH.name} ({sum(1 for _ in SAMPLE_PATH.open())} rows) -> {source}")
+    console.print(f"sample: {SAMPLE_PATH.name} ({sum(1 for _ in SAMPLE_PATH.open())} rows), "
+                  f"in {len(ROUNDS)} rounds of prompt files under s3://{settings.s3.bucket}/{PROMPTS_PREFIX}")
     model = _tiny_model(workdir)
     console.print(f"base model: tiny Llama-style model built locally at {model}")
 
-    existing = find_project(clients.labelstudio, PROJECT)
-    rerun = existing is not None and (existing.task_number or 0) > 0
-    annotators = SimulatedAnnotators(clients)
+    rounds = []
     with prefect_api(settings) as api_url:  # an explicit PREFECT_API_URL wins over the stack's
         worker = _start_worker(api_url, workdir)
         try:
-            console.print("[yellow]SIMULATION[/yellow]: simulated annotators answer new tasks "
-                          "through the Label Studio API with the sample's reference answers")
-            annotators.start()
-            report = sft_pipeline(PipelineParams(
-                source=source, project=PROJECT, dataset=DATASET,
-                # First run: wait until the simulated annotators answered every sample prompt.
-                min_new=1 if rerun else len(_sample_answers()),
-                wait_timeout_s=15 if rerun else 300,
-                min_interval_s=2, max_interval_s=5, base_model=str(model.resolve()),
-            ))
+            for round_no in ROUNDS:
+                rounds.append(_turn(clients, round_no, model))
         finally:
-            annotators.stop.set()
-            annotators.join(timeout=30)
             _stop_worker(worker)
-    return _summary(settings, clients, report.model_dump(mode="json"), annotators,
-                    time.monotonic() - started)
+    return _summary(settings, clients, rounds, time.monotonic() - started)
 
 
-def _summary(settings: Settings, clients: Clients, report: dict, annotators: SimulatedAnnotators,
+def wheel_figures(clients: Clients, rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The flywheel's own figure for the demo: in the version built from the round that model 1
+    drafted, how often annotators accepted its drafts unchanged and how far they edited them
+    (``manifest.stats["drafts"]``, computed by the build)."""
+    from sftflow.tasks.versioning import load_manifest
+
+    turned = [r for r in rounds if r["drafting_model"] and r["version"]]
+    if not turned:
+        return None
+    last = turned[-1]
+    manifest = load_manifest(clients.s3, DATASET, last["version"], verify=False,
+                             prefix=clients.settings.datasets.prefix)
+    drafts = manifest.stats.get("drafts") or {}
+    figures = (drafts.get("models") or {}).get(last["drafting_model"]) or {}
+    return {"drafting_model": last["drafting_model"], "version": last["version"],
+            "trained": last["model"], "policy": drafts.get("policy"),
+            "excluded_by_policy": drafts.get("excluded"), **figures}
+
+
+def _summary(settings: Settings, clients: Clients, rounds: list[dict[str, Any]],
              seconds: float) -> dict[str, Any]:
+    from sftflow.tasks.finetune.lineage import list_records
     from sftflow.tasks.labelstudio import find_project
     from sftflow.tasks.versioning import latest_version
 
     project = find_project(clients.labelstudio, PROJECT)
     version = latest_version(clients.s3, DATASET, prefix=settings.datasets.prefix)
+    if version is None:
+        raise SftflowError(f"the demo made no dataset version: {rounds[-1]['message']}")
     models_prefix = settings.finetune.models_prefix
-    ft = report.get("finetune") or {}
-    if not ft.get("job"):  # a rerun stops before fine-tuning: show the newest existing model
-        from sftflow.tasks.finetune.lineage import list_records
-
-        records = list_records(clients.s3, models_prefix, dataset=DATASET)
-        ft = records[-1].to_dict() if records else {}  # oldest submission first
+    records = list_records(clients.s3, models_prefix, dataset=DATASET)  # oldest submission first
+    newest = records[-1].job if records else None
+    wheel = wheel_figures(clients, rounds)
     summary = {
-        "stage": report["stage"],
-        "message": report["message"],
+        "stage": rounds[-1]["stage"],
+        "message": rounds[-1]["message"],
         "seconds": round(seconds, 1),
-        "simulated_annotations": annotators.answered,
-        "simulated_from_drafts": annotators.from_drafts,
-        "simulation_errors": annotators.errors[:3],
-        "ingest": report.get("ingest"),
+        "simulated_annotations": sum(r["simulated_annotations"] for r in rounds),
+        "simulated_from_drafts": sum(r["simulated_from_drafts"] for r in rounds),
+        "rounds": [{k: v for k, v in r.items() if k != "build"} for r in rounds],
+        "flywheel": wheel,
         "prefect_ui": settings.prefect.api_url.removesuffix("/api") + "/runs",
         "labelstudio_project": f"{settings.labelstudio.url}/projects/{project.id}" if project else None,
         "dataset_version": (f"s3://{settings.s3.bucket}/{settings.datasets.prefix}/{DATASET}/"
-                            f"versions/{version}/manifest.json") if version else None,
-        "model_manifest": ft.get("lineage_uri")
-        or (f"s3://{settings.s3.bucket}/{models_prefix}/{ft['job']}/manifest.json"
-            if ft.get("job") else None),
+                            f"versions/{version}/manifest.json"),
+        "models": [r.job for r in records],
+        "model_manifest": (f"s3://{settings.s3.bucket}/{models_prefix}/{newest}/manifest.json"
+                           if newest else None),
     }
-    if version is None:
-        raise SftflowError(f"the demo made no dataset version: {report['message']}")
     console.rule("[bold]what happened to every record")
-    ing = report.get("ingest") or {}
-    if ing:
+    for r in rounds:
+        ing = r["ingest"]
         reasons = ", ".join(f"{k}: {v}" for k, v in (ing.get("reasons") or {}).items()) or "none"
-        console.print(f"ingest: {ing.get('records', 0)} records -> {ing.get('imported', 0)} imported, "
-                      f"{ing.get('duplicate', 0)} duplicate, {ing.get('quarantined', 0)} quarantined "
-                      f"({reasons})")
-    built = report.get("build") or {}
-    for step in ("export", "filters", "dedup"):
-        counts = (built.get("counts") or {}).get(step)
-        if counts:
-            console.print(f"build {step}: " + ", ".join(f"{k}: {v}" for k, v in counts.items()
-                                                         if not isinstance(v, (dict, list))))
+        console.print(f"round {r['round']} ingest: {ing.get('records', 0)} records -> "
+                      f"{ing.get('imported', 0)} imported, {ing.get('duplicate', 0)} duplicate, "
+                      f"{ing.get('quarantined', 0)} quarantined ({reasons})")
+        if r["drafts"]:
+            d = r["drafts"]
+            console.print(f"round {r['round']} drafts by {r['drafting_model']}: {d['drafted']} drafted, "
+                          f"{sum(d['failed'].values())} failed")
+        for step in ("export", "filters", "dedup"):
+            counts = ((r["build"] or {}).get("counts") or {}).get(step)
+            if counts:
+                console.print(f"round {r['round']} build {step}: " + ", ".join(
+                    f"{k}: {v}" for k, v in counts.items() if not isinstance(v, (dict, list))))
+        console.print(f"round {r['round']}: {r['simulated_annotations']} simulated annotations "
+                      f"({r['simulated_from_drafts']} from drafts); version {r['version'] or '-'}; "
+                      f"model {r['model'] or '-'} ({r['eval_gate'] or 'no eval gate'}); "
+                      f"{r['stage']}: {r['message']}")
+    if wheel:
+        console.rule("[bold]the turn of the wheel")
+        rate, sim = wheel.get("acceptance_rate"), wheel.get("mean_similarity")
+        console.print(
+            f"model {wheel['drafting_model']} drafted round 2; version {wheel['version']} records "
+            f"{wheel.get('rows', 0)} answers started from its drafts: "
+            f"{wheel.get('accepted_unchanged', 0)} accepted unchanged (acceptance rate "
+            f"{'-' if rate is None else f'{rate:.0%}'}), mean edit similarity "
+            f"{'-' if sim is None else f'{sim:.2f}'}; {wheel.get('excluded_by_policy') or 0} "
+            f"unedited drafts left out of training (draft_policy={wheel.get('policy')}); "
+            f"model {wheel['trained'] or '-'} trained on that version")
     console.rule("[bold]where to look")
     console.print(f"Prefect UI (flow runs):   {summary['prefect_ui']}")
     console.print(f"Label Studio project:     {summary['labelstudio_project']}")
@@ -284,8 +387,6 @@ def _summary(settings: Settings, clients: Clients, report: dict, annotators: Sim
     console.print(f"                          sftflow datasets show {DATASET}")
     console.print(f"model lineage manifest:   {summary['model_manifest']}")
     console.print("                          sftflow models list")
-    console.print(f"simulated annotations this run: {annotators.answered} "
-                  f"({annotators.from_drafts} started from a model's draft); "
-                  f"pipeline stage reached: {report['stage']} ({report['message']}); "
-                  f"{seconds:.0f} s")
+    console.print(f"simulated annotations this run: {summary['simulated_annotations']} "
+                  f"({summary['simulated_from_drafts']} started from a model's draft); {seconds:.0f} s")
     return summary
