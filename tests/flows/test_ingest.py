@@ -477,7 +477,8 @@ def test_a_rerun_after_a_crash_quarantines_no_imported_prompt(
     project = ensure_project(labelstudio, title)
     # killed when the first batch (file 00) has landed: before the ledger confirms it, or after
     # the ledger did and before its signatures are written
-    env = {**os.environ, "PREFECT_API_URL": stack_prefect, "SFTFLOW_FAILPOINTS": f"{point}=crash"}
+    env = {**os.environ, "PREFECT_API_URL": stack_prefect, "SFTFLOW_FAILPOINTS": f"{point}=crash",
+           "SFTFLOW_LOCKS__LEASE_S": "3"}  # the rerun waits out the dead run's lease, not 60 s
     run = subprocess.run([sys.executable, "-c", KILLED_RUN, f"s3://{s3.bucket}/in/", title],
                          check=False, cwd=ROOT, env=env, capture_output=True, timeout=300)
     assert run.returncode == -signal.SIGKILL, run.stderr.decode()[-2000:]
