@@ -46,6 +46,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -531,6 +532,8 @@ def phase_totals(rounds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
+    # SIGTERM (a stopped run) exits through atexit, which stops the soak's own stack.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--seed", type=int, default=7)

@@ -106,10 +106,12 @@ class DedupConfig(BaseModel):
         "duplicates still compare the text with its punctuation.",
     )
     normalize_digits: bool = Field(
-        True,
-        description="Near-duplicate shingles read every run of digits as 0 (as datatrove "
-        "does). Texts that differ only in their numbers (arithmetic drills) become "
-        "near-duplicates: turn it off for such data. Exact duplicates still compare digits.",
+        False,
+        description="Near-duplicate shingles read every run of digits as 0 (as datatrove does "
+        "for web text). Off by default: in SFT data a number is often the task itself "
+        "('Convert 12 degrees Celsius', 'What is 17 x 23?'), and with it on, prompts that "
+        "differ only in their numbers collapse into one row. Exact duplicates always compare "
+        "digits.",
     )
     verify_margin: float = Field(
         0.05,
