@@ -7,7 +7,8 @@ not: with ``only_if_best`` (default) a job that is not its dataset's ``best`` (t
 ``_refs/<dataset>/best`` ref the finetune flow's eval gate moves) drafts nothing. New prompts
 arriving later: ``sftflow.prompts.ingested`` (resource ``sftflow.labelstudio.project.<id>``)
 with ``{"dataset": D, "project": "{{ event.payload.project_id }}"}`` drafts them with the
-dataset's current best model. Manual runs: Python or the Prefect UI (no CLI command yet).
+dataset's current best model. Manual runs: ``sftflow drafts --job JOB`` (or ``--dataset``),
+Python, or the Prefect UI.
 
 Inputs: ``DraftParams``: the model (a job id, a dataset's best, or a model folder with its
 ``model_version``), the Label Studio project (default: the one the model's training data was

@@ -15,6 +15,7 @@ import typer
 from sftflow.cli import (  # noqa: F401
     datasets,
     demo,
+    drafts,
     finetune,
     ingest,
     pipeline,

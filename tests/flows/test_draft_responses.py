@@ -114,3 +114,42 @@ def test_contract_a_hosted_model_drafts_through_the_chat_endpoint_and_a_demoted_
         assert texts(labelstudio, project.id, job) == {t: f"Draft: {p}" for p, t in project.tasks.items()}
         systems = {b["messages"][0]["content"] for b in server.state.chats}
         assert systems == {"Answer in one sentence."}  # the version's system prompt
+
+
+def test_contract_the_cli_drafts_with_the_best_model_and_a_demoted_job_only_when_asked(
+        prefect_harness, s3, flow_settings, labelstudio, sft_project):
+    """``sftflow drafts`` runs the same flow: ``--json`` prints its report; a job that is not
+    its dataset's best drafts nothing unless ``--any-model``; a rerun drafts nothing new."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sftflow.cli import app
+
+    project = sft_project(PROMPTS[:3], annotate=1)
+    with OpenAIContractServer(api_key="sk-drafts") as server:
+        flow_settings(SFTFLOW_DRAFTS__BASE_URL=server.base_url, SFTFLOW_DRAFTS__API_KEY="sk-drafts")
+        best = record_model(s3, project.id, None, method="lora", backend="openai",
+                            fine_tuned_model="gpt-4o-mini-2024-07-18")
+        loser = record_model(s3, project.id, None, backend="openai", best=False,
+                             fine_tuned_model="gpt-4o-mini-2024-07-18")
+        cli = CliRunner()
+        demoted = cli.invoke(app, ["drafts", "--job", loser, "--generator", "openai", "--json"])
+        assert demoted.exit_code == 0, demoted.output
+        assert json.loads(demoted.stdout)["drafted"] == 0
+        assert predictions(labelstudio, project.id) == {}
+
+        first = cli.invoke(app, ["drafts", "--dataset", "support", "--generator", "openai",
+                                 "--json"])
+        assert first.exit_code == 0, first.output
+        report = json.loads(first.stdout)
+        assert (report["model_version"], report["drafted"], report["skipped"]) == (
+            best, 2, {"annotated": 1})
+        forced = cli.invoke(app, ["drafts", "--job", loser, "--generator", "openai",
+                                  "--any-model", "--json"])
+        assert json.loads(forced.stdout)["drafted"] == 2
+        again = cli.invoke(app, ["drafts", "--dataset", "support", "--generator", "openai",
+                                 "--json"])
+        assert json.loads(again.stdout)["skipped"] == {"annotated": 1, "already_drafted": 2}
+    assert predictions(labelstudio, project.id) == {
+        **{(t, best): 1 for t in project.open}, **{(t, loser): 1 for t in project.open}}
