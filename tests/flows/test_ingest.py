@@ -258,7 +258,7 @@ def ls_proxy(stack, monkeypatch):
         try:
             yield proxy
         finally:
-            monkeypatch.delenv("SFTFLOW_LABELSTUDIO__URL")
+            monkeypatch.undo()  # the URL as it was (a stack on other ports sets it too)
             get_settings.cache_clear()
 
 
