@@ -241,7 +241,7 @@ def _turn(clients: Clients, round_no: int, base_model: Path) -> dict[str, Any]:
     drafted = None
     if open_tasks and drafter:
         console.print(f"model {drafter} (the dataset's best) drafts the {open_tasks} open tasks")
-        drafted = draft_responses(DraftParams(dataset=DATASET, project=str(ingested.project_id),
+        drafted = draft_responses(DraftParams(job=drafter, project=str(ingested.project_id),
                                               max_new_tokens=DRAFT_TOKENS))
     annotators = SimulatedAnnotators(clients)
     console.print(f"[yellow]SIMULATION[/yellow]: simulated annotators answer the {open_tasks} open "
