@@ -538,7 +538,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--prompts", type=int, default=16, help="new valid prompts per round")
-    ap.add_argument("--base-port", type=int, default=26100)
+    ap.add_argument("--base-port", type=int, default=20100)
     ap.add_argument("--postgres", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the stack folder afterwards")
     ap.add_argument("--max-minutes", type=float, default=60.0,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -113,9 +114,43 @@ def _group_members(pgid: int) -> list[int]:
 
 
 def port_in_use(host: str, port: int) -> bool:
+    """Whether a server could not listen on ``port`` now. A bind test with SO_REUSEADDR, as the
+    services set it: it sees a listener, and also an outgoing connection that holds the port
+    as its source (a connect test misses that one)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The range the kernel picks outgoing connections' source ports from."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def weed_grpc_port(port: int) -> int:
+    """SeaweedFS serves gRPC on each HTTP port + 10000; the stack passes it explicitly so that
+    every port it listens on is checked before the start."""
+    return port + 10000
+
+
+def _log_excerpt(path: Path, lines: int = 3) -> str:
+    """The last error-looking lines of a service's log since its last start (a Go panic's
+    goroutine dump tail says nothing; its `F1205 ...` line does)."""
+    try:
+        text = path.read_text(errors="replace").rsplit(_START_MARKER, 1)[-1]
+    except OSError:
+        return ""
+    flagged = [ln.strip() for ln in text.splitlines()
+               if re.search(r"(?i)\b(error|fatal|failed|exception)\b|^F\d{4} ", ln.strip())]
+    return " | ".join((flagged or [ln.strip() for ln in text.splitlines() if ln.strip()])[-lines:])[:600]
 
 
 def _bin(name: str, configured: Path | None = None) -> str:
@@ -161,7 +196,8 @@ class LocalStack:
     # -- service definitions -------------------------------------------------------------------
     def specs(self) -> dict[str, ServiceSpec]:
         c, host = self.cfg, self.cfg.host
-        s3_ports = [c.s3_port, c.weed_master_port, c.weed_volume_port, c.weed_filer_port]
+        weed_ports = [c.s3_port, c.weed_master_port, c.weed_volume_port, c.weed_filer_port]
+        s3_ports = weed_ports + [weed_grpc_port(p) for p in weed_ports]
         ls_db, prefect_db = {}, {}
         if c.postgres:  # the passwords are added by _secret_env
             ls_db = {"DJANGO_DB": "postgresql", "POSTGRE_NAME": PG_DATABASES["labelstudio"],
@@ -201,6 +237,10 @@ class LocalStack:
                     f"-s3.port={c.s3_port}", f"-s3.config={self.dir / 's3-identities.json'}",
                     f"-master.port={c.weed_master_port}", f"-volume.port={c.weed_volume_port}",
                     f"-filer.port={c.weed_filer_port}", f"-ip={host}", f"-ip.bind={host}",
+                    f"-s3.port.grpc={weed_grpc_port(c.s3_port)}",
+                    f"-master.port.grpc={weed_grpc_port(c.weed_master_port)}",
+                    f"-volume.port.grpc={weed_grpc_port(c.weed_volume_port)}",
+                    f"-filer.port.grpc={weed_grpc_port(c.weed_filer_port)}",
                     "-master.volumeSizeLimitMB=64", "-volume.max=1000",
                     # Extra listeners on fixed ports would clash between stacks; not needed.
                     "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
@@ -295,11 +335,10 @@ class LocalStack:
         return token
 
     def _remove_weed_sockets(self, ports: Iterable[int]) -> None:
-        # weed leaves /tmp/seaweedfs-<role>-<port>.sock (and -grpc- at port+10000) behind.
+        # weed leaves /tmp/seaweedfs-<role>-<port>.sock behind, for its HTTP and gRPC ports.
         for port in ports:
-            for p in (port, port + 10000):
-                for sock in Path("/tmp").glob(f"seaweedfs-*-{p}.sock"):
-                    sock.unlink(missing_ok=True)
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
     def _write_weed_master_toml(self) -> None:
         # weed reads master.toml from its working directory (the stack folder). Each bucket is a
@@ -559,8 +598,12 @@ class LocalStack:
             self._write_s3_identities()
         busy = [p for p in spec.ports if port_in_use(self.cfg.host, p)]
         if busy:
+            low, high = ephemeral_port_range()
+            hint = (f"; it lies in the kernel's range for outgoing connections ({low}-{high}), "
+                    f"where any client may hold it: choose ports below {low}"
+                    if low <= busy[0] <= high else "")
             raise SftflowError(
-                f"{name}: port {busy[0]} on {self.cfg.host} is in use by another process; "
+                f"{name}: port {busy[0]} on {self.cfg.host} is in use by another process{hint}; "
                 f"stop it or choose other ports (SFTFLOW_STACK__*_PORT)"
             )
         spec.before_start()
@@ -605,9 +648,10 @@ class LocalStack:
                 proc = started.get(name)
                 if proc is not None and proc.poll() is not None:
                     self._pid_path(name).unlink(missing_ok=True)
+                    excerpt = _log_excerpt(self.log_path(name))
                     raise ServiceUnavailable(
-                        f"{name} exited with code {proc.returncode} while starting; "
-                        f"see {self.log_path(name)}"
+                        f"{name} exited with code {proc.returncode} while starting"
+                        f"{f' ({excerpt})' if excerpt else ''}; see {self.log_path(name)}"
                     )
                 try:
                     specs[name].health()

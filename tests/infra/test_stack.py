@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,9 @@ from sftflow.infra.stack import _group_members
 pytestmark = pytest.mark.integration
 
 SFTFLOW = str(Path(sys.executable).parent / "sftflow")
+# Test stacks sit below the kernel's range for outgoing connections (32768-60999 here), with
+# SeaweedFS's gRPC ports (HTTP + 10000) too: a client's source port there made weed exit 255 in CI.
+BASE = 21100
 ROOT = Path(__file__).parents[2]
 
 
@@ -53,7 +57,7 @@ def sftflow(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess
 def test_up_status_down_leaves_nothing_running(tmp_path):
     # The SQLite profile, also when the suite runs with SFTFLOW_STACK__POSTGRES=true (CI);
     # test_stack_postgres.py covers the other.
-    env = {**stack_env(tmp_path, 23100), "SFTFLOW_STACK__POSTGRES": "false"}
+    env = {**stack_env(tmp_path, BASE), "SFTFLOW_STACK__POSTGRES": "false"}
     try:
         up = sftflow(env, "stack", "up", "--json", "--timeout", "180")
         assert up.returncode == 0, up.stderr + (tmp_path / "stack" / "logs").as_posix()
@@ -80,17 +84,49 @@ def test_up_status_down_leaves_nothing_running(tmp_path):
         other = {**env, "SFTFLOW_STACK__DIR": str(tmp_path / "other")}
         clash = sftflow(other, "stack", "up", "s3")
         assert clash.returncode == 1 and "Traceback" not in clash.stderr
-        assert f"port {23100} on 127.0.0.1 is in use" in clash.stderr
+        assert f"port {BASE} on 127.0.0.1 is in use" in clash.stderr
     finally:
         down = sftflow(env, "stack", "down", "--json", timeout=120)
     assert down.returncode == 0, down.stderr
     assert sorted(json.loads(down.stdout)["stopped"]) == ["labelstudio", "prefect", "s3"]
     for pid in pids.values():
         assert _group_members(pid) == []  # the whole process group is gone
-    assert not list(Path("/tmp").glob("seaweedfs-*-23100.sock"))
+    assert not list(Path("/tmp").glob(f"seaweedfs-*-{BASE}.sock"))
     after = sftflow(env, "stack", "status", "--json")
     assert after.returncode == 1
     assert not any(s["healthy"] or s["pid"] for s in json.loads(after.stdout)["services"])
+
+
+def test_a_port_held_by_an_outgoing_connection_is_named_before_anything_starts(tmp_path):
+    """SeaweedFS's gRPC port (its HTTP port + 10000) taken as a client's source port: `up`
+    names it, and why, instead of weed exiting 255 with a panic in its log."""
+    base = BASE + 200
+    held = base + 1 + 10000  # the master's gRPC port
+    with socket.create_server(("127.0.0.1", 0)) as server, \
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+        client.bind(("127.0.0.1", held))
+        client.connect(server.getsockname())
+        env = stack_env(tmp_path, base)
+        up = sftflow(env, "stack", "up", "s3", "--timeout", "60")
+    status = sftflow(env, "stack", "status", "s3", "--json")
+    assert up.returncode == 1 and "Traceback" not in up.stderr
+    assert f"s3: port {held} on 127.0.0.1 is in use" in up.stderr, up.stderr
+    assert not (tmp_path / "stack" / "logs" / "s3.log").exists()  # nothing was started
+    assert status.returncode == 1 and not json.loads(status.stdout)["services"][0]["pid"]
+
+
+def test_a_service_exiting_at_start_shows_its_own_error(tmp_path):
+    """When a service dies while starting, the error carries its log's error line, so CI output
+    says why without the log file. (A stand-in executable that fails as Label Studio would.)"""
+    failing = tmp_path / "label-studio"
+    failing.write_text("#!/bin/sh\necho 'starting'\necho 'ERROR: the database is locked'\n"
+                       "echo 'shutting down'\nexit 3\n")
+    failing.chmod(0o755)
+    env = {**stack_env(tmp_path, BASE + 300), "SFTFLOW_STACK__LABEL_STUDIO_BIN": str(failing)}
+    up = sftflow(env, "stack", "up", "labelstudio", "--timeout", "60")
+    assert up.returncode == 1 and "Traceback" not in up.stderr
+    assert "labelstudio exited with code 3 while starting (ERROR: the database is locked)" \
+        in up.stderr, up.stderr
 
 
 def test_status_says_failing_when_the_prefect_services_log_errors(tmp_path, stack):

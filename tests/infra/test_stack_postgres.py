@@ -21,7 +21,7 @@ from tests.infra.test_stack import sftflow, stack_env
 
 pytestmark = pytest.mark.integration
 
-BASE = 24100
+BASE = 22100  # below the range for outgoing connections, gRPC ports included (test_stack.py)
 PG_PORT = BASE + 6
 PG_BIN = StackSettings().postgres_bin_dir
 
