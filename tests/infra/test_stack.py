@@ -122,7 +122,8 @@ def test_a_service_exiting_at_start_shows_its_own_error(tmp_path):
     failing.write_text("#!/bin/sh\necho 'starting'\necho 'ERROR: the database is locked'\n"
                        "echo 'shutting down'\nexit 3\n")
     failing.chmod(0o755)
-    env = {**stack_env(tmp_path, BASE + 300), "SFTFLOW_STACK__LABEL_STUDIO_BIN": str(failing)}
+    env = {**stack_env(tmp_path, BASE + 300), "SFTFLOW_STACK__LABEL_STUDIO_BIN": str(failing),
+           "SFTFLOW_STACK__POSTGRES": "false"}  # on SQLite: no postgres service to start first
     up = sftflow(env, "stack", "up", "labelstudio", "--timeout", "60")
     assert up.returncode == 1 and "Traceback" not in up.stderr
     assert "labelstudio exited with code 3 while starting (ERROR: the database is locked)" \
