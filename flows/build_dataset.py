@@ -61,7 +61,7 @@ from sftflow.tasks.labelstudio.export import (
     download_snapshot,
     parse_tasks,
 )
-from sftflow.tasks.pictures import publish_version_pictures_task
+from sftflow.tasks.pictures import import_in_background, publish_version_pictures_task
 from sftflow.tasks.storage import S3
 
 
@@ -151,8 +151,12 @@ class BuildReport(BaseModel):
     def record_mode(self, changes: build.Changes, figures: dict[str, int],
                     seconds: dict[str, float]) -> None:
         self.mode, self.mode_reason, self.seconds = changes.mode, changes.reason, seconds
+        # Where an incremental export's seconds went (counters, list, fetch, deleted).
+        self.seconds.update({f"export.{k}": v for k, v in changes.export.get("seconds", {}).items()})
         self.counts["changes"] = {**figures, "rows_deleted_in_place":
                                   self.counts.get("commit", {}).get("rows_deleted", 0)}
+        if "tasks_listed" in changes.export:  # the incremental export's light listing
+            self.counts["changes"]["tasks_listed"] = changes.export["tasks_listed"]
 
     def record_commit(self, result: versioning.CommitResult, uri: str) -> None:
         self.version, self.created = result.version, result.created
@@ -197,6 +201,7 @@ def build_dataset(params: BuildParams) -> BuildReport:
     logger = get_run_logger()
     clock = build.Stopwatch()
     versioning.check_name("dataset", params.dataset)
+    import_in_background()  # the pictures' matplotlib, while the export waits on Label Studio
     clients = Clients.for_bucket(params.bucket)
     settings, ls, s3 = clients.settings, clients.labelstudio, clients.s3
     prefix = settings.datasets.prefix
@@ -254,6 +259,7 @@ def build_dataset(params: BuildParams) -> BuildReport:
     _publish(s3, prefix, params, report, outcome.stats, drafts)
     publish_version_pictures_task(params.dataset, result.version, quote(outcome.rows),
                                   quote(all_exclusions))
+    clock.lap("publish")  # artifacts, pictures and the event (report.seconds is clock.seconds)
     return report
 
 

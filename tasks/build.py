@@ -289,16 +289,21 @@ def read_changes(ls: Any, project_id: int, plan: Plan, counters: Callable[[], di
     incremental or the counters do not reconcile."""
     reason = plan.reason
     if plan.mode == "incremental":
+        clock = Stopwatch()  # its laps show where an incremental export's seconds go
         before = counters()
+        clock.lap("counters")
         seen = fetch_tasks(ls, project_id, updated_after=plan.parent.source["watermark"],
                            light=True)
+        clock.lap("list")
         known = plan.parent.tasks
         stale = sorted(int(t["id"]) for t in seen.tasks if int(t["id"]) not in known
                        or not known[int(t["id"])].get("updated_at")
                        or known[int(t["id"])]["updated_at"] != ls_time(t.get("updated_at")))
         delta = fetch_tasks(ls, project_id, ids=stale)
         delta.server_time = seen.server_time
+        clock.lap("fetch")
         now = counters()
+        clock.lap("counters")
         states = {int(t["id"]): task_state(t, prompt_name) for t in delta.tasks}
         deleted: set[int] = set()
         why = "the project changed during the reading" if now != before else reconcile(
@@ -308,16 +313,19 @@ def read_changes(ls: Any, project_id: int, plan: Plan, counters: Callable[[], di
             found = find_deleted(ls, project_id, expected)
             deleted = found if found is not None else expected - list_task_ids(ls, project_id)
             why = reconcile(plan.parent.states(), states, deleted, now)
+            clock.lap("deleted")
         if not why:
             reread = _reread(plan, states, deleted)
             orphans = sorted(reread - set(states) - deleted)
             extra = fetch_tasks(ls, project_id, ids=orphans).tasks if orphans else []
+            clock.lap("fetch")
             states.update({int(t["id"]): task_state(t, prompt_name) for t in extra})
             by_id = {int(t["id"]): t for t in delta.tasks + extra}
             return Changes("incremental", "", [by_id[t] for t in sorted(reread) if t in by_id],
                            states, deleted, reread, watermark(delta.server_time),
                            {"requests": seen.requests + delta.requests,
-                            "tasks_listed": len(seen.tasks), "tasks_fetched": len(delta.tasks)})
+                            "tasks_listed": len(seen.tasks), "tasks_fetched": len(delta.tasks),
+                            "seconds": clock.seconds})
         reason = f"counters do not reconcile ({why})"
     path = full_export()
     with path.open("rb") as fp:

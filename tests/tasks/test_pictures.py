@@ -93,3 +93,13 @@ def test_published_pictures_are_image_artifacts_on_the_prefect_api(prefect_harne
         assert _image(base64.b64decode(art.data.split(",", 1)[1])).size == (480, 256)
     md = by_key["version-pictures-pics-qa"]
     assert md.type == "markdown" and md.data.count("data:image/png;base64,") == 3
+
+
+def test_matplotlib_is_imported_in_the_background_for_a_build():
+    import subprocess
+    import sys
+
+    code = ("import sys; from sftflow.tasks.pictures import import_in_background; "
+            "assert 'matplotlib' not in sys.modules; import_in_background().join(60); "
+            "assert 'matplotlib.figure' in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
