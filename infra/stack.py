@@ -141,13 +141,9 @@ def weed_grpc_port(port: int) -> int:
     return port + 10000
 
 
-def _log_excerpt(path: Path, lines: int = 3) -> str:
-    """The last error-looking lines of a service's log since its last start (a Go panic's
-    goroutine dump tail says nothing; its `F1205 ...` line does)."""
-    try:
-        text = path.read_text(errors="replace").rsplit(_START_MARKER, 1)[-1]
-    except OSError:
-        return ""
+def _log_excerpt(text: str, lines: int = 3) -> str:
+    """The last error-looking lines of a service's log (a Go panic's goroutine dump tail says
+    nothing; its `F1205 ...` line does)."""
     flagged = [ln.strip() for ln in text.splitlines()
                if re.search(r"(?i)\b(error|fatal|failed|exception)\b|^F\d{4} ", ln.strip())]
     return " | ".join((flagged or [ln.strip() for ln in text.splitlines() if ln.strip()])[-lines:])[:600]
@@ -648,7 +644,7 @@ class LocalStack:
                 proc = started.get(name)
                 if proc is not None and proc.poll() is not None:
                     self._pid_path(name).unlink(missing_ok=True)
-                    excerpt = _log_excerpt(self.log_path(name))
+                    excerpt = _log_excerpt(self.log_since_start(name))
                     raise ServiceUnavailable(
                         f"{name} exited with code {proc.returncode} while starting"
                         f"{f' ({excerpt})' if excerpt else ''}; see {self.log_path(name)}"
@@ -711,9 +707,7 @@ class LocalStack:
     ) -> list[ServiceError]:
         """Errors the Prefect server's background services (scheduler, event persister, ...)
         logged within ``window``, since the server was last started by this stack."""
-        text = self.tail_log("prefect", lines=20_000)
-        text = text.rsplit(_START_MARKER, 1)[-1]
-        return service_errors(text, datetime.now(), window)
+        return service_errors(self.log_since_start("prefect"), datetime.now(), window)
 
     def _s3_ping(self) -> None:
         from sftflow.tasks.storage import build_s3
@@ -762,6 +756,10 @@ class LocalStack:
                 return True
             time.sleep(0.2)
         return not _group_members(pgid)
+
+    def log_since_start(self, name: str) -> str:
+        """The end of a service's log (``tail_log``), from its last ``stack up`` on."""
+        return self.tail_log(name, lines=20_000).rsplit(_START_MARKER, 1)[-1]
 
     def tail_log(self, name: str, lines: int = 50) -> str:
         path = self.log_path(name)
