@@ -13,7 +13,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),--extra-index-url $(TORCH_CPU_INDEX) --index-strategy unsafe-best-match)
 PYTEST_ARGS ?=
 
-.PHONY: install install-app install-labelstudio lock test test-unit demo stack-up stack-down stack-status lint bench clean
+.PHONY: install install-app install-labelstudio lock lint-imports test test-unit demo stack-up stack-down stack-status lint bench clean
 
 install: install-app install-labelstudio
 
@@ -37,8 +37,12 @@ lock: $(UV)
 	$(UV) pip compile -q requirements/labelstudio.in --python-version 3.11 -o requirements/labelstudio.lock.txt
 
 # The test suite starts (or reuses) the local stack it needs and stops what it started.
+# The import contracts (pyproject.toml) over the package as installed (see tests/import_view.py).
+lint-imports: install-app
+	$(BIN)/python tests/import_view.py
+
 test: install
-	$(BIN)/lint-imports
+	$(BIN)/python tests/import_view.py
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: install-app

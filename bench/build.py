@@ -44,9 +44,10 @@ def _peak_rss_mb() -> float:
 
 # -- children ------------------------------------------------------------------------------------
 def child_sftflow(project: str, dataset: str) -> dict:
-    from sftflow.core.settings import get_settings
     from sftflow.flows.build_dataset import BuildParams, build_dataset
-    from sftflow.tasks.clients import prefect_api
+    from sftflow.tasks.adapters.clients import prefect_api
+
+    from sftflow.core.settings import get_settings
 
     with prefect_api(get_settings()):
         t0 = time.perf_counter()
@@ -62,11 +63,11 @@ def child_naive(project_id: int, dataset: str, version: int) -> dict:
     copy per version. (It takes the same export snapshot: the synchronous export endpoint was
     not benchmarked at 55k tasks on the shared stack.)"""
     import numpy as np
-
-    from sftflow.tasks import dedup, formats
-    from sftflow.tasks.clients import Clients
-    from sftflow.tasks.filters import FilterConfig, filter_rows
-    from sftflow.tasks.labelstudio.export import create_snapshot, delete_snapshot, parse_tasks
+    from sftflow.tasks import dedup
+    from sftflow.tasks.adapters.clients import Clients
+    from sftflow.tasks.build.export import create_snapshot, delete_snapshot, parse_tasks
+    from sftflow.tasks.build.filters import FilterConfig, filter_rows
+    from sftflow.tasks.versions import formats
 
     clients = Clients()
     t0 = time.perf_counter()
@@ -165,8 +166,8 @@ def main() -> None:
         print(json.dumps(out, default=str))
         return
 
-    from sftflow.tasks.clients import Clients
-    from sftflow.tasks.labelstudio.projects import ensure_project
+    from sftflow.tasks.adapters.clients import Clients
+    from sftflow.tasks.ingest.projects import ensure_project
 
     clients = Clients()
     ls, s3 = clients.labelstudio, clients.s3

@@ -124,11 +124,15 @@ def annotate(ls, task_id: int) -> None:
 def latency_part(settings, ls, s3, crossings: int) -> dict:
     import httpx
     from prefect import get_client
-
     from sftflow.deployments.serve import BUILD, ServeConfig, build_deployments
     from sftflow.flows.check_annotations import CheckParams, check_annotations
-    from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG
-    from sftflow.tasks.webhooks import SECRET_HEADER, ThresholdQuery, register_webhook, webhook_url
+    from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
+    from sftflow.tasks.triggers.webhooks import (
+        SECRET_HEADER,
+        ThresholdQuery,
+        register_webhook,
+        webhook_url,
+    )
 
     def build_deployment_for(project_id: int):
         """The build deployment pinned to this project (it only reacts to its events)."""
@@ -199,7 +203,7 @@ def latency_part(settings, ls, s3, crossings: int) -> dict:
 
 def api_calls_part(settings, ls, scale: float) -> dict:
     from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
-    from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG
+    from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
 
     counter = RequestCounter(settings.labelstudio.url)
     p = retry(ls.projects.create, title=f"bench-wait-{os.getpid()}", label_config=SFT_LABEL_CONFIG)
@@ -232,10 +236,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from prefect.testing.utilities import prefect_test_harness
+    from sftflow.tasks.adapters.labelstudio import build_labelstudio
+    from sftflow.tasks.adapters.s3 import build_s3
 
     from sftflow.core.settings import get_settings
-    from sftflow.tasks.labelstudio import build_labelstudio
-    from sftflow.tasks.storage import build_s3
 
     settings = get_settings()
     bucket = f"bench-events-{os.getpid()}"

@@ -42,9 +42,10 @@ TARGETS = {"incremental_s": 15.0, "ratio_to_full": 0.2, "bytes_ratio": 0.10,
 
 
 def child_build(project: str, dataset: str, mode: str) -> dict:
-    from sftflow.core.settings import get_settings
     from sftflow.flows.build_dataset import BuildParams, build_dataset
-    from sftflow.tasks.clients import prefect_api
+    from sftflow.tasks.adapters.clients import prefect_api
+
+    from sftflow.core.settings import get_settings
 
     with prefect_api(get_settings()):
         t0 = time.perf_counter()
@@ -131,8 +132,8 @@ def main() -> None:
         print(json.dumps(child_build(*args.child)))
         return
 
-    from sftflow.tasks.clients import Clients
-    from sftflow.tasks.labelstudio.projects import ensure_project
+    from sftflow.tasks.adapters.clients import Clients
+    from sftflow.tasks.ingest.projects import ensure_project
 
     rng = random.Random(11)
     data = load_rows(None)

@@ -35,11 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sftflow.tasks.adapters.labelstudio import build_labelstudio
+from sftflow.tasks.adapters.s3 import build_s3
+from sftflow.tasks.ingest.projects import ensure_project
+from sftflow.tasks.ingest.prompts import prompt_id
+
 from sftflow.core.settings import get_settings
-from sftflow.tasks.labelstudio import build_labelstudio
-from sftflow.tasks.labelstudio.projects import ensure_project
-from sftflow.tasks.prompts import prompt_id
-from sftflow.tasks.storage import build_s3
 
 DATA = Path(os.environ.get("SFTFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "bench" / "results" / "ingest.json"
@@ -53,7 +54,7 @@ TARGETS = {
 
 CHILD = """
 import json, sys, time
-from sftflow.tasks.clients import prefect_api
+from sftflow.tasks.adapters.clients import prefect_api
 from sftflow.core.settings import get_settings
 from sftflow.flows.ingest import IngestParams, ingest_prompts
 params = IngestParams(source=sys.argv[1], project=sys.argv[2], batch_size=10_000)

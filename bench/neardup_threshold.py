@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sftflow.tasks.dedup import fingerprint, shingles
-from sftflow.tasks.prompt_index import SignatureIndex, prompt_config
-from sftflow.tasks.prompts import prompt_id
+from sftflow.tasks.ingest.index import SignatureIndex, prompt_config
+from sftflow.tasks.ingest.prompts import prompt_id
 
 DATA = Path(os.environ.get("SFTFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
 THRESHOLDS = [0.7, 0.8, 0.85, 0.9, 0.95, 1.0]

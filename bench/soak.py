@@ -208,8 +208,9 @@ class Runner:
 
 class Soak:
     def __init__(self, args: argparse.Namespace, folder: Path):
-        from sftflow.core.settings import Settings
         from sftflow.infra.stack import LocalStack
+
+        from sftflow.core.settings import Settings
         from tests.contract.openai_server import OpenAIContractServer
 
         self.args = args
@@ -251,7 +252,7 @@ class Soak:
 
     # -- plumbing ------------------------------------------------------------------------------
     def clients(self):
-        from sftflow.tasks.clients import Clients
+        from sftflow.tasks.adapters.clients import Clients
 
         return Clients(self.settings)
 
@@ -303,7 +304,7 @@ class Soak:
 
     # -- a round -------------------------------------------------------------------------------
     def write_prompts(self) -> str:
-        from sftflow.tasks.prompts import prompt_id
+        from sftflow.tasks.ingest.prompts import prompt_id
 
         lines, r = [], self.round
         for i in range(self.args.prompts):
@@ -320,7 +321,7 @@ class Soak:
         return key
 
     def annotate(self) -> None:
-        from sftflow.tasks.labelstudio import find_project
+        from sftflow.tasks.adapters.labelstudio import find_project
 
         ls = self.clients().labelstudio
         project = find_project(ls, PROJECT)
@@ -400,7 +401,7 @@ class Soak:
         self.step("ingest", ["ingest", f"s3://soak/{key}", "--project", PROJECT, "--json"], None)
 
     def write_prompts_extra(self) -> str:
-        from sftflow.tasks.prompts import prompt_id
+        from sftflow.tasks.ingest.prompts import prompt_id
 
         lines = []
         for i in range(self.args.prompts):
@@ -413,8 +414,8 @@ class Soak:
 
     # -- invariants ----------------------------------------------------------------------------
     def check(self) -> None:
-        from sftflow.tasks import versioning
-        from sftflow.tasks.labelstudio import find_project
+        from sftflow.tasks.adapters.labelstudio import find_project
+        from sftflow.tasks.versions import versioning
 
         c = self.clients()
         project = find_project(c.labelstudio, PROJECT)

@@ -29,6 +29,8 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+from sftflow.tasks.adapters.s3 import parse_s3_uri
+from sftflow.tasks.triggers.counters import CountMode
 
 from sftflow.core.events import (
     ANNOTATION_CREATED,
@@ -39,8 +41,6 @@ from sftflow.core.events import (
     THRESHOLD_LABEL,
     project_resource,
 )
-from sftflow.tasks.labelstudio.counters import CountMode
-from sftflow.tasks.storage import parse_s3_uri
 
 #: Deployment names (the flow name is prefixed by Prefect: "<flow>/<deployment>").
 INGEST, CHECK, BUILD, FINETUNE = "ingest", "check-annotations", "build-dataset", "finetune"
@@ -90,7 +90,6 @@ def build_deployments(cfg: ServeConfig) -> list[Any]:
     """
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.events import DeploymentEventTrigger
-
     from sftflow.flows.build_dataset import build_dataset
     from sftflow.flows.check_annotations import check_annotations
     from sftflow.flows.finetune import finetune
@@ -185,7 +184,6 @@ def _drafts_deployment(cfg: ServeConfig, extra: dict[str, Any], tags: list[str],
     """``draft-responses``: when a model of this dataset finishes (the flow drafts only with
     the dataset's best model), and when new prompts were ingested (drafted with the best)."""
     from prefect.events import DeploymentEventTrigger
-
     from sftflow.flows.draft_responses import draft_responses
 
     base = {"project": cfg.project, "generator": cfg.drafts, **extra}

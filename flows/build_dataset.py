@@ -42,27 +42,28 @@ from prefect.events import emit_event
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field
-
-import sftflow
-from sftflow.core import events
-from sftflow.tasks import build, formats, versioning
-from sftflow.tasks._prefect import artifact_key, io_task
-from sftflow.tasks.build import fingerprint_shard, stable_split_task
-from sftflow.tasks.clients import Clients
-from sftflow.tasks.dedup import DedupConfig
-from sftflow.tasks.drafts import figures
-from sftflow.tasks.filters import FilterConfig, filter_shard
-from sftflow.tasks.labelstudio import RESPONSE_NAME, require_project
-from sftflow.tasks.labelstudio.delta import ls_time, watermark
-from sftflow.tasks.labelstudio.export import (
+from sftflow.tasks.adapters.clients import Clients
+from sftflow.tasks.adapters.labelstudio import RESPONSE_NAME, require_project
+from sftflow.tasks.adapters.s3 import S3
+from sftflow.tasks.build import stages as build
+from sftflow.tasks.build.delta import ls_time, watermark
+from sftflow.tasks.build.export import (
     AnnotationPolicy,
     create_snapshot,
     delete_snapshot,
     download_snapshot,
     parse_tasks,
 )
-from sftflow.tasks.pictures import import_in_background, publish_version_pictures_task
-from sftflow.tasks.storage import S3
+from sftflow.tasks.build.filters import FilterConfig, filter_shard
+from sftflow.tasks.build.pictures import import_in_background, publish_version_pictures_task
+from sftflow.tasks.build.stages import fingerprint_shard, stable_split_task
+from sftflow.tasks.dedup import DedupConfig
+from sftflow.tasks.drafts import figures
+from sftflow.tasks.runtime.declare import artifact_key, io_task
+from sftflow.tasks.versions import formats, versioning
+
+import sftflow
+from sftflow.core import events
 
 
 class BuildParams(BaseModel):

@@ -9,7 +9,7 @@ Idempotency: one build run at a time per threshold crossing (project, dataset, b
 version, threshold). While the crossing's latest build run is scheduled, pending or running,
 checks reuse it and create no second run; once it ended without moving the baseline (failed,
 crashed, cancelled, or completed with nothing new to commit) the next check starts the next
-attempt, keyed ``<crossing>:attempt-<n>`` (``tasks/crossings.py``), so a failed or empty
+attempt, keyed ``<crossing>:attempt-<n>`` (``tasks/triggers/crossings.py``), so a failed or empty
 build never silences the schedule. Racing checks compute the same key: Prefect creates one
 run. One Label Studio API call, two small S3 reads and two Prefect API reads per check.
 """
@@ -20,12 +20,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.deployments import run_deployment
 from pydantic import BaseModel, Field
-
-from sftflow.tasks.clients import Clients
-from sftflow.tasks.crossings import find_attempt_task
-from sftflow.tasks.labelstudio import require_project
-from sftflow.tasks.labelstudio.counters import CountMode, ProjectCounters, Threshold, progress
-from sftflow.tasks.versioning import load_baseline_task
+from sftflow.tasks.adapters.clients import Clients
+from sftflow.tasks.adapters.labelstudio import require_project
+from sftflow.tasks.triggers.counters import CountMode, ProjectCounters, Threshold, progress
+from sftflow.tasks.triggers.crossings import find_attempt_task
+from sftflow.tasks.versions.versioning import load_baseline_task
 
 
 class CheckParams(BaseModel):

@@ -35,11 +35,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel, Field
-
-from sftflow.core import events
-from sftflow.core.errors import ConfigError
-from sftflow.tasks._prefect import artifact_key
-from sftflow.tasks.clients import Clients
+from sftflow.tasks.adapters.clients import Clients
+from sftflow.tasks.adapters.labelstudio import require_project
 from sftflow.tasks.drafts.model import GeneratorKind, build_generator, resolve_model_task
 from sftflow.tasks.drafts.stage import (
     DraftReport,
@@ -47,7 +44,10 @@ from sftflow.tasks.drafts.stage import (
     draft_open_tasks,
     select_drafts_task,
 )
-from sftflow.tasks.labelstudio import require_project
+from sftflow.tasks.runtime.declare import artifact_key
+
+from sftflow.core import events
+from sftflow.core.errors import ConfigError
 
 
 class DraftParams(BaseModel):

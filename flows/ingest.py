@@ -42,20 +42,26 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel, Field, field_validator
+from sftflow.tasks.adapters.clients import Clients
+from sftflow.tasks.adapters.s3 import parse_s3_uri
+from sftflow.tasks.ingest.importer import ImportTotals, ProjectImporter
+from sftflow.tasks.ingest.index import prompt_config
+from sftflow.tasks.ingest.intake import IntakeTally, Selection, select_objects
+from sftflow.tasks.ingest.projects import ensure_project_task
+from sftflow.tasks.ingest.prompts import (
+    FieldMapping,
+    Ledger,
+    Limits,
+    bucket_exists,
+    read_prompt_file,
+)
+from sftflow.tasks.runtime.declare import artifact_key
+from sftflow.tasks.runtime.progress import PhaseTimer, ProgressBar
+from sftflow.tasks.versions.locks import ingest_lock_name, s3_lock
 
 from sftflow.core.errors import ConfigError
 from sftflow.core.events import PROMPTS_INGESTED, project_resource
 from sftflow.core.settings import get_settings
-from sftflow.tasks._prefect import artifact_key
-from sftflow.tasks.clients import Clients
-from sftflow.tasks.intake import IntakeTally, Selection, select_objects
-from sftflow.tasks.labelstudio.importer import ImportTotals, ProjectImporter
-from sftflow.tasks.labelstudio.projects import ensure_project_task
-from sftflow.tasks.locks import ingest_lock_name, s3_lock
-from sftflow.tasks.progress import PhaseTimer, ProgressBar
-from sftflow.tasks.prompt_index import prompt_config
-from sftflow.tasks.prompts import FieldMapping, Ledger, Limits, bucket_exists, read_prompt_file
-from sftflow.tasks.storage import parse_s3_uri
 
 
 class IngestParams(BaseModel):

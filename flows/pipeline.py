@@ -9,7 +9,7 @@ Stops early, without failing, when annotations did not arrive before the deadlin
 ``NotEnough``) or when there was nothing to build; fine-tuning runs only with a ``base_model``.
 Idempotency: every stage is idempotent (ingest ledger, content-addressed versions, lineage by
 job), so a rerun after a crash continues without duplicates. The build holds the dataset's S3
-lock (``tasks/locks.py``: ``<bucket>/_sftflow/locks/sftflow-build-dataset-<dataset>.json``,
+lock (``tasks/versions/locks.py``: ``<bucket>/_sftflow/locks/sftflow-build-dataset-<dataset>.json``,
 leased and renewed), so it never overlaps another pipeline's build of that dataset; the lock
 lives in the bucket, not in Prefect, so it survives a Prefect server restart, and a killed
 build's lock is taken over after its lease.
@@ -22,15 +22,14 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.states import Completed
 from pydantic import BaseModel, Field
-
 from sftflow.flows.build_dataset import BuildParams, build_dataset
 from sftflow.flows.finetune import FinetuneParams, finetune
 from sftflow.flows.ingest import IngestParams, ingest_prompts
 from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
-from sftflow.tasks.clients import Clients
+from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.finetune.backends import Hyperparameters
-from sftflow.tasks.labelstudio.counters import CountMode
-from sftflow.tasks.locks import build_lock
+from sftflow.tasks.triggers.counters import CountMode
+from sftflow.tasks.versions.locks import build_lock
 
 
 class PipelineParams(BaseModel):

@@ -30,10 +30,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
-
-from sftflow.core.clock import utc_now_iso
-from sftflow.tasks._prefect import artifact_key
-from sftflow.tasks.clients import Clients
+from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.drafts.samples import sample_outputs_task
 from sftflow.tasks.finetune.backends import JobSpec
 from sftflow.tasks.finetune.loss_plot import loss_curve_png_task
@@ -46,6 +43,9 @@ from sftflow.tasks.finetune.trl_job import (
     upload_model_task,
     write_result_task,
 )
+from sftflow.tasks.runtime.declare import artifact_key
+
+from sftflow.core.clock import utc_now_iso
 
 FLOW_NAME = "train-trl"
 

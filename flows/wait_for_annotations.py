@@ -24,12 +24,11 @@ from prefect.artifacts import (
 )
 from prefect.states import Completed
 from pydantic import BaseModel, Field, model_validator
-
-from sftflow.tasks._prefect import artifact_key
-from sftflow.tasks.clients import Clients
-from sftflow.tasks.labelstudio.counters import CountMode, Threshold, Watch, watch_progress
-from sftflow.tasks.polling import Backoff
-from sftflow.tasks.versioning import load_baseline_task
+from sftflow.tasks.adapters.clients import Clients
+from sftflow.tasks.runtime.declare import artifact_key
+from sftflow.tasks.runtime.polling import Backoff
+from sftflow.tasks.triggers.counters import CountMode, Threshold, Watch, watch_progress
+from sftflow.tasks.versions.versioning import load_baseline_task
 
 
 class WaitParams(BaseModel):

@@ -30,10 +30,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
+from sftflow.tasks.adapters.prefect import ServiceError, service_errors
 
 from sftflow.core.errors import ServiceUnavailable, SftflowError
 from sftflow.core.settings import Settings
-from sftflow.tasks.orchestrator import ServiceError, service_errors
 
 #: The services of the default (SQLite) stack.
 SERVICES = ("s3", "labelstudio", "prefect")
@@ -505,7 +505,7 @@ class LocalStack:
 
     # -- health --------------------------------------------------------------------------------
     def _s3_health(self) -> None:
-        from sftflow.tasks.storage import build_s3
+        from sftflow.tasks.adapters.s3 import build_s3
 
         s3 = build_s3(self.settings.s3.model_copy(update={"max_attempts": 1}))
         s3.ping()
@@ -514,7 +514,7 @@ class LocalStack:
         s3.put_bytes("_sftflow/health", b"ok")
 
     def _labelstudio_health(self) -> None:
-        from sftflow.tasks.labelstudio import labelstudio_health
+        from sftflow.tasks.adapters.labelstudio import labelstudio_health
 
         labelstudio_health(self.specs_url("labelstudio"))
 
@@ -710,7 +710,7 @@ class LocalStack:
         return service_errors(self.log_since_start("prefect"), datetime.now(), window)
 
     def _s3_ping(self) -> None:
-        from sftflow.tasks.storage import build_s3
+        from sftflow.tasks.adapters.s3 import build_s3
 
         build_s3(self.settings.s3.model_copy(update={"max_attempts": 1})).ping()
 

@@ -18,6 +18,6 @@ __version__ = "0.1.0"
 def load_dataset(name: str, version: str | None = None, **kwargs: Any) -> datasets.DatasetDict:
     """Version ``version`` (id, tag, or None: the latest) of dataset ``name`` from the bucket,
     checksums verified, as a ``datasets.DatasetDict``; ``bucket=`` for another bucket."""
-    from sftflow.tasks.hf_datasets import load_dataset as load
+    from sftflow.tasks.versions.hf_datasets import load_dataset as load
 
     return load(name, version, **kwargs)

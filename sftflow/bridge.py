@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from sftflow.core.errors import ConfigError
 from sftflow.core.settings import Settings, resolve_secret
-from sftflow.tasks.webhooks import (
+from sftflow.tasks.triggers.webhooks import (
     SECRET_HEADER,
     BadRequest,
     EventSpec,
@@ -93,8 +93,8 @@ def _prefect_emitter() -> tuple[Emitter, Callable[[], Awaitable[None]], Callable
 
 
 def _s3_baseline_loader(settings: Settings) -> BaselineLoader:
-    from sftflow.tasks.clients import Clients
-    from sftflow.tasks.versioning import load_baseline
+    from sftflow.tasks.adapters.clients import Clients
+    from sftflow.tasks.versions.versioning import load_baseline
 
     clients = Clients(settings)
 

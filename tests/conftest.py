@@ -40,7 +40,7 @@ def stack(settings: Settings) -> Iterator[Settings]:
 @pytest.fixture()
 def s3(stack: Settings):
     """An S3 client bound to a new, empty bucket of its own, deleted afterwards."""
-    from sftflow.tasks.storage import build_s3
+    from sftflow.tasks.adapters.s3 import build_s3
 
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     client = build_s3(stack.s3.model_copy(update={"bucket": bucket}))
@@ -54,7 +54,7 @@ def s3(stack: Settings):
 
 @pytest.fixture(scope="session")
 def labelstudio(stack: Settings):
-    from sftflow.tasks.labelstudio import build_labelstudio
+    from sftflow.tasks.adapters.labelstudio import build_labelstudio
 
     return build_labelstudio(stack.labelstudio)
 

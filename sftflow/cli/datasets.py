@@ -11,7 +11,7 @@ from rich.table import Table
 from sftflow.cli._app import JsonOption, app, console, parse_params, print_json
 from sftflow.core.errors import ConfigError
 from sftflow.core.settings import get_settings
-from sftflow.tasks.clients import Clients, prefect_api
+from sftflow.tasks.adapters.clients import Clients, prefect_api
 
 datasets_app = typer.Typer(help="Dataset versions in the bucket: list, show, diff, pull, tag, gc.",
                            no_args_is_help=True)
@@ -90,7 +90,7 @@ def list_cmd(
     as_json: bool = JsonOption,
 ) -> None:
     """The datasets in the bucket, or the versions of one dataset."""
-    from sftflow.tasks import versioning
+    from sftflow.tasks.versions import versioning
 
     s3, prefix = _s3(bucket)
     if dataset:
@@ -136,7 +136,7 @@ def show(
     as_json: bool = JsonOption,
 ) -> None:
     """A version's manifest summary: rows, files, source, stats."""
-    from sftflow.tasks import versioning
+    from sftflow.tasks.versions import versioning
 
     s3, prefix = _s3(bucket)
     name, version = versioning.parse_ref(ref)
@@ -175,7 +175,7 @@ def diff(
     as_json: bool = JsonOption,
 ) -> None:
     """Rows added, removed, changed and unchanged from A to B."""
-    from sftflow.tasks import versioning
+    from sftflow.tasks.versions import versioning
 
     s3, prefix = _s3(bucket)
     name, va = versioning.parse_ref(a)
@@ -206,7 +206,7 @@ def pull(
     """Download a version as a Hugging Face dataset repository (README.md card, data/<split>/
     Parquet), checksums verified: `datasets.load_dataset(DEST)` loads it and
     `huggingface-cli upload REPO DEST --repo-type dataset` publishes it."""
-    from sftflow.tasks import versioning
+    from sftflow.tasks.versions import versioning
 
     s3, prefix = _s3(bucket)
     name, version = versioning.parse_ref(ref)
@@ -233,7 +233,7 @@ def tag(
     as_json: bool = JsonOption,
 ) -> None:
     """Point a tag at a version."""
-    from sftflow.tasks import versioning
+    from sftflow.tasks.versions import versioning
 
     s3, prefix = _s3(bucket)
     name, version = versioning.parse_ref(ref)
@@ -257,7 +257,7 @@ def gc(
     as_json: bool = JsonOption,
 ) -> None:
     """Objects no manifest references (crashed commits); deleted only with --delete."""
-    from sftflow.tasks import versioning
+    from sftflow.tasks.versions import versioning
 
     s3, prefix = _s3(bucket)
     out = versioning.gc(s3, dataset, prefix=prefix, dry_run=dry_run, min_age_s=min_age_s)

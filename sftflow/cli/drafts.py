@@ -6,7 +6,7 @@ import typer
 
 from sftflow.cli._app import JsonOption, app, console, parse_params, print_json
 from sftflow.core.settings import get_settings
-from sftflow.tasks.clients import prefect_api
+from sftflow.tasks.adapters.clients import prefect_api
 
 
 @app.command("drafts")

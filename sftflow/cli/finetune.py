@@ -9,7 +9,7 @@ from rich.table import Table
 
 from sftflow.cli._app import JsonOption, app, console, parse_params, print_json
 from sftflow.core.settings import get_settings
-from sftflow.tasks.clients import Clients, prefect_api
+from sftflow.tasks.adapters.clients import Clients, prefect_api
 
 if TYPE_CHECKING:
     from sftflow.tasks.finetune.lineage import LineageRecord

@@ -98,8 +98,8 @@ def _check_prefect(settings) -> dict:
     import httpx
 
     from sftflow.core.errors import ServiceUnavailable
-    from sftflow.tasks.clients import prefect_api
-    from sftflow.tasks.orchestrator import unscheduled_deployments
+    from sftflow.tasks.adapters.clients import prefect_api
+    from sftflow.tasks.adapters.prefect import unscheduled_deployments
 
     with prefect_api(settings) as api_url:
         try:
@@ -122,8 +122,8 @@ def _check_prefect(settings) -> dict:
 def check(as_json: bool = JsonOption) -> None:
     """Check the configured services: reachable, our credentials accepted, and the Prefect
     server's scheduler and event services working (not only answering)."""
-    from sftflow.tasks.clients import Clients
-    from sftflow.tasks.labelstudio import check_labelstudio_auth, labelstudio_health
+    from sftflow.tasks.adapters.clients import Clients
+    from sftflow.tasks.adapters.labelstudio import check_labelstudio_auth, labelstudio_health
 
     settings = get_settings()
     clients = Clients(settings)

@@ -6,7 +6,7 @@ import typer
 
 from sftflow.cli._app import JsonOption, app, console, parse_params, print_json
 from sftflow.core.settings import get_settings
-from sftflow.tasks.clients import prefect_api
+from sftflow.tasks.adapters.clients import prefect_api
 
 #: Exit code when the deadline passed without enough annotations (not an error).
 EXIT_NOT_ENOUGH = 2
@@ -28,8 +28,8 @@ def wait(
     Exit code 0 when they do, 2 when the deadline passed first ("not enough annotations yet").
     """
     from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
-    from sftflow.tasks.clients import Clients
-    from sftflow.tasks.labelstudio import require_project
+    from sftflow.tasks.adapters.clients import Clients
+    from sftflow.tasks.adapters.labelstudio import require_project
 
     settings = get_settings()
     params = parse_params(

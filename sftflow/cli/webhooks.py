@@ -7,7 +7,7 @@ import typer
 from sftflow.cli._app import JsonOption, app, console, print_json
 from sftflow.core.errors import ConfigError
 from sftflow.core.settings import get_settings, resolve_secret
-from sftflow.tasks.clients import prefect_api
+from sftflow.tasks.adapters.clients import prefect_api
 
 webhooks_app = typer.Typer(help="The event bridge: webhooks in, Prefect events out.")
 app.add_typer(webhooks_app, name="webhooks")
@@ -46,10 +46,10 @@ def register_webhook(
     as_json: bool = JsonOption,
 ) -> None:
     """Register (or update) the project's webhook with the shared-secret header."""
-    from sftflow.tasks.clients import Clients
-    from sftflow.tasks.labelstudio import require_project
-    from sftflow.tasks.webhooks import BadRequest, ThresholdQuery, webhook_url
-    from sftflow.tasks.webhooks import register_webhook as register
+    from sftflow.tasks.adapters.clients import Clients
+    from sftflow.tasks.adapters.labelstudio import require_project
+    from sftflow.tasks.triggers.webhooks import BadRequest, ThresholdQuery, webhook_url
+    from sftflow.tasks.triggers.webhooks import register_webhook as register
 
     settings = get_settings()
     secret = resolve_secret(settings.webhooks.secret, settings.webhooks.secret_block)

@@ -129,7 +129,7 @@ class DraftSettings(BaseModel):
 
 
 class LockSettings(BaseModel):
-    """The leased lock records in S3 (``tasks/locks.py``): ingest per project, build per dataset."""
+    """The leased lock records in S3 (``tasks/versions/locks.py``): ingest per project, build per dataset."""
 
     lease_s: float = Field(
         60.0, ge=1,

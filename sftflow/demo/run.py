@@ -35,7 +35,7 @@ from sftflow.core.errors import SftflowError
 from sftflow.core.hashing import sha256_hex
 from sftflow.core.settings import Settings, get_settings
 from sftflow.demo.sample import SAMPLE_PATH
-from sftflow.tasks.clients import Clients, prefect_api
+from sftflow.tasks.adapters.clients import Clients, prefect_api
 
 PROJECT = "sftflow-demo"
 DATASET = "demo"
@@ -46,7 +46,7 @@ console = Console(emoji=False)
 
 def _sample_answers() -> dict[str, str]:
     """prompt_id -> reference response, for the simulated annotators."""
-    from sftflow.tasks.prompts import prompt_id
+    from sftflow.tasks.ingest.prompts import prompt_id
 
     answers = {}
     for line in SAMPLE_PATH.read_text(encoding="utf-8").splitlines():
@@ -107,7 +107,7 @@ class SimulatedAnnotators(threading.Thread):
         self.errors: list[str] = []
 
     def run(self) -> None:
-        from sftflow.tasks.labelstudio import find_project
+        from sftflow.tasks.adapters.labelstudio import find_project
 
         ls = self.clients.labelstudio
         answers = _sample_answers()
@@ -304,7 +304,7 @@ def wheel_figures(clients: Clients, rounds: list[dict[str, Any]]) -> dict[str, A
     """The flywheel's own figure for the demo: in the version built from the round that model 1
     drafted, how often annotators accepted its drafts unchanged and how far they edited them
     (``manifest.stats["drafts"]``, computed by the build)."""
-    from sftflow.tasks.versioning import load_manifest
+    from sftflow.tasks.versions.versioning import load_manifest
 
     turned = [r for r in rounds if r["drafting_model"] and r["version"]]
     if not turned:
@@ -321,9 +321,9 @@ def wheel_figures(clients: Clients, rounds: list[dict[str, Any]]) -> dict[str, A
 
 def _summary(settings: Settings, clients: Clients, rounds: list[dict[str, Any]],
              seconds: float) -> dict[str, Any]:
+    from sftflow.tasks.adapters.labelstudio import find_project
     from sftflow.tasks.finetune.lineage import list_records
-    from sftflow.tasks.labelstudio import find_project
-    from sftflow.tasks.versioning import latest_version
+    from sftflow.tasks.versions.versioning import latest_version
 
     project = find_project(clients.labelstudio, PROJECT)
     version = latest_version(clients.s3, DATASET, prefix=settings.datasets.prefix)

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from sftflow.tasks.dedup.minhash import (
     DedupConfig,
     Fingerprints,

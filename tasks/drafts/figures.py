@@ -3,7 +3,7 @@ drafting model's draft unchanged and how far they edit it; how far annotators of
 agree, and who disagrees far from the rest; and the training policy for unedited drafts.
 
 Pure functions over what the export parse leaves (``ParsedExport.rows`` with their ``draft_*``
-fields, ``ParsedExport.agreement``); ``sftflow.tasks.labelstudio.edits`` says where those come
+fields, ``ParsedExport.agreement``); ``sftflow.tasks.drafts.edits`` says where those come
 from and which similarity they use. The figures are JSON-ready, for ``manifest.stats["drafts"]``
 (the version card renders them: ``formats.drafts_section``).
 
@@ -28,9 +28,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from sftflow.tasks import formats
-from sftflow.tasks.labelstudio.edits import Pair
-from sftflow.tasks.labelstudio.export import Exclusion, SftRow
+from sftflow.tasks.drafts.edits import Pair
+from sftflow.tasks.versions import formats
+from sftflow.tasks.versions.rows import Exclusion, SftRow
 
 DraftPolicy = Literal["include", "exclude"]
 

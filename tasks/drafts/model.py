@@ -14,18 +14,18 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
-
-from sftflow.core.errors import ConfigError, SftflowError
-from sftflow.core.settings import Settings
-from sftflow.tasks import versioning
-from sftflow.tasks._prefect import io_task
+from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.drafts.generators import (
     DraftGenerator,
     OpenAIChatGenerator,
     TransformersGenerator,
 )
 from sftflow.tasks.finetune import lineage
-from sftflow.tasks.storage import S3
+from sftflow.tasks.runtime.declare import io_task
+from sftflow.tasks.versions import versioning
+
+from sftflow.core.errors import ConfigError, SftflowError
+from sftflow.core.settings import Settings
 
 GeneratorKind = Literal["transformers", "openai"]
 

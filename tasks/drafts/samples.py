@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-
-from sftflow.tasks._prefect import compute_task
+from sftflow.tasks.adapters.s3 import S3, parse_s3_uri
 from sftflow.tasks.drafts.generators import DraftError, DraftGenerator, TransformersGenerator
 from sftflow.tasks.finetune.backends import Baseline, JobSpec
-from sftflow.tasks.storage import S3, parse_s3_uri
+from sftflow.tasks.runtime.declare import compute_task
 
 CELL_CHARS = 300
 

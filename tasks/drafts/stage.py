@@ -23,11 +23,10 @@ from typing import Any
 
 from label_studio_sdk import LabelStudio
 from pydantic import BaseModel, Field
-
-from sftflow.tasks._prefect import io_task
+from sftflow.tasks.adapters.labelstudio import PROMPT_NAME, RESPONSE_NAME
 from sftflow.tasks.drafts.generators import DraftGenerator, failure_reason
-from sftflow.tasks.labelstudio import PROMPT_NAME, RESPONSE_NAME
-from sftflow.tasks.polling import Backoff, retry
+from sftflow.tasks.runtime.declare import io_task
+from sftflow.tasks.runtime.polling import Backoff, retry
 
 #: Failures whose messages the report keeps (the counts cover all of them).
 MAX_FAILURE_SAMPLES = 50

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
-from sftflow.tasks._prefect import compute_task
+from sftflow.tasks.runtime.declare import compute_task
 
 TRAIN_COLOUR = (31, 119, 180)
 EVAL_COLOUR = (255, 127, 14)

@@ -15,13 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sftflow.core.errors import ConfigError, SftflowError
+from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.finetune.backends import JobResult, JobSpec, JobStatus
 from sftflow.tasks.finetune.trl_job import read_result, result_uri
-from sftflow.tasks.storage import S3
+
+from sftflow.core.errors import ConfigError, SftflowError
 
 if TYPE_CHECKING:
-    from sftflow.tasks.clients import Clients
+    from sftflow.tasks.adapters.clients import Clients
 
 LOCAL_PREFIX = "local:"
 

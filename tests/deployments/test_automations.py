@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from sftflow.tasks.polling import Backoff, wait_until
+from sftflow.tasks.runtime.polling import Backoff, wait_until
 
 pytestmark = pytest.mark.prefect
 YAML = Path(__file__).parents[2] / "deployments" / "automations.yaml"

@@ -32,8 +32,8 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
 
-from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG
 from tests.conftest import unique
 
 pytestmark = [pytest.mark.integration]
@@ -96,8 +96,8 @@ def completed(runs: list[dict], auto_scheduled: bool | None = None, **params: st
 def served(stack, tmp_path_factory) -> Iterator[dict]:
     """A fresh bucket with a waiting prompt file, a project with MIN_NEW annotated tasks, and
     ``sftflow serve`` for them on the stack's Prefect server, stopped (by pid) afterwards."""
-    from sftflow.tasks.labelstudio import build_labelstudio
-    from sftflow.tasks.storage import build_s3
+    from sftflow.tasks.adapters.labelstudio import build_labelstudio
+    from sftflow.tasks.adapters.s3 import build_s3
 
     settings = stack
     bucket = unique("t-sched")
@@ -184,10 +184,10 @@ def test_flow_and_bridge_events_are_persisted_and_read_back(served):
     """The flows' own events (ingested, versioned) and one the bridge emits on an S3
     notification are stored by the event persister and returned by the events API."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
+    from sftflow.tasks.triggers.webhooks import SECRET_HEADER
 
     from sftflow.bridge import create_app
     from sftflow.core.events import DATASET_VERSIONED, PROMPTS_ARRIVED, PROMPTS_INGESTED
-    from sftflow.tasks.webhooks import SECRET_HEADER
 
     api, log, since = served["api"], served["log"], served["started"]
     project_id = served["project"].id

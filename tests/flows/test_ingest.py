@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from sftflow.flows.ingest import IngestParams, ingest_prompts
+from sftflow.tasks.ingest.imports import iter_project_tasks, task_count
+from sftflow.tasks.ingest.prompts import FieldMapping, Limits, prompt_id
 
 from sftflow.core.errors import ConfigError
-from sftflow.flows.ingest import IngestParams, ingest_prompts
-from sftflow.tasks.labelstudio.imports import iter_project_tasks, task_count
-from sftflow.tasks.prompts import FieldMapping, Limits, prompt_id
 from tests.conftest import unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
@@ -156,7 +156,7 @@ def test_concurrent_runs_on_one_project_do_not_double_import(prefect_harness, s3
     for f in range(4):
         put_jsonl(s3, f"in/{f}.jsonl", [f"file {f} prompt {i}" for i in range(300)])
     params = IngestParams(source=f"s3://{s3.bucket}/in/", project=title, batch_size=200)
-    from sftflow.tasks.labelstudio.projects import ensure_project
+    from sftflow.tasks.ingest.projects import ensure_project
 
     ensure_project(labelstudio, title)  # both runs find it (creation races are covered apart)
     with ThreadPoolExecutor(2) as pool:
@@ -195,7 +195,7 @@ def test_killed_mid_import_then_rerun_leaves_each_prompt_once(
     prompts = [f"Killed run prompt {i}: " + "lorem ipsum " * 30 for i in range(4000)]
     for f in range(10):
         put_jsonl(s3, f"in/{f:02d}.jsonl", prompts[f * 400:(f + 1) * 400])
-    from sftflow.tasks.labelstudio.projects import ensure_project
+    from sftflow.tasks.ingest.projects import ensure_project
 
     project = ensure_project(labelstudio, title)
     # SIGKILLed at the 2nd batch: its import returned, the ledger has (not) confirmed it yet.
@@ -228,9 +228,8 @@ def test_a_leaked_prefect_concurrency_slot_does_not_block_ingest(prefect_harness
     server's memory): the ingest lock must not depend on it."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-
-    from sftflow.tasks.labelstudio.projects import ensure_project
-    from sftflow.tasks.locks import ingest_lock_name
+    from sftflow.tasks.ingest.projects import ensure_project
+    from sftflow.tasks.versions.locks import ingest_lock_name
 
     project = ensure_project(labelstudio, title)
     with get_client(sync_client=True) as client:
@@ -472,7 +471,7 @@ def test_a_rerun_after_a_crash_quarantines_no_imported_prompt(
     put_jsonl(s3, "in/00.jsonl", prompts)
     put_jsonl(s3, "in/01.jsonl", [BRIDGE + "?"] + [f"Later prompt {i} " + "dolor sit " * 10
                                                    for i in range(100)])
-    from sftflow.tasks.labelstudio.projects import ensure_project
+    from sftflow.tasks.ingest.projects import ensure_project
 
     project = ensure_project(labelstudio, title)
     # killed when the first batch (file 00) has landed: before the ledger confirms it, or after

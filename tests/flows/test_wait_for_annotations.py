@@ -7,10 +7,10 @@ import threading
 import time
 
 import pytest
+from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
+from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
 
 from sftflow.core.errors import ConfigError
-from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
-from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG
 from tests.conftest import unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
@@ -69,7 +69,7 @@ def test_completes_when_annotations_arrive(prefect_harness, labelstudio, project
 
 def test_counts_annotations_since_the_last_dataset_version(prefect_harness, labelstudio, project, s3):
     """The baseline is what the dataset's latest manifest recorded for the project."""
-    from sftflow.tasks.versioning import Manifest
+    from sftflow.tasks.versions.versioning import Manifest
 
     p, ids = project
     for i in ids[:2]:

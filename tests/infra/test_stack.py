@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from sftflow.infra.stack import _group_members
 
 pytestmark = pytest.mark.integration

@@ -4,9 +4,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
+
+import pytest
 
 from sftflow.demo.run import ACCEPT_ONE_IN, ROUNDS, sample_round, simulated_response
 from sftflow.demo.sample import SAMPLE_PATH

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sftflow.tasks import formats
-from sftflow.tasks.labelstudio.export import SftRow
+from sftflow.tasks.versions import formats
+from sftflow.tasks.versions.rows import SftRow
 
 
 def final_rows(n: int, start: int = 0, eval_every: int = 10, tag: str = "") -> list[SftRow]:
@@ -49,7 +49,7 @@ def make_project(labelstudio, title: str, tasks: list[dict[str, Any]]) -> Any:
 
     Batches of 1,000: Label Studio 1.23 imported 3,000 tasks in one request without their
     annotations (task_count 3000, annotation_count 0); 1,000 kept them."""
-    from sftflow.tasks.labelstudio.projects import ensure_project
+    from sftflow.tasks.ingest.projects import ensure_project
 
     project = ensure_project(labelstudio, title)
     for i in range(0, len(tasks), 1000):

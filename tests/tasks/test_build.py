@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from sftflow.tasks import build, formats
+from sftflow.tasks.build import stages as build
+from sftflow.tasks.build.filters import FilterConfig, filter_rows
 from sftflow.tasks.dedup import DedupConfig, fingerprint
-from sftflow.tasks.filters import FilterConfig, filter_rows
+from sftflow.tasks.versions import formats
 
 
 def _row(i: int, prompt: str, completion: str, **kw) -> dict:

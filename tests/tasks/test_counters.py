@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from sftflow.tasks.runtime.polling import Backoff
+from sftflow.tasks.triggers.counters import ProjectCounters, Threshold, counter_field, progress
 
 from sftflow.core.errors import ConfigError
-from sftflow.tasks.labelstudio.counters import ProjectCounters, Threshold, counter_field, progress
-from sftflow.tasks.polling import Backoff
 
 PROJECT = {"id": 7, "title": "p", "task_number": 100, "num_tasks_with_annotations": 40,
            "total_annotations_number": 55, "finished_task_number": 12,
@@ -74,7 +74,7 @@ class _Projects:
 def test_watch_counts_failed_polls_until_the_deadline():
     from types import SimpleNamespace
 
-    from sftflow.tasks.labelstudio.counters import watch_progress
+    from sftflow.tasks.triggers.counters import watch_progress
 
     client = SimpleNamespace(projects=_Projects(RuntimeError("down")))
     watch = watch_progress(client, "7", Threshold(min_new=1), None, timeout_s=0.3,
@@ -87,7 +87,7 @@ def test_watch_counts_failed_polls_until_the_deadline():
 def test_watch_stops_at_the_first_poll_that_reaches_the_threshold():
     from types import SimpleNamespace
 
-    from sftflow.tasks.labelstudio.counters import watch_progress
+    from sftflow.tasks.triggers.counters import watch_progress
 
     seen = []
     client = SimpleNamespace(projects=_Projects(SimpleNamespace(**PROJECT)))

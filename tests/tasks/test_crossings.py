@@ -1,6 +1,6 @@
 """Build attempts per threshold crossing (pure: no Prefect)."""
 
-from sftflow.tasks.crossings import attempt_number, crossing_tag, next_attempt
+from sftflow.tasks.triggers.crossings import attempt_number, crossing_tag, next_attempt
 
 K = "build:7:d:None:tasks:1:100"
 

@@ -10,7 +10,6 @@ from itertools import islice
 import numpy as np
 import pytest
 from pydantic import ValidationError
-
 from sftflow.tasks.dedup import (
     DedupConfig,
     Fingerprints,
@@ -119,7 +118,7 @@ EDGE_TEXTS = [
 
 
 def test_normalize_matches_prompt_id_normalisation():
-    from sftflow.tasks.prompts import normalise
+    from sftflow.tasks.ingest.prompts import normalise
 
     samples = EDGE_TEXTS + ["A\u00a0B\u2003C\u3000D", "  MiXeD\r\nCase\x1c sep  ", "Ǆ ǅ ǆ ß ﬃ"]
     for s in samples:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from sftflow.tasks.dedup import DedupConfig, fingerprint
 from sftflow.tasks.dedup.stable import hex_key, stable_dedup
 

@@ -7,9 +7,6 @@ import json
 
 import httpx
 import pytest
-
-from sftflow.core.errors import ConfigError
-from sftflow.tasks import formats
 from sftflow.tasks.drafts.generators import (
     DraftError,
     DraftGenerator,
@@ -28,6 +25,9 @@ from sftflow.tasks.drafts.stage import (
     classify,
     draft_result,
 )
+from sftflow.tasks.versions import formats
+
+from sftflow.core.errors import ConfigError
 
 
 def _task(id_=1, prompt="Say hi.", annotations=(), predictions=()):

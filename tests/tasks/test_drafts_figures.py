@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
-from sftflow.tasks import formats
 from sftflow.tasks.drafts import figures
-from sftflow.tasks.labelstudio.edits import draft_fields
+from sftflow.tasks.drafts.edits import draft_fields
+from sftflow.tasks.versions import formats
 
 
 def _row(i: int, completion: str, draft: tuple[str, str | None] | None = None,
@@ -149,14 +148,15 @@ def test_figures_from_a_real_export_snapshot(labelstudio, tmp_path):
     """Two models' drafts on four tasks: two accepted unchanged (through ``parent_prediction``,
     as the editor records it), one edited, one written from nothing, and one task answered by
     two annotators; the snapshot is created, downloaded and parsed by the build's own code."""
-    from sftflow.tasks.drafts.stage import draft_result
-    from sftflow.tasks.labelstudio.export import (
+    from sftflow.tasks.build.export import (
         create_snapshot,
         delete_snapshot,
         download_snapshot,
         parse_export_file,
     )
-    from sftflow.tasks.labelstudio.projects import ensure_project
+    from sftflow.tasks.drafts.stage import draft_result
+    from sftflow.tasks.ingest.projects import ensure_project
+
     from tests.conftest import unique
 
     ls = labelstudio

@@ -6,15 +6,15 @@ import io
 import json
 
 import pytest
-
-from sftflow.core.errors import SftflowError
-from sftflow.tasks.labelstudio.export import (
+from sftflow.tasks.build.export import (
     iter_json_array,
     parse_export_file,
     parse_tasks,
     task_rows,
 )
-from sftflow.tasks.prompts import prompt_id
+from sftflow.tasks.ingest.prompts import prompt_id
+
+from sftflow.core.errors import SftflowError
 from tests.conftest import unique
 from tests.tasks._datasets import annotation, make_project, textarea
 
@@ -145,7 +145,7 @@ def test_parse_export_file_names_the_file_when_not_json(tmp_path):
 
 @pytest.mark.integration
 def test_snapshot_roundtrip_on_real_labelstudio(labelstudio, tmp_path):
-    from sftflow.tasks.labelstudio.export import create_snapshot, delete_snapshot, download_snapshot
+    from sftflow.tasks.build.export import create_snapshot, delete_snapshot, download_snapshot
 
     tasks = [{"data": {"prompt": f"p{i}"}, "annotations": [annotation(f"answer {i}")]}
              for i in range(30)]
@@ -179,7 +179,8 @@ def small_project(labelstudio):
 def ls_proxy(stack):
     from urllib.parse import urlparse
 
-    from sftflow.tasks.labelstudio import build_labelstudio
+    from sftflow.tasks.adapters.labelstudio import build_labelstudio
+
     from tests.faults.proxy import FaultProxy
 
     up = urlparse(stack.labelstudio.url)
@@ -198,7 +199,8 @@ def test_a_snapshot_create_slower_than_the_client_timeout_waits_within_the_deadl
         labelstudio, small_project, ls_proxy):
     """Without an export queue Label Studio builds the snapshot inside the create request:
     the request may take longer than the client's timeout, while the deadline allows it."""
-    from sftflow.tasks.labelstudio.export import create_snapshot
+    from sftflow.tasks.build.export import create_snapshot
+
     from tests.faults.proxy import Fault
 
     proxy, client = ls_proxy
@@ -212,7 +214,8 @@ def test_a_snapshot_create_slower_than_the_client_timeout_waits_within_the_deadl
 @pytest.mark.integration
 def test_a_lost_create_response_reuses_the_snapshot_the_server_made(
         labelstudio, small_project, ls_proxy):
-    from sftflow.tasks.labelstudio.export import create_snapshot
+    from sftflow.tasks.build.export import create_snapshot
+
     from tests.faults.proxy import Fault
 
     proxy, client = ls_proxy
@@ -227,7 +230,8 @@ def test_a_lost_create_response_reuses_the_snapshot_the_server_made(
 def test_the_export_deadline_covers_the_create_request_and_its_retries(small_project, ls_proxy):
     import time
 
-    from sftflow.tasks.labelstudio.export import create_snapshot
+    from sftflow.tasks.build.export import create_snapshot
+
     from tests.faults.proxy import Fault
 
     proxy, client = ls_proxy

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from sftflow.tasks.filters import FilterConfig, approx_tokens, filter_rows
+from sftflow.tasks.build.filters import FilterConfig, approx_tokens, filter_rows
 
 
 def _row(prompt: str = "Tell me about cats.", completion: str = "Cats are small felines.") -> dict:
@@ -85,7 +84,7 @@ def test_approx_tokens_counts_bytes():
 
 
 def test_exclusions_are_redacted_whatever_the_reason_and_policy():
-    from sftflow.tasks.filters import FilterConfig, filter_rows, redact_exclusion
+    from sftflow.tasks.build.filters import FilterConfig, filter_rows, redact_exclusion
 
     key = "AKIAIOSFODNN7EXAMPLE"
     echo = {"prompt": f"say {key}", "completion": f"say {key}", "task_id": 1, "annotation_id": 1}

@@ -7,8 +7,8 @@ import json
 
 import pyarrow.parquet as pq
 import yaml
+from sftflow.tasks.versions import formats
 
-from sftflow.tasks import formats
 from tests.tasks._datasets import final_rows
 
 
@@ -58,7 +58,7 @@ def test_card_front_matter_is_valid_hf_yaml():
 
 
 def test_schema_columns_are_the_fields_of_the_row_type():
-    from sftflow.tasks.labelstudio.export import SftRow
+    from sftflow.tasks.versions.rows import SftRow
 
     assert formats.COLUMNS == tuple(SftRow.__annotations__)
     assert set(formats.COLUMNS) - SftRow.__required_keys__ == {"cluster_id", "split", "row_hash"}

@@ -1,4 +1,4 @@
-"""tasks/hub.py: the Hub layout and card (pure), and a pulled version that plain
+"""tasks/versions/hub.py: the Hub layout and card (pure), and a pulled version that plain
 ``datasets.load_dataset(folder)`` loads (real SeaweedFS, `sftflow datasets pull`)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sftflow.tasks.versions import formats, hub, versioning
+from sftflow.tasks.versions.versioning import FileEntry, Manifest
 
-from sftflow.tasks import formats, hub, versioning
-from sftflow.tasks.versioning import FileEntry, Manifest
 from tests.tasks._datasets import final_rows
 
 SFTFLOW = str(Path(sys.executable).parent / "sftflow")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sftflow.tasks.incremental import changed_tasks, orphan_tasks, record
-from sftflow.tasks.labelstudio.delta import TaskState, ls_time, reconcile, task_state
+from sftflow.tasks.build.delta import TaskState, ls_time, reconcile, task_state
+from sftflow.tasks.build.incremental import changed_tasks, orphan_tasks, record
 
 
 def _task(tid: int, *anns: tuple[int, str, bool]) -> dict:

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 
-from sftflow.tasks.intake import IntakeTally, cut_file, new_prompts, select_objects
-from sftflow.tasks.prompts import FileProblem, ParsedFile, Prompt, Rejected, _key_hash, prompt_id
-from sftflow.tasks.storage import ObjectInfo
+from sftflow.tasks.adapters.s3 import ObjectInfo
+from sftflow.tasks.ingest.intake import IntakeTally, cut_file, new_prompts, select_objects
+from sftflow.tasks.ingest.prompts import (
+    FileProblem,
+    ParsedFile,
+    Prompt,
+    Rejected,
+    _key_hash,
+    prompt_id,
+)
 
 
 def prompt(text: str, row: int) -> Prompt:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from sftflow.tasks.labelstudio import edits
+from sftflow.tasks.drafts import edits
 
 
 @pytest.mark.parametrize(("a", "b", "expected"), [

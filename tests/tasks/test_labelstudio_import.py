@@ -6,10 +6,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
-from sftflow.core.errors import ConfigError
-from sftflow.tasks.labelstudio import build_labelstudio
-from sftflow.tasks.labelstudio.imports import (
+from sftflow.tasks.adapters.labelstudio import build_labelstudio
+from sftflow.tasks.ingest.imports import (
     ImportOutcomeUnknown,
     import_batch,
     iter_project_tasks,
@@ -18,9 +16,11 @@ from sftflow.tasks.labelstudio.imports import (
     send_tasks,
     task_count,
 )
-from sftflow.tasks.labelstudio.projects import SFT_LABEL_CONFIG, config_problems, ensure_project
-from sftflow.tasks.polling import is_transient
-from sftflow.tasks.prompts import prompt_id
+from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG, config_problems, ensure_project
+from sftflow.tasks.ingest.prompts import prompt_id
+from sftflow.tasks.runtime.polling import is_transient
+
+from sftflow.core.errors import ConfigError
 from tests.conftest import unique
 
 

@@ -7,9 +7,8 @@ import threading
 import time
 
 import pytest
-
-from sftflow.tasks.locks import LeaseLost, LockRecord, LockTimeout, lock_key, s3_lock
-from sftflow.tasks.prompts import Ledger
+from sftflow.tasks.ingest.prompts import Ledger
+from sftflow.tasks.versions.locks import LeaseLost, LockRecord, LockTimeout, lock_key, s3_lock
 
 pytestmark = pytest.mark.integration
 
@@ -81,8 +80,8 @@ def test_a_dead_holders_lock_is_taken_over_after_its_lease_and_the_stale_holder_
 
 HOLDER = """
 import sys, time
-from sftflow.tasks.clients import Clients
-from sftflow.tasks.locks import build_lock
+from sftflow.tasks.adapters.clients import Clients
+from sftflow.tasks.versions.locks import build_lock
 s3 = Clients.for_bucket(sys.argv[1]).s3
 with build_lock(s3, sys.argv[2], lease_s=float(sys.argv[3])).held(timeout_s=10) as lock:
     print(lock.token, flush=True)
@@ -98,7 +97,7 @@ def test_a_killed_build_holder_is_taken_over_after_its_lease_a_live_one_never(s3
     import subprocess
     import sys
 
-    from sftflow.tasks.locks import build_lock, build_lock_name
+    from sftflow.tasks.versions.locks import build_lock, build_lock_name
 
     dataset = f"ds-{tmp_path.name[-8:]}"
     env = {**os.environ, "SFTFLOW_S3__BUCKET": s3.bucket}

@@ -8,10 +8,10 @@ import hashlib
 import json
 
 import pytest
+from sftflow.tasks.versions import versioning
+from sftflow.tasks.versions.versioning import FileEntry, Manifest
 
 from sftflow.core.errors import SftflowError
-from sftflow.tasks import versioning
-from sftflow.tasks.versioning import FileEntry, Manifest
 
 ROOT = "datasets/d"
 SHA = "ab" * 32
@@ -127,7 +127,8 @@ def test_cas_retries_after_a_lost_race_and_reports_it(settings, s3):
     moved the ref in between: the CAS re-reads and retries, and gives up after its attempts."""
     from urllib.parse import urlparse
 
-    from sftflow.tasks.storage import build_s3
+    from sftflow.tasks.adapters.s3 import build_s3
+
     from tests.faults.proxy import Fault, FaultProxy
 
     up = urlparse(settings.s3.endpoint_url)

@@ -8,8 +8,7 @@ import io
 
 import pytest
 from PIL import Image
-
-from sftflow.tasks import pictures
+from sftflow.tasks.build import pictures
 
 ROWS = [{"prompt": "p" * (10 + i), "completion": "c" * (100 + 3 * i), "cluster_id": f"{i:016x}"}
         for i in range(40)]
@@ -99,7 +98,7 @@ def test_matplotlib_is_imported_in_the_background_for_a_build():
     import subprocess
     import sys
 
-    code = ("import sys; from sftflow.tasks.pictures import import_in_background; "
+    code = ("import sys; from sftflow.tasks.build.pictures import import_in_background; "
             "assert 'matplotlib' not in sys.modules; import_in_background().join(60); "
             "assert 'matplotlib.figure' in sys.modules")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from sftflow.tasks.progress import PhaseTimer
+from sftflow.tasks.runtime.progress import PhaseTimer
 
 
 def test_phase_timer_adds_up_each_phase_even_when_it_raises():

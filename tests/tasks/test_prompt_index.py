@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from sftflow.tasks.dedup import fingerprint
-from sftflow.tasks.prompt_index import (
+from sftflow.tasks.ingest.index import (
     SignatureIndex,
     load_index,
     prompt_config,
     save_segment,
     save_snapshot,
 )
-from sftflow.tasks.prompts import prompt_id
+from sftflow.tasks.ingest.prompts import prompt_id
 
 CFG = prompt_config(0.9)
 BRIDGE = "Please explain to a child how a bridge works"

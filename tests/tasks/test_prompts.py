@@ -10,8 +10,8 @@ import tracemalloc
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from sftflow.tasks.prompts import (
+from sftflow.tasks.adapters.s3 import ObjectInfo
+from sftflow.tasks.ingest.prompts import (
     FieldMapping,
     FileProblem,
     Ledger,
@@ -25,7 +25,6 @@ from sftflow.tasks.prompts import (
     parse_stream,
     prompt_id,
 )
-from sftflow.tasks.storage import ObjectInfo
 
 MAP = FieldMapping()
 LIM = Limits()

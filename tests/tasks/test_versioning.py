@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from sftflow.tasks.versions import versioning
 
 from sftflow.core.errors import SftflowError
-from sftflow.tasks import versioning
 from tests.tasks._datasets import final_rows
 
 pytestmark = pytest.mark.integration
@@ -60,7 +60,7 @@ def test_one_percent_new_rows_reuse_shards(s3):
     assert d["unchanged"] == 2000
     changed = [dict(r) for r in base[:1]]
     changed[0]["completion"] += " (edited)"
-    from sftflow.tasks import formats
+    from sftflow.tasks.versions import formats
 
     changed[0]["row_hash"] = formats.row_hash(changed[0])
     third = _commit(s3, changed + base[1:], snapshot_at="2026-01-03")
@@ -132,8 +132,8 @@ def test_older_snapshot_never_replaces_newer_latest(s3):
 _CHILD = r"""
 import sys, time
 from sftflow.core.settings import Settings
-from sftflow.tasks.storage import build_s3
-from sftflow.tasks import versioning
+from sftflow.tasks.adapters.s3 import build_s3
+from sftflow.tasks.versions import versioning
 from tests.tasks._datasets import final_rows
 bucket, step, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 s3 = build_s3(Settings().s3.model_copy(update={"bucket": bucket}))
@@ -213,8 +213,8 @@ def test_concurrent_commits_lose_no_ref_update(s3):
 _BUILD = r"""
 import sys
 from sftflow.core.settings import Settings
-from sftflow.tasks.storage import build_s3
-from sftflow.tasks import versioning
+from sftflow.tasks.adapters.s3 import build_s3
+from sftflow.tasks.versions import versioning
 from tests.tasks._datasets import final_rows
 bucket, n = sys.argv[1], int(sys.argv[2])
 s3 = build_s3(Settings().s3.model_copy(update={"bucket": bucket}))

@@ -5,12 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from starlette.testclient import TestClient
-
-from sftflow.bridge import create_app
-from sftflow.core.events import ANNOTATION_CREATED, PROMPTS_ARRIVED, THRESHOLD_LABEL
-from sftflow.core.settings import Settings
-from sftflow.tasks.webhooks import (
+from sftflow.tasks.triggers.webhooks import (
     SECRET_HEADER,
     BadRequest,
     ThresholdQuery,
@@ -19,6 +14,11 @@ from sftflow.tasks.webhooks import (
     secret_ok,
     webhook_url,
 )
+from starlette.testclient import TestClient
+
+from sftflow.bridge import create_app
+from sftflow.core.events import ANNOTATION_CREATED, PROMPTS_ARRIVED, THRESHOLD_LABEL
+from sftflow.core.settings import Settings
 
 SECRET = "s3cr3t"
 

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftflow.tasks.prompts import FileProblem, Ledger, ParsedFile, Prompt, Rejected
-from sftflow.tasks.storage import ObjectInfo
+from sftflow.tasks.adapters.s3 import ObjectInfo
+from sftflow.tasks.ingest.prompts import FileProblem, Ledger, ParsedFile, Prompt, Rejected
 
 
 @dataclass

@@ -24,57 +24,15 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypedDict
 
 from sftflow.core.errors import SftflowError
-from sftflow.tasks._prefect import compute_task, io_task
-from sftflow.tasks.labelstudio import PROMPT_NAME, RESPONSE_NAME, edits
-from sftflow.tasks.labelstudio.delta import ls_time
-from sftflow.tasks.polling import Backoff, is_transient, retry, wait_until
-from sftflow.tasks.prompts import prompt_id as compute_prompt_id
+from sftflow.tasks.runtime.declare import compute_task, io_task
+from sftflow.tasks.adapters.labelstudio import PROMPT_NAME, RESPONSE_NAME
+from sftflow.tasks.drafts import edits
+from sftflow.tasks.build.delta import ls_time
+from sftflow.tasks.runtime.polling import Backoff, is_transient, retry, wait_until
+from sftflow.tasks.versions.rows import Exclusion, SftRow
+from sftflow.tasks.ingest.prompts import prompt_id as compute_prompt_id
 
 AnnotationPolicy = Literal["latest", "ground_truth_first", "all"]
-SplitName = Literal["train", "eval"]
-
-
-class _ExportedRow(TypedDict):
-    prompt: str
-    completion: str
-    prompt_id: str
-    task_id: int
-    annotation_id: int
-    annotator: str  # e-mail or user id of who completed the annotation
-    updated_at: str  # ISO 8601, the annotation's last change
-    ground_truth: bool
-    # None, all three, when the annotation did not start from a model draft (edits.py):
-    draft_model: str | None  # model_version (job id) of the prediction the annotator started from
-    draft_similarity: float | None  # edits.edit_similarity(draft text, completion)
-    draft_unchanged: bool | None  # the completion is the draft, unedited
-
-
-class SftRow(_ExportedRow, total=False):
-    """One SFT example. The export fills the fields above; the split stage adds
-    ``cluster_id``, ``split`` and ``row_hash``, and then the row is what a version stores
-    (``formats.SCHEMA`` has these columns in this order). A TypedDict: builds move 55k rows."""
-
-    cluster_id: str  # 16 hex digits: the row's own dedup content key
-    split: SplitName
-    row_hash: str  # formats.row_hash of every other column
-
-
-class _ExclusionReason(TypedDict):
-    stage: Literal["export", "filter", "dedup"]
-    reason: str
-
-
-class Exclusion(_ExclusionReason, total=False):
-    """A row (or task) that did not make it into the version, and why; one line of the
-    version's ``exclusions.jsonl``. Dedup exclusions carry the kept twin's ``cluster_id``
-    instead of the text; filter exclusions have secrets and PII redacted."""
-
-    detail: str
-    task_id: int | None
-    annotation_id: int | None
-    prompt: str | None
-    completion: str | None
-    cluster_id: str
 
 
 # -- snapshots ----------------------------------------------------------------------------------

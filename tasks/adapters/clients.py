@@ -16,8 +16,7 @@ from sftflow.core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
-
-    from sftflow.tasks.storage import S3
+    from sftflow.tasks.adapters.s3 import S3
 
 
 @dataclass
@@ -31,13 +30,13 @@ class Clients:
 
     @cached_property
     def s3(self) -> S3:
-        from sftflow.tasks.storage import build_s3
+        from sftflow.tasks.adapters.s3 import build_s3
 
         return build_s3(self.settings.s3)
 
     @cached_property
     def labelstudio(self) -> LabelStudio:
-        from sftflow.tasks.labelstudio import build_labelstudio
+        from sftflow.tasks.adapters.labelstudio import build_labelstudio
 
         return build_labelstudio(self.settings.labelstudio)
 

@@ -14,32 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from sftflow.tasks.versions.hub import hf_split
+from sftflow.tasks.versions.rows import SCHEMA
 
 from sftflow.core.hashing import sha256_hex
-from sftflow.tasks.hub import hf_split
 
 if TYPE_CHECKING:
-    from sftflow.tasks.labelstudio.export import Exclusion, SftRow
+    from sftflow.tasks.versions.rows import Exclusion, SftRow
 
-#: Columns of every Parquet shard, in this order: the fields of ``SftRow``. The ``draft_*``
-#: columns are null on rows whose annotation did not start from a model draft (and a row may
-#: leave them out: it means null).
-SCHEMA = pa.schema([
-    pa.field("prompt", pa.string(), nullable=False),
-    pa.field("completion", pa.string(), nullable=False),
-    pa.field("prompt_id", pa.string(), nullable=False),
-    pa.field("task_id", pa.int64(), nullable=False),
-    pa.field("annotation_id", pa.int64(), nullable=False),
-    pa.field("annotator", pa.string(), nullable=False),
-    pa.field("updated_at", pa.string(), nullable=False),
-    pa.field("ground_truth", pa.bool_(), nullable=False),
-    pa.field("draft_model", pa.string(), nullable=True),
-    pa.field("draft_similarity", pa.float64(), nullable=True),
-    pa.field("draft_unchanged", pa.bool_(), nullable=True),
-    pa.field("cluster_id", pa.string(), nullable=False),
-    pa.field("split", pa.string(), nullable=False),
-    pa.field("row_hash", pa.string(), nullable=False),
-])
 COLUMNS = tuple(SCHEMA.names)
 _OPTIONAL = frozenset(f.name for f in SCHEMA if f.nullable)
 
@@ -105,7 +87,7 @@ def trl_jsonl(rows: Iterable[SftRow]) -> bytes:
 def exclusions_jsonl(rows: Iterable[Exclusion]) -> bytes:
     """The version's ``exclusions.jsonl``: every secret and PII match in the text redacted
     (export-stage exclusions copy the raw prompt; filter drops for any reason keep theirs)."""
-    from sftflow.tasks.filters import redact_exclusion
+    from sftflow.tasks.versions.redact import redact_exclusion
 
     return _jsonl(redact_exclusion(r) for r in rows)
 
@@ -176,7 +158,7 @@ def dataset_card(
 ) -> str:
     """The card stored with a version: a README.md with Hugging Face YAML front matter whose
     ``data_files`` and split names (``train``, ``validation``) are those of the Hub layout of
-    ``sftflow datasets pull`` (``tasks/hub.py``, which writes the pulled folder's fuller card).
+    ``sftflow datasets pull`` (``tasks/versions/hub.py``, which writes the pulled folder's fuller card).
     The JSONL copies (``openai/<split>/``, ``trl/<split>/``) are not configs: ``datasets``
     infers one file format per repository."""
     splits = [s for s in ("train", "eval") if rows.get(s)]

@@ -18,8 +18,9 @@ from typing import Any, Literal, TypeVar, cast
 import numpy as np
 
 from sftflow.core.hashing import config_hash
-from sftflow.tasks import formats, versioning
-from sftflow.tasks._prefect import compute_task
+from sftflow.tasks.versions import formats
+from sftflow.tasks.versions import versioning
+from sftflow.tasks.runtime.declare import compute_task
 from sftflow.tasks.dedup import (
     DedupConfig,
     Fingerprints,
@@ -29,8 +30,8 @@ from sftflow.tasks.dedup import (
     fingerprint,
 )
 from sftflow.tasks.dedup.stable import stable_dedup
-from sftflow.tasks.filters import FilterResult
-from sftflow.tasks.incremental import (
+from sftflow.tasks.build.filters import FilterResult
+from sftflow.tasks.build.incremental import (
     ParentState,
     TaskRecord,
     changed_tasks,
@@ -42,8 +43,8 @@ from sftflow.tasks.incremental import (
     record,
     task_index_files,
 )
-from sftflow.tasks.labelstudio import PROMPT_NAME
-from sftflow.tasks.labelstudio.delta import (
+from sftflow.tasks.adapters.labelstudio import PROMPT_NAME
+from sftflow.tasks.build.delta import (
     TaskState,
     fetch_tasks,
     find_deleted,
@@ -53,8 +54,9 @@ from sftflow.tasks.labelstudio.delta import (
     task_state,
     watermark,
 )
-from sftflow.tasks.labelstudio.export import Exclusion, SftRow, iter_json_array
-from sftflow.tasks.storage import S3
+from sftflow.tasks.build.export import iter_json_array
+from sftflow.tasks.versions.rows import Exclusion, SftRow
+from sftflow.tasks.adapters.s3 import S3
 
 T = TypeVar("T")
 

@@ -25,10 +25,10 @@ from typing import Any, Literal
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
+from sftflow.tasks.adapters.labelstudio import require_project
+from sftflow.tasks.runtime.polling import Backoff, wait_until
 
 from sftflow.core.errors import ConfigError
-from sftflow.tasks.labelstudio import require_project
-from sftflow.tasks.polling import Backoff, wait_until
 
 CountMode = Literal["tasks", "annotations"]
 

@@ -8,7 +8,7 @@
 - ``retry(fn, ...)``: call ``fn`` until it succeeds, ``retry_if`` says an error is final, or
   the attempts or the deadline run out.
 - ``is_transient(err)``: the one default answer to "could trying again help?" Prefect's
-  ``io_task`` retries use it too (``tasks/_prefect.py``).
+  ``io_task`` retries use it too (``tasks/runtime/declare.py``).
 """
 
 from __future__ import annotations

@@ -43,12 +43,9 @@ from typing import Any
 
 import numpy as np
 from label_studio_sdk import LabelStudio
-
-from sftflow.core.clock import utc_now
-from sftflow.core.failpoints import failpoint
+from sftflow.tasks.adapters.s3 import ObjectInfo
 from sftflow.tasks.dedup import DedupConfig, fingerprint
-from sftflow.tasks.intake import FileIntake, new_prompts
-from sftflow.tasks.labelstudio.imports import (
+from sftflow.tasks.ingest.imports import (
     BatchResult,
     await_outcome,
     import_batch,
@@ -57,8 +54,7 @@ from sftflow.tasks.labelstudio.imports import (
     scan_project_task,
     task_count,
 )
-from sftflow.tasks.progress import PhaseTimer
-from sftflow.tasks.prompt_index import (
+from sftflow.tasks.ingest.index import (
     Match,
     SignatureIndex,
     load_index,
@@ -66,8 +62,12 @@ from sftflow.tasks.prompt_index import (
     save_segment,
     save_snapshot,
 )
-from sftflow.tasks.prompts import Ledger, Prompt, prompt_id, rejected_batch_key
-from sftflow.tasks.storage import ObjectInfo
+from sftflow.tasks.ingest.intake import FileIntake, new_prompts
+from sftflow.tasks.ingest.prompts import Ledger, Prompt, prompt_id, rejected_batch_key
+from sftflow.tasks.runtime.progress import PhaseTimer
+
+from sftflow.core.clock import utc_now
+from sftflow.core.failpoints import failpoint
 
 
 def task_data(p: Prompt, obj: ObjectInfo, uri: str, batch: str) -> dict[str, Any]:

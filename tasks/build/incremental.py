@@ -36,14 +36,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sftflow.core.hashing import sha256_hex
-from sftflow.tasks import formats
-from sftflow.tasks.labelstudio.delta import TaskState
-from sftflow.tasks.storage import S3
-from sftflow.tasks.versioning import kept_positions, read_file, read_signatures
+from sftflow.tasks.versions import formats
+from sftflow.tasks.build.delta import TaskState
+from sftflow.tasks.adapters.s3 import S3
+from sftflow.tasks.versions.versioning import kept_positions, read_file, read_signatures
 
 if TYPE_CHECKING:
-    from sftflow.tasks.labelstudio.export import Exclusion, SftRow
-    from sftflow.tasks.versioning import Manifest
+    from sftflow.tasks.versions.rows import Exclusion, SftRow
+    from sftflow.tasks.versions.versioning import Manifest
 
 #: Consecutive task ids per chunk of the task index and of the exclusions.
 TASK_CHUNK = 4096

@@ -24,9 +24,8 @@ from typing import Any
 import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
-
-from sftflow.tasks._prefect import io_task
-from sftflow.tasks.polling import Backoff, wait_until
+from sftflow.tasks.runtime.declare import io_task
+from sftflow.tasks.runtime.polling import Backoff, wait_until
 
 #: Label Studio refuses these for the request as a whole (bad task, body too large).
 _REJECTED = (400, 413, 422)

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
-from sftflow.tasks._prefect import artifact_key, compute_task, io_task
+from sftflow.tasks.runtime.declare import artifact_key, compute_task, io_task
 
 WIDTH_IN, HEIGHT_IN, DPI = 6.0, 3.2, 80
 PROMPT_COLOUR, RESPONSE_COLOUR, BAR_COLOUR = "#1f77b4", "#ff7f0e", "#4c72b0"

@@ -19,8 +19,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
-
-from sftflow.tasks.polling import is_transient
+from sftflow.tasks.runtime.polling import is_transient
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

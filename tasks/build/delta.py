@@ -29,9 +29,9 @@ from typing import Any
 
 from sftflow.core.errors import SftflowError
 from sftflow.core.hashing import canonical_json, sha256_hex
-from sftflow.tasks._prefect import io_task
-from sftflow.tasks.labelstudio import PROMPT_NAME
-from sftflow.tasks.polling import Backoff, is_transient, retry
+from sftflow.tasks.runtime.declare import io_task
+from sftflow.tasks.adapters.labelstudio import PROMPT_NAME
+from sftflow.tasks.runtime.polling import Backoff, is_transient, retry
 
 #: Seconds the next watermark overlaps the previous one: an annotation saved in a transaction
 #: that commits after the reading began (milliseconds in practice). Tasks created or deleted

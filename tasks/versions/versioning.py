@@ -62,19 +62,19 @@ from pydantic import (
     field_validator,
     model_serializer,
 )
+from sftflow.tasks.adapters.s3 import S3, ObjectInfo, PreconditionFailed
+from sftflow.tasks.runtime.declare import io_task
+from sftflow.tasks.runtime.polling import Backoff, retry
+from sftflow.tasks.versions import formats, hub
 
 from sftflow.core.clock import utc_now, utc_now_iso
 from sftflow.core.errors import SftflowError
 from sftflow.core.failpoints import failpoint
 from sftflow.core.hashing import config_hash, sha256_hex
 from sftflow.core.settings import DatasetSettings
-from sftflow.tasks import formats, hub
-from sftflow.tasks._prefect import io_task
-from sftflow.tasks.polling import Backoff, retry
-from sftflow.tasks.storage import S3, ObjectInfo, PreconditionFailed
 
 if TYPE_CHECKING:
-    from sftflow.tasks.labelstudio.export import Exclusion, SftRow
+    from sftflow.tasks.versions.rows import Exclusion, SftRow
 
 log = logging.getLogger(__name__)
 DEFAULT_PREFIX: str = DatasetSettings.model_fields["prefix"].default
@@ -960,7 +960,7 @@ def _inside(dest: Path, relative: str, manifest: Manifest) -> Path:
 def pull_version(s3: S3, dataset: str, version: str | None, dest: str | Path, *,
                  prefix: str = DEFAULT_PREFIX, license: str = hub.DEFAULT_LICENSE,
                  ) -> dict[str, Any]:
-    """Download a version into ``dest`` as a Hub dataset repository (``tasks/hub.py``:
+    """Download a version into ``dest`` as a Hub dataset repository (``tasks/versions/hub.py``:
     layout and card), checksums verified, files written atomically. Every file's destination
     must resolve inside ``dest`` (symlinks followed), or nothing is downloaded (SftflowError
     naming the file)."""
