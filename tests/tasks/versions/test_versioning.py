@@ -20,7 +20,7 @@ from tests.tasks._datasets import final_rows
 pytestmark = pytest.mark.integration
 
 CFG = {"eval_fraction": 0.1}
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[3]
 
 
 def _commit(s3, rows, snapshot_at="2026-01-01T00:00:00", dataset="d", **kw):

@@ -11,7 +11,7 @@ import pytest
 from sftflow.tasks.adapters.prefect import service_errors, unscheduled_deployments
 
 #: The Prefect 3.8.8 server's log with SQLAlchemy 2.1.9 (issue #13), as the stack captured it.
-FAILING_LOG = (Path(__file__).parent / "data" / "prefect-scheduler-failing.log").read_text()
+FAILING_LOG = (Path(__file__).parents[1] / "data" / "prefect-scheduler-failing.log").read_text()
 
 
 def test_service_errors_name_each_failing_service_with_its_exception():
