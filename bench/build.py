@@ -71,7 +71,7 @@ def child_naive(project_id: int, dataset: str, version: int) -> dict:
 
     clients = Clients()
     t0 = time.perf_counter()
-    snap = create_snapshot.fn(clients.labelstudio, project_id)
+    snap = create_snapshot(clients.labelstudio, project_id)
     body = b"".join(clients.labelstudio.projects.exports.download(
         id=project_id, export_pk=snap.export_id, export_type="JSON"))
     delete_snapshot(clients.labelstudio, snap)

@@ -49,14 +49,14 @@ from sftflow.tasks.build import stages as build
 from sftflow.tasks.build.delta import ls_time, watermark
 from sftflow.tasks.build.export import (
     AnnotationPolicy,
-    create_snapshot,
+    create_snapshot_task,
     delete_snapshot,
-    download_snapshot,
+    download_snapshot_task,
     parse_tasks,
 )
-from sftflow.tasks.build.filters import FilterConfig, filter_shard
+from sftflow.tasks.build.filters import FilterConfig, filter_rows_task
 from sftflow.tasks.build.pictures import import_in_background, publish_version_pictures_task
-from sftflow.tasks.build.stages import fingerprint_shard, stable_split_task
+from sftflow.tasks.build.stages import fingerprint_task, stable_split_task
 from sftflow.tasks.dedup import DedupConfig
 from sftflow.tasks.drafts import figures
 from sftflow.tasks.runtime.declare import artifact_key, io_task
@@ -227,13 +227,13 @@ def build_dataset(params: BuildParams) -> BuildReport:
     drafts = figures.draft_figures(parsed.rows, parsed.agreement, params.draft_policy)
     rows, draft_excluded = figures.apply_draft_policy(parsed.rows, params.draft_policy)
     shards = build.chunks(rows, shard_rows) if rows else []
-    filtered = [f.result() for f in filter_shard.map(shards, unmapped(params.filters))]
+    filtered = [f.result() for f in filter_rows_task.map(shards, unmapped(params.filters))]
     fresh, exclusions, filter_counts = build.merge_filtered(parsed.exclusions + draft_excluded,
                                                             filtered)
     report.counts["filters"] = dict(filter_counts)
     clock.lap("filters")
     texts = build.dedup_texts(fresh, params.dedup)
-    fps = [f.result() for f in fingerprint_shard.map(build.chunks(texts, shard_rows),
+    fps = [f.result() for f in fingerprint_task.map(build.chunks(texts, shard_rows),
                                                      unmapped(params.dedup))] if fresh else []
     outcome = stable_split_task(quote(plan), quote(changes), quote(fresh), quote(fps),
                                 params.dedup, params.eval_fraction, params.split_seed)
@@ -272,9 +272,9 @@ def _counters(ls: Any, project_id: int) -> dict[str, int]:
 def _full_export(ls: Any, project: Any, params: BuildParams, source: dict[str, Any],
                  tmp: Path) -> Path:
     """A whole-project export snapshot, downloaded to ``tmp``; its id and time go to ``source``."""
-    snapshot = create_snapshot(ls, int(project.id), timeout_s=params.export_timeout_s)
+    snapshot = create_snapshot_task(ls, int(project.id), timeout_s=params.export_timeout_s)
     source.update(export_id=snapshot.export_id, snapshot_at=snapshot.created_at)
-    path = download_snapshot(ls, snapshot, tmp / "export.json")
+    path = download_snapshot_task(ls, snapshot, tmp / "export.json")
     if not params.keep_snapshot:
         delete_snapshot(ls, snapshot)
     return path

@@ -50,15 +50,15 @@ from sftflow.tasks.finetune.backends import (
     BackendFactory,
     Hyperparameters,
     JobStatus,
-    cancel_job,
+    cancel_job_task,
     get_backend,
-    job_result,
-    job_status,
-    preflight,
-    submit_job,
+    job_result_task,
+    job_status_task,
+    preflight_task,
+    submit_job_task,
 )
 from sftflow.tasks.finetune.dataset import read_version_task, tag_trained_task
-from sftflow.tasks.finetune.gate import check_gates
+from sftflow.tasks.finetune.gate import check_gates_task
 from sftflow.tasks.finetune.lineage import (
     LineageRecord,
     claim_submission_task,
@@ -139,7 +139,7 @@ def finetune(params: FinetuneParams) -> FinetuneReport:
 
     # 1. Everything that can be wrong with the input fails here, before any side effect.
     data = read_version_task(s3, datasets_prefix, params.dataset)
-    gates = check_gates(data, backend_name, params.min_train_rows, params.min_eval_rows)
+    gates = check_gates_task(data, backend_name, params.min_train_rows, params.min_eval_rows)
     backend = get_backend(backend_name, clients, BACKENDS)
     config = lineage.job_config(backend_name, params.base_model, params.method, params.hyperparameters)
     job = lineage.job_name(data.manifest_sha256, config)
@@ -151,7 +151,7 @@ def finetune(params: FinetuneParams) -> FinetuneReport:
     baseline_etag = None
     if use_eval_gate:
         spec.baseline, baseline_etag = find_baseline_task(s3, prefix, data.dataset, job)
-    checks = preflight(backend, spec)
+    checks = preflight_task(backend, spec)
 
     # 2. Submit once: claim the record (conditional writes), submit, name the job in the record.
     record, mine = _claim(LineageRecord.submitted(
@@ -162,7 +162,7 @@ def finetune(params: FinetuneParams) -> FinetuneReport:
         return _reused(record, gates)
     backend_job_id = record.backend_job_id
     if mine:
-        backend_job_id = submit_job(backend, spec)
+        backend_job_id = submit_job_task(backend, spec)
         failpoint("finetune.after-submit")
         record = update_record_task(s3, prefix, job, {"backend_job_id": backend_job_id})
         _emit(events.FINETUNE_SUBMITTED, record)
@@ -183,7 +183,7 @@ def finetune(params: FinetuneParams) -> FinetuneReport:
         record = update_record_task(s3, prefix, job, failed)
         _published(events.FINETUNE_FAILED, record)
         raise SftflowError(f"fine-tune job {job} {final.state}: {final.error} (lineage {record.lineage_uri})")
-    result = job_result(backend, backend_job_id, spec)
+    result = job_result_task(backend, backend_job_id, spec)
     changes: dict[str, Any] = {"status": "succeeded", "finished_at": utc_now_iso(), "metrics": result.metrics,
                                "artifacts": result.artifacts, "fine_tuned_model": result.fine_tuned_model,
                                "loss_history": result.history}
@@ -243,7 +243,7 @@ def _watch(backend: Backend, backend_job_id: str, params: FinetuneParams, *, s3:
     last: dict[str, Any] = {"state": None, "changed": False}
 
     def probe() -> JobStatus | None:
-        status = job_status(backend, backend_job_id)
+        status = job_status_task(backend, backend_job_id)
         last["changed"], last["state"] = status.state != last["state"], status.state
         if last["changed"] and not status.terminal:
             update_record_task(s3, prefix, job, {"status": status.state, "backend_status": status.detail},
@@ -258,7 +258,7 @@ def _deadline_passed(backend: Backend, record: LineageRecord, params: FinetunePa
                      prefix: str) -> NoReturn:
     """Cancel the job if asked to, and fail saying how to keep watching."""
     if params.cancel_on_deadline:
-        cancel_job(backend, record.backend_job_id)
+        cancel_job_task(backend, record.backend_job_id)
         record = update_record_task(s3, prefix, record.job, {
             "status": "cancelled", "finished_at": utc_now_iso(),
             "error": f"deadline of {params.deadline_s:.0f} s passed"}, event="cancelled (deadline)")

@@ -53,7 +53,7 @@ from sftflow.tasks.ingest.prompts import (
     Ledger,
     Limits,
     bucket_exists,
-    read_prompt_file,
+    read_prompt_file_task,
 )
 from sftflow.tasks.runtime.declare import artifact_key
 from sftflow.tasks.runtime.progress import PhaseTimer, ProgressBar
@@ -195,7 +195,7 @@ def ingest_prompts(params: IngestParams) -> IngestReport:
         for n, obj in enumerate(selection.todo, 1):
             uri = s3.uri(obj.key, bucket=bucket)
             with timer.phase("read"):
-                outcome = read_prompt_file(s3, bucket, obj, params.fields, params.limits,
+                outcome = read_prompt_file_task(s3, bucket, obj, params.fields, params.limits,
                                            state_prefix, return_state=True)
             if outcome.is_failed():  # I/O kept failing after retries: try again next run
                 tally.files_failed += 1

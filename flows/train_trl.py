@@ -34,7 +34,7 @@ from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.drafts.samples import sample_outputs_task
 from sftflow.tasks.finetune.backends import JobSpec
 from sftflow.tasks.finetune.loss_plot import loss_curve_png_task
-from sftflow.tasks.finetune.training import check_base_model, train_sft_task
+from sftflow.tasks.finetune.training import base_model_kind_task, train_sft_task
 from sftflow.tasks.finetune.trl_job import (
     TrainResult,
     read_result_task,
@@ -61,7 +61,7 @@ def train_trl(params: JobSpec) -> TrainResult:
         logger.info("job %s already trained: %s", params.job, result_uri(params))
         return earlier
 
-    check_base_model(s3, params.base_model)
+    base_model_kind_task(s3, params.base_model)
     started = utc_now_iso()
     with tempfile.TemporaryDirectory(prefix=f"sftflow-{params.job}-") as workdir:
         try:

@@ -27,11 +27,12 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from sftflow.tasks.adapters.labelstudio import PROMPT_NAME
+from sftflow.tasks.runtime.declare import io_task
+from sftflow.tasks.runtime.polling import Backoff, is_transient, retry
+
 from sftflow.core.errors import SftflowError
 from sftflow.core.hashing import canonical_json, sha256_hex
-from sftflow.tasks.runtime.declare import io_task
-from sftflow.tasks.adapters.labelstudio import PROMPT_NAME
-from sftflow.tasks.runtime.polling import Backoff, is_transient, retry
 
 #: Seconds the next watermark overlaps the previous one: an annotation saved in a transaction
 #: that commits after the reading began (milliseconds in practice). Tasks created or deleted
@@ -133,7 +134,6 @@ def _pages(client: Any, project_id: int, base: dict[str, Any], page_size: int,
             return
 
 
-@io_task(name="fetch-changed-tasks")
 def fetch_tasks(client: Any, project_id: int, *, updated_after: str | None = None,
                 ids: Sequence[int] | None = None, page_size: int | None = None,
                 timeout_s: float = 120.0, light: bool = False) -> Delta:
@@ -156,7 +156,6 @@ def fetch_tasks(client: Any, project_id: int, *, updated_after: str | None = Non
     return out
 
 
-@io_task(name="list-task-ids")
 def list_task_ids(client: Any, project_id: int, *, page_size: int = 10_000,
                   timeout_s: float = 120.0) -> set[int]:
     """Every task id of the project (one light request per ``page_size`` tasks)."""
@@ -216,7 +215,6 @@ def find_missing(expected: Iterable[int], count: Callable[[int, int], int], *,
     return (gone if ok else None), made[0]
 
 
-@io_task(name="find-deleted-tasks")
 def find_deleted(client: Any, project_id: int, expected: Iterable[int], *,
                  max_requests: int = 400, timeout_s: float = 60.0) -> set[int] | None:
     """Which of the ``expected`` task ids are gone (``find_missing`` over count queries of the
@@ -257,3 +255,9 @@ def reconcile(parent: Mapping[int, TaskState], changed: Mapping[int, TaskState],
         if int(counters.get(key, 0) or 0) != mine
     ]
     return "; ".join(problems) or None
+
+
+# -- Prefect tasks: the functions above, as the flows run them ------------------------------
+fetch_tasks_task = io_task(name="fetch-changed-tasks")(fetch_tasks)
+list_task_ids_task = io_task(name="list-task-ids")(list_task_ids)
+find_deleted_task = io_task(name="find-deleted-tasks")(find_deleted)

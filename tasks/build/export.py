@@ -21,16 +21,17 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, TypedDict
+from typing import Any, BinaryIO, Literal
 
-from sftflow.core.errors import SftflowError
-from sftflow.tasks.runtime.declare import compute_task, io_task
 from sftflow.tasks.adapters.labelstudio import PROMPT_NAME, RESPONSE_NAME
-from sftflow.tasks.drafts import edits
 from sftflow.tasks.build.delta import ls_time
+from sftflow.tasks.drafts import edits
+from sftflow.tasks.ingest.prompts import prompt_id as compute_prompt_id
+from sftflow.tasks.runtime.declare import compute_task, io_task
 from sftflow.tasks.runtime.polling import Backoff, is_transient, retry, wait_until
 from sftflow.tasks.versions.rows import Exclusion, SftRow
-from sftflow.tasks.ingest.prompts import prompt_id as compute_prompt_id
+
+from sftflow.core.errors import SftflowError
 
 AnnotationPolicy = Literal["latest", "ground_truth_first", "all"]
 
@@ -51,7 +52,6 @@ def _snapshot_titled(client: Any, project_id: int, title: str) -> Any | None:
     return min(mine, key=lambda e: int(e.id)) if mine else None
 
 
-@io_task(name="create-export-snapshot", retries=0)  # one deadline: the retries are below
 def create_snapshot(
     client: Any, project_id: int, *, timeout_s: float = 900.0, poll_min_s: float = 0.5,
     poll_max_s: float = 10.0,
@@ -129,7 +129,6 @@ def create_snapshot(
     )
 
 
-@io_task(name="download-export-snapshot")
 def download_snapshot(client: Any, snapshot: Snapshot, dest: Path) -> Path:
     """Stream the snapshot's JSON to ``dest`` (written whole or not at all). Returns ``dest``."""
     dest = Path(dest)
@@ -401,7 +400,6 @@ def parse_tasks(
     return out
 
 
-@compute_task(name="parse-export")
 def parse_export_file(
     path: Path, policy: AnnotationPolicy = "latest", response_name: str = RESPONSE_NAME
 ) -> ParsedExport:
@@ -412,3 +410,9 @@ def parse_export_file(
             return parse_tasks(iter_json_array(fp), policy, response_name)
     except ValueError as err:
         raise SftflowError(f"Label Studio export {path}: {err}") from err
+
+
+# -- Prefect tasks: the functions above, as the flows run them ------------------------------
+create_snapshot_task = io_task(name="create-export-snapshot", retries=0)(create_snapshot)  # one deadline: the retries are below
+download_snapshot_task = io_task(name="download-export-snapshot")(download_snapshot)
+parse_export_file_task = compute_task(name="parse-export")(parse_export_file)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
-
 from sftflow.tasks.runtime.declare import compute_task
 from sftflow.tasks.versions.redact import (
     PII_PATTERNS,
@@ -137,4 +136,4 @@ def filter_rows(rows: list[SftRow], cfg: FilterConfig) -> FilterResult:
 
 
 #: ``filter_rows`` as a Prefect task, mapped over shards by the build flow.
-filter_shard = compute_task(name="filter-shard")(filter_rows)
+filter_rows_task = compute_task(name="filter-shard")(filter_rows)

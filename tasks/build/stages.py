@@ -16,20 +16,19 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
-
-from sftflow.core.hashing import config_hash
-from sftflow.tasks.versions import formats
-from sftflow.tasks.versions import versioning
-from sftflow.tasks.runtime.declare import compute_task
-from sftflow.tasks.dedup import (
-    DedupConfig,
-    Fingerprints,
-    assign_splits,
-    dedup_text,
-    deduplicate,
-    fingerprint,
+from sftflow.tasks.adapters.labelstudio import PROMPT_NAME
+from sftflow.tasks.adapters.s3 import S3
+from sftflow.tasks.build.delta import (
+    TaskState,
+    fetch_tasks_task,
+    find_deleted_task,
+    list_task_ids_task,
+    ls_time,
+    reconcile,
+    task_state,
+    watermark,
 )
-from sftflow.tasks.dedup.stable import stable_dedup
+from sftflow.tasks.build.export import iter_json_array
 from sftflow.tasks.build.filters import FilterResult
 from sftflow.tasks.build.incremental import (
     ParentState,
@@ -43,20 +42,20 @@ from sftflow.tasks.build.incremental import (
     record,
     task_index_files,
 )
-from sftflow.tasks.adapters.labelstudio import PROMPT_NAME
-from sftflow.tasks.build.delta import (
-    TaskState,
-    fetch_tasks,
-    find_deleted,
-    list_task_ids,
-    ls_time,
-    reconcile,
-    task_state,
-    watermark,
+from sftflow.tasks.dedup import (
+    DedupConfig,
+    Fingerprints,
+    assign_splits,
+    dedup_text,
+    deduplicate,
+    fingerprint,
 )
-from sftflow.tasks.build.export import iter_json_array
+from sftflow.tasks.dedup.stable import stable_dedup
+from sftflow.tasks.runtime.declare import compute_task
+from sftflow.tasks.versions import formats, versioning
 from sftflow.tasks.versions.rows import Exclusion, SftRow
-from sftflow.tasks.adapters.s3 import S3
+
+from sftflow.core.hashing import config_hash
 
 T = TypeVar("T")
 
@@ -101,7 +100,7 @@ def dedup_texts(rows: Iterable[SftRow], cfg: DedupConfig) -> list[str]:
 
 
 #: ``dedup.fingerprint`` as a Prefect task, mapped over shards of dedup texts.
-fingerprint_shard = compute_task(name="fingerprint-shard")(fingerprint)
+fingerprint_task = compute_task(name="fingerprint-shard")(fingerprint)
 
 
 @dataclass
@@ -294,14 +293,14 @@ def read_changes(ls: Any, project_id: int, plan: Plan, counters: Callable[[], di
         clock = Stopwatch()  # its laps show where an incremental export's seconds go
         before = counters()
         clock.lap("counters")
-        seen = fetch_tasks(ls, project_id, updated_after=plan.parent.source["watermark"],
+        seen = fetch_tasks_task(ls, project_id, updated_after=plan.parent.source["watermark"],
                            light=True)
         clock.lap("list")
         known = plan.parent.tasks
         stale = sorted(int(t["id"]) for t in seen.tasks if int(t["id"]) not in known
                        or not known[int(t["id"])].get("updated_at")
                        or known[int(t["id"])]["updated_at"] != ls_time(t.get("updated_at")))
-        delta = fetch_tasks(ls, project_id, ids=stale)
+        delta = fetch_tasks_task(ls, project_id, ids=stale)
         delta.server_time = seen.server_time
         clock.lap("fetch")
         now = counters()
@@ -312,14 +311,14 @@ def read_changes(ls: Any, project_id: int, plan: Plan, counters: Callable[[], di
             plan.parent.states(), states, deleted, now)
         if why and now == before:
             expected = set(plan.parent.tasks) | set(states)
-            found = find_deleted(ls, project_id, expected)
-            deleted = found if found is not None else expected - list_task_ids(ls, project_id)
+            found = find_deleted_task(ls, project_id, expected)
+            deleted = found if found is not None else expected - list_task_ids_task(ls, project_id)
             why = reconcile(plan.parent.states(), states, deleted, now)
             clock.lap("deleted")
         if not why:
             reread = _reread(plan, states, deleted)
             orphans = sorted(reread - set(states) - deleted)
-            extra = fetch_tasks(ls, project_id, ids=orphans).tasks if orphans else []
+            extra = fetch_tasks_task(ls, project_id, ids=orphans).tasks if orphans else []
             clock.lap("fetch")
             states.update({int(t["id"]): task_state(t, prompt_name) for t in extra})
             by_id = {int(t["id"]): t for t in delta.tasks + extra}

@@ -128,26 +128,29 @@ def get_backend(name: str, clients: Clients, factories: Mapping[str, BackendFact
 # The backend's protocol methods as Prefect tasks: the finetune flow calls these.
 
 
-@io_task(name="backend-preflight")
 def preflight(backend: Backend, spec: JobSpec) -> dict[str, Any]:
     return backend.preflight(spec)
 
 
-@io_task(name="submit-job", retries=2)
 def submit_job(backend: Backend, spec: JobSpec) -> str:
     return backend.submit(spec)
 
 
-@io_task(name="job-status")
 def job_status(backend: Backend, backend_job_id: str) -> JobStatus:
     return backend.status(backend_job_id)
 
 
-@io_task(name="job-result")
 def job_result(backend: Backend, backend_job_id: str, spec: JobSpec) -> JobResult:
     return backend.result(backend_job_id, spec)
 
 
-@io_task(name="cancel-job")
 def cancel_job(backend: Backend, backend_job_id: str) -> None:
     backend.cancel(backend_job_id)
+
+
+# -- Prefect tasks: the functions above, as the flows run them ------------------------------
+preflight_task = io_task(name="backend-preflight")(preflight)
+submit_job_task = io_task(name="submit-job", retries=2)(submit_job)
+job_status_task = io_task(name="job-status")(job_status)
+job_result_task = io_task(name="job-result")(job_result)
+cancel_job_task = io_task(name="cancel-job")(cancel_job)

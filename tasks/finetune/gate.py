@@ -74,10 +74,13 @@ def eval_gate(metrics: dict[str, Any], baseline_job: str | None) -> dict[str, An
     }
 
 
-@compute_task(name="check-gates")
 def check_gates(data: TrainingData, backend: str, min_train_rows: int, min_eval_rows: int) -> list[dict]:
     """The version gates, published as the ``finetune-gates`` table; SftflowError if one fails."""
     checks = version_gates(data, backend=backend, min_train_rows=min_train_rows, min_eval_rows=min_eval_rows)
     create_table_artifact(key="finetune-gates", table=checks, description=f"Fine-tune gates of {data.where}")
     require_gates(checks, data.where)
     return checks
+
+
+# -- Prefect tasks: the functions above, as the flows run them ------------------------------
+check_gates_task = compute_task(name="check-gates")(check_gates)

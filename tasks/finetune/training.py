@@ -356,5 +356,5 @@ def train_sft(s3: S3, spec: JobSpec, workdir: Path) -> dict[str, Any]:
     return {"metrics": metrics, "history": history, "notes": notes, "model_dir": save_dir}
 
 
-check_base_model = io_task(name="check-base-model", retries=1)(base_model_kind)
+base_model_kind_task = io_task(name="check-base-model", retries=1)(base_model_kind)
 train_sft_task = compute_task(name="train-sft")(train_sft)

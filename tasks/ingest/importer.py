@@ -48,7 +48,7 @@ from sftflow.tasks.dedup import DedupConfig, fingerprint
 from sftflow.tasks.ingest.imports import (
     BatchResult,
     await_outcome,
-    import_batch,
+    import_batch_task,
     iter_project_tasks,
     remove_unannotated,
     scan_project_task,
@@ -134,7 +134,7 @@ class ProjectImporter:
         self.doubt_s = doubt_s
         self.timer = timer or PhaseTimer()
         self.log = logger or logging.getLogger(__name__)
-        self._submit = submit or import_batch.submit
+        self._submit = submit or import_batch_task.submit
         self.totals = ImportTotals()
         self.known: set[str] = set()  # prompt_ids in the project or on their way there
         self.expected = 0  # the project's task count once every confirmed batch is in

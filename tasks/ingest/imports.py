@@ -174,7 +174,6 @@ def send_tasks(
     return landed, refused, requests
 
 
-@io_task(name="import-batch")
 def import_batch(
     client: LabelStudio,
     project_id: int,
@@ -280,3 +279,7 @@ def remove_unannotated(client: LabelStudio, task_ids: list[int]) -> list[int]:
 
 #: Read-only, so safe to retry as a whole.
 scan_project_task = io_task(name="scan-project")(scan_project)
+
+
+# -- Prefect tasks: the functions above, as the flows run them ------------------------------
+import_batch_task = io_task(name="import-batch")(import_batch)

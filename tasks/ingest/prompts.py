@@ -510,7 +510,6 @@ def rejected_batch_key(state_prefix: str, batch: str) -> str:
     return f"{state_prefix.rstrip('/')}/quarantine/rejected/{batch}.jsonl"
 
 
-@io_task(name="read-prompt-file")
 def read_prompt_file(
     s3: S3, bucket: str, obj: ObjectInfo, mapping: FieldMapping, limits: Limits, state_prefix: str
 ) -> ParsedFile:
@@ -745,3 +744,7 @@ class Ledger:
         key = f"{self.root}/objects/{_key_hash(obj.key)}/{_clean_etag(obj.etag)}"
         self.s3.put_bytes(key, json.dumps({"key": obj.key, "etag": obj.etag, **summary,
                                            "at": utc_now_iso()}).encode(), bucket=self.bucket)
+
+
+# -- Prefect tasks: the functions above, as the flows run them ------------------------------
+read_prompt_file_task = io_task(name="read-prompt-file")(read_prompt_file)

@@ -22,10 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 from sftflow.tasks.adapters.labelstudio import require_project
+from sftflow.tasks.runtime.declare import io_task
 from sftflow.tasks.runtime.polling import Backoff, wait_until
 
 from sftflow.core.errors import ConfigError
@@ -158,7 +157,6 @@ def progress(
 
 
 # No task-level retries: the caller polls in a loop that owns backoff and the deadline.
-@task(name="poll-project-counters", retries=0, cache_policy=NO_CACHE)
 def fetch_counters(client: Any, project_id: int) -> ProjectCounters:
     """One API call. A missing (deleted) project is a ConfigError naming it."""
     from label_studio_sdk.core.api_error import ApiError
@@ -210,7 +208,7 @@ def watch_progress(
                 counters = ProjectCounters.from_project(require_project(client, project))
                 project_id = counters.project_id
             else:
-                counters = fetch_counters(client, project_id)
+                counters = fetch_counters_task(client, project_id)
         except ConfigError:
             raise  # missing/deleted project, bad threshold: not something waiting fixes
         except Exception as err:  # noqa: BLE001 - service down: try again within the deadline
@@ -232,3 +230,7 @@ def watch_progress(
     wait_until(poll, timeout_s=timeout_s, backoff=backoff, progressed=lambda _: progressed)
     watch.waited_s = round(time.monotonic() - started, 3)
     return watch
+
+
+# -- Prefect tasks: the functions above, as the flows run them ------------------------------
+fetch_counters_task = io_task(name="poll-project-counters", retries=0)(fetch_counters)

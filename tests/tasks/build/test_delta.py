@@ -57,10 +57,10 @@ def test_deleted_tasks_are_named_on_the_real_server(labelstudio):
         gone = {ids[0], ids[150], ids[151], ids[-1]}
         for task_id in gone:
             labelstudio.tasks.delete(id=task_id)
-        assert find_deleted.fn(labelstudio, project.id, ids) == gone
-        assert find_deleted.fn(labelstudio, project.id, [i for i in ids if i not in gone]) == set()
+        assert find_deleted(labelstudio, project.id, ids) == gone
+        assert find_deleted(labelstudio, project.id, [i for i in ids if i not in gone]) == set()
         # a task left out of the list but still in the project: no answer, not a wrong one
         unnamed = [i for i in ids if i not in gone and i != ids[50]]
-        assert find_deleted.fn(labelstudio, project.id, unnamed) is None
+        assert find_deleted(labelstudio, project.id, unnamed) is None
     finally:
         labelstudio.projects.delete(id=project.id)

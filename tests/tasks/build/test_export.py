@@ -140,7 +140,7 @@ def test_parse_export_file_names_the_file_when_not_json(tmp_path):
     bad = tmp_path / "export.json"
     bad.write_text("<html>oops</html>")
     with pytest.raises(SftflowError, match="export.json"):
-        parse_export_file.fn(bad)
+        parse_export_file(bad)
 
 
 @pytest.mark.integration
@@ -154,10 +154,10 @@ def test_snapshot_roundtrip_on_real_labelstudio(labelstudio, tmp_path):
     tasks.append({"data": {"prompt": "unannotated"}})
     project = make_project(labelstudio, unique("t"), tasks)
     try:
-        snap = create_snapshot.fn(labelstudio, project.id, timeout_s=120)
+        snap = create_snapshot(labelstudio, project.id, timeout_s=120)
         assert snap.export_id > 0 and snap.created_at
-        path = download_snapshot.fn(labelstudio, snap, tmp_path / "e.json")
-        out = parse_export_file.fn(path)
+        path = download_snapshot(labelstudio, snap, tmp_path / "e.json")
+        out = parse_export_file(path)
         assert sorted(r["completion"] for r in out.rows) == sorted(f"answer {i}" for i in range(30))
         assert out.counts["cancelled"] == 1 and out.counts["tasks"] == 32
         assert delete_snapshot(labelstudio, snap)
@@ -205,7 +205,7 @@ def test_a_snapshot_create_slower_than_the_client_timeout_waits_within_the_deadl
 
     proxy, client = ls_proxy
     proxy.add(Fault("slow_response", method="POST", path=CREATE, seconds=4))
-    snap = create_snapshot.fn(client, small_project.id, timeout_s=60)
+    snap = create_snapshot(client, small_project.id, timeout_s=60)
     assert proxy.applied["slow_response"] == 1
     exports = labelstudio.projects.exports.list(id=small_project.id)
     assert [e.id for e in exports] == [snap.export_id]  # one snapshot, not one per attempt
@@ -220,7 +220,7 @@ def test_a_lost_create_response_reuses_the_snapshot_the_server_made(
 
     proxy, client = ls_proxy
     proxy.add(Fault("lose_response", method="POST", path=CREATE, status=504))
-    snap = create_snapshot.fn(client, small_project.id, timeout_s=60)
+    snap = create_snapshot(client, small_project.id, timeout_s=60)
     assert proxy.applied["lose_response"] == 1
     exports = labelstudio.projects.exports.list(id=small_project.id)
     assert [e.id for e in exports] == [snap.export_id]
@@ -238,5 +238,5 @@ def test_the_export_deadline_covers_the_create_request_and_its_retries(small_pro
     proxy.add(Fault("slow_response", method="POST", path=CREATE, seconds=12, times=0))
     start = time.monotonic()
     with pytest.raises(SftflowError, match="deadline"):
-        create_snapshot.fn(client, small_project.id, timeout_s=5)
+        create_snapshot(client, small_project.id, timeout_s=5)
     assert time.monotonic() - start < 9

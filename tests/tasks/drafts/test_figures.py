@@ -183,12 +183,12 @@ def test_figures_from_a_real_export_snapshot(labelstudio, tmp_path):
         answer(t[4], "abcd")  # two annotators on one task: similarity 0.75
         answer(t[4], "abce", completed_by=second)
 
-        snap = create_snapshot.fn(ls, project.id, timeout_s=120)
+        snap = create_snapshot(ls, project.id, timeout_s=120)
         try:
-            path = download_snapshot.fn(ls, snap, tmp_path / "export.json")
+            path = download_snapshot(ls, snap, tmp_path / "export.json")
         finally:
             delete_snapshot(ls, snap)
-        parsed = parse_export_file.fn(path, "all")
+        parsed = parse_export_file(path, "all")
     finally:
         ls.projects.delete(id=project.id)
 

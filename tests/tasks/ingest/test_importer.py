@@ -30,7 +30,7 @@ class Recorder:
         marker = self.ledger.s3.head(f"{self.ledger.root}/pending/{batch}.json",
                                      bucket=self.ledger.bucket)
         self.sent.append((batch, len(tasks), marker is not None))
-        result = import_batch.fn(client, project_id, batch, tasks, **options)
+        result = import_batch(client, project_id, batch, tasks, **options)
         return SimpleNamespace(result=lambda: result)
 
 

@@ -91,7 +91,7 @@ def test_unknown_outcome_is_awaited_then_reconciled_without_duplicates(labelstud
     with pytest.raises(ImportOutcomeUnknown, match="Timeout") as doubt:
         send_tasks(labelstudio, project.id, batch, timeout_s=0.05)
     assert len(doubt.value.in_doubt) == 3000 and doubt.value.landed == []
-    retry = import_batch.fn(labelstudio, project.id, "b-timeout", batch, reconcile_first=True,
+    retry = import_batch(labelstudio, project.id, "b-timeout", batch, reconcile_first=True,
                             doubt_s=120)
     ids = prompt_ids_in(labelstudio, project.id)
     assert len(ids) == 3000 and set(ids.values()) == {1}  # each prompt exactly once
@@ -103,7 +103,7 @@ def test_unknown_outcome_is_awaited_then_reconciled_without_duplicates(labelstud
     more = tasks_for([f"later prompt {i}" for i in range(50)], "b-refused")
     with pytest.raises(ImportOutcomeUnknown, match="ConnectError"):
         send_tasks(dead, project.id, more)
-    retry = import_batch.fn(labelstudio, project.id, "b-refused", more, reconcile_first=True,
+    retry = import_batch(labelstudio, project.id, "b-refused", more, reconcile_first=True,
                             doubt_s=0.1)
     assert (retry.reconciled, len(retry.landed)) == (0, 50)
     assert task_count(labelstudio, project.id) == 3050
