@@ -44,10 +44,9 @@ def _peak_rss_mb() -> float:
 
 # -- children ------------------------------------------------------------------------------------
 def child_sftflow(project: str, dataset: str) -> dict:
+    from sftflow.core.settings import get_settings
     from sftflow.flows.build_dataset import BuildParams, build_dataset
     from sftflow.tasks.adapters.clients import prefect_api
-
-    from sftflow.core.settings import get_settings
 
     with prefect_api(get_settings()):
         t0 = time.perf_counter()
@@ -63,6 +62,7 @@ def child_naive(project_id: int, dataset: str, version: int) -> dict:
     copy per version. (It takes the same export snapshot: the synchronous export endpoint was
     not benchmarked at 55k tasks on the shared stack.)"""
     import numpy as np
+
     from sftflow.tasks import dedup
     from sftflow.tasks.adapters.clients import Clients
     from sftflow.tasks.build.export import create_snapshot, delete_snapshot, parse_tasks

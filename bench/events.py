@@ -124,6 +124,7 @@ def annotate(ls, task_id: int) -> None:
 def latency_part(settings, ls, s3, crossings: int) -> dict:
     import httpx
     from prefect import get_client
+
     from sftflow.deployments.serve import BUILD, ServeConfig, build_deployments
     from sftflow.flows.check_annotations import CheckParams, check_annotations
     from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
@@ -236,10 +237,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from prefect.testing.utilities import prefect_test_harness
-    from sftflow.tasks.adapters.labelstudio import build_labelstudio
-    from sftflow.tasks.adapters.s3 import build_s3
 
     from sftflow.core.settings import get_settings
+    from sftflow.tasks.adapters.labelstudio import build_labelstudio
+    from sftflow.tasks.adapters.s3 import build_s3
 
     settings = get_settings()
     bucket = f"bench-events-{os.getpid()}"

@@ -42,10 +42,9 @@ TARGETS = {"incremental_s": 15.0, "ratio_to_full": 0.2, "bytes_ratio": 0.10,
 
 
 def child_build(project: str, dataset: str, mode: str) -> dict:
+    from sftflow.core.settings import get_settings
     from sftflow.flows.build_dataset import BuildParams, build_dataset
     from sftflow.tasks.adapters.clients import prefect_api
-
-    from sftflow.core.settings import get_settings
 
     with prefect_api(get_settings()):
         t0 = time.perf_counter()

@@ -35,12 +35,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sftflow.core.settings import get_settings
 from sftflow.tasks.adapters.labelstudio import build_labelstudio
 from sftflow.tasks.adapters.s3 import build_s3
 from sftflow.tasks.ingest.projects import ensure_project
 from sftflow.tasks.ingest.prompts import prompt_id
-
-from sftflow.core.settings import get_settings
 
 DATA = Path(os.environ.get("SFTFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "bench" / "results" / "ingest.json"

@@ -208,9 +208,8 @@ class Runner:
 
 class Soak:
     def __init__(self, args: argparse.Namespace, folder: Path):
-        from sftflow.infra.stack import LocalStack
-
         from sftflow.core.settings import Settings
+        from sftflow.infra.stack import LocalStack
         from tests.contract.openai_server import OpenAIContractServer
 
         self.args = args

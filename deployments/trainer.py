@@ -24,6 +24,7 @@ def deploy_train_trl(work_pool: str, name: str = "default", source: str | Path |
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
     from prefect.workers.process import ProcessWorker
+
     from sftflow.flows.train_trl import train_trl
 
     with get_client(sync_client=True) as client:

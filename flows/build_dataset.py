@@ -42,6 +42,9 @@ from prefect.events import emit_event
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field
+
+import sftflow
+from sftflow.core import events
 from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.adapters.labelstudio import RESPONSE_NAME, require_project
 from sftflow.tasks.adapters.s3 import S3
@@ -61,9 +64,6 @@ from sftflow.tasks.dedup import DedupConfig
 from sftflow.tasks.drafts import figures
 from sftflow.tasks.runtime.declare import artifact_key, io_task
 from sftflow.tasks.versions import formats, versioning
-
-import sftflow
-from sftflow.core import events
 
 
 class BuildParams(BaseModel):

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.deployments import run_deployment
 from pydantic import BaseModel, Field
+
 from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.adapters.labelstudio import require_project
 from sftflow.tasks.triggers.counters import CountMode, ProjectCounters, Threshold, progress

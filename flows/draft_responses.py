@@ -35,6 +35,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel, Field
+
+from sftflow.core import events
+from sftflow.core.errors import ConfigError
 from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.adapters.labelstudio import require_project
 from sftflow.tasks.drafts.model import GeneratorKind, build_generator, resolve_model_task
@@ -45,9 +48,6 @@ from sftflow.tasks.drafts.stage import (
     select_drafts_task,
 )
 from sftflow.tasks.runtime.declare import artifact_key
-
-from sftflow.core import events
-from sftflow.core.errors import ConfigError
 
 
 class DraftParams(BaseModel):

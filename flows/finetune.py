@@ -41,6 +41,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
+
+from sftflow.core import events
+from sftflow.core.clock import utc_now_iso
+from sftflow.core.errors import SftflowError
+from sftflow.core.failpoints import failpoint
 from sftflow.flows.train_trl import train_trl
 from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.adapters.s3 import S3
@@ -71,11 +76,6 @@ from sftflow.tasks.finetune.openai_backend import OpenAIBackend
 from sftflow.tasks.finetune.tracking import track_job_task
 from sftflow.tasks.finetune.trl_backend import TrlBackend
 from sftflow.tasks.runtime.polling import Backoff, wait_until
-
-from sftflow.core import events
-from sftflow.core.clock import utc_now_iso
-from sftflow.core.errors import SftflowError
-from sftflow.core.failpoints import failpoint
 
 #: The backends by name. A new one (SageMaker, a Kubernetes Job) is a module implementing
 #: ``tasks.finetune.backends.Backend`` plus one entry here. ``trl`` in local mode runs the

@@ -42,6 +42,10 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 from pydantic import BaseModel, Field, field_validator
+
+from sftflow.core.errors import ConfigError
+from sftflow.core.events import PROMPTS_INGESTED, project_resource
+from sftflow.core.settings import get_settings
 from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.adapters.s3 import parse_s3_uri
 from sftflow.tasks.ingest.importer import ImportTotals, ProjectImporter
@@ -58,10 +62,6 @@ from sftflow.tasks.ingest.prompts import (
 from sftflow.tasks.runtime.declare import artifact_key
 from sftflow.tasks.runtime.progress import PhaseTimer, ProgressBar
 from sftflow.tasks.versions.locks import ingest_lock_name, s3_lock
-
-from sftflow.core.errors import ConfigError
-from sftflow.core.events import PROMPTS_INGESTED, project_resource
-from sftflow.core.settings import get_settings
 
 
 class IngestParams(BaseModel):

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.states import Completed
 from pydantic import BaseModel, Field
+
 from sftflow.flows.build_dataset import BuildParams, build_dataset
 from sftflow.flows.finetune import FinetuneParams, finetune
 from sftflow.flows.ingest import IngestParams, ingest_prompts

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+
+from sftflow.core.clock import utc_now_iso
 from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.drafts.samples import sample_outputs_task
 from sftflow.tasks.finetune.backends import JobSpec
@@ -44,8 +46,6 @@ from sftflow.tasks.finetune.trl_job import (
     write_result_task,
 )
 from sftflow.tasks.runtime.declare import artifact_key
-
-from sftflow.core.clock import utc_now_iso
 
 FLOW_NAME = "train-trl"
 

@@ -24,6 +24,7 @@ from prefect.artifacts import (
 )
 from prefect.states import Completed
 from pydantic import BaseModel, Field, model_validator
+
 from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.runtime.declare import artifact_key
 from sftflow.tasks.runtime.polling import Backoff

@@ -16,6 +16,7 @@ from sftflow.core.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from label_studio_sdk import LabelStudio
+
     from sftflow.tasks.adapters.s3 import S3
 
 

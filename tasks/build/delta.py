@@ -27,12 +27,11 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from sftflow.core.errors import SftflowError
+from sftflow.core.hashing import canonical_json, sha256_hex
 from sftflow.tasks.adapters.labelstudio import PROMPT_NAME
 from sftflow.tasks.runtime.declare import io_task
 from sftflow.tasks.runtime.polling import Backoff, is_transient, retry
-
-from sftflow.core.errors import SftflowError
-from sftflow.core.hashing import canonical_json, sha256_hex
 
 #: Seconds the next watermark overlaps the previous one: an annotation saved in a transaction
 #: that commits after the reading began (milliseconds in practice). Tasks created or deleted

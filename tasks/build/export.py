@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from sftflow.core.errors import SftflowError
 from sftflow.tasks.adapters.labelstudio import PROMPT_NAME, RESPONSE_NAME
 from sftflow.tasks.build.delta import ls_time
 from sftflow.tasks.drafts import edits
@@ -30,8 +31,6 @@ from sftflow.tasks.ingest.prompts import prompt_id as compute_prompt_id
 from sftflow.tasks.runtime.declare import compute_task, io_task
 from sftflow.tasks.runtime.polling import Backoff, is_transient, retry, wait_until
 from sftflow.tasks.versions.rows import Exclusion, SftRow
-
-from sftflow.core.errors import SftflowError
 
 AnnotationPolicy = Literal["latest", "ground_truth_first", "all"]
 

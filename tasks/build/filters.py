@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
+
 from sftflow.tasks.runtime.declare import compute_task
 from sftflow.tasks.versions.redact import (
     PII_PATTERNS,

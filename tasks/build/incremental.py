@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from sftflow.core.hashing import sha256_hex
 from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.build.delta import TaskState
 from sftflow.tasks.versions import formats
 from sftflow.tasks.versions.versioning import kept_positions, read_file, read_signatures
-
-from sftflow.core.hashing import sha256_hex
 
 if TYPE_CHECKING:
     from sftflow.tasks.versions.rows import Exclusion, SftRow

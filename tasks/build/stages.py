@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
+
+from sftflow.core.hashing import config_hash
 from sftflow.tasks.adapters.labelstudio import PROMPT_NAME
 from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.build.delta import (
@@ -54,8 +56,6 @@ from sftflow.tasks.dedup.stable import stable_dedup
 from sftflow.tasks.runtime.declare import compute_task
 from sftflow.tasks.versions import formats, versioning
 from sftflow.tasks.versions.rows import Exclusion, SftRow
-
-from sftflow.core.hashing import config_hash
 
 T = TypeVar("T")
 

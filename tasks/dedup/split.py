@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from sftflow.tasks.dedup.minhash import U64, _mix
 
 

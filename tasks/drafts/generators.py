@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
-from sftflow.tasks.runtime.polling import Backoff, retry
-from sftflow.tasks.versions import formats
 
 from sftflow.core.errors import ConfigError, SftflowError
+from sftflow.tasks.runtime.polling import Backoff, retry
+from sftflow.tasks.versions import formats
 
 
 class DraftError(SftflowError):

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from sftflow.core.errors import ConfigError, SftflowError
+from sftflow.core.settings import Settings
 from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.drafts.generators import (
     DraftGenerator,
@@ -23,9 +26,6 @@ from sftflow.tasks.drafts.generators import (
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.runtime.declare import io_task
 from sftflow.tasks.versions import versioning
-
-from sftflow.core.errors import ConfigError, SftflowError
-from sftflow.core.settings import Settings
 
 GeneratorKind = Literal["transformers", "openai"]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+
 from sftflow.tasks.adapters.s3 import S3, parse_s3_uri
 from sftflow.tasks.drafts.generators import DraftError, DraftGenerator, TransformersGenerator
 from sftflow.tasks.finetune.backends import Baseline, JobSpec

@@ -23,6 +23,7 @@ from typing import Any
 
 from label_studio_sdk import LabelStudio
 from pydantic import BaseModel, Field
+
 from sftflow.tasks.adapters.labelstudio import PROMPT_NAME, RESPONSE_NAME
 from sftflow.tasks.drafts.generators import DraftGenerator, failure_reason
 from sftflow.tasks.runtime.declare import io_task

@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
-from sftflow.tasks.runtime.declare import io_task
 
 from sftflow.core.errors import ConfigError
+from sftflow.tasks.runtime.declare import io_task
 
 if TYPE_CHECKING:
     from sftflow.tasks.adapters.clients import Clients

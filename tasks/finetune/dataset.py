@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from sftflow.core.hashing import sha256_hex
 from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.finetune.backends import Hyperparameters, JobSpec
 from sftflow.tasks.runtime.declare import io_task
 from sftflow.tasks.versions import versioning
-
-from sftflow.core.hashing import sha256_hex
 
 
 class DataFile(BaseModel):

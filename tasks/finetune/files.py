@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sftflow.tasks.adapters.s3 import S3, parse_s3_uri
-
 from sftflow.core.errors import SftflowError
+from sftflow.tasks.adapters.s3 import S3, parse_s3_uri
 
 
 def upload_dir(s3: S3, local_dir: str | Path, uri: str) -> list[str]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect.artifacts import create_table_artifact
-from sftflow.tasks.finetune.dataset import TrainingData
-from sftflow.tasks.runtime.declare import compute_task
 
 from sftflow.core.errors import SftflowError
+from sftflow.tasks.finetune.dataset import TrainingData
+from sftflow.tasks.runtime.declare import compute_task
 
 
 def version_gates(data: TrainingData, *, backend: str, min_train_rows: int,

@@ -24,16 +24,16 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sftflow.tasks.adapters.s3 import S3, PreconditionFailed
-from sftflow.tasks.finetune.backends import Baseline, Hyperparameters
-from sftflow.tasks.finetune.dataset import TrainingData
-from sftflow.tasks.finetune.gate import eval_gate
-from sftflow.tasks.runtime.declare import io_task
 
 from sftflow import __version__
 from sftflow.core.clock import utc_now, utc_now_iso
 from sftflow.core.errors import SftflowError
 from sftflow.core.hashing import config_hash, sha256_hex
+from sftflow.tasks.adapters.s3 import S3, PreconditionFailed
+from sftflow.tasks.finetune.backends import Baseline, Hyperparameters
+from sftflow.tasks.finetune.dataset import TrainingData
+from sftflow.tasks.finetune.gate import eval_gate
+from sftflow.tasks.runtime.declare import io_task
 
 REFS = "_refs"
 Status = Literal["submitted", "queued", "running", "succeeded", "failed", "cancelled"]

@@ -16,14 +16,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
+
+from sftflow.core.errors import ConfigError, ServiceUnavailable, SftflowError
+from sftflow.core.settings import resolve_secret
 from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.finetune.backends import JobResult, JobSpec, JobStatus
 from sftflow.tasks.finetune.files import read_lines
 from sftflow.tasks.finetune.validate import validate_chat_lines
 from sftflow.tasks.runtime.polling import Backoff, retry
-
-from sftflow.core.errors import ConfigError, ServiceUnavailable, SftflowError
-from sftflow.core.settings import resolve_secret
 
 if TYPE_CHECKING:
     from sftflow.tasks.adapters.clients import Clients

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+
 from sftflow.tasks.finetune.lineage import LineageRecord
 from sftflow.tasks.finetune.loss_plot import loss_curve_png
 from sftflow.tasks.runtime.declare import io_task

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
+
+from sftflow.core.errors import SftflowError
+from sftflow.core.hashing import sha256_hex
 from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.finetune.backends import Baseline, Hyperparameters, JobSpec
 from sftflow.tasks.finetune.files import download_prefix, prefix_has
 from sftflow.tasks.runtime.declare import compute_task, io_task
-
-from sftflow.core.errors import SftflowError
-from sftflow.core.hashing import sha256_hex
 
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

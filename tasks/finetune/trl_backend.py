@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sftflow.core.errors import ConfigError, SftflowError
 from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.finetune.backends import JobResult, JobSpec, JobStatus
 from sftflow.tasks.finetune.trl_job import read_result, result_uri
-
-from sftflow.core.errors import ConfigError, SftflowError
 
 if TYPE_CHECKING:
     from sftflow.tasks.adapters.clients import Clients

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from sftflow.core.clock import utc_now_iso
 from sftflow.tasks.adapters.s3 import S3, parse_s3_uri
 from sftflow.tasks.finetune.backends import JobSpec
 from sftflow.tasks.finetune.files import read_json, upload_dir, write_json
 from sftflow.tasks.runtime.declare import io_task
-
-from sftflow.core.clock import utc_now_iso
 
 
 class TrainResult(BaseModel):

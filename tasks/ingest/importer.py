@@ -43,6 +43,9 @@ from typing import Any
 
 import numpy as np
 from label_studio_sdk import LabelStudio
+
+from sftflow.core.clock import utc_now
+from sftflow.core.failpoints import failpoint
 from sftflow.tasks.adapters.s3 import ObjectInfo
 from sftflow.tasks.dedup import DedupConfig, fingerprint
 from sftflow.tasks.ingest.imports import (
@@ -65,9 +68,6 @@ from sftflow.tasks.ingest.index import (
 from sftflow.tasks.ingest.intake import FileIntake, new_prompts
 from sftflow.tasks.ingest.prompts import Ledger, Prompt, prompt_id, rejected_batch_key
 from sftflow.tasks.runtime.progress import PhaseTimer
-
-from sftflow.core.clock import utc_now
-from sftflow.core.failpoints import failpoint
 
 
 def task_data(p: Prompt, obj: ObjectInfo, uri: str, batch: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
+
 from sftflow.tasks.runtime.declare import io_task
 from sftflow.tasks.runtime.polling import Backoff, wait_until
 

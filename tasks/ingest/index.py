@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.dedup import DedupConfig, lsh_params
 from sftflow.tasks.dedup import minhash as _mh

@@ -12,10 +12,10 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 from label_studio_sdk import LabelStudio
-from sftflow.tasks.adapters.labelstudio import PROMPT_NAME, RESPONSE_NAME, find_project
-from sftflow.tasks.runtime.declare import io_task
 
 from sftflow.core.errors import ConfigError
+from sftflow.tasks.adapters.labelstudio import PROMPT_NAME, RESPONSE_NAME, find_project
+from sftflow.tasks.runtime.declare import io_task
 
 #: Label Studio's "Supervised Language Model Fine-tuning" template (generative-ai/supervised-llm).
 SFT_LABEL_CONFIG = f"""<View className="root">

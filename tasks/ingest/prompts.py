@@ -34,12 +34,12 @@ from datetime import datetime
 from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, Field, field_validator
-from sftflow.tasks.adapters.s3 import S3, ObjectInfo, PreconditionFailed
-from sftflow.tasks.dedup import normalize
-from sftflow.tasks.runtime.declare import io_task
 
 from sftflow.core.clock import utc_now, utc_now_iso
 from sftflow.core.hashing import sha256_hex
+from sftflow.tasks.adapters.s3 import S3, ObjectInfo, PreconditionFailed
+from sftflow.tasks.dedup import normalize
+from sftflow.tasks.runtime.declare import io_task
 
 # -- prompt identity --------------------------------------------------------------------------
 # One normalisation for prompt identity and dedup's exact keys: NFKC, casefold, whitespace

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from sftflow.core.errors import ConfigError
 from sftflow.tasks.adapters.labelstudio import require_project
 from sftflow.tasks.runtime.declare import io_task
 from sftflow.tasks.runtime.polling import Backoff, wait_until
-
-from sftflow.core.errors import ConfigError
 
 CountMode = Literal["tasks", "annotations"]
 

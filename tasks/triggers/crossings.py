@@ -17,9 +17,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sftflow.tasks.runtime.declare import io_task
-
 from sftflow.core.hashing import config_hash
+from sftflow.tasks.runtime.declare import io_task
 
 #: Prefect state types of a run that has not ended (reuse it).
 ACTIVE_STATES = frozenset({"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"})

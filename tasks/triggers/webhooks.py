@@ -28,7 +28,6 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from pydantic import ValidationError
-from sftflow.tasks.triggers.counters import CountMode, ProjectCounters, Threshold, progress
 
 from sftflow.core.events import (
     ANNOTATION_CREATED,
@@ -37,6 +36,7 @@ from sftflow.core.events import (
     bucket_resource,
     project_resource,
 )
+from sftflow.tasks.triggers.counters import CountMode, ProjectCounters, Threshold, progress
 
 SECRET_HEADER = "X-Sftflow-Secret"
 LABELSTUDIO_ACTIONS = frozenset(

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sftflow.tasks.versions.hub import hf_split
-from sftflow.tasks.versions.rows import SCHEMA
 
 from sftflow.core.hashing import sha256_hex
+from sftflow.tasks.versions.hub import hf_split
+from sftflow.tasks.versions.rows import SCHEMA
 
 if TYPE_CHECKING:
     from sftflow.tasks.versions.rows import Exclusion, SftRow

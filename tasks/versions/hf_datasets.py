@@ -11,9 +11,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from sftflow.tasks.versions.hub import HF_SPLITS
-
 from sftflow.core.settings import Settings, get_settings
+from sftflow.tasks.versions.hub import HF_SPLITS
 
 if TYPE_CHECKING:
     import datasets
@@ -26,6 +25,7 @@ def load_dataset(
     """Version ``version`` (id, tag, or None for ``refs/latest``) of dataset ``name``."""
     import datasets
     import pyarrow as pa
+
     from sftflow.tasks.adapters.clients import Clients
     from sftflow.tasks.versions import versioning
 

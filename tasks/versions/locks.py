@@ -32,11 +32,11 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel
-from sftflow.tasks.adapters.s3 import S3, PreconditionFailed
-from sftflow.tasks.runtime.polling import Backoff, wait_until
 
 from sftflow.core.clock import utc_now
 from sftflow.core.errors import SftflowError
+from sftflow.tasks.adapters.s3 import S3, PreconditionFailed
+from sftflow.tasks.runtime.polling import Backoff, wait_until
 
 _log = logging.getLogger(__name__)
 

@@ -62,16 +62,16 @@ from pydantic import (
     field_validator,
     model_serializer,
 )
-from sftflow.tasks.adapters.s3 import S3, ObjectInfo, PreconditionFailed
-from sftflow.tasks.runtime.declare import io_task
-from sftflow.tasks.runtime.polling import Backoff, retry
-from sftflow.tasks.versions import formats, hub
 
 from sftflow.core.clock import utc_now, utc_now_iso
 from sftflow.core.errors import SftflowError
 from sftflow.core.failpoints import failpoint
 from sftflow.core.hashing import config_hash, sha256_hex
 from sftflow.core.settings import DatasetSettings
+from sftflow.tasks.adapters.s3 import S3, ObjectInfo, PreconditionFailed
+from sftflow.tasks.runtime.declare import io_task
+from sftflow.tasks.runtime.polling import Backoff, retry
+from sftflow.tasks.versions import formats, hub
 
 if TYPE_CHECKING:
     from sftflow.tasks.versions.rows import Exclusion, SftRow

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from sftflow.tasks.runtime.polling import Backoff, wait_until
 
 pytestmark = pytest.mark.prefect

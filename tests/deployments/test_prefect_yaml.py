@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from sftflow.deployments.serve import ServeConfig, build_deployments
 from sftflow.deployments.trainer import ENTRYPOINT as TRAIN_ENTRYPOINT
 
@@ -119,9 +120,9 @@ def test_prefects_own_config_model_reads_the_train_deployment():
     """`prefect deploy` parses prefect.yaml with this model; the train deployment is the
     trl backend's default `train-trl/default`, on the GPU pool, started in the image's WORKDIR."""
     from prefect.cli.deploy._models import PrefectYamlModel
-    from sftflow.flows.train_trl import train_trl
 
     from sftflow.core.settings import FinetuneSettings
+    from sftflow.flows.train_trl import train_trl
 
     model = PrefectYamlModel.model_validate(yaml.safe_load(YAML.read_text()))
     (train,) = [d for d in model.deployments if d.entrypoint == TRAIN_ENTRYPOINT]

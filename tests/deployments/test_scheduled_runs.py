@@ -32,8 +32,8 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
 
+from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
 from tests.conftest import unique
 
 pytestmark = [pytest.mark.integration]
@@ -184,10 +184,10 @@ def test_flow_and_bridge_events_are_persisted_and_read_back(served):
     """The flows' own events (ingested, versioned) and one the bridge emits on an S3
     notification are stored by the event persister and returned by the events API."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from sftflow.tasks.triggers.webhooks import SECRET_HEADER
 
     from sftflow.bridge import create_app
     from sftflow.core.events import DATASET_VERSIONED, PROMPTS_ARRIVED, PROMPTS_INGESTED
+    from sftflow.tasks.triggers.webhooks import SECRET_HEADER
 
     api, log, since = served["api"], served["log"], served["started"]
     project_id = served["project"].id

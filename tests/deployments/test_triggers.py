@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 import uvicorn
+
 from sftflow.deployments.serve import BUILD, INGEST, ServeConfig, build_deployments
 from sftflow.flows.check_annotations import CheckParams, check_annotations
 from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
@@ -24,7 +25,6 @@ from sftflow.tasks.triggers.webhooks import (
     register_webhook,
     webhook_url,
 )
-
 from tests.conftest import unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
@@ -236,9 +236,9 @@ def test_a_finished_model_of_this_dataset_starts_drafting_and_others_do_not(pref
     """With drafts on, sftflow.finetune.succeeded for a model of this dataset starts one
     draft-responses run with that job; a model of another dataset starts none."""
     from prefect.events import emit_event
-    from sftflow.deployments.serve import DRAFTS
 
     from sftflow.core.events import FINETUNE_SUCCEEDED, dataset_resource, model_resource
+    from sftflow.deployments.serve import DRAFTS
 
     cfg = ServeConfig(source=f"s3://{s3.bucket}/prompts/", project="7", dataset=DATASET,
                       base_model="m", bucket=s3.bucket, drafts="transformers")

@@ -8,8 +8,8 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
-from sftflow.tasks.adapters.s3 import build_s3
 
+from sftflow.tasks.adapters.s3 import build_s3
 from tests.faults.proxy import Fault, FaultProxy
 
 pytestmark = pytest.mark.integration

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+
 from sftflow.flows.build_dataset import BuildParams, build_dataset
 from sftflow.tasks.versions import versioning
-
 from tests.conftest import unique
 from tests.tasks._datasets import annotation, make_project, textarea
 

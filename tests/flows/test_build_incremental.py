@@ -8,9 +8,9 @@ import json
 import random
 
 import pytest
+
 from sftflow.flows.build_dataset import BuildParams, build_dataset
 from sftflow.tasks.versions import versioning
-
 from tests.conftest import unique
 from tests.tasks._datasets import annotation, make_project, textarea
 

@@ -11,13 +11,13 @@ import time
 
 import httpx
 import pytest
+
+from sftflow.core import events
 from sftflow.flows.draft_responses import DraftParams, draft_responses
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.finetune.dataset import read_version
 from sftflow.tasks.versions import versioning
-
-from sftflow.core import events
 from tests.contract.openai_server import OpenAIContractServer
 from tests.tasks._datasets import final_rows
 from tests.tasks._drafts import predictions, sft_project, texts  # noqa: F401

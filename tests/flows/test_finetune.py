@@ -11,15 +11,15 @@ import time
 
 import httpx
 import pytest
+
+from sftflow.core import events
+from sftflow.core.errors import SftflowError
 from sftflow.flows.finetune import FinetuneParams, finetune
 from sftflow.tasks.adapters.s3 import parse_s3_uri
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.finetune.dataset import read_version
 from sftflow.tasks.versions import versioning
-
-from sftflow.core import events
-from sftflow.core.errors import SftflowError
 from tests.contract.openai_server import OpenAIContractServer
 from tests.tasks._finetune import (  # noqa: F401
     flow_settings,

@@ -24,11 +24,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+
 from sftflow.flows import finetune as finetune_module
 from sftflow.flows.finetune import FinetuneParams, finetune
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.finetune.openai_backend import OpenAIBackend
-
 from tests.contract.openai_server import OpenAIContractServer
 from tests.faults.proxy import Fault, FaultProxy
 from tests.tasks._finetune import flow_settings, make_version  # noqa: F401

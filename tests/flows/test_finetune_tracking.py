@@ -7,12 +7,12 @@ and the dataset version as input; the second job's sample outputs sit beside the
 from __future__ import annotations
 
 import pytest
+
 from sftflow.flows.finetune import FinetuneParams, finetune
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.finetune.tracking import metric_history
 from sftflow.tasks.runtime.declare import artifact_key
-
 from tests.tasks._finetune import flow_settings, make_version, tiny_chat_model  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect, pytest.mark.train,

@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from sftflow.core.errors import ConfigError
 from sftflow.flows.ingest import IngestParams, ingest_prompts
 from sftflow.tasks.ingest.imports import iter_project_tasks, task_count
 from sftflow.tasks.ingest.prompts import FieldMapping, Limits, prompt_id
-
-from sftflow.core.errors import ConfigError
 from tests.conftest import unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
@@ -228,6 +228,7 @@ def test_a_leaked_prefect_concurrency_slot_does_not_block_ingest(prefect_harness
     server's memory): the ingest lock must not depend on it."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
     from sftflow.tasks.ingest.projects import ensure_project
     from sftflow.tasks.versions.locks import ingest_lock_name
 

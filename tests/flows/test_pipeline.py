@@ -7,9 +7,9 @@ import threading
 import time
 
 import pytest
+
 from sftflow.flows.pipeline import PipelineParams, sft_pipeline
 from sftflow.tasks.adapters.labelstudio import find_project
-
 from tests.conftest import unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
@@ -82,6 +82,7 @@ def test_pipeline_build_takes_the_datasets_s3_lock_over_a_dead_holder(prefect_ha
     build by its lease only, and the build leaves it released with the next fencing token."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
+
     from sftflow.tasks.versions.locks import (
         LeaseLost,
         LockRecord,

@@ -7,9 +7,10 @@ import importlib
 import pkgutil
 
 import pytest
-import sftflow.flows
 from prefect import Flow
 from prefect._internal.engine import resolve_custom_flow_run_name
+
+import sftflow.flows
 from sftflow.flows.build_dataset import BuildParams, build_dataset
 from sftflow.flows.check_annotations import CheckParams, check_annotations
 from sftflow.flows.finetune import FinetuneParams, finetune

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 
 import pytest
+
+from sftflow.core.errors import SftflowError
 from sftflow.flows.train_trl import train_trl
 from sftflow.tasks.adapters.s3 import parse_s3_uri
 from sftflow.tasks.finetune.backends import Hyperparameters
@@ -16,8 +18,6 @@ from sftflow.tasks.finetune.dataset import read_version
 from sftflow.tasks.finetune.trl_job import read_result
 from sftflow.tasks.runtime.declare import artifact_key
 from sftflow.tasks.versions import formats, versioning
-
-from sftflow.core.errors import SftflowError
 from tests.tasks._datasets import final_rows
 from tests.tasks._finetune import flow_settings, tiny_chat_model, tiny_model  # noqa: F401
 
@@ -90,8 +90,9 @@ def test_chat_training_drops_long_rows_and_draws_the_loss_curves(prefect_harness
     assert "dropped 4 of 40 rows" in summary
 
     # the saved tokenizer keeps the chat template: drafts use the format the model trained on
-    from sftflow.tasks.finetune.files import download_prefix
     from transformers import AutoTokenizer
+
+    from sftflow.tasks.finetune.files import download_prefix
 
     download_prefix(s3, result.artifacts["model"], tmp_path / "model")
     assert AutoTokenizer.from_pretrained(tmp_path / "model").chat_template

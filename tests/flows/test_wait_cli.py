@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
 
+from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
 from tests.conftest import unique
 
 pytestmark = pytest.mark.integration

@@ -7,10 +7,10 @@ import threading
 import time
 
 import pytest
-from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
-from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
 
 from sftflow.core.errors import ConfigError
+from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
+from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
 from tests.conftest import unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from sftflow.infra.stack import _group_members
 
 pytestmark = pytest.mark.integration

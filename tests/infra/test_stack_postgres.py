@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sftflow.infra.stack import _group_members
 
 from sftflow.core.settings import LOCAL_LS_TOKEN, LOCAL_PG_PASSWORD, StackSettings
+from sftflow.infra.stack import _group_members
 from tests.infra.test_stack import sftflow, stack_env
 
 pytestmark = pytest.mark.integration

@@ -7,9 +7,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
+
 from sftflow.tasks.drafts.stage import draft_result
 from sftflow.tasks.ingest.projects import ensure_project
-
 from tests.conftest import unique
 
 

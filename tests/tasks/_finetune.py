@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sftflow.tasks.versions import versioning
 
+from sftflow.tasks.versions import versioning
 from tests.tasks._datasets import final_rows
 
 ROOT = Path(__file__).parents[2]
@@ -72,6 +72,7 @@ def train_worker(prefect_harness, tmp_path_factory) -> Iterator[str]:
     """``train-trl/default`` deployed on a new process work pool of the test harness's API,
     with a ``prefect worker`` subprocess serving it; the worker is stopped by its pid."""
     from prefect.settings import PREFECT_API_URL
+
     from sftflow.deployments.trainer import deploy_train_trl
 
     pool = f"train-test-{uuid.uuid4().hex[:8]}"

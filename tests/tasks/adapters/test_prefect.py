@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+
 from sftflow.tasks.adapters.prefect import service_errors, unscheduled_deployments
 
 #: The Prefect 3.8.8 server's log with SQLAlchemy 2.1.9 (issue #13), as the stack captured it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from sftflow.tasks.adapters.s3 import PreconditionFailed, parse_s3_uri
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,6 @@ def test_a_server_that_ignores_conditional_writes_is_refused(settings, s3):
     from urllib.parse import urlparse
 
     from sftflow.tasks.adapters.s3 import ConditionalWritesUnsupported, build_s3
-
     from tests.faults.proxy import Fault, FaultProxy
 
     up = urlparse(settings.s3.endpoint_url)
@@ -72,6 +72,7 @@ def test_empty_key_id_uses_the_boto3_credential_chain(settings, s3, monkeypatch)
     """`SFTFLOW_S3__ACCESS_KEY_ID=` (the README's way to use boto3's chain) must not crash
     with PartialCredentialsError: the keys come from the environment instead."""
     from pydantic import SecretStr
+
     from sftflow.tasks.adapters.s3 import build_s3
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", settings.s3.access_key_id.get_secret_value())
@@ -90,6 +91,7 @@ def test_keys_come_from_a_prefect_aws_credentials_block(settings, s3, prefect_ha
     from prefect_aws import AwsCredentials
     from prefect_aws.client_parameters import AwsClientParameters
     from pydantic import SecretStr
+
     from sftflow.tasks.adapters.s3 import build_s3
 
     good = f"sftflow-s3-{s3.bucket}"

@@ -7,9 +7,9 @@ import math
 import random
 
 import pytest
+
 from sftflow.tasks.build.delta import find_deleted, find_missing
 from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
-
 from tests.conftest import unique
 
 

@@ -6,6 +6,8 @@ import io
 import json
 
 import pytest
+
+from sftflow.core.errors import SftflowError
 from sftflow.tasks.build.export import (
     iter_json_array,
     parse_export_file,
@@ -13,8 +15,6 @@ from sftflow.tasks.build.export import (
     task_rows,
 )
 from sftflow.tasks.ingest.prompts import prompt_id
-
-from sftflow.core.errors import SftflowError
 from tests.conftest import unique
 from tests.tasks._datasets import annotation, make_project, textarea
 
@@ -180,7 +180,6 @@ def ls_proxy(stack):
     from urllib.parse import urlparse
 
     from sftflow.tasks.adapters.labelstudio import build_labelstudio
-
     from tests.faults.proxy import FaultProxy
 
     up = urlparse(stack.labelstudio.url)
@@ -200,7 +199,6 @@ def test_a_snapshot_create_slower_than_the_client_timeout_waits_within_the_deadl
     """Without an export queue Label Studio builds the snapshot inside the create request:
     the request may take longer than the client's timeout, while the deadline allows it."""
     from sftflow.tasks.build.export import create_snapshot
-
     from tests.faults.proxy import Fault
 
     proxy, client = ls_proxy
@@ -215,7 +213,6 @@ def test_a_snapshot_create_slower_than_the_client_timeout_waits_within_the_deadl
 def test_a_lost_create_response_reuses_the_snapshot_the_server_made(
         labelstudio, small_project, ls_proxy):
     from sftflow.tasks.build.export import create_snapshot
-
     from tests.faults.proxy import Fault
 
     proxy, client = ls_proxy
@@ -231,7 +228,6 @@ def test_the_export_deadline_covers_the_create_request_and_its_retries(small_pro
     import time
 
     from sftflow.tasks.build.export import create_snapshot
-
     from tests.faults.proxy import Fault
 
     proxy, client = ls_proxy

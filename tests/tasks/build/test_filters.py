@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from sftflow.tasks.build.filters import FilterConfig, approx_tokens, filter_rows
 
 

@@ -8,6 +8,7 @@ import io
 
 import pytest
 from PIL import Image
+
 from sftflow.tasks.build import pictures
 
 ROWS = [{"prompt": "p" * (10 + i), "completion": "c" * (100 + 3 * i), "cluster_id": f"{i:016x}"}

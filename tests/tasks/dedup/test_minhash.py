@@ -10,6 +10,7 @@ from itertools import islice
 import numpy as np
 import pytest
 from pydantic import ValidationError
+
 from sftflow.tasks.dedup import (
     DedupConfig,
     Fingerprints,

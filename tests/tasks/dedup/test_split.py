@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from sftflow.tasks.dedup import SplitLeakage, assign_splits, split_by_cluster, split_groups
 
 

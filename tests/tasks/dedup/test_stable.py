@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from sftflow.tasks.dedup import DedupConfig, fingerprint
 from sftflow.tasks.dedup.stable import hex_key, stable_dedup
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
 from sftflow.tasks.drafts import figures
 from sftflow.tasks.drafts.edits import draft_fields
 from sftflow.tasks.versions import formats
@@ -156,7 +157,6 @@ def test_figures_from_a_real_export_snapshot(labelstudio, tmp_path):
     )
     from sftflow.tasks.drafts.stage import draft_result
     from sftflow.tasks.ingest.projects import ensure_project
-
     from tests.conftest import unique
 
     ls = labelstudio

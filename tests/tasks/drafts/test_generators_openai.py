@@ -7,8 +7,8 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 import pytest
-from sftflow.tasks.drafts.generators import HttpStatusError, OpenAIChatGenerator, failure_reason
 
+from sftflow.tasks.drafts.generators import HttpStatusError, OpenAIChatGenerator, failure_reason
 from tests.contract.openai_server import OpenAIContractServer
 from tests.faults.proxy import Fault, FaultProxy
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from sftflow.tasks.drafts.generators import DraftError, TransformersGenerator, failure_reason
 
+from sftflow.tasks.drafts.generators import DraftError, TransformersGenerator, failure_reason
 from tests.tasks._finetune import tiny_model  # noqa: F401
 
 pytestmark = [pytest.mark.train, pytest.mark.filterwarnings("ignore::FutureWarning")]

@@ -5,8 +5,8 @@ that cannot load or a prompt that fails shown in its cell; the tiny model answer
 from __future__ import annotations
 
 import pytest
-from sftflow.tasks.drafts.samples import EvalPrompt, compare_outputs, eval_prompts
 
+from sftflow.tasks.drafts.samples import EvalPrompt, compare_outputs, eval_prompts
 from tests.tasks._finetune import tiny_chat_model  # noqa: F401
 
 ROWS = [{"messages": [{"role": "system", "content": "Be brief."},

@@ -8,11 +8,11 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 import pytest
+
 from sftflow.tasks.adapters.labelstudio import build_labelstudio
 from sftflow.tasks.drafts.generators import OpenAIChatGenerator
 from sftflow.tasks.drafts.stage import draft_open_tasks, draft_result, write_draft
 from sftflow.tasks.runtime.polling import Backoff
-
 from tests.contract.openai_server import OpenAIContractServer
 from tests.faults.proxy import Fault, FaultProxy
 from tests.tasks._drafts import predictions, sft_project, texts  # noqa: F401

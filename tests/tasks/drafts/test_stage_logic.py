@@ -7,6 +7,8 @@ import json
 
 import httpx
 import pytest
+
+from sftflow.core.errors import ConfigError
 from sftflow.tasks.drafts.generators import (
     DraftError,
     DraftGenerator,
@@ -26,8 +28,6 @@ from sftflow.tasks.drafts.stage import (
     draft_result,
 )
 from sftflow.tasks.versions import formats
-
-from sftflow.core.errors import ConfigError
 
 
 def _task(id_=1, prompt="Say hi.", annotations=(), predictions=()):

@@ -13,11 +13,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+
+from sftflow.core.errors import SftflowError
 from sftflow.tasks.adapters.s3 import build_s3
 from sftflow.tasks.finetune import files
 from sftflow.tasks.finetune.files import download_prefix
-
-from sftflow.core.errors import SftflowError
 from tests.faults.proxy import FaultProxy
 
 ROOT = Path("/tmp/dest")

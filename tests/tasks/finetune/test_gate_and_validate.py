@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from sftflow.core.errors import SftflowError
 from sftflow.tasks.finetune import gate, lineage
 from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.finetune.dataset import DataFile, TrainingData
 from sftflow.tasks.finetune.validate import validate_chat_lines
 from sftflow.tasks.versions import formats
-
-from sftflow.core.errors import SftflowError
 
 
 def _chat(user: str = "Hi?", assistant: str = "Hello.", **extra) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from sftflow.core.errors import SftflowError
 from sftflow.tasks.adapters.s3 import PreconditionFailed
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.finetune.lineage import LineageRecord
-
-from sftflow.core.errors import SftflowError
 
 pytestmark = pytest.mark.integration
 
@@ -60,9 +60,8 @@ def test_best_ref_moves_only_from_the_state_it_was_read_in(s3):
 def test_one_run_holds_the_submission_claim_until_it_names_the_job_or_the_claim_expires(s3):
     from datetime import timedelta
 
-    from sftflow.tasks.finetune.lineage import SubmissionClaim
-
     from sftflow.core.clock import utc_now
+    from sftflow.tasks.finetune.lineage import SubmissionClaim
 
     def attempt(run: str, ttl_s: float = 60, **kw):
         return lineage.claim_submission(

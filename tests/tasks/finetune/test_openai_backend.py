@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from sftflow.core.errors import ConfigError, SftflowError
 from sftflow.tasks.finetune.backends import Hyperparameters, JobSpec
 from sftflow.tasks.finetune.dataset import read_version
 from sftflow.tasks.finetune.openai_backend import OpenAIBackend
-
-from sftflow.core.errors import ConfigError, SftflowError
 from tests.contract.openai_server import OpenAIContractServer
 from tests.tasks._finetune import make_version
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 import pytest
-from sftflow.tasks.finetune.openai_backend import OpenAIBackend
 
 from sftflow.core.errors import ServiceUnavailable, SftflowError
+from sftflow.tasks.finetune.openai_backend import OpenAIBackend
 from tests.contract.openai_server import OpenAIContractServer
 from tests.faults.proxy import Fault, FaultProxy
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+
+from sftflow import __version__
+from sftflow.core.hashing import config_hash
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.finetune.backends import Baseline, Hyperparameters, JobSpec
 from sftflow.tasks.finetune.dataset import TrainingData
 from sftflow.tasks.finetune.lineage import LineageRecord
 from sftflow.tasks.finetune.trl_job import TrainResult, model_uri, result_uri
-
-from sftflow import __version__
-from sftflow.core.hashing import config_hash
 
 DATA = TrainingData(dataset="qa", version="v1", manifest_uri="s3://b/datasets/qa/versions/v1/manifest.json",
                     manifest_sha256="a" * 64, rows={"train": 32, "eval": 8}, files=[], columns=None)

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from sftflow.core.settings import Settings
 from sftflow.tasks.finetune.lineage import LineageRecord
 from sftflow.tasks.finetune.tracking import (
     MlflowTracker,
@@ -16,8 +18,6 @@ from sftflow.tasks.finetune.tracking import (
     step_metrics,
     track_job,
 )
-
-from sftflow.core.settings import Settings
 
 MANIFEST = "s3://bucket-x/datasets/qa/versions/v-0001/manifest.json"
 HISTORY = [

@@ -9,6 +9,8 @@ import struct
 import zlib
 
 import pytest
+
+from sftflow.core.errors import SftflowError
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.finetune.loss_plot import loss_curve_png, series
@@ -20,8 +22,6 @@ from sftflow.tasks.finetune.training import (
     split_turns,
     to_example,
 )
-
-from sftflow.core.errors import SftflowError
 from tests.tasks._finetune import tiny_chat_model, tiny_model  # noqa: F401
 
 SYSTEM = {"role": "system", "content": "Answer in one sentence."}

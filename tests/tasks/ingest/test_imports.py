@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+
+from sftflow.core.errors import ConfigError
 from sftflow.tasks.adapters.labelstudio import build_labelstudio
 from sftflow.tasks.ingest.imports import (
     ImportOutcomeUnknown,
@@ -19,8 +21,6 @@ from sftflow.tasks.ingest.imports import (
 from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG, config_problems, ensure_project
 from sftflow.tasks.ingest.prompts import prompt_id
 from sftflow.tasks.runtime.polling import is_transient
-
-from sftflow.core.errors import ConfigError
 from tests.conftest import unique
 
 

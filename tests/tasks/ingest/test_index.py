@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from sftflow.tasks.dedup import fingerprint
 from sftflow.tasks.ingest.index import (
     SignatureIndex,

@@ -10,6 +10,7 @@ import tracemalloc
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from sftflow.tasks.adapters.s3 import ObjectInfo
 from sftflow.tasks.ingest.prompts import (
     FieldMapping,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import ClientError
 from label_studio_sdk.core.api_error import ApiError
-from sftflow.tasks.runtime.polling import Backoff, is_transient, retry, wait_until
 
 from sftflow.core.errors import ConfigError, SftflowError
+from sftflow.tasks.runtime.polling import Backoff, is_transient, retry, wait_until
 
 
 class Clock:

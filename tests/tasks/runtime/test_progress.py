@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from sftflow.tasks.runtime.progress import PhaseTimer
 
 

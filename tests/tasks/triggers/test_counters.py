@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from sftflow.tasks.runtime.polling import Backoff
-from sftflow.tasks.triggers.counters import ProjectCounters, Threshold, counter_field, progress
 
 from sftflow.core.errors import ConfigError
+from sftflow.tasks.runtime.polling import Backoff
+from sftflow.tasks.triggers.counters import ProjectCounters, Threshold, counter_field, progress
 
 PROJECT = {"id": 7, "title": "p", "task_number": 100, "num_tasks_with_annotations": 40,
            "total_annotations_number": 55, "finished_task_number": 12,

@@ -5,6 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from starlette.testclient import TestClient
+
+from sftflow.bridge import create_app
+from sftflow.core.events import ANNOTATION_CREATED, PROMPTS_ARRIVED, THRESHOLD_LABEL
+from sftflow.core.settings import Settings
 from sftflow.tasks.triggers.webhooks import (
     SECRET_HEADER,
     BadRequest,
@@ -14,11 +19,6 @@ from sftflow.tasks.triggers.webhooks import (
     secret_ok,
     webhook_url,
 )
-from starlette.testclient import TestClient
-
-from sftflow.bridge import create_app
-from sftflow.core.events import ANNOTATION_CREATED, PROMPTS_ARRIVED, THRESHOLD_LABEL
-from sftflow.core.settings import Settings
 
 SECRET = "s3cr3t"
 

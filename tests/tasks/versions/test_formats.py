@@ -7,8 +7,8 @@ import json
 
 import pyarrow.parquet as pq
 import yaml
-from sftflow.tasks.versions import formats
 
+from sftflow.tasks.versions import formats
 from tests.tasks._datasets import final_rows
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from sftflow.tasks.versions import versioning
 
 import sftflow
 from sftflow.core.errors import SftflowError
+from sftflow.tasks.versions import versioning
 from tests.tasks._finetune import make_version
 
 pytestmark = pytest.mark.integration

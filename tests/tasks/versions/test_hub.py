@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from sftflow.tasks.versions import formats, hub, versioning
 from sftflow.tasks.versions.versioning import FileEntry, Manifest
-
 from tests.tasks._datasets import final_rows
 
 SFTFLOW = str(Path(sys.executable).parent / "sftflow")

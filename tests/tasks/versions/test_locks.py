@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+
 from sftflow.tasks.ingest.prompts import Ledger
 from sftflow.tasks.versions.locks import LeaseLost, LockRecord, LockTimeout, lock_key, s3_lock
 

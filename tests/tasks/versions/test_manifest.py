@@ -8,10 +8,10 @@ import hashlib
 import json
 
 import pytest
-from sftflow.tasks.versions import versioning
-from sftflow.tasks.versions.versioning import FileEntry, Manifest
 
 from sftflow.core.errors import SftflowError
+from sftflow.tasks.versions import versioning
+from sftflow.tasks.versions.versioning import FileEntry, Manifest
 
 ROOT = "datasets/d"
 SHA = "ab" * 32
@@ -128,7 +128,6 @@ def test_cas_retries_after_a_lost_race_and_reports_it(settings, s3):
     from urllib.parse import urlparse
 
     from sftflow.tasks.adapters.s3 import build_s3
-
     from tests.faults.proxy import Fault, FaultProxy
 
     up = urlparse(settings.s3.endpoint_url)

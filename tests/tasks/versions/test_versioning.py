@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from sftflow.tasks.versions import versioning
 
 from sftflow.core.errors import SftflowError
+from sftflow.tasks.versions import versioning
 from tests.tasks._datasets import final_rows
 
 pytestmark = pytest.mark.integration
