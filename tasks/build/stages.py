@@ -1,8 +1,8 @@
 """The pure stages of a dataset build between the export and the commit.
 
-Filter results are merged, rows are fingerprinted per shard, deduplicated and split into
-train/eval by cluster (``dedup_and_split``: the final rows a version stores), and the
-figures the build reports are put in shape. No services: the ``build_dataset`` flow calls
+Filter results are merged, rows are fingerprinted per shard, deduplicated against the
+parent's rows and split into train/eval by cluster (``stable_split``: the final rows a version
+stores), and the figures the build reports are put in shape. No services: the ``build_dataset`` flow calls
 these, the Prefect task aliases map them over shards.
 """
 
@@ -47,9 +47,7 @@ from sftflow.tasks.build.incremental import (
 from sftflow.tasks.dedup import (
     DedupConfig,
     Fingerprints,
-    assign_splits,
     dedup_text,
-    deduplicate,
     fingerprint,
 )
 from sftflow.tasks.dedup.stable import stable_dedup
@@ -103,62 +101,8 @@ def dedup_texts(rows: Iterable[SftRow], cfg: DedupConfig) -> list[str]:
 fingerprint_task = compute_task(name="fingerprint-shard")(fingerprint)
 
 
-@dataclass
-class DedupSplit:
-    rows: list[SftRow]  # kept rows with cluster_id, split and row_hash: what the version stores
-    exclusions: list[Exclusion] = field(default_factory=list)  # the duplicates dropped
-    stats: dict[str, Any] = field(default_factory=dict)  # dedup summary, examples, split figures
-
-
 def _hex(key: int) -> str:
     return f"{int(key) & 0xFFFFFFFFFFFFFFFF:016x}"
-
-
-def dedup_and_split(
-    rows: Sequence[SftRow], fps: Sequence[Fingerprints], cfg: DedupConfig,
-    eval_fraction: float, split_seed: int,
-) -> DedupSplit:
-    """Deduplicate ``rows`` (fingerprinted per shard in ``fps``) and split the survivors.
-
-    A kept row's stored ``cluster_id`` is its own content key (the hash of its normalised
-    dedup text), not the cluster's smallest member key: a new near-duplicate that joins the
-    cluster later (and loses the keep rule) then changes neither the kept row nor its split,
-    so the row's shard is reused by the next version."""
-    fp = Fingerprints.concat(fps)
-    result = deduplicate(rows, cfg, fingerprints=fp)
-    kept_idx = np.flatnonzero(result.keep)
-    rep_key = fp.keys[kept_idx]
-    rep_of_cluster = dict(zip(result.cluster_id[kept_idx].tolist(), rep_key.tolist(),
-                              strict=True))
-    split = assign_splits(rep_key, result.cluster_id[kept_idx],
-                          [rows[i]["prompt_id"] for i in kept_idx], eval_fraction, split_seed)
-    final: list[SftRow] = []
-    for i, key, ev in zip(kept_idx.tolist(), rep_key.tolist(), split.is_eval.tolist(),
-                          strict=True):
-        row = cast(SftRow, {c: rows[i][c] for c in formats.COLUMNS if c in rows[i]})
-        row["cluster_id"] = _hex(key)
-        row["split"] = "eval" if ev else "train"
-        row["row_hash"] = formats.row_hash(row)
-        final.append(row)
-    exclusions: list[Exclusion] = [
-        # The kept twin (same cluster_id) is in the data: no text copied, the file stays small.
-        {"stage": "dedup", "reason": "duplicate", "task_id": rows[i]["task_id"],
-         "annotation_id": rows[i]["annotation_id"],
-         "cluster_id": _hex(rep_of_cluster[int(result.cluster_id[i])])}
-        for i in np.flatnonzero(~result.keep).tolist()
-    ]
-    stats = {
-        **result.summary(),
-        "examples": result.examples,
-        "split_groups": split.groups,
-        "leakage_clusters": split.leakage_clusters,
-        "leakage_prompts": split.leakage_prompts,
-    }
-    return DedupSplit(final, exclusions, stats)
-
-
-#: ``dedup_and_split`` as a Prefect task (one run on the driver).
-dedup_and_split_task = compute_task(name="dedup-and-split")(dedup_and_split)
 
 
 def dedup_counts(stats: Mapping[str, Any]) -> dict[str, Any]:
