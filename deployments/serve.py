@@ -29,8 +29,6 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
-from sftflow.tasks.adapters.s3 import parse_s3_uri
-from sftflow.tasks.triggers.counters import CountMode
 
 from sftflow.core.events import (
     ANNOTATION_CREATED,
@@ -41,6 +39,8 @@ from sftflow.core.events import (
     THRESHOLD_LABEL,
     project_resource,
 )
+from sftflow.tasks.adapters.s3 import parse_s3_uri
+from sftflow.tasks.triggers.counters import CountMode
 
 #: Deployment names (the flow name is prefixed by Prefect: "<flow>/<deployment>").
 INGEST, CHECK, BUILD, FINETUNE = "ingest", "check-annotations", "build-dataset", "finetune"
@@ -89,7 +89,7 @@ def build_deployments(cfg: ServeConfig) -> list[Any]:
     Without ``cfg.base_model`` there is no finetune deployment (its flow needs one).
     """
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-    from prefect.events import DeploymentEventTrigger
+
     from sftflow.flows.build_dataset import build_dataset
     from sftflow.flows.check_annotations import check_annotations
     from sftflow.flows.finetune import finetune
@@ -98,11 +98,28 @@ def build_deployments(cfg: ServeConfig) -> list[Any]:
     one_at_a_time = ConcurrencyLimitConfig(
         limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
     )
-    bucket, resource_pattern = _prefix_pattern(cfg.source)
     tags = ["sftflow", f"dataset:{cfg.dataset}"]
     extra = {"bucket": cfg.bucket} if cfg.bucket else {}
 
-    ingest = ingest_prompts.to_deployment(
+    ingest = _ingest_deployment(ingest_prompts, cfg, tags, one_at_a_time)
+    check = _check_deployment(check_annotations, cfg, extra, tags)
+    build = _build_deployment(build_dataset, cfg, extra, tags, one_at_a_time)
+    if not cfg.base_model:
+        return [ingest, check, build]
+    tune = _finetune_deployment(finetune, cfg, extra, tags, one_at_a_time)
+    deployments = [ingest, check, build, tune]
+    if cfg.drafts != "off":
+        deployments.append(_drafts_deployment(cfg, extra, tags, one_at_a_time))
+    return deployments
+
+
+def _ingest_deployment(flow: Any, cfg: ServeConfig, tags: list[str], one_at_a_time: Any) -> Any:
+    """``ingest``: on the cron schedule over the whole source prefix, and for each object that
+    arrives under it (``sftflow.prompts.arrived``)."""
+    from prefect.events import DeploymentEventTrigger
+
+    bucket, resource_pattern = _prefix_pattern(cfg.source)
+    return flow.to_deployment(
         name=INGEST,
         description="Import new prompt files from S3 into Label Studio.",
         cron=cfg.ingest_cron,
@@ -118,7 +135,14 @@ def build_deployments(cfg: ServeConfig) -> list[Any]:
         concurrency_limit=one_at_a_time,
         tags=tags,
     )
-    check = check_annotations.to_deployment(
+
+
+def _check_deployment(flow: Any, cfg: ServeConfig, extra: dict[str, Any], tags: list[str]) -> Any:
+    """``check-annotations``: on the interval schedule; a run that is due while one is still
+    running is cancelled."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    return flow.to_deployment(
         name=CHECK,
         description="Reconcile: start a build when enough new annotations exist.",
         interval=timedelta(seconds=cfg.check_interval_s),
@@ -129,8 +153,16 @@ def build_deployments(cfg: ServeConfig) -> list[Any]:
         ),
         tags=tags,
     )
+
+
+def _build_deployment(flow: Any, cfg: ServeConfig, extra: dict[str, Any], tags: list[str],
+                      one_at_a_time: Any) -> Any:
+    """``build-dataset``: when the bridge says the configured project reached the threshold,
+    at most once per ``debounce_s`` per project."""
+    from prefect.events import DeploymentEventTrigger
+
     build_params = {"params": {"project": cfg.project, "dataset": cfg.dataset, **extra}}
-    build = build_dataset.to_deployment(
+    return flow.to_deployment(
         name=BUILD,
         description="Export annotations, filter, deduplicate and commit a dataset version.",
         parameters=build_params,
@@ -149,8 +181,13 @@ def build_deployments(cfg: ServeConfig) -> list[Any]:
         concurrency_limit=one_at_a_time,
         tags=tags,
     )
-    if not cfg.base_model:
-        return [ingest, check, build]
+
+
+def _finetune_deployment(flow: Any, cfg: ServeConfig, extra: dict[str, Any], tags: list[str],
+                         one_at_a_time: Any) -> Any:
+    """``finetune``: on each new version of this dataset (``sftflow.dataset.versioned``)."""
+    from prefect.events import DeploymentEventTrigger
+
     finetune_params: dict[str, Any] = {"dataset": cfg.dataset, **extra}
     trigger_params: dict[str, Any] = {
         "dataset": "{{ event.payload.dataset }}@{{ event.payload.version }}", **extra
@@ -158,7 +195,7 @@ def build_deployments(cfg: ServeConfig) -> list[Any]:
     for key in ("base_model", "backend"):
         if getattr(cfg, key):
             finetune_params[key] = trigger_params[key] = getattr(cfg, key)
-    tune = finetune.to_deployment(
+    return flow.to_deployment(
         name=FINETUNE,
         description="Fine-tune on a dataset version and record the model's lineage.",
         parameters={"params": finetune_params},
@@ -173,10 +210,6 @@ def build_deployments(cfg: ServeConfig) -> list[Any]:
         concurrency_limit=one_at_a_time,
         tags=tags,
     )
-    deployments = [ingest, check, build, tune]
-    if cfg.drafts != "off":
-        deployments.append(_drafts_deployment(cfg, extra, tags, one_at_a_time))
-    return deployments
 
 
 def _drafts_deployment(cfg: ServeConfig, extra: dict[str, Any], tags: list[str],
@@ -184,6 +217,7 @@ def _drafts_deployment(cfg: ServeConfig, extra: dict[str, Any], tags: list[str],
     """``draft-responses``: when a model of this dataset finishes (the flow drafts only with
     the dataset's best model), and when new prompts were ingested (drafted with the best)."""
     from prefect.events import DeploymentEventTrigger
+
     from sftflow.flows.draft_responses import draft_responses
 
     base = {"project": cfg.project, "generator": cfg.drafts, **extra}

@@ -21,6 +21,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from starlette.applications import Starlette
@@ -94,7 +95,7 @@ def _prefect_emitter() -> tuple[Emitter, Callable[[], Awaitable[None]], Callable
 
 def _s3_baseline_loader(settings: Settings) -> BaselineLoader:
     from sftflow.tasks.adapters.clients import Clients
-    from sftflow.tasks.versions.versioning import load_baseline
+    from sftflow.tasks.versions.read import load_baseline
 
     clients = Clients(settings)
 
@@ -102,6 +103,62 @@ def _s3_baseline_loader(settings: Settings) -> BaselineLoader:
         return load_baseline(clients.s3, dataset, prefix=settings.datasets.prefix)
 
     return load
+
+
+async def _handle(
+    request: Request,
+    parse: Callable[[bytes, Any], Awaitable[Parsed]],
+    *,
+    secret: str,
+    limit: int,
+    counts: Counter[str],
+    emitter: Emitter,
+) -> JSONResponse:
+    """One webhook POST: check the secret and the body's size, parse it, emit its events."""
+    counts["requests"] += 1
+    if not secret_ok(request.headers.get(SECRET_HEADER), secret):
+        counts["unauthorized"] += 1
+        return JSONResponse({"error": f"missing or wrong {SECRET_HEADER}"}, status_code=401)
+    try:
+        raw = await _read_body(request, limit)
+    except _TooLarge:
+        counts["too_large"] += 1
+        return JSONResponse({"error": f"body larger than {limit} bytes"}, status_code=413)
+    try:
+        parsed: Parsed = await parse(raw, parse_json(raw))
+    except BadRequest as err:
+        counts["bad_request"] += 1
+        return JSONResponse({"error": str(err)}, status_code=400)
+    counts["ignored"] += len(parsed.ignored)
+    if parsed.events:
+        try:
+            await emitter(parsed.events)
+        except Exception as err:  # noqa: BLE001 - tell the sender, keep serving
+            counts["emit_failed"] += 1
+            logger.error("could not emit %d event(s): %s", len(parsed.events), err)
+            return JSONResponse({"error": "could not emit the event"}, status_code=503)
+        counts["emitted"] += len(parsed.events)
+    return JSONResponse({
+        "emitted": [{"event": e.event, "id": str(e.id)} for e in parsed.events],
+        "ignored": parsed.ignored,
+    })
+
+
+def _lifespan(start: Callable[[], Awaitable[None]] | None,
+              stop: Callable[[], Awaitable[None]] | None) -> Callable[[Starlette], Any]:
+    """Open the emitter's client when the app starts, close it when the app stops."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        if start is not None:
+            await start()
+        try:
+            yield
+        finally:
+            if stop is not None:
+                await stop()
+
+    return lifespan
 
 
 def create_app(
@@ -121,35 +178,7 @@ def create_app(
     if emitter is None:
         emitter, start, stop = _prefect_emitter()
     load_baseline = baseline_loader or _s3_baseline_loader(settings)
-
-    async def handle(request: Request, parse: Callable[[bytes, Any], Any]) -> JSONResponse:
-        counts["requests"] += 1
-        if not secret_ok(request.headers.get(SECRET_HEADER), secret):
-            counts["unauthorized"] += 1
-            return JSONResponse({"error": f"missing or wrong {SECRET_HEADER}"}, status_code=401)
-        try:
-            raw = await _read_body(request, limit)
-        except _TooLarge:
-            counts["too_large"] += 1
-            return JSONResponse({"error": f"body larger than {limit} bytes"}, status_code=413)
-        try:
-            parsed: Parsed = await parse(raw, parse_json(raw))
-        except BadRequest as err:
-            counts["bad_request"] += 1
-            return JSONResponse({"error": str(err)}, status_code=400)
-        counts["ignored"] += len(parsed.ignored)
-        if parsed.events:
-            try:
-                await emitter(parsed.events)
-            except Exception as err:  # noqa: BLE001 - tell the sender, keep serving
-                counts["emit_failed"] += 1
-                logger.error("could not emit %d event(s): %s", len(parsed.events), err)
-                return JSONResponse({"error": "could not emit the event"}, status_code=503)
-            counts["emitted"] += len(parsed.events)
-        return JSONResponse({
-            "emitted": [{"event": e.event, "id": str(e.id)} for e in parsed.events],
-            "ignored": parsed.ignored,
-        })
+    handle = partial(_handle, secret=secret, limit=limit, counts=counts, emitter=emitter)
 
     async def labelstudio(request: Request) -> JSONResponse:
         async def parse(raw: bytes, body: Any) -> Parsed:
@@ -170,23 +199,13 @@ def create_app(
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "UP", "counts": dict(counts)})
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette):
-        if start is not None:
-            await start()
-        try:
-            yield
-        finally:
-            if stop is not None:
-                await stop()
-
     app = Starlette(
         routes=[
             Route("/labelstudio", labelstudio, methods=["POST"]),
             Route("/s3", s3, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
         ],
-        lifespan=lifespan,
+        lifespan=_lifespan(start, stop),
     )
     app.state.counts = counts
     return app

@@ -10,7 +10,8 @@ from rich.table import Table
 from sftflow.cli._app import JsonOption, app, console, print_json
 from sftflow.core.errors import SftflowError
 from sftflow.core.settings import get_settings
-from sftflow.infra.stack import ALL_SERVICES, LocalStack
+from sftflow.infra.services import ALL_SERVICES
+from sftflow.infra.stack import LocalStack
 
 stack_app = typer.Typer(help="Start, inspect and stop the local stack (S3, Label Studio, Prefect; "
                              "optionally PostgreSQL).")

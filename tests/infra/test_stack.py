@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.infra.stack import _group_members
+from sftflow.infra.processes import _group_members
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from sftflow.core.settings import LOCAL_LS_TOKEN, LOCAL_PG_PASSWORD, StackSettings
-from sftflow.infra.stack import _group_members
+from sftflow.infra.processes import _group_members
 from tests.infra.test_stack import sftflow, stack_env
 
 pytestmark = pytest.mark.integration

@@ -1,0 +1,240 @@
+"""The local stack's service definitions (``infra/stack.py``): SeaweedFS (``s3``), Label Studio
+and the Prefect server, plus ``postgres`` (:mod:`sftflow.infra.postgres`) with ``stack.postgres``.
+
+:class:`StackServices` builds each service's :class:`ServiceSpec` (command line, environment,
+ports, health check, start and stop hooks), the files the services read at start, and their
+health checks. :class:`sftflow.infra.stack.LocalStack` starts, inspects and stops them.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+
+import httpx
+
+from sftflow.core.errors import ServiceUnavailable, SftflowError
+from sftflow.infra.postgres import PG_DATABASES, PG_ROLE, PostgresService
+from sftflow.infra.processes import ServiceSpec, _bin, weed_grpc_port
+
+#: The services of the default (SQLite) stack.
+SERVICES = ("s3", "labelstudio", "prefect")
+#: Every service a stack may run; ``postgres`` only with ``stack.postgres`` on. Start order.
+ALL_SERVICES = ("postgres", *SERVICES)
+
+
+class StackServices(PostgresService):
+    """The services' specs, start-time files and health checks, for ``settings.stack``."""
+
+    # -- paths ---------------------------------------------------------------------------------
+    def log_path(self, name: str) -> Path:
+        return self.dir / "logs" / f"{name}.log"
+
+    # -- service definitions -------------------------------------------------------------------
+    def specs(self) -> dict[str, ServiceSpec]:
+        return {
+            "postgres": self._postgres_spec(),
+            "s3": self._s3_spec(),
+            "labelstudio": self._labelstudio_spec(),
+            "prefect": self._prefect_spec(),
+        }
+
+    def _s3_spec(self) -> ServiceSpec:
+        c, host = self.cfg, self.cfg.host
+        weed_ports = [c.s3_port, c.weed_master_port, c.weed_volume_port, c.weed_filer_port]
+        s3_ports = weed_ports + [weed_grpc_port(p) for p in weed_ports]
+        return ServiceSpec(
+            name="s3",
+            argv=[
+                "{weed}", "server", f"-dir={self._data_path('s3')}", "-s3",
+                f"-s3.port={c.s3_port}", f"-s3.config={self.dir / 's3-identities.json'}",
+                f"-master.port={c.weed_master_port}", f"-volume.port={c.weed_volume_port}",
+                f"-filer.port={c.weed_filer_port}", f"-ip={host}", f"-ip.bind={host}",
+                f"-s3.port.grpc={weed_grpc_port(c.s3_port)}",
+                f"-master.port.grpc={weed_grpc_port(c.weed_master_port)}",
+                f"-volume.port.grpc={weed_grpc_port(c.weed_volume_port)}",
+                f"-filer.port.grpc={weed_grpc_port(c.weed_filer_port)}",
+                "-master.volumeSizeLimitMB=64", "-volume.max=1000",
+                # Extra listeners on fixed ports would clash between stacks; not needed.
+                "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+            ],
+            env={},
+            url=f"http://{host}:{c.s3_port}",
+            ports=s3_ports,
+            health=self._s3_health,
+            # weed ignores SIGTERM for a long time; SIGINT shuts it down.
+            stop_signal=signal.SIGINT,
+            before_start=lambda: (self._remove_weed_sockets(s3_ports),
+                                  self._write_weed_master_toml()),
+            after_stop=lambda: self._remove_weed_sockets(s3_ports),
+        )
+
+    def _labelstudio_spec(self) -> ServiceSpec:
+        c, host = self.cfg, self.cfg.host
+        ls_db = {}
+        if c.postgres:  # the password is added by _secret_env
+            ls_db = {"DJANGO_DB": "postgresql", "POSTGRE_NAME": PG_DATABASES["labelstudio"],
+                     "POSTGRE_USER": PG_ROLE, "POSTGRE_HOST": host,
+                     "POSTGRE_PORT": str(c.postgres_port)}
+        return ServiceSpec(
+            name="labelstudio",
+            argv=[
+                "{label-studio}", "start", "--no-browser", "--port", str(c.label_studio_port),
+                "--internal-host", host,
+            ],  # the admin's credentials go in the environment (_secret_env), not argv
+            env={
+                "LABEL_STUDIO_BASE_DATA_DIR": str(self._data_path("labelstudio")),
+                # Taken only when the first organization is created (empty database).
+                "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+                # Local stack only: webhooks and S3 endpoints on loopback must be allowed.
+                "SSRF_PROTECTION_ENABLED": "false",
+                "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+                "DJANGO_SETTINGS_MODULE": "sftflow_labelstudio_settings",
+                "PYTHONPATH": str(self.dir / "labelstudio-settings"),
+                **ls_db,
+            },
+            url=f"http://{host}:{c.label_studio_port}",
+            ports=[c.label_studio_port],
+            health=self._labelstudio_health,
+            before_start=self._write_labelstudio_settings,
+        )
+
+    def _prefect_spec(self) -> ServiceSpec:
+        c, host = self.cfg, self.cfg.host
+        return ServiceSpec(
+            name="prefect",
+            argv=["{prefect}", "server", "start", "--host", host, "--port", str(c.prefect_port)],
+            env={  # with stack.postgres, the database URL is added by _secret_env
+                "PREFECT_HOME": str(self._data_path("prefect")),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_UI_API_URL": f"http://{host}:{c.prefect_port}/api",
+            },
+            url=f"http://{host}:{c.prefect_port}",
+            ports=[c.prefect_port],
+            health=self._prefect_health,
+        )
+
+    def _data_path(self, name: str) -> Path:
+        return self.dir / "data" / name
+
+    def _resolve_argv(self, argv: list[str]) -> list[str]:
+        subs = {
+            "{weed}": lambda: _bin("weed"),
+            "{label-studio}": lambda: _bin("label-studio", self.cfg.label_studio_bin),
+            "{prefect}": lambda: _bin("prefect"),
+            "{postgres}": lambda: self._pg_bin("postgres"),
+        }
+        return [subs[a]() if a in subs else a for a in argv]
+
+    def _secret_env(self, name: str) -> dict[str, str]:
+        """Credentials a service is started with. The environment, unlike the command line, is
+        not shown by ``ps`` to other users."""
+        pg = self.cfg.postgres_password.get_secret_value()
+        if name == "prefect" and self.cfg.postgres:
+            return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": self.postgres_url("prefect", pg)}
+        if name != "labelstudio":
+            return {}
+        # Label Studio reads LABEL_STUDIO_<NAME> when it creates the first user.
+        return {"LABEL_STUDIO_USERNAME": self.cfg.label_studio_user,
+                "LABEL_STUDIO_PASSWORD": self.cfg.label_studio_password.get_secret_value(),
+                "LABEL_STUDIO_USER_TOKEN": self._ls_token(),
+                **({"POSTGRE_PASSWORD": pg} if self.cfg.postgres else {})}
+
+    def _ls_token(self) -> str:
+        key = self.settings.labelstudio.api_key
+        if key is None:
+            raise SftflowError("SFTFLOW_LABELSTUDIO__API_KEY must be set for the local stack")
+        token = key.get_secret_value()
+        if len(token) > 40:
+            raise SftflowError("the local Label Studio token must be at most 40 characters")
+        return token
+
+    def _remove_weed_sockets(self, ports: Iterable[int]) -> None:
+        # weed leaves /tmp/seaweedfs-<role>-<port>.sock behind, for its HTTP and gRPC ports.
+        for port in ports:
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
+
+    def _write_weed_master_toml(self) -> None:
+        # weed reads master.toml from its working directory (the stack folder). Each bucket is a
+        # collection that grows 7 volumes at once by default; 2 lets hundreds of buckets coexist
+        # within -volume.max (tests make a bucket each).
+        (self.dir / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 2\ncopy_other = 1\n")
+
+    def _write_labelstudio_settings(self) -> None:
+        # Label Studio's SQLite defaults (rollback journal, deferred transactions, 5 s lock wait)
+        # answer "database is locked" under concurrent writers; WAL + IMMEDIATE + 30 s do not.
+        folder = self.dir / "labelstudio-settings"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "sftflow_labelstudio_settings.py").write_text(
+            # base first: label_studio's own module reads django.conf.settings while importing.
+            "from label_studio.core.settings.base import *  # noqa: F401,F403\n"
+            "from label_studio.core.settings.label_studio import *  # noqa: F401,F403\n"
+            "from label_studio.core.settings.label_studio import DATABASES\n\n"
+            "if DATABASES['default']['ENGINE'].endswith('sqlite3'):\n"
+            "    DATABASES['default']['OPTIONS'] = {\n"
+            "        'timeout': 30,\n"
+            "        'transaction_mode': 'IMMEDIATE',\n"
+            "        'init_command': 'PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;',\n"
+            "    }\n"
+        )
+
+    def _write_s3_identities(self) -> None:
+        s3 = self.settings.s3
+        if s3.access_key_id is None or s3.secret_access_key is None:
+            raise SftflowError("the local S3 needs SFTFLOW_S3__ACCESS_KEY_ID and _SECRET_ACCESS_KEY")
+        ident = {
+            "identities": [
+                {
+                    "name": "sftflow",
+                    "credentials": [
+                        {
+                            "accessKey": s3.access_key_id.get_secret_value(),
+                            "secretKey": s3.secret_access_key.get_secret_value(),
+                        }
+                    ],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        path = self.dir / "s3-identities.json"
+        path.write_text(json.dumps(ident))
+        path.chmod(0o600)
+
+    # -- health --------------------------------------------------------------------------------
+    def _s3_health(self) -> None:
+        from sftflow.tasks.adapters.s3 import build_s3
+
+        s3 = build_s3(self.settings.s3.model_copy(update={"max_attempts": 1}))
+        s3.ping()
+        # Writable, not merely answering: the default bucket exists and takes a put.
+        s3.ensure_bucket()
+        s3.put_bytes("_sftflow/health", b"ok")
+
+    def _labelstudio_health(self) -> None:
+        from sftflow.tasks.adapters.labelstudio import labelstudio_health
+
+        labelstudio_health(self.specs_url("labelstudio"))
+
+    def _prefect_health(self) -> None:
+        url = self.specs_url("prefect")
+        try:
+            resp = httpx.get(f"{url}/api/health", timeout=5)
+            resp.raise_for_status()
+        except httpx.HTTPError as err:
+            raise ServiceUnavailable(f"Prefect at {url}: {err}") from err
+
+    def specs_url(self, name: str) -> str:
+        c, host = self.cfg, self.cfg.host
+        if name == "postgres":
+            return f"postgresql://{PG_ROLE}@{host}:{c.postgres_port}"
+        port = {"s3": c.s3_port, "labelstudio": c.label_studio_port, "prefect": c.prefect_port}
+        return f"http://{host}:{port[name]}"
+
+    def _s3_ping(self) -> None:
+        from sftflow.tasks.adapters.s3 import build_s3
+
+        build_s3(self.settings.s3.model_copy(update={"max_attempts": 1})).ping()
+
