@@ -414,7 +414,7 @@ class Soak:
     # -- invariants ----------------------------------------------------------------------------
     def check(self) -> None:
         from sftflow.tasks.adapters.labelstudio import find_project
-        from sftflow.tasks.versions import versioning
+        from sftflow.tasks.versions.read import load_manifest
 
         c = self.clients()
         project = find_project(c.labelstudio, PROJECT)
@@ -433,7 +433,7 @@ class Soak:
                     if line.strip() and not json.loads(line).get("reason"):
                         self.violate("quarantined record without a reason", key=obj.key)
         try:
-            latest = versioning.load_manifest(c.s3, DATASET, verify=True)
+            latest = load_manifest(c.s3, DATASET, verify=True)
         except Exception as err:  # noqa: BLE001 - the invariant is that this never fails
             self.violate("refs/latest does not verify", error=str(err)[:300])
             return
@@ -443,7 +443,7 @@ class Soak:
         if res.returncode != 0:
             self.violate("clean rebuild failed", err=res.stderr[-300:])
             return
-        clean = versioning.load_manifest(c.s3, CLEAN, verify=False)
+        clean = load_manifest(c.s3, CLEAN, verify=False)
         if self.row_hashes(c.s3, latest) != self.row_hashes(c.s3, clean):
             self.violate("version rows differ from a clean rebuild", version=latest.version)
         jobs = Counter((j.get("metadata") or {}).get("sftflow_job")

@@ -63,7 +63,8 @@ from sftflow.tasks.build.stages import fingerprint_task, stable_split_task
 from sftflow.tasks.dedup import DedupConfig
 from sftflow.tasks.drafts import figures
 from sftflow.tasks.runtime.declare import artifact_key, io_task
-from sftflow.tasks.versions import formats, versioning
+from sftflow.tasks.versions import commit as version_commit
+from sftflow.tasks.versions import formats, keys, refs
 
 
 class BuildParams(BaseModel):
@@ -159,7 +160,7 @@ class BuildReport(BaseModel):
         if "tasks_listed" in changes.export:  # the incremental export's light listing
             self.counts["changes"]["tasks_listed"] = changes.export["tasks_listed"]
 
-    def record_commit(self, result: versioning.CommitResult, uri: str) -> None:
+    def record_commit(self, result: version_commit.CommitResult, uri: str) -> None:
         self.version, self.created = result.version, result.created
         self.ref_updated, self.latest, self.parent = result.ref_updated, result.latest, result.parent
         self.rows = self.counts["rows"] = result.rows
@@ -180,16 +181,16 @@ class BuildReport(BaseModel):
 
 @io_task(name="commit-version")
 def commit(s3: S3, params: BuildParams, outcome: build.Outcome, extra: list, *,
-           prefix: str, shard_rows: int, source: dict, stats: dict) -> versioning.CommitResult:
+           prefix: str, shard_rows: int, source: dict, stats: dict) -> version_commit.CommitResult:
     """Commit the version (and point ``params.tag`` at it)."""
-    result = versioning.commit_version(
-        s3, params.dataset, outcome.rows, config=params.build_config(), source=source,
+    result = version_commit.commit_version(s3, version_commit.CommitRequest(
+        dataset=params.dataset, rows=outcome.rows, config=params.build_config(), source=source,
         stats=stats, prefix=prefix, shard_rows=shard_rows,
         run_id=str(runtime.flow_run.id or ""), code_version=f"sftflow {sftflow.__version__}",
         system_prompt=params.system_prompt, signatures=outcome.signatures, extra_files=extra,
-    )
+    ))
     if params.tag:
-        versioning.set_tag(s3, params.dataset, params.tag, result.version, prefix=prefix)
+        refs.set_tag(s3, params.dataset, params.tag, result.version, prefix=prefix)
     return result
 
 
@@ -201,7 +202,7 @@ def build_dataset(params: BuildParams) -> BuildReport:
     dedup against the parent, split and commit one dataset version; see the module docstring."""
     logger = get_run_logger()
     clock = build.Stopwatch()
-    versioning.check_name("dataset", params.dataset)
+    keys.check_name("dataset", params.dataset)
     import_in_background()  # the pictures' matplotlib, while the export waits on Label Studio
     clients = Clients.for_bucket(params.bucket)
     settings, ls, s3 = clients.settings, clients.labelstudio, clients.s3
@@ -253,8 +254,8 @@ def build_dataset(params: BuildParams) -> BuildReport:
     result = commit(s3, params, quote(outcome), quote(extra), prefix=prefix,
                     shard_rows=shard_rows, source=source, stats=stats)
     clock.lap("commit")
-    root = versioning.dataset_root(prefix, params.dataset)
-    report.record_commit(result, s3.uri(f"{root}/versions/{result.version}/manifest.json"))
+    dataset_keys = keys.DatasetKeys.of(prefix, params.dataset)
+    report.record_commit(result, s3.uri(dataset_keys.manifest(result.version)))
     report.record_mode(changes, outcome.figures, clock.seconds)
     logger.info(report.message)
     _publish(s3, prefix, params, report, outcome.stats, drafts)
@@ -294,8 +295,8 @@ def _publish(s3: S3, prefix: str, params: BuildParams, report: BuildReport,
     create_table_artifact(figures.figures_table(drafts),
                           key=artifact_key("dataset", params.dataset, "drafts"),
                           description=figures.figures_markdown(drafts))
-    if not versioning.should_announce(s3, params.dataset, report.version, report.latest,
-                                      prefix=prefix):
+    if not refs.should_announce(s3, params.dataset, report.version, report.latest,
+                                prefix=prefix):
         return  # not refs/latest, or already announced: downstream triggers stay quiet
     emit_event(
         event=events.DATASET_VERSIONED,
@@ -305,9 +306,9 @@ def _publish(s3: S3, prefix: str, params: BuildParams, report: BuildReport,
             "rows_train": report.rows.get("train", 0), "rows_eval": report.rows.get("eval", 0),
             "created": report.created,
         },
-        id=versioning.versioned_event_id(params.dataset, report.version),
+        id=refs.versioned_event_id(params.dataset, report.version),
     )
-    versioning.mark_announced(s3, params.dataset, report.version, prefix=prefix)
+    refs.mark_announced(s3, params.dataset, report.version, prefix=prefix)
 
 
 def build_dataset_on(dask_address: str | None = None, **dask_kwargs: Any):

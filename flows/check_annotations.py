@@ -25,7 +25,7 @@ from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.adapters.labelstudio import require_project
 from sftflow.tasks.triggers.counters import CountMode, ProjectCounters, Threshold, progress
 from sftflow.tasks.triggers.crossings import find_attempt_task
-from sftflow.tasks.versions.versioning import load_baseline_task
+from sftflow.tasks.versions.read import load_baseline_task
 
 
 class CheckParams(BaseModel):

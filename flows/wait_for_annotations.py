@@ -29,7 +29,7 @@ from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.runtime.declare import artifact_key
 from sftflow.tasks.runtime.polling import Backoff
 from sftflow.tasks.triggers.counters import CountMode, Threshold, Watch, watch_progress
-from sftflow.tasks.versions.versioning import load_baseline_task
+from sftflow.tasks.versions.read import load_baseline_task
 
 
 class WaitParams(BaseModel):

@@ -73,8 +73,8 @@ def test_fresh_editable_install_maps_the_folders_and_nothing_else(tmp_path):
     _run(UV, "pip", "install", "-q", "--python", python, "--no-deps", "-e", ROOT)
     # Run outside the checkout: the install, not the working directory, finds the package.
     where = _run(python, "-c", "import importlib.util as u; "
-                 "print(u.find_spec('sftflow.tasks.versions.versioning').origin)", cwd=tmp_path)
-    assert Path(where.stdout.strip()) == ROOT / "tasks" / "versions" / "versioning.py"
+                 "print(u.find_spec('sftflow.tasks.versions.commit').origin)", cwd=tmp_path)
+    assert Path(where.stdout.strip()) == ROOT / "tasks" / "versions" / "commit.py"
     for top in FOLDERS:
         tried = _run(python, "-c", f"import {top}", cwd=tmp_path, check=False)
         assert tried.returncode == 1 and "ModuleNotFoundError" in tried.stderr, top
@@ -87,7 +87,7 @@ def test_wheel_installs_only_the_sftflow_namespace_and_runs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     tops = {name.split("/")[0] for name in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"sftflow"}
-    for path in ("sftflow/flows/ingest.py", "sftflow/tasks/versions/versioning.py",
+    for path in ("sftflow/flows/ingest.py", "sftflow/tasks/versions/commit.py",
                  "sftflow/deployments/prefect.yaml", "sftflow/demo/sample_prompts.jsonl"):
         assert path in names
     wanted = {m.replace(".", "/") + ("/__init__.py" if p.name == "__init__.py" else ".py")

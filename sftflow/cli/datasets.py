@@ -90,16 +90,17 @@ def list_cmd(
     as_json: bool = JsonOption,
 ) -> None:
     """The datasets in the bucket, or the versions of one dataset."""
-    from sftflow.tasks.versions import versioning
+    from sftflow.tasks.versions.read import list_datasets, list_versions, load_manifest
+    from sftflow.tasks.versions.refs import latest_version, list_tags
 
     s3, prefix = _s3(bucket)
     if dataset:
-        latest = versioning.latest_version(s3, dataset, prefix=prefix)
-        tags = versioning.list_tags(s3, dataset, prefix=prefix)
+        latest = latest_version(s3, dataset, prefix=prefix)
+        tags = list_tags(s3, dataset, prefix=prefix)
         out: Any = [
             {**v, "latest": v["version"] == latest,
              "tags": sorted(t for t, tv in tags.items() if tv == v["version"])}
-            for v in versioning.list_versions(s3, dataset, prefix=prefix)
+            for v in list_versions(s3, dataset, prefix=prefix)
         ]
         if as_json:
             print_json(out)
@@ -112,11 +113,11 @@ def list_cmd(
         console.print(table)
         return
     out = []
-    for name in versioning.list_datasets(s3, prefix=prefix):
-        latest = versioning.latest_version(s3, name, prefix=prefix)
+    for name in list_datasets(s3, prefix=prefix):
+        latest = latest_version(s3, name, prefix=prefix)
         rows = {}
         if latest:
-            rows = versioning.load_manifest(s3, name, latest, verify=False, prefix=prefix).rows
+            rows = load_manifest(s3, name, latest, verify=False, prefix=prefix).rows
         out.append({"dataset": name, "latest": latest, "rows": rows})
     if as_json:
         print_json(out)
@@ -136,11 +137,12 @@ def show(
     as_json: bool = JsonOption,
 ) -> None:
     """A version's manifest summary: rows, files, source, stats."""
-    from sftflow.tasks.versions import versioning
+    from sftflow.tasks.versions.manifest import parse_ref
+    from sftflow.tasks.versions.read import data_files, load_manifest
 
     s3, prefix = _s3(bucket)
-    name, version = versioning.parse_ref(ref)
-    m = versioning.load_manifest(s3, name, version, verify=verify, prefix=prefix)
+    name, version = parse_ref(ref)
+    m = load_manifest(s3, name, version, verify=verify, prefix=prefix)
     summary = {
         "dataset": m.dataset, "version": m.version, "parent": m.parent,
         "created_at": m.created_at, "rows": m.rows, "source": m.source,
@@ -150,8 +152,8 @@ def show(
         "bytes": sum(f.size for f in m.files),
         "stats": {k: {kk: vv for kk, vv in v.items() if kk != "examples"}
                   if isinstance(v, dict) else v for k, v in m.stats.items()},
-        "train_files": versioning.data_files(s3, m, "train"),
-        "eval_files": versioning.data_files(s3, m, "eval"),
+        "train_files": data_files(s3, m, "train"),
+        "eval_files": data_files(s3, m, "eval"),
     }
     if as_json:
         print_json(summary)
@@ -175,17 +177,18 @@ def diff(
     as_json: bool = JsonOption,
 ) -> None:
     """Rows added, removed, changed and unchanged from A to B."""
-    from sftflow.tasks.versions import versioning
+    from sftflow.tasks.versions.manifest import parse_ref
+    from sftflow.tasks.versions.read import diff_versions
 
     s3, prefix = _s3(bucket)
-    name, va = versioning.parse_ref(a)
+    name, va = parse_ref(a)
     if "@" in b:
-        name_b, vb = versioning.parse_ref(b)
+        name_b, vb = parse_ref(b)
         if name_b != name:
             raise ConfigError(f"diff compares versions of one dataset, not {name!r} and {name_b!r}")
     else:
         vb = b
-    out = versioning.diff_versions(s3, name, va, vb, prefix=prefix)
+    out = diff_versions(s3, name, va, vb, prefix=prefix)
     if as_json:
         print_json(out)
         return
@@ -206,12 +209,13 @@ def pull(
     """Download a version as a Hugging Face dataset repository (README.md card, data/<split>/
     Parquet), checksums verified: `datasets.load_dataset(DEST)` loads it and
     `huggingface-cli upload REPO DEST --repo-type dataset` publishes it."""
-    from sftflow.tasks.versions import versioning
+    from sftflow.tasks.versions.manifest import parse_ref
+    from sftflow.tasks.versions.pull import pull_version
 
     s3, prefix = _s3(bucket)
-    name, version = versioning.parse_ref(ref)
-    out = versioning.pull_version(s3, name, version, dest, prefix=prefix,
-                                  license=get_settings().datasets.license)
+    name, version = parse_ref(ref)
+    out = pull_version(s3, name, version, dest, prefix=prefix,
+                       license=get_settings().datasets.license)
     if as_json:
         print_json(out)
         return
@@ -233,12 +237,13 @@ def tag(
     as_json: bool = JsonOption,
 ) -> None:
     """Point a tag at a version."""
-    from sftflow.tasks.versions import versioning
+    from sftflow.tasks.versions.manifest import parse_ref
+    from sftflow.tasks.versions.refs import resolve, set_tag
 
     s3, prefix = _s3(bucket)
-    name, version = versioning.parse_ref(ref)
-    version = versioning.resolve(s3, name, version, prefix=prefix)
-    versioning.set_tag(s3, name, name_of_tag, version, prefix=prefix)
+    name, version = parse_ref(ref)
+    version = resolve(s3, name, version, prefix=prefix)
+    set_tag(s3, name, name_of_tag, version, prefix=prefix)
     out = {"dataset": name, "tag": name_of_tag, "version": version}
     if as_json:
         print_json(out)
@@ -257,10 +262,10 @@ def gc(
     as_json: bool = JsonOption,
 ) -> None:
     """Objects no manifest references (crashed commits); deleted only with --delete."""
-    from sftflow.tasks.versions import versioning
+    from sftflow.tasks.versions.gc import gc as collect_garbage
 
     s3, prefix = _s3(bucket)
-    out = versioning.gc(s3, dataset, prefix=prefix, dry_run=dry_run, min_age_s=min_age_s)
+    out = collect_garbage(s3, dataset, prefix=prefix, dry_run=dry_run, min_age_s=min_age_s)
     if as_json:
         print_json(out)
         return

@@ -304,7 +304,7 @@ def wheel_figures(clients: Clients, rounds: list[dict[str, Any]]) -> dict[str, A
     """The flywheel's own figure for the demo: in the version built from the round that model 1
     drafted, how often annotators accepted its drafts unchanged and how far they edited them
     (``manifest.stats["drafts"]``, computed by the build)."""
-    from sftflow.tasks.versions.versioning import load_manifest
+    from sftflow.tasks.versions.read import load_manifest
 
     turned = [r for r in rounds if r["drafting_model"] and r["version"]]
     if not turned:
@@ -323,7 +323,7 @@ def _summary(settings: Settings, clients: Clients, rounds: list[dict[str, Any]],
              seconds: float) -> dict[str, Any]:
     from sftflow.tasks.adapters.labelstudio import find_project
     from sftflow.tasks.finetune.lineage import list_records
-    from sftflow.tasks.versions.versioning import latest_version
+    from sftflow.tasks.versions.refs import latest_version
 
     project = find_project(clients.labelstudio, PROJECT)
     version = latest_version(clients.s3, DATASET, prefix=settings.datasets.prefix)

@@ -39,11 +39,14 @@ from sftflow.core.hashing import sha256_hex
 from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.build.delta import TaskState
 from sftflow.tasks.versions import formats
-from sftflow.tasks.versions.versioning import kept_positions, read_file, read_signatures
+from sftflow.tasks.versions.commit import ExtraFile
+from sftflow.tasks.versions.keys import index_path
+from sftflow.tasks.versions.read import kept_positions, read_file
+from sftflow.tasks.versions.shards import read_signatures
 
 if TYPE_CHECKING:
+    from sftflow.tasks.versions.manifest import Manifest
     from sftflow.tasks.versions.rows import Exclusion, SftRow
-    from sftflow.tasks.versions.versioning import Manifest
 
 #: Consecutive task ids per chunk of the task index and of the exclusions.
 TASK_CHUNK = 4096
@@ -83,8 +86,8 @@ def _chunk_of(task_id: int | None) -> int:
     return -1 if task_id is None else int(task_id) // TASK_CHUNK
 
 
-def task_index_files(records: Iterable[TaskRecord]) -> list[tuple[str, str, bytes, str, int]]:
-    """The task index cut in chunks: (path, format, bytes, content type, rows) per chunk."""
+def task_index_files(records: Iterable[TaskRecord]) -> list[ExtraFile]:
+    """The task index cut in chunks: one Parquet file per chunk."""
     by_chunk: dict[int, list[TaskRecord]] = {}
     for r in records:
         by_chunk.setdefault(_chunk_of(r["task_id"]), []).append(r)
@@ -95,14 +98,14 @@ def task_index_files(records: Iterable[TaskRecord]) -> list[tuple[str, str, byte
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
-        out.append((f"index/{sha256_hex(data)}.parquet", "tasks", data,
-                    "application/vnd.apache.parquet", len(recs)))
+        out.append(ExtraFile(index_path(sha256_hex(data), "parquet"), "tasks", data,
+                             "application/vnd.apache.parquet", len(recs)))
     return out
 
 
-def exclusion_files(exclusions: Iterable[Exclusion]) -> list[tuple[str, str, bytes, str, int]]:
+def exclusion_files(exclusions: Iterable[Exclusion]) -> list[ExtraFile]:
     """The exclusions cut in chunks of task ids (secrets and PII redacted, see
-    ``formats.exclusions_jsonl``); same tuples as ``task_index_files``."""
+    ``formats.exclusions_jsonl``): one JSONL file per chunk."""
     by_chunk: dict[int, list[Exclusion]] = {}
     for e in exclusions:
         by_chunk.setdefault(_chunk_of(e.get("task_id")), []).append(e)
@@ -111,8 +114,8 @@ def exclusion_files(exclusions: Iterable[Exclusion]) -> list[tuple[str, str, byt
         ex.sort(key=lambda e: (e.get("task_id") or 0, e.get("annotation_id") or 0,
                                e["stage"], e["reason"]))
         data = formats.exclusions_jsonl(ex)
-        out.append((f"index/{sha256_hex(data)}.jsonl", "exclusions", data, "application/jsonl",
-                    len(ex)))
+        out.append(ExtraFile(index_path(sha256_hex(data), "jsonl"), "exclusions", data,
+                             "application/jsonl", len(ex)))
     return out
 
 

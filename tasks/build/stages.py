@@ -52,7 +52,10 @@ from sftflow.tasks.dedup import (
 )
 from sftflow.tasks.dedup.stable import stable_dedup
 from sftflow.tasks.runtime.declare import compute_task
-from sftflow.tasks.versions import formats, versioning
+from sftflow.tasks.versions import formats
+from sftflow.tasks.versions.commit import ExtraFile
+from sftflow.tasks.versions.read import load_manifest
+from sftflow.tasks.versions.refs import latest_version
 from sftflow.tasks.versions.rows import Exclusion, SftRow
 
 T = TypeVar("T")
@@ -186,10 +189,10 @@ def plan_build(s3: S3, dataset: str, prefix: str, config: Mapping[str, Any], *,
     """The parent version and the mode: ``scratch`` without a usable parent (none, another
     build config, or one without a task index), ``full`` when asked or every ``full_every``
     builds, else ``incremental`` (which may still fall back to full, see ``read_changes``)."""
-    latest = versioning.latest_version(s3, dataset, prefix=prefix)
+    latest = latest_version(s3, dataset, prefix=prefix)
     if latest is None:
         return Plan("scratch", "first version", ParentState(version=""))
-    manifest = versioning.load_manifest(s3, dataset, latest, verify=False, prefix=prefix)
+    manifest = load_manifest(s3, dataset, latest, verify=False, prefix=prefix)
     if mode == "scratch":
         return Plan("scratch", "asked for (--scratch)", ParentState(version=""))
     if manifest.config_hash != config_hash(dict(config)):
@@ -380,6 +383,6 @@ def carried_exclusions(plan: Plan, changes: Changes) -> list[Exclusion]:
 
 
 def index_files(tasks: Mapping[int, TaskRecord], exclusions: Iterable[Exclusion],
-                ) -> list[tuple[str, str, bytes, str, int]]:
+                ) -> list[ExtraFile]:
     """The version's task index and exclusions, in content-addressed chunks."""
     return task_index_files(tasks.values()) + exclusion_files(exclusions)

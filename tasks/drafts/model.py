@@ -25,7 +25,7 @@ from sftflow.tasks.drafts.generators import (
 )
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.runtime.declare import io_task
-from sftflow.tasks.versions import versioning
+from sftflow.tasks.versions.read import load_manifest
 
 GeneratorKind = Literal["transformers", "openai"]
 
@@ -49,8 +49,8 @@ def resolve_job(s3: S3, models_prefix: str, datasets_prefix: str, job: str) -> D
     if record.status != "succeeded":
         raise SftflowError(f"model {job} is {record.status}, not succeeded: nothing to draft with")
     best, _ = lineage.read_model_ref(s3, models_prefix, record.dataset)
-    manifest = versioning.load_manifest(s3, record.dataset, record.version, verify=False,
-                                        prefix=datasets_prefix)
+    manifest = load_manifest(s3, record.dataset, record.version, verify=False,
+                             prefix=datasets_prefix)
     project_id = manifest.source.get("project_id")
     method = record.method if record.method in ("full", "lora") else "full"
     return DraftModel(

@@ -1,5 +1,5 @@
 """The dataset version a fine-tune job trains on: the one place this package reads a dataset
-manifest (``tasks.versioning``), and the trained-version tag it writes back.
+manifest (``tasks.versions``), and the trained-version tag it writes back.
 
 :func:`read_version` resolves ``NAME[@VERSION_OR_TAG]``, verifies every file's sha256, and
 returns a :class:`TrainingData`: the figures the gates check, the s3:// URIs of each split and
@@ -18,7 +18,10 @@ from sftflow.core.hashing import sha256_hex
 from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.finetune.backends import Hyperparameters, JobSpec
 from sftflow.tasks.runtime.declare import io_task
-from sftflow.tasks.versions import versioning
+from sftflow.tasks.versions.keys import DatasetKeys
+from sftflow.tasks.versions.manifest import FileEntry, parse_ref
+from sftflow.tasks.versions.read import load_manifest, version_bytes
+from sftflow.tasks.versions.refs import resolve, set_tag
 
 
 class DataFile(BaseModel):
@@ -62,21 +65,21 @@ class TrainingData(BaseModel):
 
 def read_version(s3: S3, datasets_prefix: str, ref: str) -> TrainingData:
     """The verified version ``NAME[@VERSION_OR_TAG]`` (``NAME`` alone: ``refs/latest``): its
-    manifest validated (``versioning.Manifest``) and every file's checksum checked."""
-    name, ref_version = versioning.parse_ref(ref.strip())
-    version = versioning.resolve(s3, name, ref_version, prefix=datasets_prefix)
-    manifest = versioning.load_manifest(s3, name, version, verify=True, prefix=datasets_prefix)
-    key = f"{versioning.dataset_root(datasets_prefix, name)}/versions/{version}/manifest.json"
+    manifest validated (``versions.manifest.Manifest``) and every file's checksum checked."""
+    name, ref_version = parse_ref(ref.strip())
+    version = resolve(s3, name, ref_version, prefix=datasets_prefix)
+    manifest = load_manifest(s3, name, version, verify=True, prefix=datasets_prefix)
+    keys = DatasetKeys.of(datasets_prefix, name)
+    key = keys.manifest(version)
     raw, _ = s3.get_bytes(key)
-    root = versioning.dataset_root(datasets_prefix, name)
 
-    def uri(f: versioning.FileEntry) -> str:
+    def uri(f: FileEntry) -> str:
         """The file, or for a shard with deleted rows its trimmed copy (written once)."""
         if not manifest.deleted.get(manifest.shard_of(f)):
             return s3.uri(manifest.key(f.path))
-        derived = versioning.derived_key(root, version, f)
+        derived = keys.derived_file(version, f.path)
         if s3.head(derived) is None:
-            s3.put_bytes(derived, versioning.version_bytes(s3, manifest, f))
+            s3.put_bytes(derived, version_bytes(s3, manifest, f))
         return s3.uri(derived)
 
     return TrainingData(
@@ -90,7 +93,7 @@ def read_version(s3: S3, datasets_prefix: str, ref: str) -> TrainingData:
 def tag_trained(s3: S3, datasets_prefix: str, data: TrainingData, job: str) -> str:
     """Tag the version ``trained-<job>``; returns the tag."""
     tag = f"trained-{job}"
-    versioning.set_tag(s3, data.dataset, tag, data.version, prefix=datasets_prefix)
+    set_tag(s3, data.dataset, tag, data.version, prefix=datasets_prefix)
     return tag
 
 

@@ -4,7 +4,7 @@ One ``GET /api/projects/<id>`` returns every counter we need, so one poll costs 
 The same counters arrive in the ``project`` object of every Label Studio webhook payload,
 so the webhook bridge and ``wait_for_annotations`` share the threshold logic below; the
 baseline (the counters recorded by the dataset's last version) is read by
-``versioning.load_baseline``.
+``versions.read.load_baseline``.
 
 What the counters mean (checked against Label Studio 1.23 with annotations created through
 the API): ``num_tasks_with_annotations`` counts tasks with at least one non-cancelled

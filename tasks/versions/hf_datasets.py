@@ -27,15 +27,15 @@ def load_dataset(
     import pyarrow as pa
 
     from sftflow.tasks.adapters.clients import Clients
-    from sftflow.tasks.versions import versioning
+    from sftflow.tasks.versions.manifest import FileEntry
+    from sftflow.tasks.versions.read import load_manifest, read_rows
 
     settings = (settings or get_settings()).with_bucket(bucket)
     s3 = Clients(settings).s3
-    manifest = versioning.load_manifest(s3, name, version, verify=False,
-                                        prefix=settings.datasets.prefix)
+    manifest = load_manifest(s3, name, version, verify=False, prefix=settings.datasets.prefix)
 
-    def read(entry: versioning.FileEntry) -> pa.Table:
-        return versioning.read_rows(s3, manifest, entry)  # verified, deleted rows left out
+    def read(entry: FileEntry) -> pa.Table:
+        return read_rows(s3, manifest, entry)  # verified, deleted rows left out
 
     out = {}
     with ThreadPoolExecutor(8) as pool:

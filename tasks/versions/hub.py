@@ -1,6 +1,6 @@
 """A dataset version laid out as a Hugging Face Hub dataset repository, on disk.
 
-``sftflow datasets pull`` (``versioning.pull_version``) writes::
+``sftflow datasets pull`` (``pull.pull_version``) writes::
 
     README.md                         the dataset card (``huggingface_hub.DatasetCard``)
     data/train/<sha256>.parquet       the Parquet shards, one folder per HF split
@@ -23,7 +23,7 @@ language must hold ``LANGUAGE_MIN_SHARE`` of the sample to be listed), the licen
 time) and figures (rows and bytes per split, drops by stage and reason from
 ``manifest.stats``).
 
-This module reads the manifest by its attributes only (``versioning`` imports it, not the
+This module reads the manifest by its attributes only (``pull`` imports it, not the
 other way round).
 """
 
@@ -60,7 +60,7 @@ class _File(Protocol):
 
 
 class _Version(Protocol):
-    """What the card reads of a ``versioning.Manifest``."""
+    """What the card reads of a ``manifest.Manifest``."""
 
     dataset: str
     version: str

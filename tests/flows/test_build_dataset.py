@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from sftflow.flows.build_dataset import BuildParams, build_dataset
-from sftflow.tasks.versions import versioning
+from sftflow.tasks.versions import commit as version_commit
+from sftflow.tasks.versions.manifest import file_key
+from sftflow.tasks.versions.read import load_manifest
+from sftflow.tasks.versions.refs import latest_version, versioned_event_id
 from tests.conftest import unique
 from tests.tasks._datasets import annotation, make_project, textarea
 
@@ -81,12 +84,12 @@ def test_build_counts_everything_commits_and_rebuilds_as_noop(prefect_harness, s
     assert dedup["dropped:exact_duplicate"] == 1 and dedup["leakage_clusters"] == 0
     assert sum(report.rows.values()) == 62 and report.rows["eval"] > 0
 
-    m = versioning.load_manifest(s3, "qa", report.version)  # verified
+    m = load_manifest(s3, "qa", report.version)  # verified
     assert m.source["project_id"] == project.id and m.source["export_id"] > 0
     assert m.source["total_annotations_number"] >= 66
     assert m.stats["filters"]["kept"] == 63 and m.run_id
     ex_file = m.files_of("exclusions")[0]
-    lines = [json.loads(x) for x in s3.get_bytes(versioning.file_key(m, ex_file.path))[0]
+    lines = [json.loads(x) for x in s3.get_bytes(file_key(m, ex_file.path))[0]
              .decode().splitlines()]
     reasons = sorted(e["reason"] for e in lines)
     assert reasons == sorted(["unknown_from_name", "malformed_text", "empty_response",
@@ -118,7 +121,7 @@ def _rows(s3, manifest) -> list[dict]:
 
     out = []
     for f in manifest.files_of("parquet"):
-        data, _ = s3.get_bytes(versioning.file_key(manifest, f.path))
+        data, _ = s3.get_bytes(file_key(manifest, f.path))
         out += pq.read_table(io.BytesIO(data)).to_pylist()
     return out
 
@@ -145,8 +148,8 @@ def test_dask_cluster_builds_the_identical_version(prefect_harness, s3, project)
         flow = build_dataset.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))
         on_dask = flow(params.model_copy(update={"dataset": "dask"}))
     assert on_dask.created and on_dask.version == on_threads.version
-    a = versioning.load_manifest(s3, "threads", on_threads.version)
-    b = versioning.load_manifest(s3, "dask", on_dask.version)
+    a = load_manifest(s3, "threads", on_threads.version)
+    b = load_manifest(s3, "dask", on_dask.version)
     assert [f.sha256 for f in a.files_of("parquet")] == [f.sha256 for f in b.files_of("parquet")]
 
 
@@ -167,7 +170,7 @@ def test_several_annotators_per_prompt_never_straddle_the_split(prefect_harness,
                                            annotation_policy="all", eval_fraction=0.2))
     finally:
         labelstudio.projects.delete(id=p.id)
-    m = versioning.load_manifest(s3, "uo", report.version)
+    m = load_manifest(s3, "uo", report.version)
     rows = _rows(s3, m)
     assert len(rows) == sum(report.rows.values()) > len(answers)  # several answers per prompt
     split_of: dict[str, set] = {}
@@ -216,23 +219,23 @@ def test_a_build_crashing_in_its_commit_leaves_latest_and_a_rerun_completes(
     from sftflow.core.errors import SftflowError
 
     params = BuildParams(project=project.title, dataset="crash", bucket=s3.bucket)
-    commit_version = versioning.commit_version
+    commit_version = version_commit.commit_version
 
     def crash(name: str) -> None:
         if name == step:
             raise SftflowError(f"crash after {name}")  # not transient: no task retry
 
-    monkeypatch.setattr(versioning, "commit_version",
+    monkeypatch.setattr(version_commit, "commit_version",
                         lambda *a, **kw: commit_version(*a, **kw, hook=crash))
     with pytest.raises(SftflowError, match=f"crash after {step}"):
         build_dataset(params)
-    assert versioning.latest_version(s3, "crash") is None  # readers see no half version
-    monkeypatch.setattr(versioning, "commit_version", commit_version)
+    assert latest_version(s3, "crash") is None  # readers see no half version
+    monkeypatch.setattr(version_commit, "commit_version", commit_version)
 
     rerun = build_dataset(params)
     assert rerun.ref_updated and rerun.latest == rerun.version
     assert rerun.created == (step != "manifest")  # the manifest was already there
-    m = versioning.load_manifest(s3, "crash")  # complete: every file verified
+    m = load_manifest(s3, "crash")  # complete: every file verified
     assert m.version == rerun.version and sum(m.rows.values()) == 62
 
 
@@ -283,7 +286,7 @@ def test_a_commit_failing_past_the_manifest_still_announces_the_version_once(
         labelstudio.projects.delete(id=p.id)
     assert again.version == report.version and not again.created and not again.ref_updated
     events = _versioned_events(dataset, want=1)
-    assert [e["id"] for e in events] == [str(versioning.versioned_event_id(dataset,
+    assert [e["id"] for e in events] == [str(versioned_event_id(dataset,
                                                                            report.version))]
     assert events[0]["payload"]["version"] == report.version
 
@@ -322,9 +325,9 @@ def test_exclusions_never_store_a_secret_whatever_the_drop_reason(prefect_harnes
     assert filters["dropped:response_equals_prompt"] == 1
     assert filters["dropped:too_long_chars"] == 1 and filters["dropped:empty_response"] == 1
     assert filters["kept"] == 5 and report.counts["export"]["excluded:unknown_from_name"] == 1
-    m = versioning.load_manifest(s3, "pii", report.version)
+    m = load_manifest(s3, "pii", report.version)
     ex = m.files_of("exclusions")[0]
-    stored = s3.get_bytes(versioning.file_key(m, ex.path))[0].decode()
+    stored = s3.get_bytes(file_key(m, ex.path))[0].decode()
     assert ex.rows == 4 and len(stored.splitlines()) == 4
     for secret in (AWS_KEY, GH_TOKEN, MAIL):
         assert secret not in stored
@@ -372,17 +375,17 @@ def test_a_version_reports_each_drafting_models_acceptance_and_leaves_unedited_d
     assert second.counts["export"]["rows_with_model_draft"] == 10
     assert second.counts["filters"]["dropped:accepted_draft_unchanged"] == 4
     assert second.counts["filters"]["kept"] == 6 and sum(second.rows.values()) == 12
-    m = versioning.load_manifest(s3, "dr", second.version)
+    m = load_manifest(s3, "dr", second.version)
     model = m.stats["drafts"]["models"]["ft-model-1"]
     assert (model["rows"], model["accepted_unchanged"], model["acceptance_rate"]) == (10, 4, 0.4)
     assert 0 < model["mean_similarity_edited"] < model["mean_similarity"] < 1
     ex = m.files_of("exclusions")[0]
-    stored = [json.loads(x) for x in s3.get_bytes(versioning.file_key(m, ex.path))[0]
+    stored = [json.loads(x) for x in s3.get_bytes(file_key(m, ex.path))[0]
               .decode().splitlines()]
     assert sorted(e["task_id"] for e in stored if e["reason"] == "accepted_draft_unchanged") == \
         sorted(t.id for t in drafted[:4])
 
     assert included.counts["filters"].get("dropped:accepted_draft_unchanged", 0) == 0
     assert sum(included.rows.values()) == 16
-    assert versioning.load_manifest(s3, "dr-all", included.version).stats["drafts"][
+    assert load_manifest(s3, "dr-all", included.version).stats["drafts"][
         "models"]["ft-model-1"]["acceptance_rate"] == 0.4

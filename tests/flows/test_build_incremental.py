@@ -10,7 +10,8 @@ import random
 import pytest
 
 from sftflow.flows.build_dataset import BuildParams, build_dataset
-from sftflow.tasks.versions import versioning
+from sftflow.tasks.versions.keys import DEFAULT_PREFIX
+from sftflow.tasks.versions.read import diff_versions, load_manifest, read_file, read_rows
 from tests.conftest import unique
 from tests.tasks._datasets import annotation, make_project, textarea
 
@@ -53,18 +54,18 @@ def _tasks(labelstudio, project) -> list:
 
 
 def _rows(s3, dataset: str) -> dict[int, dict]:
-    m = versioning.load_manifest(s3, dataset, None, prefix=versioning.DEFAULT_PREFIX)
+    m = load_manifest(s3, dataset, None, prefix=DEFAULT_PREFIX)
     out = {}
     for f in m.files_of("parquet"):
-        for r in versioning.read_rows(s3, m, f).to_pylist():
+        for r in read_rows(s3, m, f).to_pylist():
             out[r["task_id"]] = r
     return out
 
 
 def _exclusions(s3, dataset: str) -> list[dict]:
-    m = versioning.load_manifest(s3, dataset, None)
+    m = load_manifest(s3, dataset, None)
     return [json.loads(line) for f in m.files_of("exclusions")
-            for line in versioning.read_file(s3, m, f).decode().splitlines()]
+            for line in read_file(s3, m, f).decode().splitlines()]
 
 
 def test_incremental_equals_full_through_every_kind_of_change(prefect_harness, s3, labelstudio,
@@ -116,10 +117,10 @@ def test_incremental_equals_full_through_every_kind_of_change(prefect_harness, s
            and "parent" in e.get("detail", "")]
     assert len(dup) == 1 and dup[0]["cluster_id"] == before[ids[3]]["cluster_id"]
 
-    diff = versioning.diff_versions(s3, "inc", first_inc.version, inc.version)
+    diff = diff_versions(s3, "inc", first_inc.version, inc.version)
     assert sum(diff["added"].values()) == 5 and sum(diff["changed"].values()) == 1
     assert sum(diff["removed"].values()) == 2
-    assert diff["shards_read"] < len(versioning.load_manifest(s3, "inc", None).files_of("parquet"))
+    assert diff["shards_read"] < len(load_manifest(s3, "inc", None).files_of("parquet"))
 
 
 def test_rounds_of_random_changes_stay_equal_to_full_builds(prefect_harness, s3, labelstudio,

@@ -17,7 +17,7 @@ from sftflow.flows.draft_responses import DraftParams, draft_responses
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.finetune.dataset import read_version
-from sftflow.tasks.versions import versioning
+from sftflow.tasks.versions.commit import CommitRequest, commit_version
 from tests.contract.openai_server import OpenAIContractServer
 from tests.tasks._datasets import final_rows
 from tests.tasks._drafts import predictions, sft_project, texts  # noqa: F401
@@ -33,9 +33,9 @@ def record_model(s3, project_id: int, weights, *, method: str = "full", best: bo
                  backend: str = "trl", fine_tuned_model: str | None = None) -> str:
     """A succeeded job on a version built from ``project_id``, as the finetune flow leaves it."""
     rows = final_rows(12, tag=f"-{method}-{backend}")
-    version = versioning.commit_version(
-        s3, "support", rows, config={"system_prompt": "Answer in one sentence."},
-        source={"project_id": project_id}, stats={}, shard_rows=100).version
+    version = commit_version(s3, CommitRequest(
+        dataset="support", rows=rows, config={"system_prompt": "Answer in one sentence."},
+        source={"project_id": project_id}, stats={}, shard_rows=100)).version
     data = read_version(s3, "datasets", f"support@{version}")
     config = lineage.job_config(backend, "tiny", method, Hyperparameters())
     job = lineage.job_name(data.manifest_sha256, config)

@@ -19,7 +19,7 @@ from sftflow.tasks.adapters.s3 import parse_s3_uri
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.finetune.dataset import read_version
-from sftflow.tasks.versions import versioning
+from sftflow.tasks.versions.refs import get_tag
 from tests.contract.openai_server import OpenAIContractServer
 from tests.tasks._finetune import (  # noqa: F401
     flow_settings,
@@ -109,7 +109,7 @@ def test_trl_job_runs_on_the_work_pool_records_lineage_and_is_not_trained_twice(
     # eval gate: the first model of the dataset is its best; the version is tagged
     assert rec["eval_gate"]["decision"] == "best" and rec["eval_gate"]["tagged_best"]
     assert lineage.read_model_ref(s3, "models", "qa")[0] == report.job
-    assert versioning.get_tag(s3, "qa", f"trained-{report.job}") == version
+    assert get_tag(s3, "qa", f"trained-{report.job}") == version
     assert _finetune_events(report.job) == [events.FINETUNE_SUBMITTED, events.FINETUNE_SUCCEEDED]
 
     # same version + same config: the earlier job, no second training run

@@ -17,7 +17,8 @@ from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.finetune.dataset import read_version
 from sftflow.tasks.finetune.trl_job import read_result
 from sftflow.tasks.runtime.declare import artifact_key
-from sftflow.tasks.versions import formats, versioning
+from sftflow.tasks.versions import formats
+from sftflow.tasks.versions.commit import CommitRequest, commit_version
 from tests.tasks._datasets import final_rows
 from tests.tasks._finetune import flow_settings, tiny_chat_model, tiny_model  # noqa: F401
 
@@ -34,9 +35,9 @@ def _version_with_long_rows(s3) -> str:
     for i in (1, 2, 3, 10):  # 10 is an eval row
         rows[i]["completion"] = "Item is explained here with a sentence of moderate length. " * 8
         rows[i]["row_hash"] = formats.row_hash(rows[i])
-    res = versioning.commit_version(
-        s3, "qa", rows, config={"eval_fraction": 0.2, "system_prompt": SYSTEM_PROMPT},
-        source={"project_id": 1}, stats={}, shard_rows=1000, system_prompt=SYSTEM_PROMPT)
+    res = commit_version(s3, CommitRequest(
+        dataset="qa", rows=rows, config={"eval_fraction": 0.2, "system_prompt": SYSTEM_PROMPT},
+        source={"project_id": 1}, stats={}, shard_rows=1000, system_prompt=SYSTEM_PROMPT))
     return res.version
 
 

@@ -69,7 +69,7 @@ def test_completes_when_annotations_arrive(prefect_harness, labelstudio, project
 
 def test_counts_annotations_since_the_last_dataset_version(prefect_harness, labelstudio, project, s3):
     """The baseline is what the dataset's latest manifest recorded for the project."""
-    from sftflow.tasks.versions.versioning import Manifest
+    from sftflow.tasks.versions.manifest import Manifest
 
     p, ids = project
     for i in ids[:2]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sftflow.tasks.versions import versioning
+from sftflow.tasks.versions.commit import CommitRequest, commit_version
 from tests.tasks._datasets import final_rows
 
 ROOT = Path(__file__).parents[2]
@@ -24,12 +24,12 @@ def make_version(s3, dataset: str, n: int = 40, *, eval_every: int = 5, tag: str
                  start: int = 0) -> str:
     """Commit ``n`` rows (every ``eval_every``-th in eval) as a real version; returns its id."""
     rows = final_rows(n, start=start, eval_every=eval_every, tag=tag)
-    res = versioning.commit_version(
-        s3, dataset, rows, config={"eval_fraction": 1 / eval_every},
+    res = commit_version(s3, CommitRequest(
+        dataset=dataset, rows=rows, config={"eval_fraction": 1 / eval_every},
         source={"project_id": 1, "snapshot_at": f"2026-01-0{1 + start % 9}T00:00:00",
                 "num_tasks_with_annotations": n},
         stats={"filters": {"kept": n}}, shard_rows=1000,
-    )
+    ))
     return res.version
 
 

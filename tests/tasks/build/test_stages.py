@@ -8,8 +8,8 @@ import numpy as np
 
 from sftflow.tasks.build import stages as build
 from sftflow.tasks.build.delta import TaskState
-from sftflow.tasks.build.incremental import ParentState
 from sftflow.tasks.build.filters import FilterConfig, filter_rows
+from sftflow.tasks.build.incremental import ParentState
 from sftflow.tasks.dedup import DedupConfig, fingerprint
 from sftflow.tasks.versions import formats
 

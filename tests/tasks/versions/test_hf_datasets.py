@@ -6,7 +6,8 @@ import pytest
 
 import sftflow
 from sftflow.core.errors import SftflowError
-from sftflow.tasks.versions import versioning
+from sftflow.tasks.versions.pull import pull_version
+from sftflow.tasks.versions.read import load_manifest
 from tests.tasks._finetune import make_version
 
 pytestmark = pytest.mark.integration
@@ -26,7 +27,7 @@ def test_latest_and_pinned_versions_load_with_hf_split_names(s3):
 
 def test_a_corrupted_shard_is_refused(s3):
     version = make_version(s3, "hf-bad", 20)
-    m = versioning.load_manifest(s3, "hf-bad", version, verify=False)
+    m = load_manifest(s3, "hf-bad", version, verify=False)
     shard = m.files_of("parquet", "train")[0]
     s3.put_bytes(m.key(shard.path), b"not the bytes the manifest names")
     with pytest.raises(SftflowError, match="checksum mismatch"):
@@ -37,7 +38,7 @@ def test_the_bucket_and_a_pulled_folder_give_the_same_splits_and_rows(s3, tmp_pa
     import datasets
 
     version = make_version(s3, "hf-same", 50, eval_every=5)
-    versioning.pull_version(s3, "hf-same", version, tmp_path / "pulled")
+    pull_version(s3, "hf-same", version, tmp_path / "pulled")
     remote = sftflow.load_dataset("hf-same", version, bucket=s3.bucket)
     local = datasets.load_dataset(str(tmp_path / "pulled"), cache_dir=str(tmp_path / "cache"))
     assert set(remote) == set(local) == {"train", "validation"}

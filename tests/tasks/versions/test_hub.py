@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sftflow.tasks.versions import formats, hub, versioning
-from sftflow.tasks.versions.versioning import FileEntry, Manifest
+from sftflow.tasks.versions import formats, hub
+from sftflow.tasks.versions.commit import CommitRequest, commit_version
+from sftflow.tasks.versions.manifest import FileEntry, Manifest
+from sftflow.tasks.versions.pull import pull_version
 from tests.tasks._datasets import final_rows
 
 SFTFLOW = str(Path(sys.executable).parent / "sftflow")
@@ -118,11 +120,11 @@ def test_card_without_eval_rows_or_languages():
 
 # -- real SeaweedFS ------------------------------------------------------------------------------
 def _commit(s3, dataset: str, rows) -> str:
-    return versioning.commit_version(
-        s3, dataset, rows, config={"eval_fraction": 0.1}, stats=STATS, shard_rows=40,
+    return commit_version(s3, CommitRequest(
+        dataset=dataset, rows=rows, config={"eval_fraction": 0.1}, stats=STATS, shard_rows=40,
         source={"project_id": 7, "project_title": "support-prompts",
                 "snapshot_at": "2026-03-01T00:00:00"},
-    ).version
+    )).version
 
 
 @pytest.mark.integration
@@ -133,7 +135,7 @@ def test_pulled_folder_is_a_hub_repository_plain_load_dataset_reads(s3, tmp_path
     first = _commit(s3, "support", final_rows(60))
     version = _commit(s3, "support", final_rows(100))
     dest = tmp_path / "support"
-    out = versioning.pull_version(s3, "support", None, dest, license="cc-by-4.0")
+    out = pull_version(s3, "support", None, dest, license="cc-by-4.0")
     assert out["version"] == version
     assert out["card"] == {"languages": ["en"], "license": "cc-by-4.0", "size_category": "n<1K"}
 
@@ -154,7 +156,7 @@ def test_pulled_folder_is_a_hub_repository_plain_load_dataset_reads(s3, tmp_path
                                  cache_dir=str(tmp_path / "cache2"))
     assert chat["train"].num_rows == 10
 
-    again = versioning.pull_version(s3, "support", version, dest, license="cc-by-4.0")
+    again = pull_version(s3, "support", version, dest, license="cc-by-4.0")
     assert again["bytes_downloaded"] == 0  # every file already there, checksums equal
 
 

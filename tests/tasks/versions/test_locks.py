@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sftflow.tasks.ingest.prompts import Ledger
+from sftflow.tasks.ingest.ledger import Ledger
 from sftflow.tasks.versions.locks import LeaseLost, LockRecord, LockTimeout, lock_key, s3_lock
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,4 @@
-"""The manifest model (tasks.versioning.Manifest / FileEntry) and the refs CAS: what a reader
+"""The manifest model (tasks.versions.manifest: Manifest / FileEntry) and the refs CAS: what a reader
 refuses and what a writer writes (pure where no storage is involved; the real SeaweedFS
 elsewhere, with the fault proxy standing in for a concurrent writer that wins the CAS)."""
 
@@ -10,8 +10,10 @@ import json
 import pytest
 
 from sftflow.core.errors import SftflowError
-from sftflow.tasks.versions import versioning
-from sftflow.tasks.versions.versioning import FileEntry, Manifest
+from sftflow.core.hashing import config_hash
+from sftflow.tasks.versions.manifest import FileEntry, Manifest, file_key, version_id
+from sftflow.tasks.versions.read import data_files, load_baseline, load_manifest, verify_files
+from sftflow.tasks.versions.refs import advance_latest
 
 ROOT = "datasets/d"
 SHA = "ab" * 32
@@ -64,7 +66,7 @@ def test_a_file_path_leaving_the_root_is_refused_naming_the_manifest(path, s3):
     _store(s3, bad)
     with pytest.raises(SftflowError, match=rf"manifest s3://{s3.bucket}/datasets/d/versions/0123456789abcdef"
                                            r"/manifest.json is refused: files\.0\.path"):
-        versioning.load_manifest(s3, "d", verify=False)
+        load_manifest(s3, "d", verify=False)
 
 
 @pytest.mark.integration
@@ -73,7 +75,7 @@ def test_an_unknown_split_is_refused(s3):
     bad["files"][0]["split"] = "test"
     _store(s3, bad)
     with pytest.raises(SftflowError, match=r"is refused: files\.0\.split"):
-        versioning.load_manifest(s3, "d", verify=False)
+        load_manifest(s3, "d", verify=False)
 
 
 @pytest.mark.integration
@@ -81,17 +83,17 @@ def test_a_manifest_of_another_version_or_dataset_is_refused(s3):
     raw = _manifest(dataset="other")
     _store(s3, raw)
     with pytest.raises(SftflowError, match="describes other@0123456789abcdef, not d@"):
-        versioning.load_manifest(s3, "d", verify=False)
+        load_manifest(s3, "d", verify=False)
 
 
 @pytest.mark.integration
 def test_keys_come_from_the_readers_root_not_the_manifests(s3):
     _store(s3, _manifest(root="elsewhere/../../secrets"))
     s3.put_bytes(f"{ROOT}/shards/x.parquet", b"rows")
-    m = versioning.load_manifest(s3, "d", verify=False)
-    assert versioning.file_key(m, m.files[0].path) == f"{ROOT}/shards/x.parquet"
-    assert versioning.data_files(s3, m, "train") == [f"s3://{s3.bucket}/{ROOT}/shards/x.parquet"]
-    versioning.verify_files(s3, m, m.files_of("parquet"))  # read from the reader's root
+    m = load_manifest(s3, "d", verify=False)
+    assert file_key(m, m.files[0].path) == f"{ROOT}/shards/x.parquet"
+    assert data_files(s3, m, "train") == [f"s3://{s3.bucket}/{ROOT}/shards/x.parquet"]
+    verify_files(s3, m, m.files_of("parquet"))  # read from the reader's root
 
 
 def test_not_json_and_missing_fields_are_clear_errors():
@@ -114,10 +116,10 @@ def test_file_entry_omits_of_only_when_absent():
 
 @pytest.mark.integration
 def test_baseline_is_the_latest_versions_source_counters(s3):
-    assert versioning.load_baseline(s3, "d") == (None, None)
-    assert versioning.load_baseline(s3, None) == (None, None)
+    assert load_baseline(s3, "d") == (None, None)
+    assert load_baseline(s3, None) == (None, None)
     _store(s3, _manifest())
-    assert versioning.load_baseline(s3, "d") == (
+    assert load_baseline(s3, "d") == (
         "0123456789abcdef", {"project_id": 7, "snapshot_at": "2026-01-01"})
 
 
@@ -137,28 +139,28 @@ def test_cas_retries_after_a_lost_race_and_reports_it(settings, s3):
         racing.check_conditional_writes()  # the probe passes before any fault is set
         proxy.add(Fault("status", method="PUT", path="/refs/latest", status=412, times=2))
         steps = []
-        moved, latest, retries, sup = versioning.advance_latest(
+        moved, latest, retries, sup = advance_latest(
             racing, ROOT, "v1", "2026-01-01", hook=steps.append)
         assert (moved, latest, retries, sup) == (True, "v1", 2, None)
         assert steps == ["cas-retry", "cas-retry"]
         assert s3.get_bytes(f"{ROOT}/refs/latest")[0] == b"v1"
         proxy.add(Fault("status", method="PUT", path="/refs/latest", status=412, times=0))
         with pytest.raises(SftflowError, match="after 3 attempts"):
-            versioning.advance_latest(racing, ROOT, "v2", None, max_attempts=3)
+            advance_latest(racing, ROOT, "v2", None, max_attempts=3)
 
 
 @pytest.mark.integration
 def test_cas_leaves_latest_on_a_version_from_a_newer_snapshot(s3):
     _store(s3, _manifest(source={"snapshot_at": "2026-05-01"}))
-    got = versioning.advance_latest(s3, ROOT, "v-old", "2026-04-01")
+    got = advance_latest(s3, ROOT, "v-old", "2026-04-01")
     assert got == (False, "0123456789abcdef", 0, "0123456789abcdef")
 
 
 def test_version_ids_are_pinned():
-    assert versioning.config_hash({"eval_fraction": 0.1}) == hashlib.sha256(
+    assert config_hash({"eval_fraction": 0.1}) == hashlib.sha256(
         b'{"eval_fraction":0.1}').hexdigest()[:16]
     expected = hashlib.sha256(b"cfg\na\nb\n").hexdigest()[:16]
-    assert versioning.version_id(["b", "a"], "cfg") == expected
+    assert version_id(["b", "a"], "cfg") == expected
 
 
 def _pull_cli(s3, dest):

@@ -1,0 +1,166 @@
+"""The refs of a dataset: ``refs/latest``, tags, and the markers of announced versions.
+
+``refs/latest`` moves only by compare-and-swap (``advance_latest``: ``If-Match`` on its ETag,
+re-reading and retrying on 412), and never to a version built from an older Label Studio
+snapshot than the one it names (concurrent builds: the freshest export wins, no update is lost
+to a blind overwrite). Tags are plain pointers and may be moved. ``refs/announced/<version>``
+records that the version's ``dataset.versioned`` event was emitted, so a rerun stays quiet.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+from sftflow.core.errors import SftflowError
+from sftflow.tasks.adapters.s3 import S3, PreconditionFailed
+from sftflow.tasks.runtime.polling import Backoff, retry
+from sftflow.tasks.versions.keys import DEFAULT_PREFIX, DatasetKeys, is_name
+from sftflow.tasks.versions.manifest import manifest_at
+
+#: Called with the name of each commit step (and ``cas-retry``), for tests to stop there.
+Hook = Callable[[str], None]
+
+
+def _read_text(s3: S3, key: str) -> tuple[str, str] | None:
+    try:
+        data, etag = s3.get_bytes(key)
+    except KeyError:
+        return None
+    return data.decode().strip(), etag
+
+
+def read_latest(s3: S3, keys: DatasetKeys) -> str | None:
+    """The version ``refs/latest`` names, None before the first."""
+    got = _read_text(s3, keys.latest)
+    return got[0] if got else None
+
+
+def latest_version(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX) -> str | None:
+    return read_latest(s3, DatasetKeys.of(prefix, dataset))
+
+
+def _read_tag(s3: S3, keys: DatasetKeys, tag: str) -> str | None:
+    got = _read_text(s3, keys.tag(tag))
+    return got[0] if got else None
+
+
+def get_tag(s3: S3, dataset: str, tag: str, *, prefix: str = DEFAULT_PREFIX) -> str | None:
+    return _read_tag(s3, DatasetKeys.of(prefix, dataset), tag)
+
+
+def set_tag(s3: S3, dataset: str, tag: str, version: str, *, prefix: str = DEFAULT_PREFIX) -> None:
+    """Point ``refs/tags/<tag>`` at an existing version (tags may be moved)."""
+    keys = DatasetKeys.of(prefix, dataset)
+    if s3.head(keys.manifest(version)) is None:
+        raise SftflowError(f"dataset {dataset!r} has no version {version!r} ({s3.uri(keys.root)})")
+    s3.put_bytes(keys.tag(tag), version.encode(), content_type="text/plain")
+
+
+def list_tags(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX) -> dict[str, str]:
+    keys = DatasetKeys.of(prefix, dataset)
+    out = {}
+    for obj in s3.list(keys.tags):
+        got = _read_text(s3, obj.key)
+        if got:
+            out[DatasetKeys.tag_of(obj.key)] = got[0]
+    return out
+
+
+def versioned_event_id(dataset: str, version: str) -> uuid.UUID:
+    """The ``dataset.versioned`` event's id for a version: the same for every emission, so
+    Prefect's trigger service drops a repeated one (a retry or a rerun after a crash)."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"sftflow:dataset.versioned:{dataset}@{version}")
+
+
+def should_announce(s3: S3, dataset: str, version: str, latest: str | None, *,
+                    prefix: str = DEFAULT_PREFIX) -> bool:
+    """Whether a build of ``version`` emits ``dataset.versioned``: the version is
+    ``refs/latest`` (this run moved it there, or found it there after a crash) and its event
+    was not recorded as emitted. An unchanged rebuild of an announced version stays quiet; a
+    version left behind a newer snapshot's is never announced."""
+    if latest != version:
+        return False
+    return s3.head(DatasetKeys.of(prefix, dataset).announced(version)) is None
+
+
+def mark_announced(s3: S3, dataset: str, version: str, *, prefix: str = DEFAULT_PREFIX) -> None:
+    """Record that ``version``'s event was emitted (after emitting it)."""
+    s3.put_bytes(DatasetKeys.of(prefix, dataset).announced(version), b"",
+                 content_type="text/plain")
+
+
+def resolve_at(s3: S3, keys: DatasetKeys, dataset: str, version: str | None) -> str:
+    """``resolve`` for a dataset whose keys are ``keys``."""
+    if version is None:
+        found = read_latest(s3, keys)
+        if found is None:
+            raise SftflowError(f"dataset {dataset!r} has no version yet ({s3.uri(keys.latest)})")
+        return found
+    if is_name(version) and s3.head(keys.manifest(version)) is not None:
+        return version
+    if is_name(version):
+        tagged = _read_tag(s3, keys, version)
+        if tagged:
+            return tagged
+    raise SftflowError(f"dataset {dataset!r} has no version or tag {version!r} "
+                       f"({s3.uri(keys.root)})")
+
+
+def resolve(s3: S3, dataset: str, version: str | None, *, prefix: str = DEFAULT_PREFIX) -> str:
+    """A version id from None (latest), a tag or an id; clear error when there is none."""
+    return resolve_at(s3, DatasetKeys.of(prefix, dataset), dataset, version)
+
+
+def _snapshot_of(s3: S3, keys: DatasetKeys, version: str) -> str:
+    """The Label Studio snapshot time a committed version was built from ("" if unknown)."""
+    try:
+        manifest = manifest_at(s3, keys.manifest(version), keys.root)
+    except KeyError:
+        return ""
+    return str(manifest.source.get("snapshot_at") or "")
+
+
+class _Contention(Exception):
+    """refs/latest changed between our read and our conditional write."""
+
+
+def advance_latest(
+    s3: S3, root: str, version: str, snapshot_at: str | None, *, max_attempts: int = 20,
+    hook: Hook | None = None,
+) -> tuple[bool, str | None, int, str | None]:
+    """Move ``refs/latest`` to ``version`` with compare-and-swap, unless it names a version
+    built from a newer snapshot. Returns (moved, latest afterwards, CAS retries, superseded_by)."""
+    keys = DatasetKeys(root)
+    key = keys.latest
+    retries = 0
+
+    def attempt() -> tuple[bool, str | None, int, str | None]:
+        nonlocal retries
+        current = _read_text(s3, key)
+        if current and current[0] == version:
+            return False, version, retries, None
+        if current and snapshot_at:
+            cur_snap = _snapshot_of(s3, keys, current[0])
+            if cur_snap and cur_snap > snapshot_at:
+                return False, current[0], retries, current[0]
+        try:
+            if current is None:
+                s3.put_bytes(key, version.encode(), if_none_match=True, content_type="text/plain")
+            else:
+                s3.put_bytes(key, version.encode(), if_match=current[1], content_type="text/plain")
+        except PreconditionFailed:
+            retries += 1
+            if hook:
+                hook("cas-retry")
+            raise _Contention from None
+        return True, version, retries, None
+
+    try:
+        return retry(attempt, attempts=max_attempts,
+                     retry_if=lambda err: isinstance(err, _Contention),
+                     backoff=Backoff(0.05, 2.0, jitter=0.5))
+    except _Contention:
+        raise SftflowError(
+            f"could not move {s3.uri(key)} after {max_attempts} attempts (contention)"
+        ) from None
