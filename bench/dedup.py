@@ -52,14 +52,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sftflow.tasks.dedup import minhash as D
+from sftflow.tasks import dedup as D
+from sftflow.tasks.dedup.minhash import connected_components
 
 DATA = Path(os.environ.get("SFTFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
 TARGETS = {"rows_per_s": 50_000, "precision": 0.95, "recall": 0.90}
 
 
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return D._components(n, np.asarray(a, np.int64), np.asarray(b, np.int64))
+    return connected_components(n, np.asarray(a, np.int64), np.asarray(b, np.int64))
 
 
 class Clock:

@@ -5,11 +5,13 @@ run (e.g. after ``wait_for_annotations``).
 
 Inputs: ``BuildParams`` (project, dataset, annotation policy, filters, dedup, eval fraction).
 
-Steps: export snapshot of the project (create, poll with a deadline, download, streaming
-parse) -> filters + PII/secret scan (mapped over shards) -> MinHash fingerprints (mapped over
-shards) -> exact + near dedup with the keep rule -> train/eval split by cluster (leakage
-checked to be 0) -> commit (content-addressed shards, JSONL formats, card, exclusions,
-manifest, ``refs/latest`` CAS).
+Stages (each a call into ``tasks/build/`` or ``tasks/versions/``): plan (the parent version
+and the mode) -> the changed tasks (incremental export proven against the project counters,
+else a full export snapshot) -> parse into rows -> the draft policy and the filters + PII/secret
+scan (mapped over shards) -> MinHash fingerprints (mapped over shards) -> dedup against the
+parent's rows and the cluster-aware split -> commit (content-addressed shards, JSONL formats,
+card, exclusions, task index, manifest, ``refs/latest`` CAS) -> artifacts, pictures and the
+event.
 
 Outputs: ``s3://<bucket>/<datasets.prefix>/<dataset>/versions/<version>/manifest.json`` and
 the files it lists; artifacts (counts table, version link, dedup examples); the event
@@ -37,18 +39,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, runtime, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.events import emit_event
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field
 
 import sftflow
-from sftflow.core import events
 from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.adapters.labelstudio import RESPONSE_NAME, require_project
-from sftflow.tasks.adapters.s3 import S3
-from sftflow.tasks.build import stages as build
+from sftflow.tasks.build.changes import (
+    carried_exclusions,
+    changes_from_snapshot_task,
+    read_changes_task,
+)
 from sftflow.tasks.build.delta import ls_time, watermark
 from sftflow.tasks.build.export import (
     AnnotationPolicy,
@@ -57,14 +59,30 @@ from sftflow.tasks.build.export import (
     download_snapshot_task,
     parse_tasks,
 )
-from sftflow.tasks.build.filters import FilterConfig, filter_rows_task
+from sftflow.tasks.build.filters import (
+    DEFAULT_DRAFT_POLICY,
+    DraftPolicy,
+    FilterConfig,
+    apply_draft_policy,
+    filter_rows_task,
+)
 from sftflow.tasks.build.pictures import import_in_background, publish_version_pictures_task
-from sftflow.tasks.build.stages import fingerprint_task, stable_split_task
+from sftflow.tasks.build.plan import plan_build_task
+from sftflow.tasks.build.publish import publish_counts, publish_version_task
+from sftflow.tasks.build.report import (
+    BuildReport,
+    dedup_counts,
+    nothing_to_build,
+    project_source,
+)
+from sftflow.tasks.build.shards import chunks, dedup_texts, fingerprint_task, merge_filtered
+from sftflow.tasks.build.split import index_files, stable_split_task
 from sftflow.tasks.dedup import DedupConfig
-from sftflow.tasks.drafts import figures
-from sftflow.tasks.runtime.declare import artifact_key, io_task
-from sftflow.tasks.versions import commit as version_commit
-from sftflow.tasks.versions import formats, keys, refs
+from sftflow.tasks.drafts.figures import draft_figures, publish_figures_task
+from sftflow.tasks.runtime.progress import PhaseTimer
+from sftflow.tasks.versions import formats, keys
+from sftflow.tasks.versions.commit import CommitRequest, commit_version_task
+from sftflow.tasks.versions.refs import set_tag_task
 
 
 class BuildParams(BaseModel):
@@ -103,8 +121,8 @@ class BuildParams(BaseModel):
     keep_snapshot: bool = Field(
         False, description="Keep the export snapshot on the Label Studio server afterwards."
     )
-    draft_policy: figures.DraftPolicy = Field(
-        figures.DEFAULT_DRAFT_POLICY,
+    draft_policy: DraftPolicy = Field(
+        DEFAULT_DRAFT_POLICY,
         description="Rows whose response is a model's draft accepted unchanged: 'exclude' "
         "(default: no model trains on its own unedited outputs unless someone decides so; "
         "they go to exclusions as accepted_draft_unchanged) or 'include'.",
@@ -131,184 +149,84 @@ class BuildParams(BaseModel):
         }
 
 
-class BuildReport(BaseModel):
-    dataset: str = Field(..., description="The dataset built.")
-    version: str | None = Field(None, description="The version (empty: nothing to build).")
-    created: bool = Field(False, description="This run committed the version.")
-    ref_updated: bool = Field(False, description="This run moved refs/latest.")
-    latest: str | None = Field(None, description="refs/latest afterwards.")
-    parent: str | None = Field(None, description="The version refs/latest named before.")
-    uri: str | None = Field(None, description="s3:// URI of the version's manifest.")
-    project_id: int | None = None
-    project: str | None = None
-    rows: dict[str, int] = Field(default_factory=dict, description="Rows per split.")
-    counts: dict[str, Any] = Field(default_factory=dict, description="Figures per stage.")
-    bytes_written: int = 0
-    bytes_total: int = 0
-    mode: str = Field("", description="incremental | full | scratch")
-    mode_reason: str = Field("", description="Why this mode (a fallback names its cause).")
-    seconds: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
-    message: str = ""
-
-    def record_mode(self, changes: build.Changes, figures: dict[str, int],
-                    seconds: dict[str, float]) -> None:
-        self.mode, self.mode_reason, self.seconds = changes.mode, changes.reason, seconds
-        # Where an incremental export's seconds went (counters, list, fetch, deleted).
-        self.seconds.update({f"export.{k}": v for k, v in changes.export.get("seconds", {}).items()})
-        self.counts["changes"] = {**figures, "rows_deleted_in_place":
-                                  self.counts.get("commit", {}).get("rows_deleted", 0)}
-        if "tasks_listed" in changes.export:  # the incremental export's light listing
-            self.counts["changes"]["tasks_listed"] = changes.export["tasks_listed"]
-
-    def record_commit(self, result: version_commit.CommitResult, uri: str) -> None:
-        self.version, self.created = result.version, result.created
-        self.ref_updated, self.latest, self.parent = result.ref_updated, result.latest, result.parent
-        self.rows = self.counts["rows"] = result.rows
-        self.counts["commit"] = {
-            "shards_written": result.shards_written, "shards_reused": result.shards_reused,
-            "rows_deleted": result.rows_deleted,
-            "cas_retries": result.cas_retries, "superseded_by": result.superseded_by,
-            "parent_missing": len(result.parent_missing), "repaired": len(result.repaired),
-        }
-        self.bytes_written, self.bytes_total = result.bytes_written, result.bytes_total
-        self.uri = uri
-        self.message = (
-            f"{'created' if result.created else 'unchanged, existing'} version {result.version} "
-            f"of {self.dataset}: {result.rows.get('train', 0)} train / "
-            f"{result.rows.get('eval', 0)} eval rows; refs/latest -> {result.latest}"
-        )
-
-
-@io_task(name="commit-version")
-def commit(s3: S3, params: BuildParams, outcome: build.Outcome, extra: list, *,
-           prefix: str, shard_rows: int, source: dict, stats: dict) -> version_commit.CommitResult:
-    """Commit the version (and point ``params.tag`` at it)."""
-    result = version_commit.commit_version(s3, version_commit.CommitRequest(
-        dataset=params.dataset, rows=outcome.rows, config=params.build_config(), source=source,
-        stats=stats, prefix=prefix, shard_rows=shard_rows,
-        run_id=str(runtime.flow_run.id or ""), code_version=f"sftflow {sftflow.__version__}",
-        system_prompt=params.system_prompt, signatures=outcome.signatures, extra_files=extra,
-    ))
-    if params.tag:
-        refs.set_tag(s3, params.dataset, params.tag, result.version, prefix=prefix)
-    return result
-
-
 # -- the flow ----------------------------------------------------------------------------------
-@flow(name="build-dataset", flow_run_name="build {params.dataset} from {params.project}", task_runner=ThreadPoolTaskRunner(max_workers=4),
-      validate_parameters=True, log_prints=False)
+@flow(name="build-dataset", flow_run_name="build {params.dataset} from {params.project}",
+      task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=True, log_prints=False)
 def build_dataset(params: BuildParams) -> BuildReport:
     """Read what changed in Label Studio since the parent version (or everything), filter,
     dedup against the parent, split and commit one dataset version; see the module docstring."""
-    logger = get_run_logger()
-    clock = build.Stopwatch()
+    clock = PhaseTimer()
     keys.check_name("dataset", params.dataset)
     import_in_background()  # the pictures' matplotlib, while the export waits on Label Studio
     clients = Clients.for_bucket(params.bucket)
     settings, ls, s3 = clients.settings, clients.labelstudio, clients.s3
-    prefix = settings.datasets.prefix
-    shard_rows = params.shard_rows or settings.datasets.shard_rows
+    prefix, shard_rows = settings.datasets.prefix, params.shard_rows or settings.datasets.shard_rows
 
     project = require_project(ls, params.project)
     report = BuildReport(dataset=params.dataset, project_id=project.id, project=project.title)
-    source = build.project_source(settings.labelstudio.url, project)
-    plan = build.plan_build(s3, params.dataset, prefix, params.build_config(), mode=params.mode,
-                            full_every=settings.datasets.full_every)
+    source = project_source(settings.labelstudio.url, project)
+    plan = plan_build_task(s3, params.dataset, prefix, params.build_config(), mode=params.mode,
+                           full_every=settings.datasets.full_every)
     clock.lap("parent")
+    changes = read_changes_task(ls, int(project.id), quote(plan))
     with tempfile.TemporaryDirectory(prefix="sftflow-export-") as tmp:
-        changes = build.read_changes(
-            ls, int(project.id), plan, lambda: _counters(ls, project.id),
-            lambda: _full_export(ls, project, params, source, Path(tmp)))
+        if changes.needs_export:
+            snapshot = create_snapshot_task(ls, int(project.id), timeout_s=params.export_timeout_s)
+            source.update(export_id=snapshot.export_id, snapshot_at=snapshot.created_at)
+            path = download_snapshot_task(ls, snapshot, Path(tmp) / "export.json")
+            if not params.keep_snapshot:
+                delete_snapshot(ls, snapshot)
+            changes = changes_from_snapshot_task(quote(plan), path, changes.reason)
     source.update(mode=changes.mode, mode_reason=changes.reason,
                   since_full=plan.since_full if changes.mode == "incremental" else 0,
                   watermark=changes.watermark or watermark(ls_time(source["snapshot_at"])))
     clock.lap("export")
+
     parsed = parse_tasks(changes.tasks, params.annotation_policy, params.response_name)
     report.counts["export"] = dict(parsed.counts)
-    drafts = figures.draft_figures(parsed.rows, parsed.agreement, params.draft_policy)
-    rows, draft_excluded = figures.apply_draft_policy(parsed.rows, params.draft_policy)
-    shards = build.chunks(rows, shard_rows) if rows else []
+    drafts = draft_figures(parsed.rows, parsed.agreement, params.draft_policy)
+    rows, draft_excluded = apply_draft_policy(parsed.rows, params.draft_policy)
+    shards = chunks(rows, shard_rows) if rows else []
     filtered = [f.result() for f in filter_rows_task.map(shards, unmapped(params.filters))]
-    fresh, exclusions, filter_counts = build.merge_filtered(parsed.exclusions + draft_excluded,
-                                                            filtered)
+    fresh, exclusions, filter_counts = merge_filtered(parsed.exclusions + draft_excluded, filtered)
     report.counts["filters"] = dict(filter_counts)
     clock.lap("filters")
-    texts = build.dedup_texts(fresh, params.dedup)
-    fps = [f.result() for f in fingerprint_task.map(build.chunks(texts, shard_rows),
-                                                     unmapped(params.dedup))] if fresh else []
+    texts = chunks(dedup_texts(fresh, params.dedup), shard_rows)
+    fps = [f.result() for f in fingerprint_task.map(texts, unmapped(params.dedup))] if fresh else []
     outcome = stable_split_task(quote(plan), quote(changes), quote(fresh), quote(fps),
                                 params.dedup, params.eval_fraction, params.split_seed)
-    report.counts["dedup"] = build.dedup_counts(outcome.stats)
+    report.counts["dedup"] = dedup_counts(outcome.stats)
     clock.lap("dedup")
     if not outcome.rows:
-        report.message = build.nothing_to_build(project.title, report.counts)
-        logger.warning(report.message)
-        create_table_artifact(build.counts_table(report.counts), description=report.message,
-                              key=artifact_key("dataset", params.dataset, "counts"))
+        report.message = nothing_to_build(project.title, report.counts)
+        get_run_logger().warning(report.message)
+        publish_counts(report, description=report.message)
         return report
 
-    stats = {"export": report.counts["export"], "filters": report.counts["filters"],
-             "dedup": outcome.stats, "changes": outcome.figures, "drafts": drafts}
-    all_exclusions = build.carried_exclusions(plan, changes) + exclusions + outcome.exclusions
-    extra = build.index_files(outcome.tasks, all_exclusions)
-    result = commit(s3, params, quote(outcome), quote(extra), prefix=prefix,
-                    shard_rows=shard_rows, source=source, stats=stats)
+    all_exclusions = carried_exclusions(plan, changes) + exclusions + outcome.exclusions
+    request = CommitRequest(
+        dataset=params.dataset, rows=outcome.rows, config=params.build_config(), source=source,
+        stats={"export": report.counts["export"], "filters": report.counts["filters"],
+               "dedup": outcome.stats, "changes": outcome.figures, "drafts": drafts},
+        prefix=prefix, shard_rows=shard_rows, run_id=str(runtime.flow_run.id or ""),
+        code_version=f"sftflow {sftflow.__version__}", system_prompt=params.system_prompt,
+        signatures=outcome.signatures, extra_files=index_files(outcome.tasks, all_exclusions))
+    result = commit_version_task(s3, quote(request))
+    if params.tag:
+        set_tag_task(s3, params.dataset, params.tag, result.version, prefix=prefix)
     clock.lap("commit")
-    dataset_keys = keys.DatasetKeys.of(prefix, params.dataset)
-    report.record_commit(result, s3.uri(dataset_keys.manifest(result.version)))
-    report.record_mode(changes, outcome.figures, clock.seconds)
-    logger.info(report.message)
-    _publish(s3, prefix, params, report, outcome.stats, drafts)
+    report.record_commit(result, s3.uri(keys.DatasetKeys.of(prefix, params.dataset)
+                                        .manifest(result.version)))
+    report.record_mode(changes, outcome.figures)
+    report.record_seconds(clock.seconds(), changes)
+    get_run_logger().info(report.message)
+    publish_version_task(s3, prefix, quote(report), outcome.stats.get("examples", []))
+    publish_figures_task(params.dataset, drafts)
     publish_version_pictures_task(params.dataset, result.version, quote(outcome.rows),
                                   quote(all_exclusions))
-    clock.lap("publish")  # artifacts, pictures and the event (report.seconds is clock.seconds)
+    clock.lap("publish")  # artifacts, pictures and the event
+    report.record_seconds(clock.seconds(), changes)
     return report
-
-
-def _counters(ls: Any, project_id: int) -> dict[str, int]:
-    project = ls.projects.get(id=int(project_id))
-    return {k: int(getattr(project, k, 0) or 0) for k in build.PROJECT_COUNTERS}
-
-
-def _full_export(ls: Any, project: Any, params: BuildParams, source: dict[str, Any],
-                 tmp: Path) -> Path:
-    """A whole-project export snapshot, downloaded to ``tmp``; its id and time go to ``source``."""
-    snapshot = create_snapshot_task(ls, int(project.id), timeout_s=params.export_timeout_s)
-    source.update(export_id=snapshot.export_id, snapshot_at=snapshot.created_at)
-    path = download_snapshot_task(ls, snapshot, tmp / "export.json")
-    if not params.keep_snapshot:
-        delete_snapshot(ls, snapshot)
-    return path
-
-
-def _publish(s3: S3, prefix: str, params: BuildParams, report: BuildReport,
-             dedup_stats: dict[str, Any], drafts: dict[str, Any]) -> None:
-    """The counts and version artifacts; the ``dataset.versioned`` event, once per version
-    (deterministic id; recorded under ``refs/announced/``), when it is ``refs/latest``."""
-    create_table_artifact(build.counts_table(report.counts),
-                          key=artifact_key("dataset", params.dataset, "counts"),
-                          description=f"{params.dataset}@{report.version}: kept and dropped")
-    create_markdown_artifact(build.version_markdown(report.model_dump(),
-                                                    dedup_stats.get("examples", [])),
-                             key=artifact_key("dataset", params.dataset, "version"),
-                             description=f"dataset version {report.version}")
-    create_table_artifact(figures.figures_table(drafts),
-                          key=artifact_key("dataset", params.dataset, "drafts"),
-                          description=figures.figures_markdown(drafts))
-    if not refs.should_announce(s3, params.dataset, report.version, report.latest,
-                                prefix=prefix):
-        return  # not refs/latest, or already announced: downstream triggers stay quiet
-    emit_event(
-        event=events.DATASET_VERSIONED,
-        resource=events.dataset_resource(params.dataset),
-        payload={
-            "dataset": params.dataset, "version": report.version, "project_id": report.project_id,
-            "rows_train": report.rows.get("train", 0), "rows_eval": report.rows.get("eval", 0),
-            "created": report.created,
-        },
-        id=refs.versioned_event_id(params.dataset, report.version),
-    )
-    refs.mark_announced(s3, params.dataset, report.version, prefix=prefix)
 
 
 def build_dataset_on(dask_address: str | None = None, **dask_kwargs: Any):

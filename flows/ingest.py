@@ -51,14 +51,10 @@ from sftflow.tasks.adapters.s3 import parse_s3_uri
 from sftflow.tasks.ingest.importer import ImportTotals, ProjectImporter
 from sftflow.tasks.ingest.index import prompt_config
 from sftflow.tasks.ingest.intake import IntakeTally, Selection, select_objects
+from sftflow.tasks.ingest.ledger import Ledger, bucket_exists
+from sftflow.tasks.ingest.parse import read_prompt_file_task
 from sftflow.tasks.ingest.projects import ensure_project_task
-from sftflow.tasks.ingest.prompts import (
-    FieldMapping,
-    Ledger,
-    Limits,
-    bucket_exists,
-    read_prompt_file_task,
-)
+from sftflow.tasks.ingest.prompts import FieldMapping, Limits
 from sftflow.tasks.runtime.declare import artifact_key
 from sftflow.tasks.runtime.progress import PhaseTimer, ProgressBar
 from sftflow.tasks.versions.locks import ingest_lock_name, s3_lock

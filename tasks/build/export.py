@@ -25,8 +25,8 @@ from typing import Any, BinaryIO, Literal
 
 from sftflow.core.errors import SftflowError
 from sftflow.tasks.adapters.labelstudio import PROMPT_NAME, RESPONSE_NAME
+from sftflow.tasks.build import edits
 from sftflow.tasks.build.delta import ls_time
-from sftflow.tasks.drafts import edits
 from sftflow.tasks.ingest.prompts import prompt_id as compute_prompt_id
 from sftflow.tasks.runtime.declare import compute_task, io_task
 from sftflow.tasks.runtime.polling import Backoff, is_transient, retry, wait_until

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -134,6 +135,48 @@ def filter_rows(rows: list[SftRow], cfg: FilterConfig) -> FilterResult:
         out.excluded.append(redact_exclusion(excluded))
     out.counts["kept"] += len(out.kept)
     return out
+
+
+# -- the draft policy: rows that are a model's draft accepted unchanged -------------------------
+DraftPolicy = Literal["include", "exclude"]
+
+#: What becomes of rows whose response is a model's draft accepted unchanged.
+DEFAULT_DRAFT_POLICY: DraftPolicy = "exclude"
+POLICY_REASON = (
+    "Default 'exclude': a response accepted unchanged is the drafting model's own output, and "
+    "no model is trained on its own unedited outputs unless someone decides so "
+    "(draft_policy='include')."
+)
+#: The exclusion reason of a row dropped by the 'exclude' policy.
+EXCLUDED_REASON = "accepted_draft_unchanged"
+
+def is_accepted_unchanged(row: SftRow) -> bool:
+    return bool(row.get("draft_unchanged"))
+
+
+def apply_draft_policy(
+    rows: Iterable[SftRow], policy: DraftPolicy = DEFAULT_DRAFT_POLICY,
+) -> tuple[list[SftRow], list[Exclusion]]:
+    """The rows a version keeps under ``policy``, and the exclusions: under 'exclude', every
+    row whose response is a draft accepted unchanged (stage ``filter``, reason
+    ``accepted_draft_unchanged``, the drafting model in ``detail``); under 'include', none."""
+    if policy not in ("include", "exclude"):
+        raise ValueError(f"draft policy must be 'include' or 'exclude', not {policy!r}")
+    kept: list[SftRow] = []
+    excluded: list[Exclusion] = []
+    for row in rows:
+        if policy == "exclude" and is_accepted_unchanged(row):
+            excluded.append({
+                "stage": "filter", "reason": EXCLUDED_REASON,
+                "detail": f"draft of {row.get('draft_model')} accepted unchanged; "
+                          "draft_policy=exclude",
+                "task_id": row["task_id"], "annotation_id": row["annotation_id"],
+                "prompt": None, "completion": None,
+            })
+        else:
+            kept.append(row)
+    return kept, excluded
+
 
 
 #: ``filter_rows`` as a Prefect task, mapped over shards by the build flow.

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from sftflow.tasks.dedup.minhash import U64, _mix
+from sftflow.tasks.dedup.hashing import U64, mix64
 
 
 def split_by_cluster(
@@ -31,7 +31,7 @@ def split_by_cluster(
     ids = np.asarray(cluster_ids, dtype=np.int64)
     salt = int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=8).digest(), "little")
     with np.errstate(over="ignore"):
-        h = _mix(ids.astype(U64) ^ U64(salt))
+        h = mix64(ids.astype(U64) ^ U64(salt))
     u = (h >> U64(11)).astype(np.float64) / float(1 << 53)
     return u < eval_fraction
 

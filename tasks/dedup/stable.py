@@ -28,16 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from sftflow.tasks.dedup.minhash import (
-    DedupConfig,
-    Fingerprints,
-    _components,
-    _timestamp,
-    _truncate,
-    dedup_text,
-    similar_pairs,
-)
+from sftflow.tasks.dedup.clustering import truncate, winners
+from sftflow.tasks.dedup.config import DedupConfig
+from sftflow.tasks.dedup.minhash import Fingerprints, connected_components, similar_pairs
 from sftflow.tasks.dedup.split import SplitLeakage, leakage, split_by_cluster, split_groups
+from sftflow.tasks.dedup.text import dedup_text
 
 _NONE = np.iinfo(np.int64).max
 
@@ -70,7 +65,6 @@ def stable_dedup(
     n_r, n_f = len(retained), len(fresh)
     r_keys = np.fromiter((int(r["cluster_id"], 16) for r in retained), np.int64, n_r)
     keys = np.concatenate([r_keys, fresh_fps.keys.astype(np.int64)])
-    n = n_r + n_f
     if n_f == 0:
         return StableResult(np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0, bool),
                             np.zeros(0, bool), [], {
@@ -82,8 +76,44 @@ def stable_dedup(
     sigs = np.concatenate([r_sigs, fresh_fps.sigs])
     texts = [dedup_text(r["prompt"], r["completion"], cfg) for r in retained]
     texts += [dedup_text(r["prompt"], r["completion"], cfg) for r in fresh]
+    part = _connected_parts(keys, sigs, texts, n_r, cfg)  # connected part per row
+    f_part, f_keys = part[n_r:], keys[n_r:]
 
-    # exact groups: one representative each, retained rows first
+    # parts holding a retained row: their fresh rows go, named after that row
+    twin = _retained_twins(part, r_keys, f_keys, cfg)
+    against_parent = twin != _NONE
+    # parts of fresh rows only: the keep rule (ground truth, latest, longest, first)
+    winner = winners(fresh, f_part)
+    keep = ~against_parent & (winner == np.arange(n_f))
+    twin = np.where(against_parent, twin, np.where(keep, _NONE, f_keys[winner]))
+    exact = ~keep & (twin == f_keys)
+
+    split = _splits(retained, fresh, r_keys, f_keys, keep, twin, eval_fraction=eval_fraction,
+                    seed=seed, inherited=inherited)
+    _check_leakage(retained, fresh, keep, split)
+    res = StableResult(keep, twin, exact, against_parent, split)
+    removed_parts = np.unique(f_part[~keep])
+    res.stats = {
+        "rows": n_f,
+        "retained": n_r,
+        "kept": int(keep.sum()),
+        "dropped": {"exact_duplicate": int(exact.sum()),
+                    "near_duplicate": int((~keep & ~exact).sum())},
+        "dropped_against_parent": int(against_parent.sum()),
+        "clusters_removed": len(removed_parts),
+        "examples": _examples(res, f_part, removed_parts[:max_examples], r_keys, texts,
+                              example_chars),
+        "leakage_prompts": 0,
+        "leakage_clusters": 0,
+    }
+    return res
+
+
+def _connected_parts(
+    keys: np.ndarray, sigs: np.ndarray, texts: list[str], n_r: int, cfg: DedupConfig
+) -> np.ndarray:
+    """Connected part per row (retained rows first): exact groups, one representative each,
+    joined by near-duplicate pairs that hold a fresh row (verified as in ``cluster``)."""
     if cfg.exact:
         _, first, rep_of_row = np.unique(keys, return_index=True, return_inverse=True)
         order = np.argsort(first, kind="stable")  # representatives in row order
@@ -91,62 +121,80 @@ def stable_dedup(
         rank[order] = np.arange(len(order))
         reps, rep_of_row = first[order], rank[rep_of_row.ravel()]
     else:
-        reps, rep_of_row = np.arange(n), np.arange(n)
+        reps, rep_of_row = np.arange(len(keys)), np.arange(len(keys))
     comp = np.arange(len(reps), dtype=np.int64)
     if cfg.near and len(reps) > 1:
         n_r_reps = int(np.searchsorted(reps, n_r))
         a, b, _ = similar_pairs(sigs[reps], cfg, keys[reps], [texts[i] for i in reps],
                                 ignore_below=n_r_reps)
-        comp = _components(len(reps), a, b)
-    part = comp[rep_of_row]  # connected part per row
+        comp = connected_components(len(reps), a, b)
+    return comp[rep_of_row]
 
-    # parts holding a retained row: their fresh rows go, named after that row
-    twin_of_part = np.full(len(reps), _NONE, dtype=np.int64)
+
+def _retained_twins(
+    part: np.ndarray, r_keys: np.ndarray, f_keys: np.ndarray, cfg: DedupConfig
+) -> np.ndarray:
+    """Per fresh row, the key of the retained row it duplicates (``_NONE``: none): its own key
+    when a retained row has it, else the smallest retained key in its part."""
+    n_r = len(r_keys)
+    twin_of_part = np.full(len(part), _NONE, dtype=np.int64)
     if n_r:
         np.minimum.at(twin_of_part, part[:n_r], r_keys)
-    f_part = part[n_r:]
-    f_keys = keys[n_r:]
-    r_split = {int(k): r["split"] for k, r in zip(r_keys, retained, strict=True)}
-    in_r = np.isin(f_keys, r_keys) if cfg.exact else np.zeros(n_f, bool)
-    twin = np.where(in_r, f_keys, twin_of_part[f_part])
-    against_parent = twin != _NONE
+    in_r = np.isin(f_keys, r_keys) if cfg.exact else np.zeros(len(f_keys), bool)
+    return np.where(in_r, f_keys, twin_of_part[part[n_r:]])
 
-    # parts of fresh rows only: the keep rule (ground truth, latest, longest, first)
-    gt = np.fromiter((bool(r.get("ground_truth")) for r in fresh), bool, n_f)
-    ts = np.fromiter((_timestamp(r.get("updated_at")) for r in fresh), float, n_f)
-    ln = np.fromiter((len(r.get("completion") or "") for r in fresh), np.int64, n_f)
-    order = np.lexsort((np.arange(n_f), -ln, -ts, ~gt, f_part))
-    first = np.ones(n_f, dtype=bool)
-    first[1:] = f_part[order][1:] != f_part[order][:-1]
-    winner = np.empty(n_f, dtype=np.int64)
-    winner[order] = order[first][np.cumsum(first) - 1]
-    keep = ~against_parent & (winner == np.arange(n_f))
-    twin = np.where(against_parent, twin, np.where(keep, _NONE, f_keys[winner]))
-    exact = ~keep & (twin == f_keys)
 
-    # splits of the kept fresh rows, then the twins' splits for the dropped ones
+def _splits(
+    retained: Sequence[Mapping[str, Any]], fresh: Sequence[Mapping[str, Any]],
+    r_keys: np.ndarray, f_keys: np.ndarray, keep: np.ndarray, twin: np.ndarray, *,
+    eval_fraction: float, seed: int | str, inherited: Mapping[int, str],
+) -> list[str | None]:
+    """Per fresh row: its split if kept (``_kept_splits``), its twin's split if dropped."""
     kept_idx = np.flatnonzero(keep)
-    split: list[str | None] = [None] * n_f
+    split: list[str | None] = [None] * len(fresh)
     if len(kept_idx):
-        pids = [fresh[i]["prompt_id"] for i in kept_idx]
-        groups = split_groups(f_keys[kept_idx], pids)
-        hashed = split_by_cluster(groups, eval_fraction, seed)
-        r_prompt = {r["prompt_id"]: r["split"] for r in retained}
-        hard: dict[int, set[str]] = {}  # splits of retained rows sharing a prompt
-        soft: dict[int, set[str]] = {}  # splits the tasks had in the parent
-        for g, i, pid in zip(groups.tolist(), kept_idx.tolist(), pids, strict=True):
-            if pid in r_prompt:
-                hard.setdefault(g, set()).add(r_prompt[pid])
-            if (had := inherited.get(int(fresh[i]["task_id"]))) is not None:
-                soft.setdefault(g, set()).add(had)
-        for g, i, h in zip(groups.tolist(), kept_idx.tolist(), hashed.tolist(), strict=True):
-            want = hard.get(g) or soft.get(g)
-            split[i] = ("train" if "train" in want else "eval") if want else (
-                "eval" if h else "train")
+        kept_splits = _kept_splits(retained, [fresh[i] for i in kept_idx], f_keys[kept_idx],
+                                   eval_fraction, seed, inherited)
+        for i, s in zip(kept_idx.tolist(), kept_splits, strict=True):
+            split[i] = s
+    r_split = {int(k): r["split"] for k, r in zip(r_keys, retained, strict=True)}
     kept_split = {int(f_keys[i]): split[i] for i in kept_idx}
     for i in np.flatnonzero(~keep).tolist():
         split[i] = r_split.get(int(twin[i])) or kept_split.get(int(twin[i]))
+    return split
 
+
+def _kept_splits(
+    retained: Sequence[Mapping[str, Any]], kept: list[Mapping[str, Any]], kept_keys: np.ndarray,
+    eval_fraction: float, seed: int | str, inherited: Mapping[int, str],
+) -> list[str]:
+    """Splits of the kept fresh rows, by group (``split.split_groups``): a retained row's split
+    when one shares a prompt with the group, else the split its tasks had in the parent (train
+    first in both), else by hash (``split.split_by_cluster``)."""
+    pids = [r["prompt_id"] for r in kept]
+    groups = split_groups(kept_keys, pids)
+    hashed = split_by_cluster(groups, eval_fraction, seed)
+    r_prompt = {r["prompt_id"]: r["split"] for r in retained}
+    hard: dict[int, set[str]] = {}  # splits of retained rows sharing a prompt
+    soft: dict[int, set[str]] = {}  # splits the tasks had in the parent
+    for g, row, pid in zip(groups.tolist(), kept, pids, strict=True):
+        if pid in r_prompt:
+            hard.setdefault(g, set()).add(r_prompt[pid])
+        if (had := inherited.get(int(row["task_id"]))) is not None:
+            soft.setdefault(g, set()).add(had)
+    out = []
+    for g, h in zip(groups.tolist(), hashed.tolist(), strict=True):
+        want = hard.get(g) or soft.get(g)
+        out.append(("train" if "train" in want else "eval") if want else ("eval" if h else "train"))
+    return out
+
+
+def _check_leakage(
+    retained: Sequence[Mapping[str, Any]], fresh: Sequence[Mapping[str, Any]],
+    keep: np.ndarray, split: list[str | None],
+) -> None:
+    """Raise SplitLeakage when a prompt is in both train and eval among the version's rows."""
+    kept_idx = np.flatnonzero(keep)
     all_prompts = [r["prompt_id"] for r in retained] + [fresh[i]["prompt_id"] for i in kept_idx]
     all_eval = np.array([r["split"] == "eval" for r in retained]
                         + [split[i] == "eval" for i in kept_idx], dtype=bool)
@@ -155,10 +203,17 @@ def stable_dedup(
     if leak:
         raise SplitLeakage(f"split leakage: {leak} prompts in both train and eval")
 
-    dropped = ~keep
-    removed_parts = np.unique(f_part[dropped])
+
+def _examples(
+    res: StableResult, f_part: np.ndarray, parts: np.ndarray, r_keys: np.ndarray,
+    texts: list[str], example_chars: int,
+) -> list[dict]:
+    """One example per part in ``parts`` (that lost fresh rows): the kept (or retained) row's
+    text and up to three dropped ones, truncated to ``example_chars``."""
+    n_r = len(r_keys)
+    keep, against_parent, twin = res.keep, res.against_parent, res.twin
     examples = []
-    for p in removed_parts[:max_examples].tolist():
+    for p in parts.tolist():
         members = np.flatnonzero(f_part == p)
         kept_here = members[keep[members]]
         if against_parent[members[0]]:
@@ -169,22 +224,10 @@ def stable_dedup(
         examples.append({
             "cluster_id": hex_key(twin[members[~keep[members]][0]]),
             "size": len(members) + (1 if against_parent[members[0]] else 0),
-            "kept": {"text": _truncate(kept_text, example_chars),
+            "kept": {"text": truncate(kept_text, example_chars),
                      "retained": bool(against_parent[members[0]])},
-            "dropped": [{"reason": "exact_duplicate" if exact[i] else "near_duplicate",
-                         "text": _truncate(texts[n_r + int(i)], example_chars)}
+            "dropped": [{"reason": "exact_duplicate" if res.exact[i] else "near_duplicate",
+                         "text": truncate(texts[n_r + int(i)], example_chars)}
                         for i in members[~keep[members]][:3]],
         })
-    stats = {
-        "rows": n_f,
-        "retained": n_r,
-        "kept": int(keep.sum()),
-        "dropped": {"exact_duplicate": int(exact.sum()),
-                    "near_duplicate": int((dropped & ~exact).sum())},
-        "dropped_against_parent": int(against_parent.sum()),
-        "clusters_removed": len(removed_parts),
-        "examples": examples,
-        "leakage_prompts": 0,
-        "leakage_clusters": 0,
-    }
-    return StableResult(keep, twin, exact, against_parent, split, stats)
+    return examples

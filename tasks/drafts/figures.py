@@ -3,7 +3,7 @@ drafting model's draft unchanged and how far they edit it; how far annotators of
 agree, and who disagrees far from the rest; and the training policy for unedited drafts.
 
 Pure functions over what the export parse leaves (``ParsedExport.rows`` with their ``draft_*``
-fields, ``ParsedExport.agreement``); ``sftflow.tasks.drafts.edits`` says where those come
+fields, ``ParsedExport.agreement``); ``sftflow.tasks.build.edits`` says where those come
 from and which similarity they use. The figures are JSON-ready, for ``manifest.stats["drafts"]``
 (the version card renders them: ``formats.drafts_section``).
 
@@ -26,23 +26,19 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
-from sftflow.tasks.drafts.edits import Pair
-from sftflow.tasks.versions import formats
-from sftflow.tasks.versions.rows import Exclusion, SftRow
-
-DraftPolicy = Literal["include", "exclude"]
-
-#: What becomes of rows whose response is a model's draft accepted unchanged.
-DEFAULT_DRAFT_POLICY: DraftPolicy = "exclude"
-POLICY_REASON = (
-    "Default 'exclude': a response accepted unchanged is the drafting model's own output, and "
-    "no model is trained on its own unedited outputs unless someone decides so "
-    "(draft_policy='include')."
+from sftflow.tasks.build.edits import Pair
+from sftflow.tasks.build.filters import (
+    DEFAULT_DRAFT_POLICY,
+    POLICY_REASON,
+    DraftPolicy,
+    is_accepted_unchanged,
 )
-#: The exclusion reason of a row dropped by the 'exclude' policy.
-EXCLUDED_REASON = "accepted_draft_unchanged"
+from sftflow.tasks.runtime.declare import artifact_key, io_task
+from sftflow.tasks.versions import formats
+from sftflow.tasks.versions.rows import SftRow
+
 SIMILARITY = "rapidfuzz.distance.Levenshtein.normalized_similarity (1 = unchanged)"
 
 
@@ -52,34 +48,6 @@ def _round(x: float | None) -> float | None:
 
 def _mean(xs: Sequence[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
-
-
-def is_accepted_unchanged(row: SftRow) -> bool:
-    return bool(row.get("draft_unchanged"))
-
-
-def apply_draft_policy(
-    rows: Iterable[SftRow], policy: DraftPolicy = DEFAULT_DRAFT_POLICY,
-) -> tuple[list[SftRow], list[Exclusion]]:
-    """The rows a version keeps under ``policy``, and the exclusions: under 'exclude', every
-    row whose response is a draft accepted unchanged (stage ``filter``, reason
-    ``accepted_draft_unchanged``, the drafting model in ``detail``); under 'include', none."""
-    if policy not in ("include", "exclude"):
-        raise ValueError(f"draft policy must be 'include' or 'exclude', not {policy!r}")
-    kept: list[SftRow] = []
-    excluded: list[Exclusion] = []
-    for row in rows:
-        if policy == "exclude" and is_accepted_unchanged(row):
-            excluded.append({
-                "stage": "filter", "reason": EXCLUDED_REASON,
-                "detail": f"draft of {row.get('draft_model')} accepted unchanged; "
-                          "draft_policy=exclude",
-                "task_id": row["task_id"], "annotation_id": row["annotation_id"],
-                "prompt": None, "completion": None,
-            })
-        else:
-            kept.append(row)
-    return kept, excluded
 
 
 def model_figures(rows: Iterable[SftRow]) -> dict[str, dict[str, Any]]:
@@ -196,3 +164,15 @@ def figures_markdown(figures: Mapping[str, Any], title: str = "Model drafts") ->
         lines += [f"- task {p['task_id']}: {' / '.join(p['annotators'])}, similarity "
                   f"{p['similarity']:.3f}" for p in low]
     return "\n".join(lines)
+
+
+def publish_figures(dataset: str, figures: Mapping[str, Any]) -> None:
+    """The drafts artifact of a build: one row per drafting model, the card's section."""
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(figures_table(figures), key=artifact_key("dataset", dataset, "drafts"),
+                          description=figures_markdown(figures))
+
+
+# -- Prefect tasks: the functions above, as the flows run them ------------------------------
+publish_figures_task = io_task(name="publish-draft-figures")(publish_figures)

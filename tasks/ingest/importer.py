@@ -66,7 +66,8 @@ from sftflow.tasks.ingest.index import (
     save_snapshot,
 )
 from sftflow.tasks.ingest.intake import FileIntake, new_prompts
-from sftflow.tasks.ingest.prompts import Ledger, Prompt, prompt_id, rejected_batch_key
+from sftflow.tasks.ingest.ledger import Ledger, rejected_batch_key
+from sftflow.tasks.ingest.prompts import Prompt, prompt_id
 from sftflow.tasks.runtime.progress import PhaseTimer
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.dedup import DedupConfig, lsh_params
 from sftflow.tasks.dedup import minhash as _mh
+from sftflow.tasks.dedup.hashing import mix64
 
 INDEX_FORMAT = 1
 
@@ -88,12 +89,12 @@ class SignatureIndex:
 
     def _band_hashes(self, sigs: np.ndarray) -> np.ndarray:
         bands, r = lsh_params(self.cfg.threshold, self.cfg.num_perm)
-        mult = _mh._mix(np.arange(1, r + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        mult = mix64(np.arange(1, r + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
         out = np.empty((len(sigs), bands), dtype=np.uint64)
         with np.errstate(over="ignore"):
             for band in range(bands):
                 block = sigs[:, band * r : (band + 1) * r].astype(np.uint64)
-                out[:, band] = _mh._mix((block * mult).sum(axis=1, dtype=np.uint64) + np.uint64(band))
+                out[:, band] = mix64((block * mult).sum(axis=1, dtype=np.uint64) + np.uint64(band))
         return out
 
     def _lookup(self, sigs: np.ndarray, window: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sftflow.tasks.adapters.s3 import ObjectInfo
-from sftflow.tasks.ingest.prompts import FileProblem, Ledger, ParsedFile, Prompt, Rejected
+from sftflow.tasks.ingest.ledger import Ledger
+from sftflow.tasks.ingest.parse import FileProblem, ParsedFile
+from sftflow.tasks.ingest.prompts import Prompt, Rejected
 
 
 @dataclass

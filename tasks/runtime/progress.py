@@ -1,7 +1,8 @@
 """How a long run reports where it is: seconds per named phase, and a throttled progress bar.
 
-- ``PhaseTimer``: ``with timer.phase("read"): ...`` adds the block's wall time to that phase;
-  ``seconds()`` is the total per phase, rounded to milliseconds, for a run's report.
+- ``PhaseTimer``: ``with timer.phase("read"): ...`` adds the block's wall time to that phase,
+  and ``timer.lap("read")`` the time since the previous lap (a flow's stages one after the
+  other); ``seconds()`` is the total per phase, rounded to milliseconds, for a run's report.
 - ``ProgressBar``: a Prefect progress artifact, updated at most once per interval (and always on
   the last item) so a run over many small items does not flood the API.
 """
@@ -19,7 +20,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 class PhaseTimer:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
-        self._started = clock()
+        self._started = self._last_lap = clock()
         self._seconds: Counter[str] = Counter()
 
     @contextlib.contextmanager
@@ -29,6 +30,12 @@ class PhaseTimer:
             yield
         finally:
             self._seconds[name] += self._clock() - started
+
+    def lap(self, name: str) -> None:
+        """Add the time since the previous lap (or since the timer was made) to ``name``."""
+        now = self._clock()
+        self._seconds[name] += now - self._last_lap
+        self._last_lap = now
 
     def seconds(self) -> dict[str, float]:
         return {name: round(s, 3) for name, s in self._seconds.items()}

@@ -34,6 +34,7 @@ from sftflow.core.errors import SftflowError
 from sftflow.core.failpoints import failpoint
 from sftflow.core.hashing import config_hash, sha256_hex
 from sftflow.tasks.adapters.s3 import S3, PreconditionFailed
+from sftflow.tasks.runtime.declare import io_task
 from sftflow.tasks.versions import formats
 from sftflow.tasks.versions.keys import DEFAULT_PREFIX, DatasetKeys, version_path
 from sftflow.tasks.versions.manifest import SPLITS, FileEntry, Manifest, read_manifest, version_id
@@ -355,3 +356,7 @@ def _repair_files(s3: S3, manifest: Manifest,
         log.warning("%s@%s: %d file(s) were deleted during the commit, put back: %s",
                     manifest.dataset, manifest.version, len(repaired), ", ".join(repaired[:5]))
     return repaired
+
+
+# -- Prefect tasks: the functions above, as the flows run them ------------------------------
+commit_version_task = io_task(name="commit-version")(commit_version)

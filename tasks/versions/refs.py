@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from sftflow.core.errors import SftflowError
 from sftflow.tasks.adapters.s3 import S3, PreconditionFailed
+from sftflow.tasks.runtime.declare import io_task
 from sftflow.tasks.runtime.polling import Backoff, retry
 from sftflow.tasks.versions.keys import DEFAULT_PREFIX, DatasetKeys, is_name
 from sftflow.tasks.versions.manifest import manifest_at
@@ -164,3 +165,7 @@ def advance_latest(
         raise SftflowError(
             f"could not move {s3.uri(key)} after {max_attempts} attempts (contention)"
         ) from None
+
+
+# -- Prefect tasks: the functions above, as the flows run them ------------------------------
+set_tag_task = io_task(name="set-tag")(set_tag)

@@ -216,21 +216,23 @@ def test_cli_build_and_datasets_commands(prefect_harness, s3, project, tmp_path)
 @pytest.mark.parametrize("step", ["files", "manifest"])
 def test_a_build_crashing_in_its_commit_leaves_latest_and_a_rerun_completes(
         prefect_harness, s3, project, monkeypatch, step):
+    import sftflow.flows.build_dataset as flow_module
     from sftflow.core.errors import SftflowError
+    from sftflow.tasks.runtime.declare import io_task
 
     params = BuildParams(project=project.title, dataset="crash", bucket=s3.bucket)
-    commit_version = version_commit.commit_version
 
     def crash(name: str) -> None:
         if name == step:
             raise SftflowError(f"crash after {name}")  # not transient: no task retry
 
-    monkeypatch.setattr(version_commit, "commit_version",
-                        lambda *a, **kw: commit_version(*a, **kw, hook=crash))
+    crashing = io_task(name="commit-version")(
+        lambda s3_, request: version_commit.commit_version(s3_, request, hook=crash))
+    monkeypatch.setattr(flow_module, "commit_version_task", crashing)
     with pytest.raises(SftflowError, match=f"crash after {step}"):
         build_dataset(params)
     assert latest_version(s3, "crash") is None  # readers see no half version
-    monkeypatch.setattr(version_commit, "commit_version", commit_version)
+    monkeypatch.undo()
 
     rerun = build_dataset(params)
     assert rerun.ref_updated and rerun.latest == rerun.version

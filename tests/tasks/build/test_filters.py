@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from sftflow.tasks.build import filters
+from sftflow.tasks.build.edits import draft_fields
 from sftflow.tasks.build.filters import FilterConfig, approx_tokens, filter_rows
 
 
@@ -100,3 +102,37 @@ def test_exclusions_are_redacted_whatever_the_reason_and_policy():
               "completion": None, "detail": ""}
     assert redact_exclusion(export)["prompt"] == "k [AWS_ACCESS_KEY]"
     assert export["prompt"] == f"k {key}"  # a copy: the input is not changed
+
+
+def _drafted(i: int, completion: str, draft: tuple[str, str | None] | None = None) -> dict:
+    return {"prompt": f"prompt {i}", "completion": completion, "prompt_id": f"p{i}",
+            "task_id": i, "annotation_id": 100 + i, "annotator": "1",
+            "updated_at": "2026-01-01T00:00:00Z", "ground_truth": False,
+            **draft_fields(draft, completion)}
+
+
+def _draft_rows() -> list[dict]:
+    return [
+        _drafted(1, "Paris.", ("job-a", "Paris.")),  # accepted unchanged
+        _drafted(2, "abce", ("job-a", "abcd")),
+        _drafted(3, "sitting", ("job-a", "kitten")),
+        _drafted(4, "yes", ("job-b", "yes")),
+        _drafted(5, "no", ("job-b", "no")),
+        _drafted(6, "text", ("job-c", None)),  # the draft had no response text
+        _drafted(7, "written from nothing"),
+    ]
+
+
+def test_the_default_policy_excludes_accepted_drafts_and_include_keeps_them():
+    rows = _draft_rows()
+    assert filters.DEFAULT_DRAFT_POLICY == "exclude"
+    kept, excluded = filters.apply_draft_policy(rows)
+    assert [r["task_id"] for r in kept] == [2, 3, 6, 7]
+    assert [(e["task_id"], e["annotation_id"], e["stage"], e["reason"]) for e in excluded] == [
+        (1, 101, "filter", "accepted_draft_unchanged"),
+        (4, 104, "filter", "accepted_draft_unchanged"),
+        (5, 105, "filter", "accepted_draft_unchanged")]
+    assert "job-a" in excluded[0]["detail"] and excluded[0]["prompt"] is None
+    assert filters.apply_draft_policy(rows, "include") == (rows, [])
+    with pytest.raises(ValueError, match="include"):
+        filters.apply_draft_policy(rows, "sometimes")  # type: ignore[arg-type]

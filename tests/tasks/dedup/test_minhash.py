@@ -18,13 +18,16 @@ from sftflow.tasks.dedup import (
     dedup_text,
     deduplicate,
     fingerprint,
+    is_unspaced,
     leakage,
     normalize,
     shingles,
+    shingling,
     signatures,
     split_by_cluster,
 )
 from sftflow.tasks.dedup import minhash as D
+from sftflow.tasks.dedup.text import simplify
 
 CFG = DedupConfig()
 M64 = 2**64
@@ -70,8 +73,8 @@ def jaccard(a: set, b: set) -> float:
 
 def reference_signature(text: str, cfg: DedupConfig) -> np.ndarray:
     """The signature written out slowly from ``shingles``: what ``fingerprint`` must equal."""
-    base = int(D._BASE)
-    salt = int(D._seed_salt(cfg.seed))
+    base = int(shingling._BASE)
+    salt = int(shingling._seed_salt(cfg.seed))
     k = cfg.num_perm
     sig = np.full((1, k), D._EMPTY, dtype=np.uint32)
     for s in shingles(text, cfg):
@@ -132,8 +135,8 @@ def test_shingles_words_chars_and_short_text():
     assert shingles("", CFG) == set()
     zh = shingles("介绍一下中国平安保险集团", CFG)
     assert "介绍一下中" in zh and len(zh) == 12 - 5 + 1
-    assert not D.is_unspaced("hello world")
-    assert D.is_unspaced("请把这句话翻译成英文 hello")
+    assert not is_unspaced("hello world")
+    assert is_unspaced("请把这句话翻译成英文 hello")
 
 
 def test_dedup_text_follows_config():
@@ -230,15 +233,15 @@ def test_exact_keys_are_unchanged_by_punctuation_normalisation(on):
 
 
 def test_simplify_deletes_punctuation_and_reads_digit_runs_as_zero():
-    assert D.simplify("how a bridge works!") == "how a bridge works"
-    assert D.simplify("call 555-1234 at 3.14 pm, in 2024") == "call 0 at 0 pm in 0"
-    assert D.simplify("¿qué tal? «bien» — dijo…") == "qué tal bien dijo"
-    assert D.simplify("「你好」，世界！123 ٤٥٦") == "你好世界0 0"
-    assert D.simplify("don't stop-me now ...") == "dont stopme now"
-    assert D.simplify("?!") == ""
-    assert D.simplify("call 555-1234, ok", digits=False) == "call 5551234 ok"
-    assert D.simplify("call 555-1234 ١٢", punctuation=False) == "call 0-0 0"
-    assert D.simplify("「你好」123", punctuation=False, digits=False) == "「你好」123"
+    assert simplify("how a bridge works!") == "how a bridge works"
+    assert simplify("call 555-1234 at 3.14 pm, in 2024") == "call 0 at 0 pm in 0"
+    assert simplify("¿qué tal? «bien» — dijo…") == "qué tal bien dijo"
+    assert simplify("「你好」，世界！123 ٤٥٦") == "你好世界0 0"
+    assert simplify("don't stop-me now ...") == "dont stopme now"
+    assert simplify("?!") == ""
+    assert simplify("call 555-1234, ok", digits=False) == "call 5551234 ok"
+    assert simplify("call 555-1234 ١٢", punctuation=False) == "call 0-0 0"
+    assert simplify("「你好」123", punctuation=False, digits=False) == "「你好」123"
     assert shingles("?!", CFG) == set()
     assert shingles("A b, c!", CFG) == {"a b c"}
     assert shingles("A b, c!", DedupConfig(normalize_punctuation=False)) == {"a b, c!"}
@@ -518,7 +521,7 @@ def test_t0_near_duplicates_are_real(shared_data):
 def test_chinese_rows_dedup_on_character_shingles(shared_data):
     data = json.loads((shared_data / "alpaca_zh_10000.json").read_text(encoding="utf-8"))
     texts = [dedup_text(r["instruction"] + r["input"], r["output"], CFG) for r in data]
-    assert np.mean([D.is_unspaced(normalize(t)) for t in texts]) > 0.9
+    assert np.mean([is_unspaced(normalize(t)) for t in texts]) > 0.9
     rng = random.Random(2)
     originals = [t for t in texts if len(t) > 150][:40]
     edited = []

@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from sftflow.tasks.build import filters
+from sftflow.tasks.build.edits import draft_fields
 from sftflow.tasks.drafts import figures
-from sftflow.tasks.drafts.edits import draft_fields
 from sftflow.tasks.versions import formats
 
 
@@ -48,21 +49,6 @@ def test_acceptance_rate_and_similarity_per_model():
     assert m["job-c"] == {"rows": 1, "compared": 0, "accepted_unchanged": 0,
                           "acceptance_rate": None, "mean_similarity": None,
                           "median_similarity": None, "mean_similarity_edited": None}
-
-
-def test_the_default_policy_excludes_accepted_drafts_and_include_keeps_them():
-    rows = _rows()
-    assert figures.DEFAULT_DRAFT_POLICY == "exclude"
-    kept, excluded = figures.apply_draft_policy(rows)
-    assert [r["task_id"] for r in kept] == [2, 3, 6, 7]
-    assert [(e["task_id"], e["annotation_id"], e["stage"], e["reason"]) for e in excluded] == [
-        (1, 101, "filter", "accepted_draft_unchanged"),
-        (4, 104, "filter", "accepted_draft_unchanged"),
-        (5, 105, "filter", "accepted_draft_unchanged")]
-    assert "job-a" in excluded[0]["detail"] and excluded[0]["prompt"] is None
-    assert figures.apply_draft_policy(rows, "include") == (rows, [])
-    with pytest.raises(ValueError, match="include"):
-        figures.apply_draft_policy(rows, "sometimes")  # type: ignore[arg-type]
 
 
 # Four annotators on three tasks; x disagrees with everyone (similarities set by hand).
@@ -203,5 +189,5 @@ def test_figures_from_a_real_export_snapshot(labelstudio, tmp_path):
     assert (ag["tasks"], ag["pairs"], ag["mean_similarity"]) == (1, 1, 0.75)
     assert set(ag["annotators"]) == {"1", str(second)}
     assert parsed.counts["rows_with_model_draft"] == 3
-    kept, excluded = figures.apply_draft_policy(parsed.rows)
+    kept, excluded = filters.apply_draft_policy(parsed.rows)
     assert len(kept) == 4 and {e["task_id"] for e in excluded} == {t[0], t[2]}

@@ -13,8 +13,9 @@ from sftflow.tasks.adapters.s3 import ObjectInfo
 from sftflow.tasks.ingest.importer import ProjectImporter, rejected_lines, task_data
 from sftflow.tasks.ingest.imports import import_batch
 from sftflow.tasks.ingest.intake import FileIntake
+from sftflow.tasks.ingest.ledger import Ledger
 from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
-from sftflow.tasks.ingest.prompts import Ledger, Prompt, prompt_id
+from sftflow.tasks.ingest.prompts import Prompt, prompt_id
 from tests.conftest import unique
 
 

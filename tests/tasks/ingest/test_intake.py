@@ -6,14 +6,9 @@ from collections import Counter
 
 from sftflow.tasks.adapters.s3 import ObjectInfo
 from sftflow.tasks.ingest.intake import IntakeTally, cut_file, new_prompts, select_objects
-from sftflow.tasks.ingest.prompts import (
-    FileProblem,
-    ParsedFile,
-    Prompt,
-    Rejected,
-    _key_hash,
-    prompt_id,
-)
+from sftflow.tasks.ingest.ledger import _key_hash
+from sftflow.tasks.ingest.parse import FileProblem, ParsedFile
+from sftflow.tasks.ingest.prompts import Prompt, Rejected, prompt_id
 
 
 def prompt(text: str, row: int) -> Prompt:

@@ -12,18 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from sftflow.tasks.adapters.s3 import ObjectInfo
+from sftflow.tasks.ingest.ledger import Ledger, _key_hash
+from sftflow.tasks.ingest.parse import FileProblem, array_elements, detect_format, parse_stream
 from sftflow.tasks.ingest.prompts import (
     FieldMapping,
-    FileProblem,
-    Ledger,
     Limits,
     Prompt,
     Rejected,
-    _key_hash,
-    array_elements,
-    detect_format,
     normalise,
-    parse_stream,
     prompt_id,
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sftflow.tasks.drafts import edits
+from sftflow.tasks.build import edits
 
 
 @pytest.mark.parametrize(("a", "b", "expected"), [

@@ -1,15 +1,16 @@
-"""tasks.build: the pure stages between export and commit (no services, no Prefect)."""
+"""tasks.build.split: the rows a version stores, fresh rows against the parent's retained rows
+(``stable_split``, as the flow runs it); pure, no services, no Prefect."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 
-from sftflow.tasks.build import stages as build
+from sftflow.tasks.build.changes import Changes
 from sftflow.tasks.build.delta import TaskState
-from sftflow.tasks.build.filters import FilterConfig, filter_rows
 from sftflow.tasks.build.incremental import ParentState
+from sftflow.tasks.build.plan import Plan
+from sftflow.tasks.build.shards import chunks, dedup_texts
+from sftflow.tasks.build.split import stable_split
 from sftflow.tasks.dedup import DedupConfig, fingerprint
 from sftflow.tasks.versions import formats
 
@@ -30,25 +31,20 @@ def _split(rows, cfg=None, shard=3, eval_fraction=0.5, parent=None, reread=None)
     """``stable_split`` as the flow runs it: fingerprints per shard, then one call. Without a
     parent it is a scratch build; with one, the tasks in ``reread`` are read again."""
     cfg = cfg or DedupConfig()
-    texts = build.dedup_texts(rows, cfg)
-    fps = [fingerprint(list(t), cfg) for t in build.chunks(texts, shard)] if rows else []
+    texts = dedup_texts(rows, cfg)
+    fps = [fingerprint(list(t), cfg) for t in chunks(texts, shard)] if rows else []
     parent = parent or ParentState(version="")
     states = {r["task_id"]: _state(r, "new") for r in rows}
     reread = set(states) if reread is None else reread
-    plan = build.Plan("incremental" if parent.version else "scratch", "", parent)
-    changes = build.Changes(plan.mode, "", [], states, set(), reread, "")
-    return build.stable_split(plan, changes, rows, fps, cfg, eval_fraction, 0)
+    plan = Plan("incremental" if parent.version else "scratch", "", parent)
+    changes = Changes(plan.mode, "", [], states, set(), reread, "")
+    return stable_split(plan, changes, rows, fps, cfg, eval_fraction, 0)
 
 
 def _parent(out) -> ParentState:
     """A committed version of ``out`` as the next build loads it."""
     sigs = np.stack([out.signatures[r["row_hash"]] for r in out.rows])
     return ParentState(version="v1", rows=list(out.rows), sigs=sigs, tasks=dict(out.tasks))
-
-
-def test_chunks():
-    assert build.chunks([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4], [5]]
-    assert build.chunks([], 2) == [[]]
 
 
 def test_stable_split_keeps_one_of_each_duplicate_and_stores_full_rows():
@@ -116,36 +112,3 @@ def test_an_incremental_split_keeps_the_parents_rows_and_drops_twins_of_them():
     assert out.figures == {"tasks_read": 0, "tasks_deleted": 0, "rows_exported": 3,
                            "rows_added": 1, "rows_changed": 1, "rows_removed": 0,
                            "rows_retained": 11}
-
-
-def test_merge_filtered_and_counts():
-    rows = [_row(0, "Echo", "Echo"), _row(1, "Q?", "A real answer.")]
-    results = [filter_rows(c, FilterConfig()) for c in build.chunks(rows, 1)]
-    kept, excluded, counts = build.merge_filtered(
-        [{"stage": "export", "reason": "x"}, {"stage": "filter", "reason": "policy"}], results)
-    assert [r["task_id"] for r in kept] == [1]
-    assert [e["reason"] for e in excluded] == ["x", "policy", "response_equals_prompt"]
-    # an export exclusion is the export's count; a filter-stage one given in is a filter drop
-    assert counts == {"kept": 1, "dropped:response_equals_prompt": 1, "dropped:policy": 1}
-
-
-def test_report_figures():
-    stats = {"rows": 3, "kept": 2, "dropped": {"exact_duplicate": 1, "near_duplicate": 0},
-             "clusters_removed": 1, "examples": [], "split_groups": 2}
-    assert build.dedup_counts(stats) == {
-        "rows": 3, "kept": 2, "clusters_removed": 1, "split_groups": 2,
-        "dropped:exact_duplicate": 1, "dropped:near_duplicate": 0}
-    table = build.counts_table({"export": {"tasks": 3, "note": "x"}, "rows": {"train": 2}})
-    assert table == [{"stage": "export", "count": "tasks", "value": 3},
-                     {"stage": "version", "count": "rows_train", "value": 2}]
-    assert "no version made: project 'p' has no usable annotations (5 annotations exported, " \
-           "0 rows passed" in build.nothing_to_build("p", {"export": {"annotations": 5}})
-
-
-def test_project_source_records_the_counters():
-    project = SimpleNamespace(id="7", title="t", task_number=10, num_tasks_with_annotations=4,
-                              total_annotations_number=5, finished_task_number=None)
-    assert build.project_source("http://ls", project) == {
-        "labelstudio_url": "http://ls", "project_id": 7, "project_title": "t",
-        "task_number": 10, "num_tasks_with_annotations": 4, "total_annotations_number": 5,
-        "finished_task_number": 0, "skipped_annotations_number": 0}
