@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/neardup_threshold.py [--rows N]
 
-Ingest's own check (``tasks.prompt_index``: ``prompt_config(t)``, the prompts arriving in files
+Ingest's own check (``tasks.ingest.index``: ``prompt_config(t)``, the prompts arriving in files
 of 5,000, each checked against the index and against the earlier prompts of its file) runs over
 the distinct prompts (by prompt_id) of:
 

@@ -14,7 +14,7 @@ Outputs:
 - ``s3://<source bucket>/<state_prefix>/ingest/project-<id>/``: the ledger (prompt_ids per
   confirmed batch, processed objects by key + ETag);
 - ``s3://<source bucket>/<state_prefix>/ingest/project-<id>/signatures/``: the MinHash signature
-  index of the project's prompts (``tasks.prompt_index``);
+  index of the project's prompts (``tasks.ingest.index``);
 - ``s3://<source bucket>/<state_prefix>/quarantine/``: rejected records and files, with reasons
   (near-duplicate prompts under ``near_duplicates/``, with the existing task's id);
 - artifacts: a progress bar while importing, a table of counts and throughput;

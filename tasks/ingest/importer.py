@@ -9,7 +9,7 @@
   unannotated duplicate tasks are removed.
 - ``add_file()`` quarantines a file's new prompts that near-duplicate a prompt of the project or
   an earlier one of the run (``near_duplicate_prompt``, when ``near_duplicates`` is given;
-  ``tasks.prompt_index``), then queues the prompts whose id is not known yet, in batches of
+  ``tasks.ingest.index``), then queues the prompts whose id is not known yet, in batches of
   ``batch_size``. A full batch is marked pending in the ledger and submitted (``import_batch``)
   while the next one is read: one batch in flight. Before the next is sent, the one in flight
   is settled: its landed prompt_ids become a segment, then their signatures a segment of the

@@ -6,7 +6,7 @@ with its prompt_id, its Label Studio task id when known (``-1`` until looked up)
 batch that imported it. ``check`` finds, for new prompts, the first one already in the index or
 earlier in the same list whose estimated Jaccard reaches the threshold.
 
-Stored next to the ingest ledger (``tasks.prompts.Ledger``) as ``.npz`` files (no pickles)::
+Stored next to the ingest ledger (``tasks.ingest.ledger.Ledger``) as ``.npz`` files (no pickles)::
 
     ingest/project-<id>/signatures/snapshot.npz        every prompt at the last rebuild/compaction
     ingest/project-<id>/signatures/segments/<batch>.npz the prompts of one confirmed batch

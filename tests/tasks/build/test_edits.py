@@ -1,4 +1,4 @@
-"""tasks.labelstudio.edits: edit similarity, a row's draft columns, annotator pairs of a task."""
+"""tasks.build.edits: edit similarity, a row's draft columns, annotator pairs of a task."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""tasks.prompt_index: near-duplicate prompts against the index and within a run (pure), and the
+"""tasks.ingest.index: near-duplicate prompts against the index and within a run (pure), and the
 stored index (real S3)."""
 
 from __future__ import annotations
