@@ -5,8 +5,9 @@ the fine-tune job id) and ``generate(prompts) -> list[str | Exception]``: one re
 in order, and a prompt that fails is an ``Exception`` in its slot, never a failed batch.
 
 - :class:`TransformersGenerator`: the trained model itself through ``transformers``, on CPU
-  (or the first GPU), greedy, at most ``max_new_tokens``; the chat template when the tokenizer
-  has one, else the plain prompt.
+  (or the first GPU), greedy, at most ``max_new_tokens`` (cut to what the model's context
+  leaves after the prompt); the chat template when the tokenizer has one, else the plain
+  prompt.
 - :class:`OpenAIChatGenerator`: any OpenAI-compatible ``POST /chat/completions`` (vLLM, TGI, a
   hosted API), ``temperature`` 0, transient errors retried through ``polling.retry``.
 
@@ -110,18 +111,27 @@ class TransformersGenerator:
                 return_tensors="pt", return_dict=True)["input_ids"]
         return self.tokenizer(prompt, return_tensors="pt").input_ids
 
+    def new_tokens(self, prompt_tokens: int) -> int:
+        """``max_new_tokens``, cut to what the model's context leaves after the prompt; a
+        prompt that leaves no room fails (``prompt_too_long``), alone."""
+        if not self.context:
+            return self.max_new_tokens
+        room = self.context - prompt_tokens
+        if room < 1:
+            raise DraftError("prompt_too_long", f"the prompt is {prompt_tokens} tokens: no room "
+                             f"for a draft in the model's {self.context}-token context")
+        return min(self.max_new_tokens, room)
+
     def _one(self, prompt: str) -> str:
         import torch
 
         ids = self._input_ids(prompt)
-        if self.context and ids.shape[-1] + self.max_new_tokens > self.context:
-            raise DraftError("prompt_too_long", f"the prompt is {ids.shape[-1]} tokens; with "
-                             f"{self.max_new_tokens} new ones it exceeds the model's {self.context}")
+        new_tokens = self.new_tokens(ids.shape[-1])
         ids = ids.to(self.device)
         pad = self.tokenizer.pad_token_id
         with torch.no_grad():
             out = self.model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                 do_sample=False, pad_token_id=self.tokenizer.eos_token_id if pad is None else pad)
         return _draft_text(self.tokenizer.decode(out[0, ids.shape[-1]:], skip_special_tokens=True))
 

@@ -25,6 +25,18 @@ def test_the_tiny_model_drafts_greedily_and_a_too_long_prompt_fails_alone(tiny_m
     assert gen.generate(PROMPTS) == [first[0], first[2]]  # greedy: the same drafts again
 
 
+def test_new_tokens_are_capped_to_the_context_and_only_a_prompt_leaving_no_room_fails(
+        tiny_model):
+    """The settings' default (512 new tokens) never fits the tiny model's 512-token context
+    with a prompt: drafts are cut to what fits instead of failing every prompt."""
+    gen = TransformersGenerator(tiny_model, model_version="ft-tiny", max_new_tokens=512)
+    assert gen.context == 512
+    short, full = gen.generate([PROMPTS[0], "item " * 600])
+    assert isinstance(short, str) and short
+    assert isinstance(full, DraftError) and failure_reason(full) == "prompt_too_long"
+    assert "no room" in str(full)
+
+
 def test_a_chat_template_carries_the_system_prompt(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
