@@ -130,6 +130,8 @@ def stack_env(base: int, folder: Path, postgres: bool, lease_s: float) -> dict[s
         "SFTFLOW_FINETUNE__BACKEND": "openai",
         "SFTFLOW_FINETUNE__OPENAI_API_KEY": API_KEY,
         "SFTFLOW_LOCKS__LEASE_S": str(lease_s),
+        # The soak collects garbage of builds it has just killed: below gc's retention floor.
+        "SFTFLOW_DATASETS__GC_MIN_AGE_FLOOR_S": "0",
     }
 
 

@@ -4,7 +4,9 @@ Triggered by: the ``check-annotations`` deployment's interval schedule (it cover
 webhooks that were lost: they have a 1 s timeout and no retries), or the Prefect UI.
 Inputs: ``CheckParams`` (project, dataset, threshold, the build deployment's name).
 Outputs: a ``CheckReport`` and a table artifact; when the threshold is reached, a flow run of
-the build-dataset deployment (``run_deployment``, not waited for).
+the build-dataset deployment (``run_deployment``, not waited for) with every setting the check
+was given (project, dataset, bucket) over the build deployment's own parameters
+(``build_parameters``): the version lands in the configured bucket.
 Idempotency: one build run at a time per threshold crossing (project, dataset, baseline
 version, threshold). While the crossing's latest build run is scheduled, pending or running,
 checks reuse it and create no second run; once it ended without moving the baseline (failed,
@@ -24,7 +26,7 @@ from pydantic import BaseModel, Field
 from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.adapters.labelstudio import require_project
 from sftflow.tasks.triggers.counters import CountMode, ProjectCounters, Threshold, progress
-from sftflow.tasks.triggers.crossings import find_attempt_task
+from sftflow.tasks.triggers.crossings import build_parameters, find_attempt_task
 from sftflow.tasks.versions.read import load_baseline_task
 
 
@@ -82,7 +84,8 @@ def check_annotations(params: CheckParams) -> CheckReport:
         report.idempotency_key, report.attempt = attempt.key, attempt.number
         run = run_deployment(
             params.build_deployment,
-            parameters={"params": {"project": str(p.project_id), "dataset": params.dataset}},
+            parameters=build_parameters(attempt.deployment_parameters, {
+                "project": str(p.project_id), "dataset": params.dataset, "bucket": params.bucket}),
             idempotency_key=attempt.key, tags=[attempt.tag], timeout=0,
         )
         report.build_flow_run_id = str(run.id)

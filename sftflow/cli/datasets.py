@@ -8,8 +8,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from sftflow.cli._app import JsonOption, app, console, parse_params, print_json
-from sftflow.core.errors import ConfigError
+from sftflow.cli._app import JsonOption, app, console, console_err, parse_params, print_json
+from sftflow.core.errors import ConfigError, SftflowError
 from sftflow.core.settings import get_settings
 from sftflow.tasks.adapters.clients import Clients, prefect_api
 
@@ -86,46 +86,66 @@ def build(
 @datasets_app.command("list")
 def list_cmd(
     dataset: str = typer.Argument(None, help="A dataset: list its versions."),
+    strict: bool = typer.Option(False, "--strict",
+                                help="Exit 1 when a damaged manifest was found (after listing)."),
     bucket: str = BucketOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """The datasets in the bucket, or the versions of one dataset."""
-    from sftflow.tasks.versions.read import list_datasets, list_versions, load_manifest
+    """The datasets in the bucket (each one's latest version), or the versions of one dataset.
+
+    A damaged manifest (not JSON, refused by the manifest model, a path leaving its dataset,
+    another version's manifest) never hides the others: everything readable is listed, each
+    damaged manifest is named on stderr (dataset, key, reason; under "damaged" with --json),
+    and the exit status stays 0, or is 1 with --strict. The bucket-wide listing reads each
+    dataset's latest manifest; `list NAME` reads every manifest of NAME."""
+    from sftflow.tasks.versions.read import scan_datasets, scan_versions
     from sftflow.tasks.versions.refs import latest_version, list_tags
 
     s3, prefix = _s3(bucket)
     if dataset:
+        listing = scan_versions(s3, dataset, prefix=prefix)
         latest = latest_version(s3, dataset, prefix=prefix)
         tags = list_tags(s3, dataset, prefix=prefix)
-        out: Any = [
-            {**v, "latest": v["version"] == latest,
-             "tags": sorted(t for t, tv in tags.items() if tv == v["version"])}
-            for v in list_versions(s3, dataset, prefix=prefix)
-        ]
-        if as_json:
-            print_json(out)
-            return
-        table = Table("version", "created_at", "train", "eval", "parent", "latest/tags")
-        for v in out:
-            marks = (["latest"] if v["latest"] else []) + v["tags"]
-            table.add_row(v["version"], v["created_at"][:19], str(v["rows"].get("train", 0)),
-                          str(v["rows"].get("eval", 0)), v["parent"] or "-", ", ".join(marks))
-        console.print(table)
-        return
-    out = []
-    for name in list_datasets(s3, prefix=prefix):
-        latest = latest_version(s3, name, prefix=prefix)
-        rows = {}
-        if latest:
-            rows = load_manifest(s3, name, latest, verify=False, prefix=prefix).rows
-        out.append({"dataset": name, "latest": latest, "rows": rows})
+        versions = [{**v, "latest": v["version"] == latest,
+                     "tags": sorted(t for t, tv in tags.items() if tv == v["version"])}
+                    for v in listing.versions]
+        _print_versions(dataset, versions, listing.damaged, as_json)
+    else:
+        listing = scan_datasets(s3, prefix=prefix)
+        _print_datasets(listing.datasets, listing.damaged, as_json)
+    for d in listing.damaged:
+        console_err.print(f"[yellow]warning:[/yellow] damaged manifest of {d.dataset!r}, "
+                          f"{s3.uri(d.key)}: {d.reason}", highlight=False, soft_wrap=True)
+    if strict and listing.damaged:
+        raise SftflowError(f"--strict: {len(listing.damaged)} damaged manifest(s), named above")
+
+
+def _print_versions(dataset: str, versions: list[dict[str, Any]], damaged: list,
+                    as_json: bool) -> None:
     if as_json:
-        print_json(out)
+        print_json({"dataset": dataset, "versions": versions,
+                    "damaged": [d.as_dict() for d in damaged]})
+        return
+    table = Table("version", "created_at", "train", "eval", "parent", "latest/tags")
+    for v in versions:
+        marks = (["latest"] if v["latest"] else []) + v["tags"]
+        table.add_row(v["version"], v["created_at"][:19], str(v["rows"].get("train", 0)),
+                      str(v["rows"].get("eval", 0)), v["parent"] or "-", ", ".join(marks))
+    for d in damaged:
+        table.add_row(d.key.rsplit("/", 2)[-2], "damaged", "?", "?", "-", "")
+    console.print(table)
+
+
+def _print_datasets(datasets: list[dict[str, Any]], damaged: list, as_json: bool) -> None:
+    if as_json:
+        print_json({"datasets": datasets, "damaged": [d.as_dict() for d in damaged]})
         return
     table = Table("dataset", "latest", "train", "eval")
-    for d in out:
-        table.add_row(d["dataset"], d["latest"] or "-", str(d["rows"].get("train", "-")),
-                      str(d["rows"].get("eval", "-")))
+    for d in datasets:
+        rows = d["rows"]
+        table.add_row(d["dataset"], d["latest"] or "-",
+                      "damaged" if rows is None else str(rows.get("train", "-")),
+                      "damaged" if rows is None else str(rows.get("eval", "-")))
     console.print(table)
 
 
@@ -203,23 +223,34 @@ def diff(
 def pull(
     ref: str = typer.Argument(..., help="NAME[@VERSION|@TAG]."),
     dest: Path = DestArgument,
+    force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty "
+                               "DEST that is not an earlier pull (they are deleted)."),
     bucket: str = BucketOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Download a version as a Hugging Face dataset repository (README.md card, data/<split>/
     Parquet), checksums verified: `datasets.load_dataset(DEST)` loads it and
-    `huggingface-cli upload REPO DEST --repo-type dataset` publishes it."""
+    `huggingface-cli upload REPO DEST --repo-type dataset` publishes it.
+
+    DEST ends up holding that version only: a new or empty folder, or an earlier pull (its
+    marker .sftflow-pull.json), which is replaced whole (downloaded beside it, then swapped
+    in; a failed pull leaves it as it was). Any other non-empty folder is refused unless
+    --force."""
     from sftflow.tasks.versions.manifest import parse_ref
     from sftflow.tasks.versions.pull import pull_version
 
     s3, prefix = _s3(bucket)
     name, version = parse_ref(ref)
     out = pull_version(s3, name, version, dest, prefix=prefix,
-                       license=get_settings().datasets.license)
+                       license=get_settings().datasets.license, force=force)
     if as_json:
         print_json(out)
         return
     card = out["card"]
+    if out["replaced"]:
+        was = out["replaced"]
+        console.print(f"replaced the earlier pull {was['dataset']}@{was['version']}",
+                      highlight=False)
     console.print(f"{name}@{out['version']} -> {out['dir']} ({out['files']} files, "
                   f"{out['bytes_downloaded']:,} bytes downloaded); card: license "
                   f"{card['license']}, languages {', '.join(card['languages']) or 'none detected'}, "
@@ -256,16 +287,25 @@ def gc(
     dataset: str = typer.Argument(..., help="Dataset name."),
     dry_run: bool = typer.Option(True, "--dry-run/--delete",
                                  help="Only report (default), or delete."),
-    min_age_s: float = typer.Option(3600.0, "--min-age-s",
-                                    help="Keep unreferenced objects younger than this."),
+    min_age_s: float | None = typer.Option(
+        None, "--min-age-s", show_default=False,
+        help="Keep unreferenced objects younger than this; default 3600 s. Lowest accepted: "
+        "the retention floor (SFTFLOW_DATASETS__GC_MIN_AGE_FLOOR_S, 3600 s unless set)."),
     bucket: str = BucketOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Objects no manifest references (crashed commits); deleted only with --delete."""
+    """Objects no manifest references (crashed commits); deleted only with --delete.
+    A --min-age-s below the retention floor is refused: a younger object may belong to a build
+    in progress."""
+    from sftflow.tasks.versions.gc import MIN_AGE_FLOOR_S
     from sftflow.tasks.versions.gc import gc as collect_garbage
 
+    floor = get_settings().datasets.gc_min_age_floor_s
+    if min_age_s is None:  # a lowered floor never lowers the default age
+        min_age_s = max(MIN_AGE_FLOOR_S, floor)
     s3, prefix = _s3(bucket)
-    out = collect_garbage(s3, dataset, prefix=prefix, dry_run=dry_run, min_age_s=min_age_s)
+    out = collect_garbage(s3, dataset, prefix=prefix, dry_run=dry_run, min_age_s=min_age_s,
+                          min_age_floor_s=floor)
     if as_json:
         print_json(out)
         return

@@ -123,6 +123,7 @@ def _check_prefect(settings) -> dict:
 def check(as_json: bool = JsonOption) -> None:
     """Check the configured services: reachable, our credentials accepted, and the Prefect
     server's scheduler and event services working (not only answering)."""
+    from sftflow.core.urls import redact_url
     from sftflow.tasks.adapters.clients import Clients
     from sftflow.tasks.adapters.labelstudio import check_labelstudio_auth, labelstudio_health
 
@@ -133,13 +134,14 @@ def check(as_json: bool = JsonOption) -> None:
     user = check_labelstudio_auth(clients.labelstudio, settings.labelstudio.url)
     prefect = _check_prefect(settings)
     result = {
-        "s3": {"endpoint": settings.s3.endpoint_url or "aws", "bucket": settings.s3.bucket, "ok": True},
-        "labelstudio": {"url": settings.labelstudio.url, "user": user, "ok": True},
+        "s3": {"endpoint": redact_url(settings.s3.endpoint_url or "aws"), "bucket": settings.s3.bucket,
+               "ok": True},
+        "labelstudio": {"url": redact_url(settings.labelstudio.url), "user": user, "ok": True},
         "prefect": prefect,
         "settings": settings.redacted(),
     }
     if as_json:
         print_json(result)
     else:
-        console.print(f"S3 {result['s3']['endpoint']}: ok; Label Studio {settings.labelstudio.url}: "
+        console.print(f"S3 {result['s3']['endpoint']}: ok; Label Studio {result['labelstudio']['url']}: "
                       f"ok as {user}; Prefect {prefect['url']}: ok")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import (
@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from sftflow.core.errors import ConfigError
+from sftflow.core.urls import redact_url
 
 # Credentials of the local stack only. They never leave loopback.
 LOCAL_S3_ACCESS_KEY = "sftflow-local"
@@ -89,6 +90,11 @@ class DatasetSettings(BaseModel):
     license: str = Field(
         "other", description="License id of the Hub dataset card `sftflow datasets pull` writes "
         "(an HF id such as cc-by-4.0 or apache-2.0; 'other': none declared).",
+    )
+    gc_min_age_floor_s: float = Field(
+        3600.0, ge=0, description="Retention floor of `sftflow datasets gc`: it refuses a "
+        "--min-age-s below this (an unreferenced object younger than it may belong to a build "
+        "in progress). Lower it only deliberately (tests, soak runs).",
     )
 
 
@@ -248,8 +254,17 @@ class Settings(BaseSettings):
         return self.model_copy(update={"s3": self.s3.model_copy(update={"bucket": bucket})})
 
     def redacted(self) -> dict:
-        """The settings as JSON-able data with every secret replaced by ``'**********'``."""
-        return self.model_dump(mode="json")
+        """The settings as JSON-able data with every secret replaced by ``'**********'`` and
+        every URL without credentials (``redact_url``)."""
+        return _without_url_credentials(self.model_dump(mode="json"))
+
+
+def _without_url_credentials(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _without_url_credentials(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_without_url_credentials(v) for v in data]
+    return redact_url(data) if isinstance(data, str) and "://" in data else data
 
 
 @lru_cache(maxsize=1)

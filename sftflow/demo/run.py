@@ -34,6 +34,7 @@ from rich.console import Console
 from sftflow.core.errors import SftflowError
 from sftflow.core.hashing import sha256_hex
 from sftflow.core.settings import Settings, get_settings
+from sftflow.core.urls import redact_url
 from sftflow.demo.sample import SAMPLE_PATH
 from sftflow.tasks.adapters.clients import Clients, prefect_api
 
@@ -342,7 +343,8 @@ def _summary(settings: Settings, clients: Clients, rounds: list[dict[str, Any]],
         "rounds": [{k: v for k, v in r.items() if k != "build"} for r in rounds],
         "flywheel": wheel,
         "prefect_ui": settings.prefect.api_url.removesuffix("/api") + "/runs",
-        "labelstudio_project": f"{settings.labelstudio.url}/projects/{project.id}" if project else None,
+        "labelstudio_project": (f"{redact_url(settings.labelstudio.url)}/projects/{project.id}"
+                                if project else None),
         "dataset_version": (f"s3://{settings.s3.bucket}/{settings.datasets.prefix}/{DATASET}/"
                             f"versions/{version}/manifest.json"),
         "models": [r.job for r in records],

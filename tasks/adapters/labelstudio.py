@@ -13,6 +13,7 @@ from label_studio_sdk import LabelStudio
 
 from sftflow.core.errors import ConfigError, ServiceUnavailable
 from sftflow.core.settings import LabelStudioSettings, resolve_secret
+from sftflow.core.urls import redact_url
 
 
 def build_labelstudio(settings: LabelStudioSettings) -> LabelStudio:
@@ -27,15 +28,17 @@ def build_labelstudio(settings: LabelStudioSettings) -> LabelStudio:
 
 
 def labelstudio_health(url: str, timeout_s: float = 5.0) -> dict[str, Any]:
-    """``GET /health`` -> ``{"status": "UP"}``; raises ServiceUnavailable otherwise."""
+    """``GET /health`` -> ``{"status": "UP"}``; raises ServiceUnavailable otherwise (naming
+    the URL without credentials)."""
+    where = redact_url(url)
     try:
         resp = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout_s)
         resp.raise_for_status()
         body = resp.json()
     except (httpx.HTTPError, ValueError) as err:
-        raise ServiceUnavailable(f"Label Studio at {url}: {err}") from err
+        raise ServiceUnavailable(f"Label Studio at {where}: {err}") from err
     if body.get("status") != "UP":
-        raise ServiceUnavailable(f"Label Studio at {url}: health says {body}")
+        raise ServiceUnavailable(f"Label Studio at {where}: health says {body}")
     return body
 
 
@@ -43,16 +46,17 @@ def check_labelstudio_auth(client: LabelStudio, url: str) -> str:
     """The e-mail of the token's user; a clear error when the token is refused."""
     from label_studio_sdk.core.api_error import ApiError
 
+    where = redact_url(url)
     try:
         return str(client.users.whoami().email)
     except ApiError as err:
         if err.status_code in (401, 403):
             raise ConfigError(
-                f"Label Studio at {url} refused the API key ({err.status_code}): {err.body}"
+                f"Label Studio at {where} refused the API key ({err.status_code}): {err.body}"
             ) from err
-        raise ServiceUnavailable(f"Label Studio at {url}: {err}") from err
+        raise ServiceUnavailable(f"Label Studio at {where}: {err}") from err
     except httpx.HTTPError as err:
-        raise ServiceUnavailable(f"Label Studio at {url}: {err}") from err
+        raise ServiceUnavailable(f"Label Studio at {where}: {err}") from err
 
 
 # -- projects ------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -64,6 +64,19 @@ def _status(err: ClientError) -> int:
     return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
 
+def _refused(write: Callable[[], Any]) -> bool:
+    """Whether a conditional write was refused as one (412, or AWS's 409 conflict); any other
+    error is raised."""
+    try:
+        write()
+    except ClientError as err:
+        if _status(err) in (409, 412) or _code(err) in ("PreconditionFailed",
+                                                        "ConditionalRequestConflict"):
+            return True
+        raise
+    return False
+
+
 class S3:
     """A boto3 S3 client bound to a default bucket. ``.client`` is the raw boto3 client."""
 
@@ -74,31 +87,39 @@ class S3:
         self._fsspec_options: dict[str, Any] = {}
 
     def check_conditional_writes(self, bucket: str | None = None) -> None:
-        """Refuse a server that ignores ``If-None-Match``: commits, refs and ledgers rely on it
-        (on such a server an older build overwrites a newer ``refs/latest``). Probed once per
-        process, server and bucket, before the first conditional write: a second create of the
-        same key must fail with 412."""
+        """Refuse a server that does not honour conditional writes: ``If-None-Match: *``
+        (manifests and ledgers are created once) and ``If-Match: <etag>`` (refs, locks and
+        lineage move by compare-and-swap; on a server that ignores either, an older build
+        overwrites a newer ``refs/latest``). Probed once per process, server and bucket, before
+        the first conditional write, on a key of its own: a second create must fail with 412, a
+        write with a wrong ETag must fail with 412, and a write with the right ETag must land."""
         bucket = bucket or self.bucket
         probe = (self.endpoint_url or "aws", bucket)
         if probe in _CONDITIONAL_WRITES_OK:
             return
         key = f"_sftflow/probe/conditional-{uuid.uuid4().hex}"
-        kwargs = {"Bucket": bucket, "Key": key, "Body": b"probe", "IfNoneMatch": "*"}
+
+        def put(**conditions: str) -> Any:
+            return self.client.put_object(Bucket=bucket, Key=key, Body=b"probe", **conditions)
+
         try:
-            self.client.put_object(**kwargs)
-            try:
-                self.client.put_object(**kwargs)
-            except ClientError as err:
-                if _status(err) in (409, 412) or _code(err) == "PreconditionFailed":
-                    _CONDITIONAL_WRITES_OK.add(probe)
-                    return
-                raise
+            etag = str(put(IfNoneMatch="*")["ETag"])
+            wrong = '"' + "0" * 32 + '"'  # the MD5 ETag of no plausible object
+            if not _refused(lambda: put(IfNoneMatch="*")):
+                failure = f"a second 'If-None-Match: *' create of {key} succeeded"
+            elif not _refused(lambda: put(IfMatch=wrong)):
+                failure = f"a write of {key} with 'If-Match: <a wrong ETag>' succeeded"
+            elif _refused(lambda: put(IfMatch=etag)):
+                failure = f"a write of {key} with 'If-Match: <its own ETag>' was refused"
+            else:
+                _CONDITIONAL_WRITES_OK.add(probe)
+                return
             raise ConditionalWritesUnsupported(
-                f"S3 at {self.endpoint_url or 'AWS'} (bucket {bucket!r}) ignores conditional "
-                f"writes: a second 'If-None-Match: *' create of {key} succeeded instead of "
-                "failing with 412. sftflow refuses to commit there (versions, refs and ledgers "
-                "would lose updates); use a server that supports them (AWS S3, MinIO, "
-                "SeaweedFS >= 3.80)"
+                f"S3 at {self.endpoint_url or 'AWS'} (bucket {bucket!r}) does not honour "
+                f"conditional writes (If-None-Match, If-Match): {failure}, instead of the 412 "
+                "(or the success) the S3 API specifies. sftflow refuses to commit there "
+                "(versions, refs, locks and ledgers would lose updates); use a server that "
+                "supports them (AWS S3, MinIO, SeaweedFS >= 3.80)"
             )
         finally:
             with contextlib.suppress(ClientError):

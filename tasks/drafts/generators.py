@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 
 from sftflow.core.errors import ConfigError, SftflowError
+from sftflow.core.urls import redact_url
 from sftflow.tasks.runtime.polling import Backoff, retry
 from sftflow.tasks.versions import formats
 
@@ -171,6 +172,7 @@ class OpenAIChatGenerator:
         self.retry_delay_s = retry_delay_s
         self.concurrency = concurrency
         self.url = base_url.rstrip("/") + "/chat/completions"
+        self.where = redact_url(self.url)  # what errors name: no credential in a message
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(headers=headers, timeout=timeout_s)
 
@@ -181,12 +183,12 @@ class OpenAIChatGenerator:
         def once() -> str:
             resp = self._http.post(self.url, json=body)
             if resp.status_code >= 400:
-                raise HttpStatusError(resp.status_code, f"chat endpoint {self.url}: "
+                raise HttpStatusError(resp.status_code, f"chat endpoint {self.where}: "
                                                         f"{resp.status_code} {_error_message(resp)}")
             try:
                 return str(resp.json()["choices"][0]["message"]["content"] or "")
             except (ValueError, KeyError, IndexError, TypeError) as err:
-                raise DraftError("bad_response", f"chat endpoint {self.url} answered "
+                raise DraftError("bad_response", f"chat endpoint {self.where} answered "
                                  f"{resp.text[:200]!r}") from err
 
         return _draft_text(retry(once, attempts=self.attempts, backoff=Backoff(*self.retry_delay_s)))

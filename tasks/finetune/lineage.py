@@ -23,12 +23,13 @@ import json
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sftflow import __version__
 from sftflow.core.clock import utc_now, utc_now_iso
 from sftflow.core.errors import SftflowError
 from sftflow.core.hashing import config_hash, sha256_hex
+from sftflow.core.urls import redact_url
 from sftflow.tasks.adapters.s3 import S3, PreconditionFailed
 from sftflow.tasks.finetune.backends import Baseline, Hyperparameters
 from sftflow.tasks.finetune.dataset import TrainingData
@@ -98,6 +99,19 @@ class LineageRecord(BaseModel):
     updated_at: str | None = None
     backend_status: str | None = None
     dataset_tag: str | None = None
+
+    @field_validator("tracking")
+    @classmethod
+    def _tracking_without_credentials(cls, tracking: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The tracking URI (and the tracker's error quoting it) without userinfo or secret
+        query parameters, whoever reported it: no credential is stored in a record."""
+        uri = (tracking or {}).get("tracking_uri")
+        if not isinstance(uri, str) or redact_url(uri) == uri:
+            return tracking
+        safe = {**tracking, "tracking_uri": redact_url(uri)}  # type: ignore[dict-item]
+        if isinstance(safe.get("error"), str):
+            safe["error"] = safe["error"].replace(uri, safe["tracking_uri"])
+        return safe
 
     @classmethod
     def submitted(cls, *, job: str, data: TrainingData, config: dict[str, Any],

@@ -19,6 +19,7 @@ import httpx
 
 from sftflow.core.errors import ConfigError, ServiceUnavailable, SftflowError
 from sftflow.core.settings import resolve_secret
+from sftflow.core.urls import redact_url
 from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.finetune.backends import JobResult, JobSpec, JobStatus
 from sftflow.tasks.finetune.files import read_lines
@@ -59,6 +60,7 @@ class OpenAIBackend:
             )
         self.s3 = s3
         self.base_url = base_url.rstrip("/")
+        self.where = redact_url(self.base_url)  # what errors name: no credential of the URL
         self.attempts = attempts
         self.retry_delay_s = retry_delay_s  # first and longest pause between attempts
         self.min_examples = min_examples
@@ -94,14 +96,14 @@ class OpenAIBackend:
                 return found
             resp = self._http.request(method, path, **kwargs)
             if resp.status_code >= 400:
-                raise _HttpStatusError(resp.status_code, f"fine-tuning API {method} {self.base_url}{path}: "
+                raise _HttpStatusError(resp.status_code, f"fine-tuning API {method} {self.where}{path}: "
                                                          f"{resp.status_code} {_error_message(resp)}")
             return resp.json()
 
         try:
             return retry(once, attempts=self.attempts, backoff=Backoff(*self.retry_delay_s))
         except httpx.HTTPError as err:
-            raise ServiceUnavailable(f"fine-tuning API at {self.base_url}: {err}") from err
+            raise ServiceUnavailable(f"fine-tuning API at {self.where}: {err}") from err
         except _HttpStatusError as err:
             raise SftflowError(str(err)) from None
 

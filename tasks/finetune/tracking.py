@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from sftflow.core.urls import redact_url
 from sftflow.tasks.finetune.lineage import LineageRecord
 from sftflow.tasks.finetune.loss_plot import loss_curve_png
 from sftflow.tasks.runtime.declare import io_task
@@ -47,7 +48,8 @@ _BATCH = 1000  # MLflow's limit of metrics per log_batch
 
 
 class TrackedRun(BaseModel):
-    """Where a job's MLflow run is (recorded in the lineage record as ``tracking``)."""
+    """Where a job's MLflow run is (recorded in the lineage record as ``tracking``; the URI
+    without credentials)."""
 
     tracking_uri: str
     experiment_id: str
@@ -140,7 +142,7 @@ class MlflowTracker:
         experiment_id = self.experiment_id()
         earlier = self.find_run(experiment_id, record.job)
         if earlier is not None and earlier.info.status == "FINISHED":
-            return TrackedRun(tracking_uri=self.tracking_uri, experiment_id=experiment_id,
+            return TrackedRun(tracking_uri=redact_url(self.tracking_uri), experiment_id=experiment_id,
                               run_id=earlier.info.run_id, reused=True)
         if earlier is not None:
             self.client.delete_run(earlier.info.run_id)
@@ -161,7 +163,8 @@ class MlflowTracker:
         if loss_png:
             self._log_png(run_id, "loss.png", loss_png)
         self.client.set_terminated(run_id, "FINISHED" if record.status == "succeeded" else "FAILED")
-        return TrackedRun(tracking_uri=self.tracking_uri, experiment_id=experiment_id, run_id=run_id)
+        return TrackedRun(tracking_uri=redact_url(self.tracking_uri), experiment_id=experiment_id,
+                          run_id=run_id)
 
     def _log_input(self, run_id: str, record: LineageRecord) -> None:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -192,7 +195,7 @@ def track_job(settings: Settings, record: LineageRecord) -> dict[str, Any] | Non
     try:
         tracker = MlflowTracker.from_settings(settings)
     except ImportError:
-        return {"tracking_uri": settings.mlflow.tracking_uri,
+        return {"tracking_uri": redact_url(settings.mlflow.tracking_uri),
                 "error": "mlflow-skinny is not installed (pip install 'sftflow[tracking]')"}
     if tracker is None:
         return None
@@ -200,7 +203,8 @@ def track_job(settings: Settings, record: LineageRecord) -> dict[str, Any] | Non
     try:
         return tracker.log_job(record, loss_curve_png(record.loss_history) if has_loss else None).model_dump()
     except Exception as err:  # noqa: BLE001 - reported in the lineage record and the log
-        return {"tracking_uri": tracker.tracking_uri, "error": f"{type(err).__name__}: {err}"[:500]}
+        uri, safe = tracker.tracking_uri, redact_url(tracker.tracking_uri)
+        return {"tracking_uri": safe, "error": f"{type(err).__name__}: {err}".replace(uri, safe)[:500]}
 
 
 def metric_history(client: MlflowClient, run_id: str, key: str) -> Sequence[tuple[int, float]]:

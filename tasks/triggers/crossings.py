@@ -9,13 +9,18 @@ is reused (no second concurrent build for one crossing); once it ended (failed, 
 cancelled, or completed without moving the baseline) the next attempt gets the next key. Two
 checks racing on the same ended attempt compute the same next key, and Prefect returns the
 one run for it.
+
+``build_parameters`` gives the run its parameters: the build deployment's own, with every
+setting the check was given over them (project, dataset, bucket). Prefect replaces a
+deployment's parameter with the run's whole, so a setting left out here would be lost.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sftflow.core.hashing import config_hash
 from sftflow.tasks.runtime.declare import io_task
@@ -31,6 +36,8 @@ class Attempt:
     number: int
     tag: str  # the crossing's tag, set on every attempt
     reuse_run_id: str | None = None  # an attempt that has not ended yet
+    #: the build deployment's own parameters (its ``params``: project, dataset, bucket, ...)
+    deployment_parameters: Mapping[str, Any] = field(default_factory=dict)
 
 
 def crossing_tag(base_key: str) -> str:
@@ -64,9 +71,20 @@ def next_attempt(base_key: str, runs: Iterable[tuple[str, str | None, str | None
     return Attempt(f"{base_key}:attempt-{n + 1}", n + 1, tag)
 
 
+def build_parameters(deployment_parameters: Mapping[str, Any] | None,
+                     settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The build run's parameters: the deployment's ``params`` with each of ``settings`` (what
+    the check was given: project, dataset, bucket) over them; a setting that is None keeps the
+    deployment's value."""
+    base = dict(deployment_parameters or {})
+    params = dict(base.get("params") or {})
+    params.update({k: v for k, v in settings.items() if v is not None})
+    return {**base, "params": params}
+
+
 def find_attempt(deployment: str, base_key: str) -> Attempt:
     """``next_attempt`` over the runs of ``deployment`` ('<flow>/<deployment>') for this
-    crossing, read from the current Prefect API."""
+    crossing, read from the current Prefect API, with the deployment's own parameters."""
     from prefect import get_client
     from prefect.client.schemas.filters import (
         DeploymentFilter,
@@ -85,7 +103,8 @@ def find_attempt(deployment: str, base_key: str) -> Attempt:
             for r in client.read_flow_runs(flow_run_filter=flt, deployment_filter=of_dep):
                 runs[r.id] = (str(r.id), r.idempotency_key,
                               r.state.type.value if r.state else None)
-    return next_attempt(base_key, runs.values())
+    return replace(next_attempt(base_key, runs.values()),
+                   deployment_parameters=dict(dep.parameters or {}))
 
 
 find_attempt_task = io_task(name="find-build-attempt")(find_attempt)

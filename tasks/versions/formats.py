@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sftflow.core.hashing import sha256_hex
-from sftflow.tasks.versions.hub import hf_split
+from sftflow.tasks.versions.hub import hf_split, written_source
 from sftflow.tasks.versions.rows import SCHEMA
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ def dataset_card(
         "",
         "## Source",
         "",
-        *[f"- {k}: {v}" for k, v in source.items()],
+        *[f"- {k}: {v}" for k, v in written_source(source).items()],
         "",
         *(["## Model drafts", "", *drafts_section(stats["drafts"])] if stats.get("drafts") else []),
         "## What was kept and dropped",

@@ -19,9 +19,9 @@ The card's metadata is real: size category from the row count, languages detecte
 rows (``py3langid`` over up to ``LANGUAGE_SAMPLE`` rows, prompt and response together; a
 language must hold ``LANGUAGE_MIN_SHARE`` of the sample to be listed), the license from
 ``SFTFLOW_DATASETS__LICENSE`` (default ``other``: nobody declared one), the source project
-(``manifest.source``), the lineage (dataset version id, parent version, config hash, build
-time) and figures (rows and bytes per split, drops by stage and reason from
-``manifest.stats``).
+(``manifest.source``, every URL in it without credentials: ``written_source``), the lineage
+(dataset version id, parent version, config hash, build time) and figures (rows and bytes
+per split, drops by stage and reason from ``manifest.stats``).
 
 This module reads the manifest by its attributes only (``pull`` imports it, not the
 other way round).
@@ -35,6 +35,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from sftflow.core.urls import redact_url
 
 #: sftflow split -> the name HF users expect.
 HF_SPLITS = {"train": "train", "eval": "validation"}
@@ -174,9 +176,16 @@ def card_data(manifest: _Version, *, license: str = DEFAULT_LICENSE,
             "dataset": manifest.dataset, "version": manifest.version, "parent": manifest.parent,
             "config_hash": manifest.config_hash, "created_at": manifest.created_at,
             "code_version": manifest.code_version or None,
-            "source": {k: v for k, v in manifest.source.items() if _scalar(v)},
+            "source": {k: v for k, v in written_source(manifest.source).items() if _scalar(v)},
         },
     )
+
+
+def written_source(source: Mapping[str, Any]) -> dict[str, Any]:
+    """A version's ``source`` as a card writes it: every URL in it without credentials
+    (``redact_url``; a version written before URLs were redacted may hold some)."""
+    return {k: redact_url(v) if isinstance(v, str) and "://" in v else v
+            for k, v in source.items()}
 
 
 def _scalar(v: Any) -> bool:
@@ -210,7 +219,7 @@ def build_card(manifest: _Version, *, license: str = DEFAULT_LICENSE,
         f"- build config hash: `{m.config_hash}`",
         f"- built at: {m.created_at}",
         *([f"- code version: `{m.code_version}`"] if m.code_version else []),
-        *[f"- source {k}: {v}" for k, v in m.source.items()], "",
+        *[f"- source {k}: {v}" for k, v in written_source(m.source).items()], "",
         "## Languages", "",
         (", ".join(f"{lang} ({n} of {sampled} sampled rows)" for lang, n in languages.items())
          if languages else "not detected"), "",

@@ -5,6 +5,12 @@ diff of two versions.
 Readers trust only refs and manifests and verify checksums (``read_file``). A reused shard may
 hold rows its manifest records as deleted: every reader of rows leaves them out
 (``kept_positions``).
+
+Listings (``scan_datasets``, ``scan_versions``) read every manifest they list as a reader of it
+would, and a manifest that does not read (not JSON, refused by the ``Manifest`` model, a path
+leaving its dataset, another version's manifest) is named in ``damaged`` (dataset, key,
+reason) while the others are listed: one damaged object never hides a bucket's datasets.
+``list_versions`` is the strict reader: it raises, naming every damaged manifest.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import io
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -24,7 +31,7 @@ from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.runtime.declare import io_task
 from sftflow.tasks.versions.keys import DEFAULT_PREFIX, DatasetKeys, datasets_listing, is_name
 from sftflow.tasks.versions.manifest import SPLITS, FileEntry, Manifest, manifest_at, read_manifest
-from sftflow.tasks.versions.refs import latest_version, resolve_at
+from sftflow.tasks.versions.refs import latest_version, read_latest, resolve_at
 
 
 # -- files and rows ------------------------------------------------------------------------------
@@ -144,19 +151,120 @@ def list_datasets(s3: S3, *, prefix: str = DEFAULT_PREFIX) -> list[str]:
     return sorted(n for n in names if is_name(n))
 
 
-def list_versions(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX) -> list[dict[str, Any]]:
-    """Every committed version (a manifest exists), oldest first, with summary fields."""
+@dataclass(frozen=True)
+class DamagedManifest:
+    """A manifest in the bucket that does not read as its version: named by a listing, never
+    fatal to it. ``key``: the object key; ``reason``: why it was refused."""
+
+    dataset: str
+    key: str
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass
+class VersionListing:
+    """``scan_versions``: the readable versions, oldest first, and the damaged manifests."""
+
+    versions: list[dict[str, Any]] = field(default_factory=list)
+    damaged: list[DamagedManifest] = field(default_factory=list)
+
+
+@dataclass
+class DatasetListing:
+    """``scan_datasets``: each dataset with its latest version and rows (None when the latest
+    manifest is damaged), and the damaged manifests."""
+
+    datasets: list[dict[str, Any]] = field(default_factory=list)
+    damaged: list[DamagedManifest] = field(default_factory=list)
+
+
+def _listed_manifest(s3: S3, keys: DatasetKeys, dataset: str, key: str) -> Manifest:
+    """The manifest at ``key`` as a reader reads it: validated, and describing the very
+    version its key names (SftflowError otherwise; KeyError when it is gone)."""
+    m = manifest_at(s3, key, keys.root)
+    version = DatasetKeys.version_of_manifest(key)
+    if (m.dataset, m.version) != (dataset, version):
+        raise SftflowError(f"manifest {s3.uri(key)} is refused: it describes "
+                           f"{m.dataset}@{m.version}, not {dataset}@{version}")
+    return m
+
+
+def _damage(s3: S3, dataset: str, key: str, err: SftflowError) -> DamagedManifest:
+    reason = str(err).removeprefix(f"manifest {s3.uri(key)} ").removeprefix("is ")
+    return DamagedManifest(dataset, key, reason)
+
+
+def scan_versions(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX) -> VersionListing:
+    """Every committed version (a manifest exists), oldest first, with summary fields; the
+    manifests that do not read are named in ``damaged`` instead."""
     keys = DatasetKeys.of(prefix, dataset)
 
-    def summary(key: str) -> dict[str, Any]:
-        m = manifest_at(s3, key, keys.root)
+    def summary(key: str) -> dict[str, Any] | DamagedManifest | None:
+        try:
+            m = _listed_manifest(s3, keys, dataset, key)
+        except KeyError:
+            return None  # deleted since the listing
+        except SftflowError as err:
+            return _damage(s3, dataset, key, err)
         return {"version": m.version, "parent": m.parent, "created_at": m.created_at,
                 "rows": m.rows, "run_id": m.run_id, "snapshot_at": m.source.get("snapshot_at")}
 
     with ThreadPoolExecutor(8) as pool:
         out = list(pool.map(summary, [o.key for o in s3.list(keys.versions)
                                       if keys.is_manifest(o.key)]))
-    return sorted(out, key=lambda v: v["created_at"])
+    return VersionListing(
+        versions=sorted((v for v in out if isinstance(v, dict)), key=lambda v: v["created_at"]),
+        damaged=sorted((d for d in out if isinstance(d, DamagedManifest)), key=lambda d: d.key))
+
+
+def list_versions(s3: S3, dataset: str, *, prefix: str = DEFAULT_PREFIX) -> list[dict[str, Any]]:
+    """Every committed version, oldest first, with summary fields (``scan_versions``); strict:
+    a damaged manifest is an SftflowError naming every one."""
+    listing = scan_versions(s3, dataset, prefix=prefix)
+    if listing.damaged:
+        raise SftflowError(f"dataset {dataset!r}: {len(listing.damaged)} damaged manifest(s): "
+                           + "; ".join(f"{s3.uri(d.key)}: {d.reason}" for d in listing.damaged))
+    return listing.versions
+
+
+def _latest(s3: S3, keys: DatasetKeys, dataset: str,
+            ) -> tuple[str | None, dict[str, int] | DamagedManifest]:
+    """``(refs/latest, the rows of its version)``; ``(None, {})`` before the first version;
+    instead of the rows, what is damaged: that manifest, or the ref when it names none."""
+    try:
+        latest = read_latest(s3, keys)
+    except UnicodeDecodeError:
+        return None, DamagedManifest(dataset, keys.latest, "refs/latest is not text")
+    if latest is None:
+        return None, {}
+    if not is_name(latest):
+        return None, DamagedManifest(dataset, keys.latest,
+                                     f"refs/latest holds no version id ({latest[:40]!r})")
+    key = keys.manifest(latest)
+    try:
+        return latest, _listed_manifest(s3, keys, dataset, key).rows
+    except KeyError:
+        return latest, DamagedManifest(dataset, key, f"missing: refs/latest names {latest}, "
+                                                     "which has no manifest")
+    except SftflowError as err:
+        return latest, _damage(s3, dataset, key, err)
+
+
+def scan_datasets(s3: S3, *, prefix: str = DEFAULT_PREFIX) -> DatasetListing:
+    """Every dataset with its latest version and that version's rows (read from its manifest
+    only; ``scan_versions`` reads them all). A latest manifest that does not read, or a
+    ``refs/latest`` naming none, is named in ``damaged``; its dataset is listed, rows None."""
+    listing = DatasetListing()
+    for name in list_datasets(s3, prefix=prefix):
+        latest, rows = _latest(s3, DatasetKeys.of(prefix, name), name)
+        if isinstance(rows, DamagedManifest):
+            listing.damaged.append(rows)
+        listing.datasets.append({"dataset": name, "latest": latest,
+                                 "rows": None if isinstance(rows, DamagedManifest) else rows})
+    return listing
 
 
 # -- diff ----------------------------------------------------------------------------------------

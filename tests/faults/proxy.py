@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy for tests, in the spirit of Toxiproxy, on asyncio.
 
 Put it between sftflow and a real service (Label Studio, SeaweedFS) and tell it which requests
-to hurt (optionally only requests whose body matches a regex). Requests and responses are forwarded byte for byte (S3 signatures stay valid); only the
+to hurt (optionally only requests whose body, or whose header lines, match a regex). Requests
+and responses are forwarded byte for byte (S3 signatures stay valid); only the
 ``Expect: 100-continue`` handshake is answered by the proxy itself. Faults, matched on method
 and a path regex, each for the first ``times`` matching requests (``times=0``: all of them):
 
@@ -42,11 +43,16 @@ class Fault:
     status: int | None = 503
     from_status: int | None = None
     body: bytes | None = None  # regex searched in the request body
+    #: regex searched in the request's header lines, ignoring case, ``^`` at each line
+    #: (``r"^if-match:"``: only requests carrying If-Match)
+    header: str | None = None
 
-    def matches(self, method: str, target: str, body: bytes = b"") -> bool:
+    def matches(self, method: str, target: str, body: bytes = b"", head: str = "") -> bool:
         return ((self.method is None or self.method == method)
                 and (self.path is None or re.search(self.path, target) is not None)
-                and (self.body is None or re.search(self.body, body) is not None))
+                and (self.body is None or re.search(self.body, body) is not None)
+                and (self.header is None
+                     or re.search(self.header, head, re.IGNORECASE | re.MULTILINE) is not None))
 
 
 @dataclass
@@ -148,11 +154,11 @@ class FaultProxy:
         with self._lock:
             self.faults.clear()
 
-    def _take(self, method: str, target: str, body: bytes = b"") -> Fault | None:
+    def _take(self, method: str, target: str, body: bytes = b"", head: str = "") -> Fault | None:
         with self._lock:
             self.requests += 1
             for fault in self.faults:
-                if fault.matches(method, target, body):
+                if fault.matches(method, target, body, head):
                     if fault.times > 0:
                         fault.times -= 1
                         if fault.times == 0:
@@ -175,7 +181,7 @@ class FaultProxy:
                     head = re.sub(rb"(?im)^expect:[^\r\n]*\r\n", b"", head)
                 body = await _read_body(reader, headers, until_close=False)
                 method, target = (start.split(" ") + ["", ""])[:2]
-                fault = self._take(method, target, body)
+                fault = self._take(method, target, body, head.decode("latin-1"))
                 if fault and fault.kind == "reset":
                     writer.transport.abort()
                     return

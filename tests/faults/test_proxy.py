@@ -80,3 +80,17 @@ def test_in_front_of_label_studio(stack):
         proxy.add(Fault("status", path="^/api/projects", status=502))
         assert httpx.get(f"{proxy.url}/api/projects", headers=headers).status_code == 502
         assert httpx.get(f"{proxy.url}/health").json()["status"] == "UP"
+
+
+def test_a_fault_can_match_a_request_header(settings, s3, s3_proxy):
+    """``header``: a regex over the request's header lines (ignoring case); here only the
+    PUTs carrying ``If-Match`` are hurt, the others pass untouched."""
+    client = proxied_s3(settings, s3, s3_proxy)
+    etag = client.put_bytes("h/x", b"one")
+    s3_proxy.add(Fault("status", method="PUT", header=r"^if-match:", status=503))
+    etag = client.put_bytes("h/x", b"two")  # no If-Match: not matched
+    with pytest.raises(ClientError) as err:
+        client.client.put_object(Bucket=s3.bucket, Key="h/x", Body=b"three", IfMatch=etag)
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    assert s3.get_bytes("h/x")[0] == b"two"  # the server never saw it
+    assert s3_proxy.applied["status"] == 1

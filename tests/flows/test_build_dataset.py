@@ -197,7 +197,8 @@ def test_cli_build_and_datasets_commands(prefect_harness, s3, project, tmp_path)
     built = run("build", "--project", project.title, "--dataset", "cli")
     assert built["created"] and built["version"]
     listed = run("datasets", "list")
-    assert listed == [{"dataset": "cli", "latest": built["version"], "rows": built["rows"]}]
+    assert listed == {"datasets": [{"dataset": "cli", "latest": built["version"],
+                                    "rows": built["rows"]}], "damaged": []}
     shown = run("datasets", "show", f"cli@{built['version']}", "--verify")
     assert shown["verified"] and shown["rows"] == built["rows"] and shown["train_files"]
     assert "api_key" not in json.dumps(shown)

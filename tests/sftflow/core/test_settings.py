@@ -40,6 +40,19 @@ def test_secrets_are_redacted_everywhere(monkeypatch):
     assert s.s3.secret_access_key.get_secret_value() == "very-secret-s3"
 
 
+def test_credentials_in_url_settings_are_redacted(monkeypatch):
+    monkeypatch.setenv("SFTFLOW_LABELSTUDIO__URL", "http://ann:pw-url-secret@ls.example:8080")
+    monkeypatch.setenv("SFTFLOW_MLFLOW__TRACKING_URI", "https://ml.example/?token=tok-url-secret")
+    monkeypatch.setenv("SFTFLOW_FINETUNE__OPENAI_BASE_URL", "https://u:pw-url-secret@api.example/v1")
+    s = Settings()
+    dumped = s.redacted()
+    assert "url-secret" not in json.dumps(dumped)
+    assert dumped["labelstudio"]["url"] == "http://ls.example:8080"
+    assert dumped["mlflow"]["tracking_uri"] == "https://ml.example/"
+    assert dumped["finetune"]["openai_base_url"] == "https://api.example/v1"
+    assert s.labelstudio.url == "http://ann:pw-url-secret@ls.example:8080"  # the setting itself
+
+
 def test_the_bridge_refuses_the_default_secret_beyond_loopback():
     import pytest
 

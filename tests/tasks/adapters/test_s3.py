@@ -120,3 +120,49 @@ def test_keys_come_from_a_prefect_aws_credentials_block(settings, s3, prefect_ha
     with pytest.raises(Exception, match="InvalidAccessKeyId"):
         refused.put_bytes("from-bad-block", b"no")
     assert s3.head("from-bad-block") is None
+
+
+def _behind_proxy(settings, s3, proxy):
+    from sftflow.tasks.adapters.s3 import build_s3
+
+    return build_s3(settings.s3.model_copy(update={"endpoint_url": proxy.url,
+                                                   "bucket": s3.bucket}))
+
+
+def test_the_probe_checks_if_match_and_the_real_server_passes(settings, s3):
+    """The probe sends If-Match twice (a wrong ETag: 412 expected; the right one: written);
+    a faultless proxy counts them, and the real SeaweedFS passes."""
+    from urllib.parse import urlparse
+
+    from tests.faults.proxy import Fault, FaultProxy
+
+    up = urlparse(settings.s3.endpoint_url)
+    with FaultProxy(up.hostname, up.port) as proxy:
+        proxy.add(Fault("delay", method="PUT", header=r"^if-match:", seconds=0, times=0))
+        _behind_proxy(settings, s3, proxy).check_conditional_writes()
+        assert proxy.applied["delay"] == 2
+    assert [o.key for o in s3.list("_sftflow/probe/")] == []
+
+
+def test_a_server_that_ignores_if_match_is_refused(settings, s3):
+    """A server that honours If-None-Match but ignores If-Match (the proxy turns the 412 of
+    every PUT carrying If-Match into 200): refs, locks and lineage would lose updates there,
+    so the first conditional write refuses, naming If-Match and the server."""
+    from urllib.parse import urlparse
+
+    from sftflow.tasks.adapters.s3 import ConditionalWritesUnsupported
+    from tests.faults.proxy import Fault, FaultProxy
+
+    up = urlparse(settings.s3.endpoint_url)
+    with FaultProxy(up.hostname, up.port) as proxy:
+        proxy.add(Fault("rewrite", method="PUT", header=r"^if-match:", from_status=412,
+                        status=200, times=0))
+        client = _behind_proxy(settings, s3, proxy)
+        etag = client.put_bytes("refs/latest", b"v1")
+        with pytest.raises(ConditionalWritesUnsupported, match=f"If-Match.*{proxy.url}|"
+                                                               f"{proxy.url}.*If-Match"):
+            client.put_bytes("refs/latest", b"v2", if_match=etag)
+        with pytest.raises(ConditionalWritesUnsupported, match="If-Match"):
+            client.put_bytes("refs/tags/new", b"v1", if_none_match=True)
+    assert s3.get_bytes("refs/latest")[0] == b"v1" and s3.head("refs/tags/new") is None
+    assert [o.key for o in s3.list("_sftflow/probe/")] == []

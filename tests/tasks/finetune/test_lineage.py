@@ -83,3 +83,23 @@ def test_one_run_holds_the_submission_claim_until_it_names_the_job_or_the_claim_
     lineage.update_record(s3, "models", "ft-c", {"backend_job_id": "job-1"})
     record, mine = attempt("third", now=later + timedelta(seconds=600))
     assert not mine and record.backend_job_id == "job-1"  # named: watch it, never resubmit
+
+
+def test_no_credential_of_the_tracking_uri_reaches_the_stored_record(s3, monkeypatch):
+    """The MLflow tracking URI setting with ``user:password@``: the tracker's report (here: it is
+    unreachable) goes into the stored lineage record without the password, in the URI and in
+    the error text."""
+    from sftflow.core.settings import Settings
+    from sftflow.tasks.finetune.tracking import track_job
+
+    secret = "pw-0b8e5a"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    settings = Settings(mlflow={"tracking_uri": f"http://ml:{secret}@127.0.0.1:9"})
+    lineage.create_record(s3, "models", _record("ft-t"))
+    record = lineage.load_record(s3, "models", "ft-t")
+    tracked = track_job(settings, record.model_copy(update={"status": "failed", "error": "boom"}))
+    assert tracked and tracked["tracking_uri"] == "http://127.0.0.1:9" and tracked["error"]
+    lineage.update_record(s3, "models", "ft-t", {"status": "failed", "tracking": tracked})
+    stored = s3.get_bytes(lineage.manifest_key("models", "ft-t"))[0].decode()
+    assert '"tracking_uri": "http://127.0.0.1:9"' in stored and secret not in stored

@@ -66,3 +66,18 @@ def test_attempts_run_out_on_the_last_server_error(api):
     with pytest.raises(SftflowError, match="502"):
         backend.find_job("ft-none")
     assert proxy.requests == 4
+
+
+def test_no_credential_of_the_base_url_reaches_an_error():
+    """A password in the base URL setting (``user:password@``) never reaches the errors the
+    flow stores and logs: refused connection, and the API's own refusal (httpx sends the
+    userinfo as Basic auth in place of the key: 401)."""
+    secret = "pw-4f2a6d"
+    with OpenAIContractServer(api_key=KEY) as server:
+        up = urlparse(server.base_url)
+        for port in (9, up.port):  # nothing listens on 9
+            backend = OpenAIBackend(None, f"http://u:{secret}@{up.hostname}:{port}/v1", KEY,
+                                    attempts=1, timeout_s=2.0)
+            with pytest.raises(SftflowError) as err:
+                backend.status("ftjob-1")
+            assert f"{up.hostname}:{port}/v1" in str(err.value) and secret not in str(err.value)

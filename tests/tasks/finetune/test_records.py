@@ -89,3 +89,16 @@ def test_train_result_keeps_the_keys_of_each_outcome():
                                                      "history", "artifacts"}
     assert ok.artifacts == {"model": "s3://b/models/ft-1/model", "kind": "adapter", "files": "2",
                             "result": "s3://b/models/ft-1/result.json"}
+
+
+def test_no_credential_of_a_tracking_uri_is_kept_in_the_record_or_its_summary():
+    """A record whose MLflow run names its tracking URI with a password or a token (as an older
+    writer stored it, or a tracker reported it) keeps the URI without them, in its JSON and its
+    summary; the rest of the URI stays."""
+    secret = "pw-7c1d9e"
+    tracking = {"tracking_uri": f"https://ml:{secret}@mlflow.example:5000/?token={secret}&x=1",
+                "experiment_id": "3", "run_id": "r1"}
+    rec = LineageRecord.model_validate({**_submitted().to_dict(), "tracking": tracking})
+    assert rec.tracking["tracking_uri"] == "https://mlflow.example:5000/?x=1"
+    assert secret not in lineage._dump(rec).decode() and secret not in rec.summary_markdown()
+    assert rec.tracking["run_id"] == "r1"

@@ -118,6 +118,20 @@ def test_card_without_eval_rows_or_languages():
     assert meta["configs"][0]["data_files"] == [{"split": "train", "path": "data/train/*.parquet"}]
 
 
+def test_a_credential_in_a_source_url_of_an_older_version_stays_out_of_the_cards():
+    """A version written before URLs were redacted may hold ``user:password@`` in
+    ``source.labelstudio_url``: neither the pulled Hub card nor the stored card copies it."""
+    secret = "pw-93be1c"
+    manifest = _manifest({"train": 5, "eval": 1})
+    manifest.source["labelstudio_url"] = f"http://ann:{secret}@ls.example:8080?token={secret}"
+    text = str(hub.build_card(manifest))
+    assert secret not in text and "http://ls.example:8080" in text
+    assert _front_matter(text)["sftflow"]["source"]["labelstudio_url"] == "http://ls.example:8080"
+    stored = formats.dataset_card(dataset="support", version="v", rows={"train": 5}, sizes={},
+                                  stats={}, source=manifest.source, config={})
+    assert secret not in stored and "- labelstudio_url: http://ls.example:8080" in stored
+
+
 # -- real SeaweedFS ------------------------------------------------------------------------------
 def _commit(s3, dataset: str, rows) -> str:
     return commit_version(s3, CommitRequest(

@@ -127,10 +127,11 @@ def test_gc_removes_only_unreferenced_objects(s3):
     s3.put_bytes("datasets/d/versions/deadbeefdeadbeef/README.md", b"crashed commit")
     young = gc(s3, "d")
     assert young["unreferenced"] == 0 and young["kept_too_young"] == 2
-    dry = gc(s3, "d", min_age_s=0)
+    # Below gc's retention floor only with an explicit floor (tests/tasks/versions/test_gc.py).
+    dry = gc(s3, "d", min_age_s=0, min_age_floor_s=0)
     assert dry["unreferenced"] == 2 and dry["deleted"] == 0
     assert s3.head("datasets/d/shards/orphan.parquet") is not None
-    done = gc(s3, "d", min_age_s=0, dry_run=False)
+    done = gc(s3, "d", min_age_s=0, min_age_floor_s=0, dry_run=False)
     assert done["deleted"] == 2 and s3.head("datasets/d/shards/orphan.parquet") is None
     load_manifest(s3, "d", v)  # still complete
 
@@ -267,7 +268,7 @@ def test_gc_while_a_rerun_is_between_its_files_and_its_manifest_leaves_it_comple
     try:
         while (line := proc.stdout.readline().strip()) != "files":
             assert line, "the rerun ended before its files step"
-        swept = gc(s3, "d", min_age_s=2, dry_run=False)
+        swept = gc(s3, "d", min_age_s=2, min_age_floor_s=2, dry_run=False)
         assert proc.wait(120) == 0
     finally:
         proc.kill()
@@ -287,7 +288,7 @@ def test_gc_stalled_before_its_delete_spares_what_a_build_committed_meanwhile(s3
     out: dict = {}
     with failpoints.active({"gc.before-delete": "sleep(8)"}):
         sweeper = threading.Thread(target=lambda: out.update(
-            gc(s3, "d", min_age_s=2, dry_run=False)))
+            gc(s3, "d", min_age_s=2, min_age_floor_s=2, dry_run=False)))
         sweeper.start()
         deadline = time.monotonic() + 60
         while failpoints._hits["gc.before-delete"] == 0 and time.monotonic() < deadline:
@@ -336,6 +337,6 @@ def test_gc_resolves_references_under_the_root_it_collects(s3):
     for o in list(s3.list("datasets/d/")):
         s3.put_bytes("moved/" + o.key[len("datasets/"):], s3.get_bytes(o.key)[0])
     s3.delete(o.key for o in list(s3.list("datasets/")))
-    done = gc(s3, "d", prefix="moved", min_age_s=0, dry_run=False)
+    done = gc(s3, "d", prefix="moved", min_age_s=0, min_age_floor_s=0, dry_run=False)
     assert done["deleted"] == 0
     assert load_manifest(s3, "d", v, prefix="moved").root == "datasets/d"
