@@ -122,6 +122,9 @@ class MlflowSettings(BaseModel):
         "", description="MLflow tracking URI (http(s)://server, file:/path, databricks); "
         "empty: no tracking.")
     experiment: str = Field("sftflow", description="MLflow experiment the runs go to.")
+    deadline_s: float = Field(
+        30.0, gt=0, description="How long a job waits for an unreachable tracking server before "
+        "it records the tracking error (MLflow's own client would retry for minutes).")
 
 
 class DraftSettings(BaseModel):

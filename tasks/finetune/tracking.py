@@ -31,12 +31,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from pydantic import BaseModel
 
 from sftflow.core.urls import redact_url
 from sftflow.tasks.finetune.lineage import LineageRecord
 from sftflow.tasks.finetune.loss_plot import loss_curve_png
 from sftflow.tasks.runtime.declare import io_task
+from sftflow.tasks.runtime.polling import Backoff, retry
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -104,10 +106,14 @@ def run_tags(record: LineageRecord) -> dict[str, str]:
     return tags
 
 
+class TrackerUnreachable(Exception):
+    """The tracking server did not answer within the deadline."""
+
+
 class MlflowTracker:
     """An ``MlflowClient`` on one tracking URI and experiment (created when missing)."""
 
-    def __init__(self, tracking_uri: str, experiment: str = "sftflow"):
+    def __init__(self, tracking_uri: str, experiment: str = "sftflow", deadline_s: float = 30.0):
         if "://" not in tracking_uri or tracking_uri.startswith("file:"):
             # MLflow >= 3.7 refuses its file store unless opted in; naming a file: URI in
             # sftflow's settings is that choice (the demo's store). sqlite:/// needs no opt-in.
@@ -116,13 +122,33 @@ class MlflowTracker:
 
         self.tracking_uri = tracking_uri
         self.experiment = experiment
+        self.deadline_s = deadline_s
+        # MLflow's client retries a server 7 times with a backoff factor of 2 and 120 s
+        # timeouts; within the deadline instead (an explicit environment setting wins).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(deadline_s))))
         self.client: MlflowClient = MlflowClient(tracking_uri=tracking_uri)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MlflowTracker | None:
         """The configured tracker, None when tracking is off (no tracking URI)."""
         cfg = settings.mlflow
-        return cls(cfg.tracking_uri, cfg.experiment) if cfg.tracking_uri.strip() else None
+        return cls(cfg.tracking_uri, cfg.experiment, cfg.deadline_s) if cfg.tracking_uri.strip() else None
+
+    def check_reachable(self) -> None:
+        """An HTTP tracking server answers within the deadline (any answer counts: only a
+        refused or timed-out connection does not), else ``TrackerUnreachable``."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return
+        url = self.tracking_uri.rstrip("/") + "/health"
+        try:
+            retry(lambda: httpx.get(url, timeout=min(5.0, self.deadline_s)), attempts=20,
+                  retry_if=lambda err: isinstance(err, httpx.TransportError),
+                  backoff=Backoff(0.5, 5.0), timeout_s=self.deadline_s)
+        except httpx.TransportError as err:
+            raise TrackerUnreachable(
+                f"tracking server {redact_url(self.tracking_uri)} unreachable within "
+                f"{self.deadline_s:g} s ({type(err).__name__})") from err
 
     def experiment_id(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment)
@@ -190,8 +216,9 @@ def track_job(settings: Settings, record: LineageRecord) -> dict[str, Any] | Non
     """Log the job to MLflow when tracking is configured (with the loss curves drawn by
     ``loss_plot`` when its history has losses): ``None`` when it is off, the
     :class:`TrackedRun` as a dict, or ``{"error": ...}`` when the tracker failed (the model is
-    trained: a tracker that is down costs the run its tracking, not its result). The MLflow
-    client retries HTTP errors itself."""
+    trained: a tracker that is down costs the run its tracking, not its result). An HTTP
+    server that does not answer is given ``settings.mlflow.deadline_s``, not MLflow's own
+    minutes of retries."""
     try:
         tracker = MlflowTracker.from_settings(settings)
     except ImportError:
@@ -201,6 +228,7 @@ def track_job(settings: Settings, record: LineageRecord) -> dict[str, Any] | Non
         return None
     has_loss = any("loss" in row or "eval_loss" in row for row in record.loss_history)
     try:
+        tracker.check_reachable()
         return tracker.log_job(record, loss_curve_png(record.loss_history) if has_loss else None).model_dump()
     except Exception as err:  # noqa: BLE001 - reported in the lineage record and the log
         uri, safe = tracker.tracking_uri, redact_url(tracker.tracking_uri)

@@ -93,9 +93,8 @@ def test_no_credential_of_the_tracking_uri_reaches_the_stored_record(s3, monkeyp
     from sftflow.tasks.finetune.tracking import track_job
 
     secret = "pw-0b8e5a"
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    settings = Settings(mlflow={"tracking_uri": f"http://ml:{secret}@127.0.0.1:9"})
+    settings = Settings(mlflow={"tracking_uri": f"http://ml:{secret}@127.0.0.1:9",
+                                "deadline_s": 2})
     lineage.create_record(s3, "models", _record("ft-t"))
     record = lineage.load_record(s3, "models", "ft-t")
     tracked = track_job(settings, record.model_copy(update={"status": "failed", "error": "boom"}))
