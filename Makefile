@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # `make test` runs the suite on parallel workers (pytest-xdist; tests of one xdist_group share a
 # worker); most of its time is spent waiting on services, so more workers than cores pay.
 # PYTEST_XDIST= (empty) runs it serially.
-PYTEST_XDIST ?= -n 3 --dist loadgroup
+PYTEST_XDIST ?= -n 4 --dist loadgroup
 
 .PHONY: install install-app install-labelstudio lock lint-imports test test-unit demo stack-up stack-down stack-status lint bench clean
 
