@@ -12,6 +12,10 @@ TORCH_WHEELS ?= /opt/wheels
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),--extra-index-url $(TORCH_CPU_INDEX) --index-strategy unsafe-best-match)
 PYTEST_ARGS ?=
+# `make test` runs the suite on parallel workers (pytest-xdist; tests of one xdist_group share a
+# worker); most of its time is spent waiting on services, so more workers than cores pay.
+# PYTEST_XDIST= (empty) runs it serially.
+PYTEST_XDIST ?= -n 4 --dist loadgroup
 
 .PHONY: install install-app install-labelstudio lock lint-imports test test-unit demo stack-up stack-down stack-status lint bench clean
 
@@ -43,7 +47,7 @@ lint-imports: install-app
 
 test: install
 	$(BIN)/python tests/import_view.py
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 test-unit: install-app
 	$(BIN)/pytest -m "not integration and not prefect and not train" $(PYTEST_ARGS)

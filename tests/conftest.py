@@ -1,10 +1,16 @@
-"""Shared fixtures: the real local stack (reused when already running), a fresh bucket per
-test, a Label Studio client, a Prefect test harness, and the shared data folder."""
+"""Shared fixtures: the real local stack (reused when already running; one per run under
+pytest-xdist), a fresh bucket per test, a Label Studio client, a Prefect test harness (one per
+worker), and the shared data folder."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
+import shutil
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,20 +27,164 @@ def settings() -> Settings:
     return Settings()
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """xdist worker, --dist loadgroup: the group of each test marked ``xdist_group`` reaches the
+    controller as a suffix of its node id (``...::test@group``). pytest-xdist 3.8 writes it to
+    an attribute that pytest 9.2 no longer reads (pytest-xdist issue #1386), and the marks are
+    then silently ignored; this writes it to the node id as xdist's fix does (a no-op once the
+    suffix is there)."""
+    if not (hasattr(config, "workerinput") and config.getvalue("loadgroup")):
+        return
+    try:
+        from _pytest.nodeid import NodeId  # pytest >= 9.2; before, xdist's own write works
+    except ImportError:
+        return
+    for item in items:
+        groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                         for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(groups)
+        if groups and not item.nodeid.endswith(suffix):
+            node = item._id  # the suffix goes on the last name, so str() gives "...[params]@group"
+            last = node.names[-1] + (f"[{node.params}]" if node.params is not None else "")
+            item._id = NodeId(path=node.path, names=(*node.names[:-1], last + suffix))
+
+
+# -- the local stack: one per run --------------------------------------------------------------
+# Serial (`-p no:xdist`, `-n 0`): the session fixture `stack` starts what is missing and stops
+# what it started. Under pytest-xdist the controller (the process that runs no tests) brings
+# the stack up once, before the workers start, and stops what the run started once they have
+# all finished; the workers only reuse it. A worker that still finds a service missing (a run
+# whose -m leaves the integration tests out, a service that died) starts it under a file lock
+# and records it for the controller to stop.
+
+_RUN = pytest.StashKey["_StackRun"]()
+_WORKER_KEY = "sftflow_stack"  # in each worker's `workerinput`: {"dir": ..., "error": ...}
+
+
+class _StackRun:
+    """The controller's side: what the run started, and where workers record what they did."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.dir = Path(tempfile.mkdtemp(prefix="sftflow-stack-run-"))
+        self.started: list[str] = []
+        self.error: str | None = None
+
+    def up(self, say) -> None:
+        from sftflow.infra.stack import LocalStack
+
+        local = LocalStack(self.settings)
+        t0 = time.monotonic()
+        try:
+            missing = _missing(local)
+            if missing:
+                local.up(missing)
+        except Exception as err:  # noqa: BLE001 - every test that needs the stack reports it
+            self.error = f"{type(err).__name__}: {err}"
+        finally:
+            self.started = list(local.started)
+        if self.started or self.error:
+            say(f"sftflow stack for the run: started {', '.join(self.started) or 'nothing'} in "
+                f"{time.monotonic() - t0:.0f} s{f'; {self.error}' if self.error else ''}")
+
+    def down(self) -> None:
+        from sftflow.infra.stack import LocalStack
+
+        names = set(self.started)
+        for record in self.dir.glob("started-*.json"):
+            names.update(json.loads(record.read_text()))
+        if names:
+            LocalStack(self.settings).down(names)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _missing(local) -> list[str]:
+    """The stack's services that are not healthy now (postgres too when the setting is on)."""
+    return [s.name for s in local.status(list(local.services)) if not s.healthy]
+
+
+def _runs_integration_tests(config: pytest.Config) -> bool:
+    """Whether ``-m`` keeps tests marked ``integration`` (no ``-m``, or one we cannot read: yes)."""
+    expr = config.option.markexpr
+    if not expr:
+        return True
+    try:
+        from _pytest.mark.expression import Expression
+
+        return Expression.compile(expr).evaluate(lambda name, **_: name == "integration")
+    except Exception:  # noqa: BLE001 - a private API: when in doubt, start the stack
+        return True
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """xdist controller only: the stack, up before the workers start (xdist starts them in its
+    own pytest_sessionstart, which runs last)."""
+    config = session.config
+    if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("dsession"):
+        return  # a worker, or a serial run: the `stack` fixture does it
+    run = config.stash[_RUN] = _StackRun(Settings())
+    if _runs_integration_tests(config):
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        run.up(reporter.write_line if reporter else print)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist controller: tell each worker where the run records what workers start."""
+    run = node.config.stash[_RUN]
+    node.workerinput[_WORKER_KEY] = {"dir": str(run.dir), "error": run.error}
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """xdist controller: stop what the run started, after every worker has ended."""
+    run = config.stash.get(_RUN, None)
+    if run is not None:
+        run.down()
+
+
+@contextlib.contextmanager
+def _stack_lock(local) -> Iterator[None]:
+    """One worker at a time checks and starts services (a second `up` would find the ports
+    taken by the first)."""
+    (local.dir / "pids").mkdir(parents=True, exist_ok=True)
+    with open(local.dir / "pids" / "tests-up.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
-def stack(settings: Settings) -> Iterator[Settings]:
+def stack(settings: Settings, pytestconfig: pytest.Config) -> Iterator[Settings]:
     """S3, Label Studio and the Prefect server, healthy. Reuses a running stack; stops only
-    what it started. (Most Prefect tests use the harness; the crash tests need a real server.)"""
+    what it started (serial), or leaves that to the xdist controller (in a worker).
+    (Most Prefect tests use the harness; the crash tests need a real server.)"""
     from sftflow.infra.stack import LocalStack
 
     local = LocalStack(settings)
-    needed = list(local.services)  # with SFTFLOW_STACK__POSTGRES=true, postgres too
-    missing = [s.name for s in local.status(needed) if not s.healthy]
-    if missing:
-        local.up(missing)  # reuses a running-but-slow service; starts only what is not running
+    shared = getattr(pytestconfig, "workerinput", {}).get(_WORKER_KEY)
+    if shared is None:  # serial run: this process owns what it starts
+        missing = _missing(local)  # with SFTFLOW_STACK__POSTGRES=true, postgres too
+        if missing:
+            local.up(missing)  # reuses a running-but-slow service; starts only what is not running
+        yield settings
+        if local.started:
+            local.down(local.started)
+        return
+    if shared["error"]:
+        raise RuntimeError(f"the local stack did not start for this run: {shared['error']}")
+    with _stack_lock(local):
+        try:
+            missing = _missing(local)
+            if missing:
+                local.up(missing)
+        finally:
+            if local.started:  # for the controller to stop at the end of the run
+                worker = pytestconfig.workerinput["workerid"]
+                (Path(shared["dir"]) / f"started-{worker}.json").write_text(json.dumps(local.started))
     yield settings
-    if local.started:
-        local.down(local.started)
 
 
 @pytest.fixture()

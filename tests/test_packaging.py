@@ -22,6 +22,10 @@ ROOT = Path(__file__).parents[1]
 UV = Path(sys.executable).parent / "uv"
 FOLDERS = ("tasks", "flows", "infra", "deployments")
 needs_uv = pytest.mark.skipif(not UV.exists(), reason="uv is installed by `make install`")
+# The tests that build from the checkout itself write into it: setuptools' egg-info and build/
+# (the editable install, the wheel), build/import-view (the contracts). Under xdist they run
+# in one worker, one after the other, as in a serial run.
+in_checkout = pytest.mark.xdist_group("checkout-build")
 
 
 def _run(*argv, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -66,6 +70,7 @@ def test_every_module_imports_from_its_own_tracked_file():
 
 
 @needs_uv
+@in_checkout
 def test_fresh_editable_install_maps_the_folders_and_nothing_else(tmp_path):
     venv = tmp_path / "venv"
     _run(UV, "venv", "-q", "-p", sys.executable, venv)
@@ -81,6 +86,7 @@ def test_fresh_editable_install_maps_the_folders_and_nothing_else(tmp_path):
 
 
 @needs_uv
+@in_checkout
 def test_wheel_installs_only_the_sftflow_namespace_and_runs(tmp_path):
     _run(UV, "build", "--wheel", "-q", "-o", tmp_path / "dist", ROOT)
     wheel = next((tmp_path / "dist").glob("sftflow-*.whl"))
@@ -120,6 +126,7 @@ def test_import_contracts_catch_a_top_level_folder_import(tmp_path):
     assert "sftflow.flows.ingest -> tasks" in out.stdout
 
 
+@in_checkout
 def test_import_contracts_hold_on_the_package():
     assert subprocess.call([sys.executable, str(ROOT / "tests" / "import_view.py")],
                            stdout=subprocess.DEVNULL, timeout=300) == 0

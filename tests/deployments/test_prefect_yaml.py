@@ -161,8 +161,20 @@ def test_the_train_job_manifest_renders_with_a_gpu():
     assert manifest["spec"]["ttlSecondsAfterFinished"] == 86400
 
 
+@pytest.fixture()
+def own_prefect_api():
+    """A Prefect test harness of this test's own. `prefect deploy --all` registers
+    `train-trl/default` on the GPU pool: on the session's harness it would repoint the
+    deployment that `train_worker` (tests/tasks/_finetune.py) serves whenever a fine-tune test
+    ran earlier in the same process (which order an xdist worker runs its tests in varies)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.mark.prefect
-def test_prefect_deploy_all_accepts_the_file(prefect_harness):
+def test_prefect_deploy_all_accepts_the_file(own_prefect_api):
     """`prefect deploy --all` against a real Prefect API, with the pools the docs create:
     every deployment is registered; the server checked the train deployment's job variables
     against the GPU pool's template (it refuses a wrong type, shown last)."""

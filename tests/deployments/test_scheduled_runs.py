@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,9 +33,14 @@ import pytest
 import uvicorn
 
 from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
+from sftflow.tasks.runtime.polling import Backoff, wait_until
 from tests.conftest import unique
 
-pytestmark = [pytest.mark.integration]
+# One worker runs the whole module: its `served` fixture (module scope) runs `sftflow serve`,
+# which registers the deployments under their fixed names (check-annotations, build-dataset,
+# ingest ...) on the stack's one Prefect server; a second copy on another xdist worker would
+# re-register them with its own bucket and project.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("stack-prefect-serve")]
 
 DATASET = "sched"
 MIN_NEW = 2
@@ -46,16 +50,12 @@ PROMPTS = [f"scheduled prompt number {i}: how does a {w} work?" for i, w in
 
 
 def _wait_for(what: str, probe: Callable[[], Any], timeout_s: float, log: Path) -> Any:
-    """``probe()`` until it returns something truthy, polling every 2 s to a deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-            pytest.fail(f"{what}: nothing after {timeout_s:.0f} s; serve log tail:\n{tail}")
-        time.sleep(2)
+    """``probe()`` until it returns something truthy, polling every 0.5-2 s to a deadline."""
+    value = wait_until(probe, timeout_s=timeout_s, backoff=Backoff(0.5, 2.0))
+    if not value:
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        pytest.fail(f"{what}: nothing after {timeout_s:.0f} s; serve log tail:\n{tail}")
+    return value
 
 
 class Api:
@@ -67,6 +67,17 @@ class Api:
     def deployment_id(self, flow: str, name: str) -> str | None:
         r = self.http.get(f"deployments/name/{flow}/{name}")
         return r.json()["id"] if r.status_code == 200 else None
+
+    def delete_served_deployments(self) -> list[str]:
+        """Delete the deployments `sftflow serve` registers, as an earlier run left them."""
+        from sftflow.deployments.serve import BUILD, CHECK, DRAFTS, FINETUNE, INGEST
+
+        r = self.http.post("deployments/filter", json={
+            "deployments": {"name": {"any_": [INGEST, CHECK, BUILD, FINETUNE, DRAFTS]}}})
+        r.raise_for_status()
+        for d in r.json():
+            self.http.delete(f"deployments/{d['id']}").raise_for_status()
+        return [d["name"] for d in r.json()]
 
     def runs(self, deployment_id: str) -> list[dict]:
         r = self.http.post("flow_runs/filter", json={
@@ -117,6 +128,10 @@ def served(stack, tmp_path_factory) -> Iterator[dict]:
             "value": {"text": [f"because of Rayleigh scattering, take {i}"]}}])
 
     api_url = settings.prefect.api_url
+    # A `serve` of an earlier session on this server, stopped with a check run mid-submission,
+    # leaves that run holding the check deployment's one slot (CANCEL_NEW) for good: every
+    # scheduled run of this session would be cancelled. Its deployments start afresh.
+    Api(api_url).delete_served_deployments()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "PREFECT_API_URL": api_url, "SFTFLOW_S3__BUCKET": bucket}
     argv = [str(Path(sys.executable).parent / "sftflow"), "serve",

@@ -8,7 +8,6 @@ what is under test is which runs exist and with which parameters.
 from __future__ import annotations
 
 import contextvars
-import socket
 import threading
 import time
 
@@ -19,6 +18,7 @@ import uvicorn
 from sftflow.deployments.serve import BUILD, INGEST, ServeConfig, build_deployments
 from sftflow.flows.check_annotations import CheckParams, check_annotations
 from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
+from sftflow.tasks.runtime.polling import Backoff, wait_until
 from sftflow.tasks.triggers.webhooks import (
     SECRET_HEADER,
     ThresholdQuery,
@@ -33,28 +33,20 @@ DATASET = "d"
 MIN_NEW = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def bridge(prefect_harness, settings, s3):
     """The real bridge app on a loopback port, emitting to the harness, baseline from `s3`."""
     from sftflow.bridge import create_app
 
     cfg = settings.model_copy(update={"s3": settings.s3.model_copy(update={"bucket": s3.bucket})})
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=port,
+    # Port 0: the kernel's choice, read back once listening (no window for another process).
+    server = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=0,
                                            log_level="warning"))
     ctx = contextvars.copy_context()  # carries the harness's PREFECT_API_URL into the thread
     thread = threading.Thread(target=ctx.run, args=(server.run,), daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
+    assert wait_until(lambda: server.started, timeout_s=20, backoff=Backoff(0.05, 0.2))
+    port = server.servers[0].sockets[0].getsockname()[1]
     yield f"http://127.0.0.1:{port}", cfg.webhooks.secret.get_secret_value()
     server.should_exit = True
     thread.join(10)
@@ -68,10 +60,41 @@ def deploy(prefect_harness, s3):
         cfg = ServeConfig(source=f"s3://{s3.bucket}/prompts/", project=project, dataset=DATASET,
                           min_new=MIN_NEW, bucket=s3.bucket, debounce_s=600)
         ids = {d.name: d.apply() for d in build_deployments(cfg)}
-        time.sleep(2)  # the trigger service picks up new automations within about a second
+        triggers_loaded()
         return ids
 
     return apply
+
+
+def triggers_loaded(timeout_s: float = 60) -> None:
+    """Return once the harness's trigger service has loaded every automation written so far
+    (the triggers of the deployments just applied): it loads them in the order they were
+    written, so a probe automation written last, which pauses itself when its own event
+    arrives, shows it by being paused."""
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.events import emit_event
+    from prefect.events.actions import PauseAutomation
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    name = unique("sftflow.test.triggers-loaded")
+    probe = Automation(name=name, trigger=EventTrigger(expect={name}, posture=Posture.Reactive,
+                                                       threshold=1),
+                       actions=[PauseAutomation(source="inferred")]).create()  # pauses itself
+    emitted = [0.0]
+
+    def paused() -> bool:
+        if time.monotonic() - emitted[0] >= 1:  # again each second: one may precede the load
+            emit_event(event=name, resource={"prefect.resource.id": f"prefect.automation.{probe.id}"})
+            emitted[0] = time.monotonic()
+        with get_client(sync_client=True) as client:
+            return not client.read_automation(probe.id).enabled
+
+    try:
+        assert wait_until(paused, timeout_s=timeout_s, backoff=Backoff(0.2, 0.5)), \
+            f"the trigger service did not act on a new automation within {timeout_s:.0f} s"
+    finally:
+        probe.delete()
 
 
 def runs_of(deployment_id, match: dict, settle_s: float = 4.0, timeout_s: float = 30.0,
@@ -91,7 +114,7 @@ def runs_of(deployment_id, match: dict, settle_s: float = 4.0, timeout_s: float 
                 seen, stable_since = runs, time.monotonic()
             elif len(runs) >= want and time.monotonic() - stable_since >= settle_s:
                 break
-            time.sleep(0.5)
+            time.sleep(0.5)  # a poll loop's pause: until the count has settled, or the deadline
         return seen
 
 
@@ -243,7 +266,7 @@ def test_a_finished_model_of_this_dataset_starts_drafting_and_others_do_not(pref
     cfg = ServeConfig(source=f"s3://{s3.bucket}/prompts/", project="7", dataset=DATASET,
                       base_model="m", bucket=s3.bucket, drafts="transformers")
     ids = {d.name: d.apply() for d in build_deployments(cfg)}
-    time.sleep(2)
+    triggers_loaded()
     for job, dataset in (("ft-mine", DATASET), ("ft-other", "another-dataset")):
         emit_event(event=FINETUNE_SUCCEEDED, resource=model_resource(job),
                    related=[{**dataset_resource(dataset), "prefect.resource.role": "dataset"}],

@@ -190,7 +190,7 @@ class FaultProxy:
                     await writer.drain()
                     return
                 if fault and fault.kind == "delay":
-                    await asyncio.sleep(fault.seconds)
+                    await asyncio.sleep(fault.seconds)  # the injected fault: a slow request
                 if upstream is None:
                     upstream = await asyncio.open_connection(*self.upstream)
                 upstream[1].write(head + body)
@@ -211,7 +211,7 @@ class FaultProxy:
                         writer.close()
                     return
                 if fault and fault.kind == "slow_response":
-                    await asyncio.sleep(fault.seconds)
+                    await asyncio.sleep(fault.seconds)  # the injected fault: a held answer
                 status = int(response.start.split(" ")[1])
                 if fault and fault.kind == "rewrite" and status == fault.from_status:
                     writer.write(_response(fault.status or 200))

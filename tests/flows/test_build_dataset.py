@@ -261,7 +261,7 @@ def _versioned_events(dataset: str, want: int, settle_s: float = 4.0) -> list[di
             seen, since = events, time.monotonic()
         elif len(events) >= want and time.monotonic() - since >= settle_s:
             break
-        time.sleep(0.5)
+        time.sleep(0.5)  # a poll loop's pause: until the count has settled, or the deadline
     return seen or []
 
 

@@ -7,8 +7,6 @@ contract server's chat endpoint (CONTRACT TEST: the real API is unreachable from
 # ruff: noqa: F811  (pytest fixtures imported from tests helpers are test arguments)
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
@@ -17,6 +15,7 @@ from sftflow.flows.draft_responses import DraftParams, draft_responses
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.finetune.dataset import read_version
+from sftflow.tasks.runtime.polling import Backoff, wait_until
 from sftflow.tasks.versions.commit import CommitRequest, commit_version
 from tests.contract.openai_server import OpenAIContractServer
 from tests.tasks._datasets import final_rows
@@ -64,14 +63,13 @@ def drafts_events(project_id: int, timeout_s: float = 20) -> list[dict]:
     body = {"filter": {"event": {"name": [events.DRAFTS_WRITTEN]},
                        "any_resource": {"id": [events.project_resource(project_id)["prefect.resource.id"]]},
                        "occurred": {"since": "2020-01-01T00:00:00Z"}}, "limit": 10}
-    deadline = time.monotonic() + timeout_s
-    found: list[dict] = []
-    while time.monotonic() < deadline and not found:
+
+    def found() -> list[dict]:
         resp = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=10)
         resp.raise_for_status()
-        found = resp.json()["events"]
-        time.sleep(0.5)
-    return found
+        return resp.json()["events"]
+
+    return wait_until(found, timeout_s=timeout_s, backoff=Backoff(0.5, 1.0))
 
 
 @pytest.mark.train

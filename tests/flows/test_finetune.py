@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 
 import httpx
 import pytest
@@ -19,6 +18,7 @@ from sftflow.tasks.adapters.s3 import parse_s3_uri
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.finetune.dataset import read_version
+from sftflow.tasks.runtime.polling import Backoff, wait_until
 from sftflow.tasks.versions.refs import get_tag
 from tests.contract.openai_server import OpenAIContractServer
 from tests.tasks._finetune import (  # noqa: F401
@@ -50,15 +50,15 @@ def _finetune_events(job: str, timeout_s: float = 20) -> list[str]:
     body = {"filter": {"event": {"prefix": ["sftflow.finetune."]},
                        "any_resource": {"id": [events.model_resource(job)["prefect.resource.id"]]},
                        "occurred": {"since": "2020-01-01T00:00:00Z"}}, "limit": 50}
-    deadline = time.monotonic() + timeout_s
     names: list[str] = []
-    while time.monotonic() < deadline:
+
+    def ended() -> bool:
         resp = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=10)
         resp.raise_for_status()
-        names = sorted(e["event"] for e in resp.json()["events"])
-        if any(n != events.FINETUNE_SUBMITTED for n in names):
-            break
-        time.sleep(0.5)
+        names[:] = sorted(e["event"] for e in resp.json()["events"])
+        return any(n != events.FINETUNE_SUBMITTED for n in names)
+
+    wait_until(ended, timeout_s=timeout_s, backoff=Backoff(0.5, 1.0))
     return names
 
 

@@ -35,7 +35,7 @@ def annotate_when_ready(client, title: str, n: int, stop: threading.Event) -> No
                     "value": {"text": [f"A careful, complete answer number {i} to: {task.data['prompt']}"]},
                 }])
             return
-        time.sleep(0.5)
+        time.sleep(0.5)  # a poll loop's pause (deadline above); stops when the flow returns
 
 
 def _run_while_annotating(labelstudio, title: str, params: PipelineParams):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 
 import pytest
 
 from sftflow.core.errors import ConfigError
+from sftflow.flows import wait_for_annotations as wait_module
 from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
 from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
 from tests.conftest import unique
@@ -51,11 +51,24 @@ def test_idle_annotators_end_in_the_not_enough_state(prefect_harness, labelstudi
     assert 2 <= report.polls <= 3 / 0.3 + 2 and report.failed_polls == 0
 
 
-def test_completes_when_annotations_arrive(prefect_harness, labelstudio, project):
+def test_completes_when_annotations_arrive(prefect_harness, labelstudio, project, monkeypatch):
     p, ids = project
+    first_poll = threading.Event()
+    watch_progress = wait_module.watch_progress
+
+    def watching(*args, on_progress, **kwargs):  # the flow's watch, telling us of each poll
+        def polled(progress) -> None:
+            on_progress(progress)
+            first_poll.set()
+        return watch_progress(*args, on_progress=polled, **kwargs)
+
+    monkeypatch.setattr(wait_module, "watch_progress", watching)
 
     def annotators() -> None:
-        time.sleep(1.5)
+        # They arrive once the flow has seen too few (not after a fixed pause, which a slow
+        # flow start on a busy machine could outlast).
+        if not first_poll.wait(60):
+            return  # the flow never polled: its report says so below
         for i in ids[:3]:
             annotate(labelstudio, i)
 

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.integration
 SFTFLOW = str(Path(sys.executable).parent / "sftflow")
 # Test stacks sit below the kernel's range for outgoing connections (32768-60999 here), with
 # SeaweedFS's gRPC ports (HTTP + 10000) too: a client's source port there made weed exit 255 in CI.
-BASE = 21100
+# These tests use BASE .. BASE + 306 (test_stack_postgres.py: BASE + 1000 ..); a second checkout
+# running its suite on the same machine at the same time moves them with SFTFLOW_TEST_STACK_BASE.
+BASE = int(os.environ.get("SFTFLOW_TEST_STACK_BASE", "21100"))
 ROOT = Path(__file__).parents[2]
 
 

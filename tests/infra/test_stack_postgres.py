@@ -17,11 +17,12 @@ import pytest
 
 from sftflow.core.settings import LOCAL_LS_TOKEN, LOCAL_PG_PASSWORD, StackSettings
 from sftflow.infra.processes import _group_members
+from tests.infra.test_stack import BASE as STACK_BASE
 from tests.infra.test_stack import sftflow, stack_env
 
 pytestmark = pytest.mark.integration
 
-BASE = 22100  # below the range for outgoing connections, gRPC ports included (test_stack.py)
+BASE = STACK_BASE + 1000  # below the range for outgoing connections, gRPC ports included (test_stack.py)
 PG_PORT = BASE + 6
 PG_BIN = StackSettings().postgres_bin_dir
 

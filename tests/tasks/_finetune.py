@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from sftflow.tasks.runtime.polling import Backoff, wait_until
 from sftflow.tasks.versions.commit import CommitRequest, commit_version
 from tests.tasks._datasets import final_rows
 
@@ -71,6 +71,7 @@ def flow_settings(monkeypatch, s3):
 def train_worker(prefect_harness, tmp_path_factory) -> Iterator[str]:
     """``train-trl/default`` deployed on a new process work pool of the test harness's API,
     with a ``prefect worker`` subprocess serving it; the worker is stopped by its pid."""
+    from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
     from sftflow.deployments.trainer import deploy_train_trl
@@ -92,9 +93,17 @@ def train_worker(prefect_harness, tmp_path_factory) -> Iterator[str]:
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
         )
     try:
-        time.sleep(1)
-        if proc.poll() is not None:
-            pytest.fail(f"prefect worker exited: {log.read_text()[-2000:]}")
+        # Ready once it has registered with its pool (its first heartbeat), which it does as it
+        # starts polling; a worker that exits is reported at once, with its log.
+        def registered() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"prefect worker exited: {log.read_text()[-2000:]}")
+            with get_client(sync_client=True) as client:
+                return bool(client.read_workers_for_work_pool(work_pool_name=pool))
+
+        if not wait_until(registered, timeout_s=120, backoff=Backoff(0.2, 1.0)):
+            pytest.fail(f"prefect worker not registered with {pool} after 120 s: "
+                        f"{log.read_text()[-2000:]}")
         yield pool
     finally:  # the worker and the flow-run processes it spawned: the group this fixture started
         os.killpg(proc.pid, signal.SIGTERM)

@@ -3,13 +3,13 @@ without upcoming runs (a server whose scheduler is not working)."""
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from sftflow.tasks.adapters.prefect import service_errors, unscheduled_deployments
+from sftflow.tasks.runtime.polling import Backoff, wait_until
 
 #: The Prefect 3.8.8 server's log with SQLAlchemy 2.1.9 (issue #13), as the stack captured it.
 FAILING_LOG = (Path(__file__).parents[1] / "data" / "prefect-scheduler-failing.log").read_text()
@@ -60,7 +60,6 @@ def test_a_working_scheduler_passes(stack):
 
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect.api_url}):
         _scheduled_deployment("scheduled")
-        deadline = time.monotonic() + 60
-        while "orchestrator-probe/scheduled" in unscheduled_deployments(grace=timedelta(0)):
-            assert time.monotonic() < deadline, "the stack's scheduler made no run in 60 s"
-            time.sleep(2)
+        assert wait_until(
+            lambda: "orchestrator-probe/scheduled" not in unscheduled_deployments(grace=timedelta(0)),
+            timeout_s=60, backoff=Backoff(0.5, 2.0)), "the stack's scheduler made no run in 60 s"

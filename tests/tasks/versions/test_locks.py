@@ -32,7 +32,7 @@ def test_two_holders_contend_one_waits_then_gets_it_after_release(s3):
 
         waiter = threading.Thread(target=wait_for_b)
         waiter.start()
-        time.sleep(1.5)
+        time.sleep(1.5)  # on purpose: time passes, and b keeps waiting while a holds the lock
         assert not got  # still waiting while a holds it
         released_at = time.monotonic()
     waiter.join(30)
@@ -51,7 +51,7 @@ def test_the_holder_renews_its_lease_while_it_works(s3):
     a = s3_lock(s3, s3.bucket, "_sftflow", "l3", lease_s=1.5)
     with a.held(timeout_s=5):
         first = record(s3, "l3").expires_at
-        time.sleep(3.5)  # more than two leases
+        time.sleep(3.5)  # on purpose: more than two leases pass while a works
         assert record(s3, "l3").expires_at > first
         assert not s3_lock(s3, s3.bucket, "_sftflow", "l3").try_acquire()
         a.fence()  # still ours
@@ -64,7 +64,7 @@ def test_a_dead_holders_lock_is_taken_over_after_its_lease_and_the_stale_holder_
     ledger.mark_pending("b0", 1)  # while the lease holds, the holder writes
     new = s3_lock(s3, s3.bucket, "_sftflow", "l4", lease_s=30)
     assert not new.try_acquire()
-    time.sleep(1.2)
+    time.sleep(1.2)  # on purpose: the stale holder's 1 s lease runs out
     with new.held(timeout_s=5):
         assert new.token == stale.token + 1
         with pytest.raises(LeaseLost, match="token 1"):

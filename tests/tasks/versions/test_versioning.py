@@ -15,6 +15,7 @@ import pytest
 
 from sftflow.core.errors import SftflowError
 from sftflow.core.hashing import config_hash
+from sftflow.tasks.runtime.polling import Backoff, wait_until
 from sftflow.tasks.versions.commit import CommitRequest, commit_version
 from sftflow.tasks.versions.gc import gc
 from sftflow.tasks.versions.manifest import file_key, version_id
@@ -158,7 +159,7 @@ def hook(name):
         seen["n"] += 1
         if seen["n"] == 1:
             print("PAUSED", flush=True)
-            time.sleep(120)
+            time.sleep(120)  # paused mid-commit until the test kills this process
 commit_version(s3, CommitRequest(dataset="d", rows=final_rows(n), config={"eval_fraction": 0.1},
     source={"project_id": 1, "snapshot_at": "2026-03-01"}, stats={}, shard_rows=100), hook=hook)
 print("DONE", flush=True)
@@ -263,7 +264,7 @@ def test_gc_while_a_rerun_is_between_its_files_and_its_manifest_leaves_it_comple
     older) runs while the rerun is held after its files, before its manifest."""
     old = _commit(s3, final_rows(300))
     _crashed_build_leaves_orphans(s3)
-    time.sleep(3)  # the orphans are now older than gc's min age
+    time.sleep(3)  # on purpose: the orphans are now older than gc's min age (2 s)
     proc = _build_process(s3, 600, "versioning.after-files=sleep(6)")
     try:
         while (line := proc.stdout.readline().strip()) != "files":
@@ -284,15 +285,14 @@ def test_gc_stalled_before_its_delete_spares_what_a_build_committed_meanwhile(s3
 
     _commit(s3, final_rows(300))
     _crashed_build_leaves_orphans(s3)
-    time.sleep(3)
+    time.sleep(3)  # on purpose: the orphans are now older than gc's min age (2 s)
     out: dict = {}
     with failpoints.active({"gc.before-delete": "sleep(8)"}):
         sweeper = threading.Thread(target=lambda: out.update(
             gc(s3, "d", min_age_s=2, min_age_floor_s=2, dry_run=False)))
         sweeper.start()
-        deadline = time.monotonic() + 60
-        while failpoints._hits["gc.before-delete"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: failpoints._hits["gc.before-delete"], timeout_s=60,
+                   backoff=Backoff(0.05, 0.2))
         assert failpoints._hits["gc.before-delete"] == 1  # gc has chosen its garbage
         rerun = _commit(s3, final_rows(600), snapshot_at="2026-03-01")
         sweeper.join(60)
