@@ -8,10 +8,19 @@ Prefect server (OSS) has no incoming webhooks, so ``sftflow webhooks serve`` run
 - ``GET /health``: ``{"status": "UP", "counts": {...}}`` (what was accepted, emitted, refused).
 
 Every POST must carry the shared secret in ``X-Sftflow-Secret`` (constant-time compare, else
-401), a body of at most ``settings.webhooks.max_body_bytes`` (else 413) that is valid JSON of
-the expected shape (else 400). Refused requests emit nothing. Unknown actions get 200 and are
-counted as ignored. If Prefect cannot take the event the answer is 503 (Label Studio does not
-retry; the scheduled check-annotations deployment reconciles).
+401), a body of at most ``settings.webhooks.max_body_bytes`` (else 413) that is a JSON object
+(else 400: not JSON, nested too deeply, a number too long, not an object) of the expected shape
+and types (else 422). Every answer to a bad body names what is wrong; refused requests emit
+nothing. Unknown actions get 200 and are counted as ignored. If Prefect cannot take the event
+the answer is 503 (Label Studio does not retry; the scheduled check-annotations deployment
+reconciles).
+
+A webhook whose counters claim a threshold crossing is verified first: one
+``GET /api/projects/<id>`` (``counters.fetch_counters``, ``verify_timeout_s``, no retries), and
+the event is computed from Label Studio's counters, so a forged or stale claim emits the plain
+``below`` event. If Label Studio does not answer in time (or fails), nothing is emitted (the
+answer lists it as ignored, ``unverified`` in the counts): the scheduled check covers it.
+Webhooks that claim no crossing cost no Label Studio call.
 """
 
 from __future__ import annotations
@@ -30,15 +39,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from sftflow.core.errors import ConfigError
+from sftflow.core.errors import ConfigError, SftflowError
 from sftflow.core.settings import Settings, resolve_secret
+from sftflow.tasks.triggers.counters import ProjectCounters
 from sftflow.tasks.triggers.webhooks import (
     SECRET_HEADER,
     BadRequest,
     EventSpec,
     Parsed,
     ThresholdQuery,
+    claims_crossing,
     labelstudio_event,
+    labelstudio_project,
     parse_json,
     s3_events,
     secret_ok,
@@ -48,10 +60,19 @@ logger = logging.getLogger("sftflow.bridge")
 
 Emitter = Callable[[list[EventSpec]], Awaitable[None]]
 BaselineLoader = Callable[[str | None], tuple[str | None, dict[str, Any] | None]]
+CountersReader = Callable[[int], ProjectCounters]
+
+#: How long a threshold crossing's check against Label Studio may take (its webhooks time out
+#: after 1 s): past it, no crossing is emitted and the scheduled check covers it.
+VERIFY_TIMEOUT_S = 0.5
 
 
 class _TooLarge(Exception):
     pass
+
+
+class _Unavailable(Exception):
+    """A service the answer needs (S3 for the baseline) failed: 503, nothing emitted."""
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -105,6 +126,35 @@ def _s3_baseline_loader(settings: Settings) -> BaselineLoader:
     return load
 
 
+def _labelstudio_reader(settings: Settings, timeout_s: float) -> CountersReader:
+    """The project's counters from Label Studio: one GET, a short timeout, no retries; the
+    client is built on first use and kept."""
+    from sftflow.tasks.adapters.labelstudio import build_labelstudio
+    from sftflow.tasks.triggers.counters import fetch_counters
+
+    state: dict[str, Any] = {}
+
+    def read(project_id: int) -> ProjectCounters:
+        if "client" not in state:
+            state["client"] = build_labelstudio(settings.labelstudio)
+        return fetch_counters(state["client"], project_id, timeout_s=timeout_s)
+
+    return read
+
+
+async def _verify(read: CountersReader, project_id: int, timeout_s: float) -> ProjectCounters | str:
+    """Label Studio's counters of the project, or why they could not be had in time. A project
+    Label Studio does not have is a bad request (422)."""
+    try:
+        return await asyncio.wait_for(run_in_threadpool(read, project_id), timeout_s)
+    except ConfigError as err:  # 404: no such project
+        raise BadRequest(f"project {project_id}: {err}", status=422) from None
+    except TimeoutError:
+        return f"Label Studio did not answer within {timeout_s} s"
+    except Exception as err:  # noqa: BLE001 - unreachable, 5xx, refused token: not verified
+        return f"{type(err).__name__}: {str(err)[:200]}"
+
+
 async def _handle(
     request: Request,
     parse: Callable[[bytes, Any], Awaitable[Parsed]],
@@ -128,7 +178,9 @@ async def _handle(
         parsed: Parsed = await parse(raw, parse_json(raw))
     except BadRequest as err:
         counts["bad_request"] += 1
-        return JSONResponse({"error": str(err)}, status_code=400)
+        return JSONResponse({"error": str(err)}, status_code=err.status)
+    except _Unavailable as err:
+        return JSONResponse({"error": str(err)}, status_code=503)
     counts["ignored"] += len(parsed.ignored)
     if parsed.events:
         try:
@@ -165,8 +217,11 @@ def create_app(
     settings: Settings,
     emitter: Emitter | None = None,
     baseline_loader: BaselineLoader | None = None,
+    counters_reader: CountersReader | None = None,
+    verify_timeout_s: float = VERIFY_TIMEOUT_S,
 ) -> Starlette:
-    """The bridge app. ``emitter`` / ``baseline_loader`` default to Prefect and S3."""
+    """The bridge app. ``emitter`` / ``baseline_loader`` / ``counters_reader`` default to
+    Prefect, S3 and Label Studio (``settings.labelstudio``)."""
     secret = resolve_secret(settings.webhooks.secret, settings.webhooks.secret_block)
     if not secret:
         raise ConfigError(
@@ -178,15 +233,35 @@ def create_app(
     if emitter is None:
         emitter, start, stop = _prefect_emitter()
     load_baseline = baseline_loader or _s3_baseline_loader(settings)
+    read_counters = counters_reader or _labelstudio_reader(settings, verify_timeout_s)
     handle = partial(_handle, secret=secret, limit=limit, counts=counts, emitter=emitter)
+
+    async def baseline_of(query: ThresholdQuery) -> tuple[str | None, dict[str, Any] | None]:
+        if query.min_new is None or not query.dataset:
+            return None, None
+        try:
+            return await run_in_threadpool(load_baseline, query.dataset)
+        except SftflowError as err:  # e.g. an invalid dataset name in the URL
+            raise BadRequest(f"dataset {query.dataset[:130]!r}: {err}", status=422) from None
+        except Exception as err:  # noqa: BLE001 - S3 down: tell the sender, emit nothing
+            logger.error("could not read the baseline of %s: %s", query.dataset, err)
+            raise _Unavailable("could not read the dataset's baseline") from None
 
     async def labelstudio(request: Request) -> JSONResponse:
         async def parse(raw: bytes, body: Any) -> Parsed:
             query = ThresholdQuery.from_query(dict(request.query_params))
-            version, baseline = (None, None)
-            if query.min_new is not None and query.dataset:
-                version, baseline = await run_in_threadpool(load_baseline, query.dataset)
-            return labelstudio_event(body, raw, query, version, baseline)
+            labelstudio_project(body)  # the body's shape and types, checked before any I/O
+            version, baseline = await baseline_of(query)
+            verified = None
+            claimed = claims_crossing(body, query, baseline)
+            if claimed is not None:
+                verified = await _verify(read_counters, claimed, verify_timeout_s)
+                if isinstance(verified, str):
+                    counts["unverified"] += 1
+                    why = (f"threshold crossing of project {claimed} not verified ({verified}): "
+                           "left to the scheduled check")
+                    return Parsed(ignored=[why])
+            return labelstudio_event(body, raw, query, version, baseline, verified=verified)
 
         return await handle(request, parse)
 

@@ -6,7 +6,9 @@ the synchronous ``/export`` endpoint, which times out on large projects. The dow
 time, so memory holds the rows we keep, never the whole document as Python objects.
 
 A row (``SftRow``) is one (task, annotation) pair; it is the one record every build stage
-passes on (filters, dedup, split, formats, versioning). Anything that cannot become a row is
+passes on (filters, dedup, split, formats, versioning). Its ``prompt_id`` is ingest's id
+(``tasks.ingest.prompts.prompt_id``) of the prompt text the task holds now: a prompt edited in
+Label Studio after ingest is re-identified, whatever the task data's ``prompt_id`` says. Anything that cannot become a row is
 counted by reason and returned as an ``Exclusion``, never raised; the later stages add their
 own exclusions in the same shape.
 """
@@ -364,8 +366,10 @@ def task_rows(
         candidates.append((ann, text))
     picked = _pick(candidates, policy)
     out.counts["superseded_annotations"] += len(candidates) - len(picked)
-    pid = data.get("prompt_id") if isinstance(data.get("prompt_id"), str) else None
-    pid = pid or compute_prompt_id(prompt)
+    # The id of the text the task holds now, never the one stored in its data: ingest's
+    # prompt_id is of the text it imported, and an edit in Label Studio leaves it behind (two
+    # prompts would share an id, the same prompt have two). Unedited, they are the same.
+    pid = compute_prompt_id(prompt)
     if len(candidates) > 1 and (pairs := edits.task_pairs(
             [(_annotator(ann), text) for ann, text in candidates])):
         out.agreement[int(task.get("id") or 0)] = pairs

@@ -95,7 +95,9 @@ class ImportTotals:
     imported: int = 0
     quarantined: int = 0  # tasks Label Studio refused
     reasons: Counter[str] = field(default_factory=Counter)
-    reconciled: int = 0  # prompts found already landed when a batch was retried or recovered
+    #: prompts found already landed: after a 5xx, a timeout or a lost answer, or when a batch
+    #: was retried or recovered (never sent twice)
+    reconciled: int = 0
     recovered_batches: int = 0  # pending batches of an earlier, interrupted run
     full_scans: int = 0
     index_rebuilds: int = 0  # signature index rebuilt from the project (missing or stale)

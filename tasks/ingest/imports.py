@@ -3,13 +3,21 @@
 The SDK retries a POST on 5xx and connection errors by default; for an import that would
 create the same tasks twice, so every import here is sent with ``max_retries=0``.
 
-An import request whose outcome is unknown (client timeout, dropped connection, a gateway's
-502/503/504) may still be running on the server, and Label Studio creates a request's tasks in
-one transaction: until it commits, nothing shows. So a request in doubt is never resent until
-it has certainly ended: ``await_outcome`` looks its tasks up (every task carries
-``data.ingest_batch``) until either all of them are there (it landed) or ``doubt_s`` seconds
-have passed since it was sent (the longest a request can live on the server: past that it
-either committed, and its tasks show, or never will). Only then is the rest sent again.
+An import whose outcome is unknown (any 5xx, a timeout, a lost answer) is reconciled, never
+resent blind: its tasks are looked up in the project (every task carries
+``data.ingest_batch``) before anything of it is sent again.
+
+- A 500 is an answer from the server itself: the request has ended, but it may have committed
+  its tasks before failing (an error after the commit). One look-up decides: what is there
+  landed (counted as reconciled); only what is not is treated as refused (halved, see
+  ``send_tasks``).
+- A client timeout, a dropped connection or a gateway's 502/503/504 (any other 5xx) leaves a
+  request that may still be running on the server, and Label Studio creates a request's tasks
+  in one transaction: until it commits, nothing shows. So such a request is never resent until
+  it has certainly ended: ``await_outcome`` looks its tasks up until either all of them are
+  there (it landed) or ``doubt_s`` seconds have passed since it was sent (the longest a request
+  can live on the server: past that it either committed, and its tasks show, or never will).
+  Only then is the rest sent again.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from sftflow.tasks.runtime.polling import Backoff, wait_until
 
 #: Label Studio refuses these for the request as a whole (bad task, body too large).
 _REJECTED = (400, 413, 422)
+#: Label Studio's own server error: the request has ended, committed or not (looked up).
+_SERVER_ERROR = 500
 #: How often a single task answered 500 is sent before it is refused.
 _SINGLE_500_TRIES = 2
 
@@ -49,11 +59,23 @@ class ImportOutcomeUnknown(Exception):
     def __init__(self, message: str, *, in_doubt: list[dict[str, Any]] | None = None,
                  sent_at: float = 0.0, landed: list[dict[str, Any]] | None = None,
                  refused: list[tuple[dict[str, Any], str]] | None = None,
-                 unsent: list[dict[str, Any]] | None = None, requests: int = 0):
+                 unsent: list[dict[str, Any]] | None = None, requests: int = 0,
+                 reconciled: int = 0):
         super().__init__(message)
         self.in_doubt, self.sent_at = in_doubt or [], sent_at
         self.landed, self.refused, self.unsent = landed or [], refused or [], unsent or []
-        self.requests = requests
+        self.requests, self.reconciled = requests, reconciled
+
+
+@dataclass
+class Sent:
+    """What ``send_tasks`` did: the tasks now in the project (``reconciled`` of them found
+    there after a 500), the tasks refused with their reasons, the requests made."""
+
+    landed: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    requests: int = 0
+    reconciled: int = 0
 
 
 @dataclass
@@ -127,52 +149,89 @@ def _post(client: LabelStudio, project_id: int, tasks: list[dict[str, Any]], tim
     return int(resp.task_count or 0)
 
 
+def committed_after_500(client: LabelStudio, project_id: int,
+                        part: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The tasks of ``part`` found in the project after its request was answered 500 (one
+    look-up of its batch: the request has ended, committed or not). None when the tasks carry
+    no ``ingest_batch`` to look them up by (then the outcome stays unknown)."""
+    batches = {t.get("ingest_batch") for t in part}
+    if None in batches or len(batches) != 1:
+        return None
+    there = batch_prompt_ids(client, project_id, str(batches.pop()))
+    return [t for t in part if t.get("prompt_id") in there]
+
+
+def _look_up_after_500(client: LabelStudio, project_id: int,
+                       part: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """``committed_after_500``, or None (the outcome stays unknown: awaited) when the look-up
+    itself fails."""
+    try:
+        return committed_after_500(client, project_id, part)
+    except (ApiError, httpx.HTTPError):
+        return None
+
+
+def _split(part: list[dict[str, Any]], failures: int, err: ApiError,
+           stack: list[tuple[list[dict[str, Any]], int]],
+           refused: list[tuple[dict[str, Any], str]], sleep: Callable[[float], None]) -> None:
+    """A request refused as a whole: its halves go back on the stack; a single task answered
+    500 is tried once more, then refused, as is a single task refused with 4xx."""
+    if len(part) > 1:
+        mid = len(part) // 2
+        stack.extend([(part[mid:], 0), (part[:mid], 0)])
+    elif err.status_code == _SERVER_ERROR and failures < _SINGLE_500_TRIES - 1:
+        sleep(1.0)  # a passing server error (e.g. a locked database): once more
+        stack.append((part, failures + 1))
+    else:
+        why = f"rejected_by_labelstudio: {err.status_code} {str(err.body)[:300]}"
+        refused.append((part[0], why))
+
+
 def send_tasks(
     client: LabelStudio, project_id: int, tasks: list[dict[str, Any]], timeout_s: float | None = None,
     *, sleep: Callable[[float], None] = time.sleep,
-) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]], int]:
-    """POST tasks once each. A request Label Studio refuses as a whole (400/413/422), or fails
-    with its own 500, is split in halves until the refused tasks are isolated; a single task
-    answered 500 is tried once more before it is refused. Returns (landed tasks, (refused
-    task, reason), requests).
+) -> Sent:
+    """POST tasks once each. A request Label Studio refuses as a whole (400/413/422) is split
+    in halves until the refused tasks are isolated; a single task answered 500 is tried once
+    more before it is refused.
 
-    A 500 is Label Studio's own answer: the request has ended and its transaction (the whole
-    import is one) was rolled back, so nothing of it landed (e.g. U+0000 on PostgreSQL).
-    Gateways answer 502/503/504: those and transport errors are unknown outcomes and raise
+    A 500 is never taken as "nothing landed": Label Studio may answer it after its transaction
+    committed. The request has ended, so its batch is looked up once (``committed_after_500``):
+    what is there counts as landed (``reconciled``), and only the rest is split and sent again
+    (a rolled-back 500, e.g. U+0000 on PostgreSQL, so isolates its task). Gateways answer
+    502/503/504: those, other answers and transport errors are unknown outcomes and raise
     ImportOutcomeUnknown (saying how far the sending got); nothing here resends them.
     """
-    landed: list[dict[str, Any]] = []
-    refused: list[tuple[dict[str, Any], str]] = []
-    requests = 0
+    sent = Sent()
     stack: list[tuple[list[dict[str, Any]], int]] = [(tasks, 0)] if tasks else []
     while stack:
         part, failures = stack.pop()
-        requests += 1
+        sent.requests += 1
         sent_at = time.monotonic()
         try:
             _post(client, project_id, part, timeout_s)
-            landed.extend(part)
+            sent.landed.extend(part)
             continue
         except ApiError as err:
-            if err.status_code in (*_REJECTED, 500):
-                if len(part) > 1:
-                    mid = len(part) // 2
-                    stack.extend([(part[mid:], 0), (part[:mid], 0)])
-                elif err.status_code == 500 and failures < _SINGLE_500_TRIES - 1:
-                    sleep(1.0)  # a passing server error (e.g. a locked database): once more
-                    stack.append((part, failures + 1))
-                else:
-                    why = f"rejected_by_labelstudio: {err.status_code} {str(err.body)[:300]}"
-                    refused.append((part[0], why))
+            found = (_look_up_after_500(client, project_id, part)
+                     if err.status_code == _SERVER_ERROR else [])
+            if found is not None and err.status_code in (*_REJECTED, _SERVER_ERROR):
+                sent.landed.extend(found)
+                sent.reconciled += len(found)
+                there = {t.get("prompt_id") for t in found}
+                rest = [t for t in part if t.get("prompt_id") not in there] if found else part
+                if rest:
+                    _split(rest, failures, err, stack, sent.refused, sleep)
                 continue
             doubt = f"Label Studio answered {err.status_code}: {str(err.body)[:300]}"
             cause: Exception = err
         except httpx.HTTPError as err:  # timeouts, refused or dropped connections
             doubt, cause = f"{type(err).__name__}: {err}", err
-        raise ImportOutcomeUnknown(doubt, in_doubt=part, sent_at=sent_at, landed=landed,
-                                   refused=refused, requests=requests,
+        raise ImportOutcomeUnknown(doubt, in_doubt=part, sent_at=sent_at, landed=sent.landed,
+                                   refused=sent.refused, requests=sent.requests,
+                                   reconciled=sent.reconciled,
                                    unsent=[t for p, _ in stack for t in p]) from cause
-    return landed, refused, requests
+    return sent
 
 
 def import_batch(
@@ -188,10 +247,11 @@ def import_batch(
     """Import one batch of task data dicts (each with ``prompt_id`` and ``ingest_batch``),
     each task exactly once.
 
-    A request in doubt is resolved by ``await_outcome`` before anything is sent again (at most
-    ``_MAX_DOUBTS`` times; then ImportOutcomeUnknown). On a retry (Prefect's, or
-    ``reconcile_first``: a batch an interrupted attempt may have sent) the batch is first
-    looked up the same way, its last request taken as sent just now.
+    A request answered 500 is looked up at once (``send_tasks``). A request in doubt is
+    resolved by ``await_outcome`` before anything is sent again (at most ``_MAX_DOUBTS`` times;
+    then ImportOutcomeUnknown). On a retry (Prefect's, or ``reconcile_first``: a batch an
+    interrupted attempt may have sent) the batch is first looked up the same way, its last
+    request taken as sent just now.
     """
     from prefect.runtime import task_run
 
@@ -202,18 +262,20 @@ def import_batch(
             client, project_id, batch, all_of(tasks), sent_at=time.monotonic(), doubt_s=doubt_s))
     for _ in range(_MAX_DOUBTS):
         try:
-            landed, refused, requests = send_tasks(client, project_id, todo, timeout_s)
+            sent = send_tasks(client, project_id, todo, timeout_s)
         except ImportOutcomeUnknown as doubt:
             result.landed.extend(t["prompt_id"] for t in doubt.landed)
             result.rejected.extend(doubt.refused)
             result.requests += doubt.requests
+            result.reconciled += doubt.reconciled
             there = await_outcome(client, project_id, batch, all_of(doubt.in_doubt),
                                   sent_at=doubt.sent_at, doubt_s=doubt_s)
             todo = _take_landed(result, doubt.in_doubt, there) + doubt.unsent
             continue
-        result.landed.extend(t["prompt_id"] for t in landed)
-        result.rejected.extend(refused)
-        result.requests += requests
+        result.landed.extend(t["prompt_id"] for t in sent.landed)
+        result.rejected.extend(sent.refused)
+        result.requests += sent.requests
+        result.reconciled += sent.reconciled
         return result
     raise ImportOutcomeUnknown(f"batch {batch}: {_MAX_DOUBTS} import requests in doubt in a row")
 

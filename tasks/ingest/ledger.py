@@ -45,6 +45,31 @@ def quarantine_keys(state_prefix: str, key: str, etag: str) -> tuple[str, str]:
     return f"{base}/records/{key}@{tag}.jsonl", f"{base}/files/{key}@{tag}"
 
 
+def quarantine_records(s3: S3, bucket: str, state_prefix: str, obj: ObjectInfo,
+                       records: list[dict[str, Any]]) -> str:
+    """Write one object's rejected records (one JSON line each) to its records quarantine."""
+    key = quarantine_keys(state_prefix, obj.key, obj.etag)[0]
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    s3.put_bytes(key, body.encode("utf-8", "replace"), bucket=bucket,
+                 content_type="application/x-ndjson")
+    return key
+
+
+def quarantine_file(s3: S3, bucket: str, state_prefix: str, obj: ObjectInfo,
+                    reason: dict[str, Any], *, copy: bool) -> str:
+    """Quarantine one source object: a server-side copy (when ``copy``; never a read into
+    memory) next to ``<copy>.reason.json`` holding ``reason``. The source is not deleted;
+    the ledger then records the object (key + ETag) as processed, so it is not read again
+    until it changes."""
+    key = quarantine_keys(state_prefix, obj.key, obj.etag)[1]
+    if copy:
+        s3.client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": obj.key})
+        reason = {**reason, "copy": s3.uri(key, bucket=bucket)}
+    s3.put_bytes(f"{key}.reason.json", json.dumps(reason, indent=2).encode(), bucket=bucket,
+                 content_type="application/json")
+    return key
+
+
 def rejected_batch_key(state_prefix: str, batch: str) -> str:
     """Quarantine key of the tasks of one import batch that Label Studio refused."""
     return f"{state_prefix.rstrip('/')}/quarantine/rejected/{batch}.jsonl"

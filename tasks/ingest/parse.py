@@ -4,8 +4,13 @@
 ``.tsv``, ``.parquet``, ``.pq``, each optionally ``.gz``); ``parse_stream`` streams the records
 of one file (gunzipped whatever the name says, capped at ``Limits.max_file_bytes`` once
 decompressed), each a ``Prompt`` or a ``Rejected`` record; a problem of the whole file raises
-``FileProblem``. ``read_prompt_file`` reads one S3 object that way and quarantines what cannot
-be used (keys from ``ledger.quarantine_keys``); ``read_prompt_file_task`` is its Prefect task.
+``FileProblem``. Damaged gzip data is one too, found while streaming: ``truncated_file`` (the
+stream ends before its end marker: what came before is intact and kept) or
+``corrupt_compression`` (bad deflate data or CRC: nothing of the file is kept). Memory holds a
+buffer and one record, whatever the file's size; a gzipped Parquet file is spooled to a
+temporary file. ``read_prompt_file`` reads one S3 object that way and quarantines what cannot
+be used (``ledger.quarantine_records`` / ``ledger.quarantine_file``); ``read_prompt_file_task``
+is its Prefect task.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import json
 import re
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal
 
 from sftflow.tasks.adapters.s3 import S3, ObjectInfo
-from sftflow.tasks.ingest.ledger import quarantine_keys
+from sftflow.tasks.ingest.ledger import quarantine_file, quarantine_records
 from sftflow.tasks.ingest.prompts import (
     FieldMapping,
     Limits,
@@ -47,11 +53,19 @@ _EXT: dict[str, Format] = {
 
 
 class FileProblem(Exception):
-    """The whole file cannot be read; ``reason`` is a short machine-readable code."""
+    """The whole file cannot be read; ``reason`` is a short machine-readable code.
 
-    def __init__(self, reason: str, detail: str = ""):
+    Records yielded before the problem are kept (and the rest of the file quarantined), unless
+    ``keeps_records`` is False: then none of the file's records can be trusted. ``row`` is the
+    row of the last record kept (None: none), set by ``parse_stream``."""
+
+    def __init__(self, reason: str, detail: str = "", *, keeps_records: bool = True):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail, self.keeps_records = reason, detail, keeps_records
+        self.row: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason
 
 
 def detect_format(key: str) -> tuple[Format, bool]:
@@ -112,14 +126,56 @@ class _Capped(io.RawIOBase):
         return len(data)
 
 
-def _decompressed(stream: BinaryIO, gz: bool, limit: int) -> _Capped:
-    """The object's bytes, gunzipped when they are gzip data, at most ``limit`` of them."""
+class _Gunzip(io.RawIOBase):
+    """Gzip data, decompressed as it is read. Damage ends the stream (reads give b"") and is
+    kept in ``problem``, so the readers above lose nothing already decompressed:
+
+    - ``truncated_file``: the data ends before gzip's end marker (an object cut short); what
+      was decompressed before is exactly what was compressed, and is kept;
+    - ``corrupt_compression``: invalid deflate data, or a CRC or length that does not match.
+      Deflate finds bad data late (a flipped byte inside a block often decodes to other text;
+      only the CRC at the end tells), so nothing decompressed from it is trusted.
+
+    Errors of the underlying stream (S3, network) pass unchanged: they may heal."""
+
+    def __init__(self, stream: BinaryIO):
+        self._gz = gzip.GzipFile(fileobj=io.BufferedReader(stream, 1 << 20))  # type: ignore[arg-type]
+        self.out = 0  # decompressed bytes delivered
+        self.problem: FileProblem | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self.problem is not None:
+            return 0
+        try:
+            data = self._gz.read1(len(b))
+        except EOFError:
+            self.problem = FileProblem(
+                "truncated_file",
+                f"gzip data ends before its end marker, after {self.out} decompressed bytes")
+            return 0
+        except (gzip.BadGzipFile, zlib.error) as err:
+            self.problem = FileProblem(
+                "corrupt_compression", f"{err} (after {self.out} decompressed bytes)",
+                keeps_records=False)
+            return 0
+        b[: len(data)] = data
+        self.out += len(data)
+        return len(data)
+
+
+def _decompressed(stream: BinaryIO, gz: bool, limit: int) -> tuple[_Capped, _Gunzip | None]:
+    """The object's bytes, gunzipped when they are gzip data, at most ``limit`` of them; and
+    the gzip reader (its ``problem``), if any."""
     head, stream = _sniff(stream, 2)
+    gunzip = None
     if head[:2] == b"\x1f\x8b":  # gzip magic, whatever the name says
-        stream = gzip.GzipFile(fileobj=io.BufferedReader(stream, 1 << 20))  # type: ignore[arg-type,assignment]
+        stream = gunzip = _Gunzip(stream)  # type: ignore[assignment]
     elif gz:
         raise FileProblem("unparseable", "named .gz but not gzip data")
-    return _Capped(stream, limit)
+    return _Capped(stream, limit), gunzip
 
 
 def _check_text(head: bytes) -> None:
@@ -157,12 +213,10 @@ def _loads(text: str, row: int) -> Any:
 def _iter_json(stream: BinaryIO, mapping: FieldMapping, limits: Limits) -> Iterator[Prompt | Rejected]:
     head, stream = _sniff(stream)
     if not head.lstrip().startswith(b"["):  # one object, or JSON lines under a .json name
-        data = stream.read()  # bounded by max_file_bytes (decompressed)
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise FileProblem("invalid_utf8", str(err)) from err
-        yield from _iter_jsonl(io.BytesIO(data), mapping, limits)
+        for item in _iter_jsonl(io.BufferedReader(stream, 1 << 16), mapping, limits):  # type: ignore[arg-type]
+            if isinstance(item, Rejected) and item.reason == "invalid_utf8":  # a document's
+                raise FileProblem("invalid_utf8", f"line {item.row}: {item.detail}")
+            yield item
         return
     decoder = codecs.getincrementaldecoder("utf-8")()
 
@@ -259,11 +313,16 @@ def _iter_csv(
 
 
 def _iter_parquet(
-    source: Any, mapping: FieldMapping, limits: Limits
+    source: Any, mapping: FieldMapping, limits: Limits, local: bool = False
 ) -> Iterator[Prompt | Rejected]:
+    """Records by row group. Bad Parquet data is ``unparseable`` (the records of the row groups
+    before it are kept); an ``OSError`` is too when ``source`` is a local spool (else it may be
+    the network, and heal)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    bad: tuple[type[Exception], ...] = (pa.ArrowInvalid, pa.ArrowNotImplementedError,
+                                        *((OSError,) if local else ()))
     try:
         pf = pq.ParquetFile(source)
     except (pa.ArrowInvalid, OSError) as err:
@@ -272,50 +331,99 @@ def _iter_parquet(
     wanted = [mapping.prompt_field, mapping.input_field, *mapping.keep_fields]
     columns = [c for c in dict.fromkeys(wanted) if c and c in names]
     row = 0
-    for batch in pf.iter_batches(batch_size=4096, columns=columns):
-        for record in batch.to_pylist():
-            row += 1
-            yield to_prompt(record, row, mapping, limits)
+    try:
+        for batch in pf.iter_batches(batch_size=4096, columns=columns):
+            for record in batch.to_pylist():
+                row += 1
+                yield to_prompt(record, row, mapping, limits)
+    except bad as err:
+        raise FileProblem("unparseable", f"Parquet, after row {row}: {err}") from err
+
+
+SPOOL_IN_MEMORY = 4 * 2**20  # a gunzipped Parquet file larger than this is spooled to disk
 
 
 def parse_stream(
     stream: BinaryIO, fmt: Format, gz: bool, mapping: FieldMapping, limits: Limits
 ) -> Iterator[Prompt | Rejected]:
-    """Records of one file, streamed. Raises FileProblem for problems of the whole file.
+    """Records of one file, streamed. Raises FileProblem for problems of the whole file, with
+    ``row`` set to the row of the last record yielded (the rest is quarantined).
 
     At most ``limits.max_file_bytes`` are read (after decompression): past that, FileProblem
     ``too_large`` is raised, the records before the cut having been yielded (except the last
-    one read, which the cut may have truncated). Parquet needs random access: pass a seekable
-    stream (a gzip-wrapped Parquet file is spooled to a temporary file first).
+    one read, which the cut may have truncated). Damaged gzip data ends the same way, as
+    ``truncated_file`` or ``corrupt_compression`` (whose ``keeps_records`` is False: the
+    records yielded are not to be used). Parquet needs random access: pass a seekable stream
+    (gzipped Parquet is spooled to a temporary file first, within the size limit).
     """
-    if fmt == "parquet":
-        if gz or not stream.seekable():
-            with tempfile.SpooledTemporaryFile(max_size=64 * 2**20) as spool:
-                capped = _decompressed(stream, gz, limits.max_file_bytes)
-                shutil.copyfileobj(capped, spool, 1 << 20)
-                if capped.exceeded:
-                    raise _too_large(limits)
-                spool.seek(0)
-                yield from _iter_parquet(spool, mapping, limits)
-        else:
-            yield from _iter_parquet(stream, mapping, limits)
+    last_row: int | None = None
+    try:
+        items = (_parquet_records(stream, gz, mapping, limits) if fmt == "parquet"
+                 else _text_records(stream, fmt, gz, mapping, limits))
+        for item in items:
+            last_row = item.row
+            yield item
+    except FileProblem as problem:
+        problem.row = last_row if problem.keeps_records else None
+        if problem.row is not None:
+            problem.detail += f"; records up to row {problem.row} kept, the rest quarantined"
+        raise
+
+
+def _parquet_records(stream: BinaryIO, gz: bool, mapping: FieldMapping,
+                     limits: Limits) -> Iterator[Prompt | Rejected]:
+    if not gz and stream.seekable():
+        head = stream.read(2)
+        stream.seek(0)
+        gz = head == b"\x1f\x8b"  # gzip data under a .parquet name
+    if not gz and stream.seekable():
+        yield from _iter_parquet(stream, mapping, limits)
         return
-    capped = _decompressed(stream, gz, limits.max_file_bytes)
-    held: Prompt | Rejected | None = None  # yielded once the next one is read (see above)
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
+        capped, gunzip = _decompressed(stream, gz, limits.max_file_bytes)
+        shutil.copyfileobj(capped, spool, 1 << 20)
+        if gunzip is not None and gunzip.problem is not None:
+            raise gunzip.problem  # nothing read yet: a damaged Parquet file is kept whole
+        if capped.exceeded:
+            raise _too_large(limits)
+        spool.seek(0)
+        yield from _iter_parquet(spool, mapping, limits, local=True)
+
+
+def _text_records(stream: BinaryIO, fmt: Format, gz: bool, mapping: FieldMapping,
+                  limits: Limits) -> Iterator[Prompt | Rejected]:
+    """The records of a text format; the last one read is held back until the next one comes,
+    as the size limit or damaged gzip data may have cut it."""
+    capped, gunzip = _decompressed(stream, gz, limits.max_file_bytes)
+    held: Prompt | Rejected | None = None
     try:
         for item in _iter_text(io.BufferedReader(capped, 1 << 20), fmt, mapping, limits):  # type: ignore[arg-type]
             if held is not None:
                 yield held
             held = item
-    except (EOFError, gzip.BadGzipFile, OSError) as err:  # truncated or corrupt compression
-        raise FileProblem("unparseable", f"{type(err).__name__}: {err}") from err
     except FileProblem:
-        if not capped.exceeded:
+        if not capped.exceeded:  # (past the limit, the cut is the reason: below)
+            _drain(capped, gunzip)
             raise
+    if gunzip is not None and gunzip.problem is not None:
+        raise gunzip.problem
     if capped.exceeded:
         raise _too_large(limits)
     if held is not None:
         yield held
+
+
+def _drain(capped: _Capped, gunzip: _Gunzip | None) -> None:
+    """After a reader's complaint about gzipped data: read on (within the size limit, a block
+    at a time, discarding) and raise the damage of the gzip data if there is any, which is
+    then the reason (corrupt data often reads as a broken record or structure first)."""
+    if gunzip is None:
+        return
+    block = bytearray(1 << 16)
+    while capped.readinto(block):
+        pass
+    if gunzip.problem is not None:
+        raise gunzip.problem from None
 
 
 def _too_large(limits: Limits) -> FileProblem:
@@ -381,31 +489,20 @@ def read_prompt_file(
                 body.close()
     except FileProblem as problem:
         parsed.problem = problem
-    records_key, file_key = quarantine_keys(state_prefix, obj.key, obj.etag)
     source = s3.uri(obj.key, bucket=bucket)
+    problem, read = parsed.problem, parsed.records
+    if problem is not None and not problem.keeps_records:  # none of them can be trusted
+        parsed.prompts, parsed.rejected = [], []
     if parsed.rejected:
-        lines = (
-            json.dumps(
-                {"reason": r.reason, "detail": r.detail, "source": source, "etag": obj.etag,
-                 "row": r.row, "raw": r.raw},
-                ensure_ascii=False,
-            )
-            for r in parsed.rejected
-        )
-        s3.put_bytes(records_key, ("\n".join(lines) + "\n").encode("utf-8", "replace"),
-                     bucket=bucket, content_type="application/x-ndjson")
-    if parsed.problem is not None:
-        reason = {
-            "reason": parsed.problem.reason, "detail": parsed.problem.detail, "source": source,
-            "etag": obj.etag, "size": obj.size,
-            "records_before_problem": parsed.records,
-        }
-        if obj.size <= limits.max_file_bytes:
-            s3.client.copy_object(Bucket=bucket, Key=file_key,
-                                  CopySource={"Bucket": bucket, "Key": obj.key})
-            reason["copy"] = s3.uri(file_key, bucket=bucket)
-        s3.put_bytes(f"{file_key}.reason.json", json.dumps(reason, indent=2).encode(),
-                     bucket=bucket, content_type="application/json")
+        quarantine_records(s3, bucket, state_prefix, obj, [
+            {"reason": r.reason, "detail": r.detail, "source": source, "etag": obj.etag,
+             "row": r.row, "raw": r.raw} for r in parsed.rejected])
+    if problem is not None:
+        quarantine_file(s3, bucket, state_prefix, obj, {
+            "reason": problem.reason, "detail": problem.detail, "source": source,
+            "etag": obj.etag, "size": obj.size, "records_before_problem": read,
+            "records_kept": parsed.records, "after_row": problem.row,
+        }, copy=obj.size <= limits.max_file_bytes)
     return parsed
 
 

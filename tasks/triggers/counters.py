@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sftflow.core.errors import ConfigError
 from sftflow.tasks.adapters.labelstudio import require_project
@@ -63,6 +63,38 @@ class ProjectCounters(BaseModel):
             maximum_annotations=int(get("maximum_annotations") or 1),
             **values,
         )
+
+
+#: The largest counter or id accepted from a webhook body (Label Studio's are 64-bit).
+MAX_COUNT = 2**63 - 1
+
+
+class WebhookProject(BaseModel):
+    """The ``project`` object of a webhook body, checked strictly: numbers must be JSON
+    integers (not strings, floats or booleans) within 64 bits, the title a string."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    id: int = Field(ge=1, le=MAX_COUNT)
+    title: str | None = None
+    task_number: int | None = Field(None, ge=0, le=MAX_COUNT)
+    num_tasks_with_annotations: int | None = Field(None, ge=0, le=MAX_COUNT)
+    total_annotations_number: int | None = Field(None, ge=0, le=MAX_COUNT)
+    finished_task_number: int | None = Field(None, ge=0, le=MAX_COUNT)
+    skipped_annotations_number: int | None = Field(None, ge=0, le=MAX_COUNT)
+    maximum_annotations: int | None = Field(None, ge=1, le=MAX_COUNT)
+
+
+def counters_from_webhook(project: dict[str, Any]) -> ProjectCounters:
+    """The counters a webhook body claims; ValueError naming each field that is wrong."""
+    try:
+        checked = WebhookProject.model_validate(project)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"project.{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise ValueError(problems) from None
+    return ProjectCounters.from_project(checked.model_dump())
 
 
 class Threshold(BaseModel):
@@ -157,12 +189,15 @@ def progress(
 
 
 # No task-level retries: the caller polls in a loop that owns backoff and the deadline.
-def fetch_counters(client: Any, project_id: int) -> ProjectCounters:
-    """One API call. A missing (deleted) project is a ConfigError naming it."""
+def fetch_counters(client: Any, project_id: int, timeout_s: float | None = None) -> ProjectCounters:
+    """One API call. A missing (deleted) project is a ConfigError naming it. ``timeout_s``: a
+    short HTTP timeout, no SDK retries (for callers that must answer fast: the bridge)."""
     from label_studio_sdk.core.api_error import ApiError
 
+    options = None if timeout_s is None else {"timeout_in_seconds": timeout_s, "max_retries": 0}
     try:
-        return ProjectCounters.from_project(client.projects.get(id=int(project_id)))
+        return ProjectCounters.from_project(
+            client.projects.get(id=int(project_id), request_options=options))
     except ApiError as err:
         if err.status_code == 404:
             raise ConfigError(

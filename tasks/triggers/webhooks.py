@@ -11,6 +11,13 @@ Two sources:
   "s3": {"bucket": {"name"}, "object": {"key", "size", "eTag"}}}]}``) become one
   ``sftflow.prompts.arrived`` event per created object. Test events and deletions are ignored.
 
+Nothing in a body is trusted: it is parsed within bounds (nesting, number size) and checked
+strictly (JSON integers within 64 bits where counters belong, strings where names belong);
+anything else is a ``BadRequest`` naming what is wrong (400 for what is not a JSON object,
+422 for an object of the wrong shape). A body whose counters claim a threshold crossing is only
+a claim: the bridge checks it against Label Studio's own counters (``claims_crossing``, then
+``labelstudio_event(..., verified=...)``) before a crossing is emitted.
+
 Event ids are deterministic (uuid5), so a webhook delivered twice yields the same event id and
 Prefect's trigger service processes it once. A threshold crossing has ONE id per
 (project, dataset, baseline version, threshold): every webhook after the crossing repeats it
@@ -29,6 +36,7 @@ from urllib.parse import unquote_plus
 
 from pydantic import ValidationError
 
+from sftflow.core.errors import ConfigError
 from sftflow.core.events import (
     ANNOTATION_CREATED,
     PROMPTS_ARRIVED,
@@ -36,7 +44,14 @@ from sftflow.core.events import (
     bucket_resource,
     project_resource,
 )
-from sftflow.tasks.triggers.counters import CountMode, ProjectCounters, Threshold, progress
+from sftflow.tasks.triggers.counters import (
+    MAX_COUNT,
+    CountMode,
+    ProjectCounters,
+    Threshold,
+    counters_from_webhook,
+    progress,
+)
 
 SECRET_HEADER = "X-Sftflow-Secret"
 LABELSTUDIO_ACTIONS = frozenset(
@@ -48,7 +63,16 @@ _NAMESPACE = uuid.UUID("6f1c3a52-3d0e-4a8e-9a55-5f7d1f0a1e21")
 
 
 class BadRequest(ValueError):
-    """The request body is not what the endpoint accepts (answered with 400)."""
+    """The request is not what the endpoint accepts: answered with ``status`` (400: not JSON,
+    nested too deeply, not an object; 422: an object of the wrong shape or values)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _unprocessable(message: str) -> BadRequest:
+    return BadRequest(message, status=422)
 
 
 def secret_ok(provided: str | None, expected: str) -> bool:
@@ -58,11 +82,36 @@ def secret_ok(provided: str | None, expected: str) -> bool:
     return hmac.compare_digest(provided.encode(), expected.encode())
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_json(body: bytes) -> Any:
+    """The body as JSON; BadRequest (400) for what is not JSON or is nested deeper than the
+    parser follows (RecursionError), or holds a number too long to read (over 4300 digits)."""
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BadRequest(f"body is not JSON: {err}") from err
+    except RecursionError:
+        raise BadRequest("body is nested too deeply to read") from None
+    except ValueError as err:  # an integer literal past Python's digit limit, NaN, Infinity
+        raise BadRequest(f"body holds a number that cannot be read: {str(err)[:120]}") from None
+
+
+_JSON_KINDS = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+               float: "number", type(None): "null"}
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a parsed value's type."""
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _require_object(body: Any, what: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise BadRequest(f"not {what}: the body is a JSON {_kind(body)}, not an object")
+    return body
 
 
 @dataclass(frozen=True)
@@ -96,12 +145,12 @@ class ThresholdQuery:
             min_new = int(query["min_new"]) if query.get("min_new") else None
             k = int(query.get("k") or 1)
         except ValueError as err:
-            raise BadRequest(f"bad query parameter: {err}") from err
+            raise BadRequest(f"bad query parameter: {str(err)[:120]}") from None
         count = query.get("count") or "tasks"
         if count not in ("tasks", "annotations"):
-            raise BadRequest(f"count must be 'tasks' or 'annotations', not {count!r}")
-        if (min_new is not None and min_new < 1) or k < 1:
-            raise BadRequest("min_new and k must be >= 1")
+            raise BadRequest(f"count must be 'tasks' or 'annotations', not {count[:40]!r}")
+        if not (1 <= (min_new or 1) <= MAX_COUNT and 1 <= k <= MAX_COUNT):
+            raise BadRequest(f"min_new and k must be from 1 to {MAX_COUNT}")
         return cls(min_new, query.get("dataset") or None, count, k)  # type: ignore[arg-type]
 
     def threshold(self) -> Threshold | None:
@@ -114,19 +163,43 @@ class ThresholdQuery:
 
 
 def labelstudio_project(body: Any) -> tuple[str, ProjectCounters | None]:
-    """``(action, counters)`` of a Label Studio webhook body; counters None for ignored actions."""
-    if not isinstance(body, dict) or not isinstance(body.get("action"), str):
-        raise BadRequest("not a Label Studio webhook: no 'action'")
-    action = body["action"]
+    """``(action, counters the body claims)`` of a Label Studio webhook body; counters None
+    for ignored actions. BadRequest naming what is wrong (422 for a wrong field)."""
+    body = _require_object(body, "a Label Studio webhook")
+    action = body.get("action")
+    if not isinstance(action, str):
+        raise _unprocessable(
+            f"not a Label Studio webhook: 'action' is {_kind(action)}, not a string")
     if action not in LABELSTUDIO_ACTIONS:
-        return action, None
+        return action[:100], None
     project = body.get("project")
     if not isinstance(project, dict):
-        raise BadRequest(f"{action} webhook without a 'project' object (enable send_payload)")
+        raise _unprocessable(f"{action} webhook without a 'project' object (enable send_payload)")
     try:
-        return action, ProjectCounters.from_project(project)
+        return action, counters_from_webhook(project)
     except (ValueError, TypeError, ValidationError) as err:
-        raise BadRequest(f"bad 'project' object: {err}") from err
+        raise _unprocessable(f"bad 'project' object: {str(err)[:500]}") from None
+
+
+def _progress(counters: ProjectCounters, threshold: Threshold, baseline: dict[str, Any] | None):
+    try:
+        return progress(counters, threshold, baseline)
+    except ConfigError as err:  # k that the project's overlap cannot meet
+        raise _unprocessable(str(err)) from None
+    except (ValueError, TypeError) as err:  # a baseline the manifest recorded badly
+        raise _unprocessable(f"cannot compare with the dataset's baseline: {err}") from None
+
+
+def claims_crossing(
+    body: Any, query: ThresholdQuery, baseline: dict[str, Any] | None
+) -> int | None:
+    """The project id whose counters the body claims have crossed the URL's threshold (to be
+    checked against Label Studio before a crossing is emitted); None when it claims none."""
+    _, counters = labelstudio_project(body)
+    threshold = query.threshold()
+    if counters is None or threshold is None:
+        return None
+    return counters.project_id if _progress(counters, threshold, baseline).reached else None
 
 
 def labelstudio_event(
@@ -135,11 +208,22 @@ def labelstudio_event(
     query: ThresholdQuery,
     baseline_version: str | None = None,
     baseline: dict[str, Any] | None = None,
+    *,
+    verified: ProjectCounters | None = None,
 ) -> Parsed:
-    """The event for one Label Studio webhook (``baseline`` from the dataset's last version)."""
+    """The event for one Label Studio webhook (``baseline`` from the dataset's last version).
+
+    ``verified``: the project's counters as Label Studio itself answered them (the bridge reads
+    them when the body claims a crossing); they replace the body's, so a forged or stale claim
+    yields the event its real counters give (``below``), never a crossing."""
     action, counters = labelstudio_project(body)
     if counters is None:
         return Parsed(ignored=[f"action {action}"])
+    if verified is not None:
+        if verified.project_id != counters.project_id:
+            raise ValueError(
+                f"counters of project {verified.project_id}, not {counters.project_id}")
+        counters = verified
     threshold = query.threshold()
     payload: dict[str, Any] = {
         "action": action,
@@ -147,11 +231,12 @@ def labelstudio_event(
         "project": counters.title,
         "counters": counters.model_dump(exclude={"project_id", "title"}),
         "dataset": query.dataset,
+        "counters_from": "labelstudio" if verified is not None else "webhook",
     }
     state = "unset"
     event_id = uuid.uuid5(_NAMESPACE, "body:" + hashlib.sha256(raw).hexdigest())
     if threshold is not None:
-        p = progress(counters, threshold, baseline)
+        p = _progress(counters, threshold, baseline)
         state = "reached" if p.reached else "below"
         payload.update(
             min_new=p.min_new, count=query.count, counter=p.counter, current=p.current,
@@ -173,35 +258,68 @@ def labelstudio_event(
     return Parsed(events=[EventSpec(ANNOTATION_CREATED, resource, payload, event_id)])
 
 
+def _at(obj: Any, where: str, *path: str) -> Any:
+    """``obj[path[0]][path[1]]...``; a 422 naming the first step that is not an object."""
+    for step in path:
+        if not isinstance(obj, dict):
+            raise _unprocessable(f"{where} is a JSON {_kind(obj)}, not an object")
+        obj, where = obj.get(step), f"{where}.{step}"
+    return obj
+
+
+def _s3_string(value: Any, where: str, *, required: bool) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value):
+        raise _unprocessable(f"{where} must be a non-empty string, not a JSON {_kind(value)}")
+    return value
+
+
+def _s3_record(i: int, rec: Any) -> dict[str, Any]:
+    """``Records[i]`` checked field by field: names are strings, the size an integer."""
+    where = f"Records[{i}]"
+    obj = _at(rec, where, "s3", "object")
+    _at(obj, f"{where}.s3.object", "key")  # an object, or a 422 naming it
+    size = obj.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool)
+                             or not 0 <= size <= MAX_COUNT):
+        raise _unprocessable(f"{where}.s3.object.size must be an integer from 0 to {MAX_COUNT}")
+    return {
+        "event_name": _s3_string(_at(rec, where, "eventName"), f"{where}.eventName",
+                                 required=False),
+        "bucket": _s3_string(_at(rec, where, "s3", "bucket", "name"), f"{where}.s3.bucket.name",
+                             required=True),
+        "key": unquote_plus(_s3_string(obj.get("key"), f"{where}.s3.object.key", required=True)),
+        "size": size,
+        "etag": _s3_string(obj.get("eTag") or obj.get("etag"), f"{where}.s3.object.eTag",
+                           required=False),
+        "sequencer": _s3_string(obj.get("sequencer"), f"{where}.s3.object.sequencer",
+                                required=False),
+    }
+
+
 def s3_events(body: Any) -> Parsed:
     """One ``prompts.arrived`` event per object-created record."""
-    if not isinstance(body, dict):
-        raise BadRequest("not an S3 notification: body is not an object")
+    body = _require_object(body, "an S3 notification")
     if "Records" not in body:
-        if body.get("Event") == "s3:TestEvent" or body.get("Event") == "s3:TestEvent".lower():
+        if body.get("Event") in ("s3:TestEvent", "s3:testevent"):
             return Parsed(ignored=["s3:TestEvent"])
-        raise BadRequest("not an S3 notification: no 'Records'")
+        raise _unprocessable("not an S3 notification: no 'Records'")
     records = body["Records"]
     if not isinstance(records, list):
-        raise BadRequest("'Records' is not a list")
+        raise _unprocessable(f"'Records' is a JSON {_kind(records)}, not a list")
     parsed = Parsed()
     for i, rec in enumerate(records):
-        try:
-            name = str(rec.get("eventName", ""))
-            bucket = rec["s3"]["bucket"]["name"]
-            obj = rec["s3"]["object"]
-            key = unquote_plus(obj["key"])
-        except (AttributeError, KeyError, TypeError) as err:
-            raise BadRequest(f"Records[{i}] lacks s3.bucket.name / s3.object.key") from err
+        r = _s3_record(i, rec)
+        name, bucket, key, etag = r["event_name"], r["bucket"], r["key"], r["etag"]
         if "ObjectCreated" not in name:
             parsed.ignored.append(f"{name or 'no eventName'} s3://{bucket}/{key}")
             continue
-        etag = str(obj.get("eTag") or obj.get("etag") or "")
         payload = {
             "bucket": bucket, "key": key, "uri": f"s3://{bucket}/{key}",
-            "size": obj.get("size"), "etag": etag, "event_name": name,
+            "size": r["size"], "etag": etag, "event_name": name,
         }
-        identity = f"s3:{bucket}/{key}@{etag}:{obj.get('sequencer', '')}"
+        identity = f"s3:{bucket}/{key}@{etag}:{r['sequencer']}"
         resource = {**bucket_resource(bucket, key), "sftflow.bucket": bucket}
         parsed.events.append(
             EventSpec(PROMPTS_ARRIVED, resource, payload, uuid.uuid5(_NAMESPACE, identity))

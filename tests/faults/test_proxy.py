@@ -94,3 +94,24 @@ def test_a_fault_can_match_a_request_header(settings, s3, s3_proxy):
     assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
     assert s3.get_bytes("h/x")[0] == b"two"  # the server never saw it
     assert s3_proxy.applied["status"] == 1
+
+
+def test_a_500_after_label_studio_did_the_work(stack, labelstudio):
+    """``lose_response`` with ``status=500``: the import reaches Label Studio and commits, the
+    client is told 500 (what a server failing after its commit looks like)."""
+    from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
+    from tests.conftest import unique
+
+    up = urlparse(stack.labelstudio.url)
+    token = stack.labelstudio.api_key.get_secret_value()
+    project = labelstudio.projects.create(title=unique("t-proxy"), label_config=SFT_LABEL_CONFIG)
+    try:
+        with FaultProxy(up.hostname, up.port) as proxy:
+            proxy.add(Fault("lose_response", method="POST", path=r"/import", status=500))
+            r = httpx.post(f"{proxy.url}/api/projects/{project.id}/import",
+                           json=[{"prompt": "landed anyway"}],
+                           headers={"Authorization": f"Token {token}"}, timeout=60)
+            assert r.status_code == 500 and proxy.applied["lose_response"] == 1
+        assert labelstudio.projects.get(id=project.id).task_number == 1
+    finally:
+        labelstudio.projects.delete(id=project.id)

@@ -10,6 +10,7 @@ import random
 import pytest
 
 from sftflow.flows.build_dataset import BuildParams, build_dataset
+from sftflow.tasks.ingest.prompts import prompt_id
 from sftflow.tasks.versions.keys import DEFAULT_PREFIX
 from sftflow.tasks.versions.read import diff_versions, load_manifest, read_file, read_rows
 from tests.conftest import unique
@@ -167,3 +168,36 @@ def test_a_change_list_that_does_not_reconcile_falls_back_to_a_full_export(
     assert sum(second.rows.values()) == sum(first.rows.values()) + 2
     third = _build(s3, project, "inc")  # and the next build is incremental again
     assert third.mode == "incremental" and third.version == second.version
+
+
+def test_an_edited_prompt_is_re_identified_by_the_incremental_build(prefect_harness, s3,
+                                                                     labelstudio):
+    """Issue 18, item 15: the prompt of a task is edited in Label Studio after ingest (the task
+    data still holds ingest's prompt_id of the old text): the next build's row carries the id
+    of the new text, and every other row keeps its id."""
+    tasks = [_qa(i) for i in range(12)]
+    for t in tasks:  # as ingest writes them
+        t["data"]["prompt_id"] = prompt_id(t["data"]["prompt"])
+    p = make_project(labelstudio, unique("edit"), tasks)
+    try:
+        first = _build(s3, p, "inc")
+        before = _rows(s3, "inc")
+        assert all(r["prompt_id"] == prompt_id(r["prompt"]) for r in before.values())
+        task_id = min(before)
+        old = before[task_id]
+        new_text = "Explain how lighthouses guide ships at night, in the words of a keeper."
+        labelstudio.tasks.update(id=task_id, data={"prompt": new_text,
+                                                   "prompt_id": old["prompt_id"]})
+
+        second = _build(s3, p, "inc")
+        assert second.mode == "incremental", second.mode_reason
+        assert second.version != first.version
+        after = _rows(s3, "inc")
+        assert after[task_id]["prompt"] == new_text
+        assert after[task_id]["prompt_id"] == prompt_id(new_text) != old["prompt_id"]
+        assert {t: r["prompt_id"] for t, r in after.items() if t != task_id} == {
+            t: r["prompt_id"] for t, r in before.items() if t != task_id}
+        full = _build(s3, p, "full", "full")  # a full export gives the same version
+        assert full.version == second.version
+    finally:
+        labelstudio.projects.delete(id=p.id)

@@ -357,7 +357,6 @@ def test_a_gzip_bomb_is_cut_at_the_decompressed_size_limit(prefect_harness, s3, 
     assert reason["reason"] == "too_large" and "decompressed" in reason["detail"] and reason["copy"]
 
 
-
 def test_damaged_compression_is_quarantined_once_and_its_neighbours_land(
     prefect_harness, s3, labelstudio, title
 ):

@@ -61,8 +61,18 @@ def test_policies_pick_latest_ground_truth_or_all():
     assert row["task_id"] == 1 and row["annotation_id"] == 10 and row["annotator"] == "7"
     assert row["updated_at"] == "2026-01-01T00:00:00.000000Z" and row["ground_truth"] is True
     assert row["prompt_id"] == prompt_id("What is 2+2?")  # computed when ingest did not set it
-    assert task_rows(_task(2, [annotation("x")], prompt_id="given"), "latest").rows[0][
-        "prompt_id"] == "given"
+
+
+def test_an_edited_prompt_is_re_identified():
+    """Issue 18, item 15: a row's prompt_id is the id of the text the task holds now."""
+    stored = prompt_id("What is 2+2?")  # what ingest wrote into the task data
+    unedited = task_rows(_task(1, [annotation("4")], prompt_id=stored)).rows[0]
+    assert unedited["prompt_id"] == stored  # the id it always had
+    edited = task_rows(_task(2, [annotation("5")], prompt="What is 2+3?", prompt_id=stored)).rows[0]
+    assert edited["prompt_id"] == prompt_id("What is 2+3?") != stored
+    # whatever the stored data says: an id that is not the text's is not the row's
+    given = task_rows(_task(3, [annotation("x")], prompt_id="given")).rows[0]
+    assert given["prompt_id"] == prompt_id("What is 2+2?")
 
 
 def test_multi_part_text_is_joined_and_drafts_are_not_rows():

@@ -77,7 +77,8 @@ def test_ensure_project_creates_once_and_refuses_incompatible(labelstudio):
 def test_refused_tasks_are_isolated_by_bisection(labelstudio, project):
     good = tasks_for([f"question {i}" for i in range(9)], "b1")
     bad = {"prompt_id": "no-prompt-key", "ingest_batch": "b1"}  # the config needs $prompt
-    landed, refused, requests = send_tasks(labelstudio, project.id, good[:4] + [bad] + good[4:])
+    sent = send_tasks(labelstudio, project.id, good[:4] + [bad] + good[4:])
+    landed, refused, requests = sent.landed, sent.refused, sent.requests
     assert len(landed) == 9 and [t for t, _ in refused] == [bad]
     assert refused[0][1].startswith("rejected_by_labelstudio: 400")
     assert requests > 1 and task_count(labelstudio, project.id) == 9
@@ -107,6 +108,49 @@ def test_unknown_outcome_is_awaited_then_reconciled_without_duplicates(labelstud
                             doubt_s=0.1)
     assert (retry.reconciled, len(retry.landed)) == (0, 50)
     assert task_count(labelstudio, project.id) == 3050
+
+
+@pytest.fixture()
+def proxied(stack):
+    """A Label Studio client whose requests pass through a FaultProxy to the real server."""
+    from urllib.parse import urlparse
+
+    from tests.faults.proxy import FaultProxy
+
+    up = urlparse(stack.labelstudio.url)
+    with FaultProxy(up.hostname, up.port) as proxy:
+        yield proxy, build_labelstudio(stack.labelstudio.model_copy(update={"url": proxy.url}))
+
+
+IMPORT_PATH = r"^/api/projects/\d+/import"
+
+
+@pytest.mark.integration
+def test_a_500_after_the_tasks_were_committed_is_reconciled_not_resent(
+    labelstudio, project, proxied
+):
+    """Issue #18, item 4: Label Studio (or what stands before it) can answer 500 once the
+    import has committed. The batch is looked up before anything is sent again."""
+    from tests.faults.proxy import Fault
+
+    proxy, client = proxied
+    batch = tasks_for([f"committed then 500 {i}" for i in range(40)], "b-500")
+    proxy.add(Fault("lose_response", method="POST", path=IMPORT_PATH, status=500))
+    result = import_batch(client, project.id, "b-500", batch, doubt_s=30)
+    assert proxy.applied["lose_response"] == 1
+    ids = prompt_ids_in(labelstudio, project.id)
+    assert len(ids) == 40 and set(ids.values()) == {1}  # each prompt exactly once
+    assert sorted(result.landed) == sorted(t["prompt_id"] for t in batch)
+    assert (result.reconciled, result.requests, result.rejected) == (40, 1, [])
+
+    # A 500 that rolled back (nothing landed) is still bisected to the task that causes it.
+    more = tasks_for([f"rolled back {i}" for i in range(7)], "b-poison")
+    proxy.add(Fault("status", method="POST", path=IMPORT_PATH, body=rb"rolled back 3",
+                    status=500, times=0))
+    result = import_batch(client, project.id, "b-poison", more, doubt_s=30)
+    assert [t["prompt"] for t, _ in result.rejected] == ["rolled back 3"]
+    assert len(result.landed) == 6 and result.reconciled == 0
+    assert task_count(labelstudio, project.id) == 46
 
 
 @pytest.mark.integration
