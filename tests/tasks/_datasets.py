@@ -9,6 +9,15 @@ from sftflow.tasks.versions import formats
 from sftflow.tasks.versions.rows import SftRow
 
 
+def exported_row(i: int, prompt: str, completion: str, *, pid: str | None = None,
+                 updated_at: str = "2026-01-01T00:00:00Z", gt: bool = False) -> dict:
+    """One row as the export makes it (task ``i``, annotation ``1000 + i``), before the split."""
+    return {"prompt": prompt, "completion": completion, "prompt_id": pid or f"p{i}",
+            "task_id": i, "annotation_id": 1000 + i, "annotator": "1", "updated_at": updated_at,
+            "ground_truth": gt, "draft_model": None, "draft_similarity": None,
+            "draft_unchanged": None}
+
+
 def final_rows(n: int, start: int = 0, eval_every: int = 10, tag: str = "") -> list[SftRow]:
     """``n`` rows with every stored column, ids ``start..start+n-1`` (distinct content)."""
     rows: list[SftRow] = []

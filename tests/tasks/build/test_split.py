@@ -13,14 +13,9 @@ from sftflow.tasks.build.shards import chunks, dedup_texts
 from sftflow.tasks.build.split import stable_split
 from sftflow.tasks.dedup import DedupConfig, fingerprint
 from sftflow.tasks.versions import formats
+from tests.tasks._datasets import exported_row
 
-
-def _row(i: int, prompt: str, completion: str, **kw) -> dict:
-    return {"prompt": prompt, "completion": completion, "prompt_id": kw.pop("pid", f"p{i}"),
-            "task_id": i, "annotation_id": 1000 + i, "annotator": "1",
-            "updated_at": kw.pop("updated_at", "2026-01-01T00:00:00Z"),
-            "ground_truth": kw.pop("gt", False),
-            "draft_model": None, "draft_similarity": None, "draft_unchanged": None}
+_row = exported_row
 
 
 def _state(row: dict, tag: str = "") -> TaskState:
