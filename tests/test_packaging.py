@@ -127,6 +127,19 @@ def test_import_contracts_catch_a_top_level_folder_import(tmp_path):
 
 
 @in_checkout
+def test_import_contracts_catch_a_layer_violation_in_a_mapped_folder(tmp_path):
+    """The mapped folders are optional layers (a plain ``lint-imports`` at the root sees only
+    ``sftflow/``); over the installed layout they are present, and a stage importing a flow
+    breaks the layers contract."""
+    view = build_view(tmp_path / "view")
+    victim = view / "sftflow" / "tasks" / "build" / "plan.py"
+    victim.write_text(victim.read_text() + "\nimport sftflow.flows.ingest  # noqa\n")
+    lint = Path(sys.executable).with_name("lint-imports")
+    out = _run(lint, "--config", ROOT / "pyproject.toml", cwd=view, check=False)
+    assert out.returncode != 0
+    assert "sftflow.tasks.build.plan -> sftflow.flows.ingest" in out.stdout
+
+
 def test_import_contracts_hold_on_the_package():
     assert subprocess.call([sys.executable, str(ROOT / "tests" / "import_view.py")],
                            stdout=subprocess.DEVNULL, timeout=300) == 0
