@@ -119,25 +119,24 @@ def _s3_baseline_loader(settings: Settings) -> BaselineLoader:
     from sftflow.tasks.versions.read import load_baseline
 
     clients = Clients(settings)
+    s3 = clients.s3  # built now, not on the first webhook (Label Studio waits 1 s for an answer)
 
     def load(dataset: str | None) -> tuple[str | None, dict[str, Any] | None]:
-        return load_baseline(clients.s3, dataset, prefix=settings.datasets.prefix)
+        return load_baseline(s3, dataset, prefix=settings.datasets.prefix)
 
     return load
 
 
 def _labelstudio_reader(settings: Settings, timeout_s: float) -> CountersReader:
     """The project's counters from Label Studio: one GET, a short timeout, no retries; the
-    client is built on first use and kept."""
+    client is built now, with the app, so the first webhook does not pay for it."""
     from sftflow.tasks.adapters.labelstudio import build_labelstudio
     from sftflow.tasks.triggers.counters import fetch_counters
 
-    state: dict[str, Any] = {}
+    client = build_labelstudio(settings.labelstudio)
 
     def read(project_id: int) -> ProjectCounters:
-        if "client" not in state:
-            state["client"] = build_labelstudio(settings.labelstudio)
-        return fetch_counters(state["client"], project_id, timeout_s=timeout_s)
+        return fetch_counters(client, project_id, timeout_s=timeout_s)
 
     return read
 
