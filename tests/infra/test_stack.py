@@ -56,44 +56,70 @@ def sftflow(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess
     return subprocess.run([SFTFLOW, *args], check=False, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_up_status_down_leaves_nothing_running(tmp_path):
-    # The SQLite profile, also when the suite runs with SFTFLOW_STACK__POSTGRES=true (CI);
-    # test_stack_postgres.py covers the other.
+def session_stack_profile() -> str:
+    """The profile the suite's own stack runs on (CI: postgres; default: sqlite)."""
+    return "postgres" if stack_settings().stack.postgres else "sqlite"
+
+
+def check_running_stack(env: dict[str, str], s3_port: int, names: set[str],
+                        scratch: Path) -> dict[str, int]:
+    """What holds for any running stack: its services healthy and managed, no secret on a
+    command line, `up` again reuses the same processes, a second stack folder on the same
+    ports is refused naming the port. Returns the services' pids."""
+    status = sftflow(env, "stack", "status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["healthy"] is True, status.stdout
+    services = {s["name"]: s for s in json.loads(status.stdout)["services"]}
+    assert set(services) == names
+    assert all(s["healthy"] and s["managed"] for s in services.values()), services
+    pids = {name: s["pid"] for name, s in services.items()}
+    # Secrets are not on any command line (`ps` shows those to every user).
+    secrets = [stack_settings().stack.label_studio_password.get_secret_value(),
+               stack_settings().labelstudio.api_key.get_secret_value()]
+    for pid in pids.values():
+        for member in _group_members(pid):
+            argv = Path(f"/proc/{member}/cmdline").read_bytes().decode(errors="replace")
+            assert not any(secret in argv for secret in secrets), argv
+
+    # `up` again is idempotent: the same processes are reused.
+    again = sftflow(env, "stack", "up", "--json")
+    assert {s["name"]: s["pid"] for s in json.loads(again.stdout)["services"]} == pids
+
+    # A second stack folder on the same ports: a clear error naming the port.
+    other = {**env, "SFTFLOW_STACK__DIR": str(scratch / "other")}
+    clash = sftflow(other, "stack", "up", "s3")
+    assert clash.returncode == 1 and "Traceback" not in clash.stderr
+    assert f"port {s3_port} on 127.0.0.1 is in use" in clash.stderr
+    return pids
+
+
+def test_up_status_down_leaves_nothing_running(tmp_path, stack):
+    """The SQLite profile. Each run starts one stack of its own, for the profile the suite's
+    stack is not on: when the suite's stack is on SQLite (the default), this checks that one and
+    leaves it running (test_stack_postgres.py then starts a PostgreSQL stack of its own, with
+    the same up / status / down checks); on CI's PostgreSQL run it starts a SQLite stack."""
+    if session_stack_profile() == "sqlite":
+        env = {**os.environ, "SFTFLOW_STACK__DIR": str(stack.stack.dir.resolve())}
+        check_running_stack(env, stack.stack.s3_port, {"s3", "labelstudio", "prefect"}, tmp_path)
+        return
     env = {**stack_env(tmp_path, BASE), "SFTFLOW_STACK__POSTGRES": "false"}
+    pids: dict[str, int] = {}
     try:
         up = sftflow(env, "stack", "up", "--json", "--timeout", "180")
         assert up.returncode == 0, up.stderr + (tmp_path / "stack" / "logs").as_posix()
-        services = {s["name"]: s for s in json.loads(up.stdout)["services"]}
-        assert set(services) == {"s3", "labelstudio", "prefect"}
-        assert all(s["healthy"] and s["managed"] for s in services.values())
-        pids = {name: s["pid"] for name, s in services.items()}
-        # Secrets are not on any command line (`ps` shows those to every user).
-        secrets = [stack_settings().stack.label_studio_password.get_secret_value(),
-                   stack_settings().labelstudio.api_key.get_secret_value()]
-        for pid in pids.values():
-            for member in _group_members(pid):
-                argv = Path(f"/proc/{member}/cmdline").read_bytes().decode(errors="replace")
-                assert not any(secret in argv for secret in secrets), argv
-
-        # `up` again is idempotent: the same processes are reused.
-        again = sftflow(env, "stack", "up", "--json")
-        assert {s["name"]: s["pid"] for s in json.loads(again.stdout)["services"]} == pids
-
-        status = sftflow(env, "stack", "status", "--json")
-        assert status.returncode == 0 and json.loads(status.stdout)["healthy"] is True
-
-        # A second stack folder on the same ports: a clear error naming the port.
-        other = {**env, "SFTFLOW_STACK__DIR": str(tmp_path / "other")}
-        clash = sftflow(other, "stack", "up", "s3")
-        assert clash.returncode == 1 and "Traceback" not in clash.stderr
-        assert f"port {BASE} on 127.0.0.1 is in use" in clash.stderr
+        pids = check_running_stack(env, BASE, {"s3", "labelstudio", "prefect"}, tmp_path)
     finally:
         down = sftflow(env, "stack", "down", "--json", timeout=120)
+    check_down(env, down, pids, ["labelstudio", "prefect", "s3"])
+    assert not list(Path("/tmp").glob(f"seaweedfs-*-{BASE}.sock"))
+
+
+def check_down(env: dict[str, str], down: subprocess.CompletedProcess, pids: dict[str, int],
+               stopped: list[str]) -> None:
+    """`down` stopped every service and its whole process group; status then finds none."""
     assert down.returncode == 0, down.stderr
-    assert sorted(json.loads(down.stdout)["stopped"]) == ["labelstudio", "prefect", "s3"]
+    assert sorted(json.loads(down.stdout)["stopped"]) == stopped
     for pid in pids.values():
         assert _group_members(pid) == []  # the whole process group is gone
-    assert not list(Path("/tmp").glob(f"seaweedfs-*-{BASE}.sock"))
     after = sftflow(env, "stack", "status", "--json")
     assert after.returncode == 1
     assert not any(s["healthy"] or s["pid"] for s in json.loads(after.stdout)["services"])
