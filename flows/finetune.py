@@ -26,9 +26,13 @@ with a finished job returns it without training again (a failed one fails again 
 recorded error, never a new attempt); a rerun after a crash resumes watching the job it had
 submitted (submission is idempotent per job name on every backend). One run only submits: it
 claims the lineage record with a conditional write (``If-None-Match``, or ``If-Match`` to take
-over a claim older than ``claim_ttl_s``); a concurrent run waits for the job the claimer names
-and watches the same one. A run killed between submitting and naming its job leaves a claim
-that expires; the rerun takes it over and the backend finds the job it had submitted.
+over a claim older than ``claim_ttl_s``) and renews the claim every ``claim_ttl_s / 3`` until
+the record names its job, however long the submission takes (a ``trl`` training in local mode
+is the submission); a concurrent run waits for the job the claimer names and watches the same
+one, or, when the claim stays live for longer than it waits, is refused (the refusal is in the
+record's history) without starting the job a second time. A run killed between claiming and
+naming its job renews nothing: its claim expires and the rerun takes it over (the backend finds
+the job it had submitted, or it trains again).
 """
 
 from __future__ import annotations
@@ -100,8 +104,9 @@ class FinetuneParams(BaseModel):
     cancel_on_deadline: bool = Field(False, description="Cancel the job when the deadline passes.")
     eval_gate: bool = Field(True, description="Compare eval loss with the dataset's best model; tag the better one best.")
     claim_ttl_s: float = Field(900.0, gt=0, description=(
-        "How long a run's claim to submit the job lasts; past it (the run died before naming its "
-        "job) another run takes the claim over and looks the job up before submitting."))
+        "How long a run's claim to submit the job lasts unrenewed (its holder renews it every "
+        "third of this while it lives); past it (the run died before naming its job) another "
+        "run takes the claim over and looks the job up before submitting."))
     bucket: str | None = Field(None, description="Bucket of datasets and models (empty: the configured bucket).")
 
 
@@ -162,9 +167,10 @@ def finetune(params: FinetuneParams) -> FinetuneReport:
         return _reused(record, gates)
     backend_job_id = record.backend_job_id
     if mine:
-        backend_job_id = submit_job_task(backend, spec)
-        failpoint("finetune.after-submit")
-        record = update_record_task(s3, prefix, job, {"backend_job_id": backend_job_id})
+        with lineage.hold_claim(s3, prefix, record, params.claim_ttl_s):  # renewed until named
+            backend_job_id = submit_job_task(backend, spec)
+            failpoint("finetune.after-submit")
+            record = update_record_task(s3, prefix, job, {"backend_job_id": backend_job_id})
         _emit(events.FINETUNE_SUBMITTED, record)
         logger.info("submitted %s as %s job %s", job, backend_name, backend_job_id)
         failpoint("finetune.after-lineage")
@@ -201,9 +207,11 @@ def _claim(new: LineageRecord, params: FinetuneParams, *, s3: S3, prefix: str,
            backend: Backend) -> tuple[LineageRecord, bool]:
     """``(record, True)`` when this run holds the claim and submits; else the record once it
     names the job (or has ended), waiting while another run holds a live claim. A claim
-    expires after ``claim_ttl_s`` (its holder died): then this run takes it over. While it
-    waits, a backend that can look jobs up (``find_job``) is asked: a holder killed after
-    submitting left a job the provider knows, and this run adopts it at once."""
+    expires ``claim_ttl_s`` after its holder last renewed it (the holder died): then this run
+    takes it over. While it waits, a backend that can look jobs up (``find_job``) is asked: a
+    holder killed after submitting left a job the provider knows, and this run adopts it at
+    once. A claim still live when the wait ends (its holder is still submitting, e.g. training
+    locally) refuses this run: see :func:`_refuse`."""
     lookup = getattr(backend, "find_job", None)
 
     def probe() -> tuple[LineageRecord, bool] | None:
@@ -218,11 +226,22 @@ def _claim(new: LineageRecord, params: FinetuneParams, *, s3: S3, prefix: str,
         return None
 
     backoff = Backoff(params.poll_min_s, max(params.poll_min_s, params.poll_max_s))
-    found = wait_until(probe, timeout_s=params.claim_ttl_s + params.poll_max_s * 2, backoff=backoff)
-    if found is None:
-        raise SftflowError(f"job {new.job}: another run claimed its submission and neither named a job "
-                           f"nor let the claim expire within {params.claim_ttl_s:.0f} s")
-    return found
+    waited_s = params.claim_ttl_s + params.poll_max_s * 2
+    found = wait_until(probe, timeout_s=waited_s, backoff=backoff)
+    # one last look: the job may have been named as the wait ended
+    return found or probe() or _refuse(new, waited_s, s3=s3, prefix=prefix)
+
+
+def _refuse(new: LineageRecord, waited_s: float, *, s3: S3, prefix: str) -> NoReturn:
+    """Another run's claim stayed live (renewed: its submission is still running) for the
+    whole wait: record the refusal in the job's history and fail without submitting."""
+    current = find_record_task(s3, prefix, new.job)
+    held = current.claim if current else None
+    holder = (f"run {held.run_id} holds the claim to submit it (renewed while its submission "
+              f"runs, live until {held.expires_at:%Y-%m-%dT%H:%M:%SZ})") if held else "another run holds its claim"
+    update_record_task(s3, prefix, new.job, {}, event=f"run {new.claim.run_id} refused: {holder}")
+    raise SftflowError(f"job {new.job}: {holder}; not starting it a second time (waited {waited_s:.0f} s "
+                       f"without the job being named). Rerun later to watch the job it names.")
 
 
 def _reused(earlier: LineageRecord, gates: list[dict[str, Any]]) -> FinetuneReport:

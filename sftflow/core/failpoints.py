@@ -40,6 +40,7 @@ POINTS: dict[str, str] = {
     "versioning.after-ref": "refs/latest moved, before the build reports and emits its event",
     "finetune.after-submit": "a job was submitted, before the lineage record names it",
     "finetune.after-lineage": "the lineage record is written, before the job is watched",
+    "finetune.train-step": "a training step ended (the N-th with @N), before the next one",
     "gc.before-delete": "gc listed its garbage, before deleting it",
 }
 

@@ -8,7 +8,9 @@ Layout under ``s3://<bucket>/<models_prefix>/``:
   submit the job, until when). Created with ``If-None-Match: *`` before the job is submitted
   (the claim), then updated with compare-and-swap (``If-Match`` on its ETag) on every change;
   an expired claim is taken over with compare-and-swap too, so one run only submits
-  (:func:`claim_submission`).
+  (:func:`claim_submission`). The holder renews its claim every third of its lifetime while its
+  submission runs (:func:`hold_claim`: a local training may outlive any fixed lifetime), so a
+  live holder is never overtaken; a killed one renews nothing and its claim expires.
 - ``<job>/model/``, ``<job>/result.json``: what the ``trl`` training flow uploads.
 - ``_refs/<dataset>/best``: the job name of the dataset's best model (advanced with CAS).
 
@@ -19,8 +21,11 @@ Records are :class:`LineageRecord`: written by this module, and validated when r
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -35,14 +40,16 @@ from sftflow.tasks.finetune.backends import Baseline, Hyperparameters
 from sftflow.tasks.finetune.dataset import TrainingData
 from sftflow.tasks.finetune.gate import eval_gate
 from sftflow.tasks.runtime.declare import io_task
+from sftflow.tasks.runtime.renewal import Renewal, renewing
 
 REFS = "_refs"
 Status = Literal["submitted", "queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class SubmissionClaim(BaseModel):
-    """Which run may submit the job: the one that wrote the claim, until ``expires_at``. After
-    that any run may take it over (conditional write): the holder is presumed dead."""
+    """Which run may submit the job: the one that wrote the claim, until ``expires_at`` (moved
+    forward by the holder while it lives, :func:`hold_claim`). After that any run may take it
+    over (conditional write): the holder is presumed dead."""
 
     run_id: str
     expires_at: datetime
@@ -263,6 +270,42 @@ def claim_submission(s3: S3, prefix: str, new: LineageRecord, *, attempts: int =
         except PreconditionFailed:
             continue
     raise SftflowError(f"lineage record {new.job} kept changing under us ({attempts} attempts)")
+
+
+def renew_claim(s3: S3, prefix: str, job: str, claim: SubmissionClaim, ttl_s: float,
+                *, attempts: int = 8) -> bool:
+    """Move this run's claim on ``job`` to expire ``ttl_s`` from now (compare-and-swap on the
+    record's ETag). False when there is nothing left to renew: the record names the job or has
+    ended, or holds another run's claim (this one expired unrenewed and was taken over)."""
+    key = manifest_key(prefix, job)
+    for _ in range(attempts):
+        found = read_record(s3, prefix, job)
+        if found is None:
+            return False
+        record, etag = found
+        if (record.backend_job_id or record.terminal or record.claim is None
+                or record.claim.run_id != claim.run_id):
+            return False
+        renewed = record.model_copy(update={"claim": SubmissionClaim.new(claim.run_id, ttl_s)})
+        try:
+            s3.put_bytes(key, _dump(renewed), if_match=etag, content_type="application/json")
+            return True
+        except PreconditionFailed:
+            continue
+    raise SftflowError(f"lineage record {job} kept changing under us ({attempts} attempts)")
+
+
+@contextlib.contextmanager
+def hold_claim(s3: S3, prefix: str, record: LineageRecord, ttl_s: float) -> Iterator[Renewal]:
+    """Hold this run's claim on ``record.job`` while the block (its submission) runs: renewed
+    every ``ttl_s / 3`` from a background thread (``tasks/runtime/renewal.py``), so another run
+    never takes over a live holder's claim however long the submission takes. A holder that
+    dies renews nothing: its claim expires ``ttl_s`` after the last renewal."""
+    if record.claim is None:
+        raise ValueError("hold_claim needs a record with a claim")
+    renew = partial(renew_claim, s3, prefix, record.job, record.claim, ttl_s)
+    with renewing(renew, ttl_s / 3, name=f"claim-{record.job}") as renewal:
+        yield renewal
 
 
 def update_record(s3: S3, prefix: str, job: str, changes: dict[str, Any],

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from sftflow.core.errors import SftflowError
+from sftflow.core.failpoints import failpoint
 from sftflow.core.hashing import sha256_hex
 from sftflow.tasks.adapters.s3 import S3
 from sftflow.tasks.finetune.backends import Baseline, Hyperparameters, JobSpec
@@ -252,6 +253,18 @@ def loss_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [rows[step] for step in sorted(rows)]
 
 
+def _step_failpoint(trainer) -> None:
+    """``failpoint("finetune.train-step")`` after every training step: fault tests stall or
+    kill a training at an exact step (``finetune.train-step=sleep(600)@2``)."""
+    from transformers import TrainerCallback
+
+    class StepFailpoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            failpoint("finetune.train-step")
+
+    trainer.add_callback(StepFailpoint())
+
+
 def _quiet(trainer) -> None:
     """Losses go to the result and the Prefect artifact, not to stdout line by line."""
     from transformers.trainer_callback import PrinterCallback
@@ -331,6 +344,7 @@ def train_sft(s3: S3, spec: JobSpec, workdir: Path) -> dict[str, Any]:
         )
     trainer = build_trainer(model, tokenizer, hp, train_ds, eval_ds, workdir / "trainer",
                             peft_config, eval_during_training=eval_ds is not None)
+    _step_failpoint(trainer)
     out = trainer.train()
     metrics: dict[str, Any] = {
         "train_loss": float(out.training_loss),

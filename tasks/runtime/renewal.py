@@ -1,0 +1,62 @@
+"""Keep a lease alive while work runs: ``renew()`` every ``every_s`` seconds from a thread.
+
+A leased record (a lock, a claim) lives for a fixed time unless its holder renews it; a holder
+that renews every third of the lease is never overtaken while it lives and reaches the store
+(it would have to miss two renewals in a row), and one that dies (SIGKILL, power cut) renews
+nothing, so its lease runs out and the next contender takes over. ``renewing`` is that loop:
+
+- ``renew()`` returns True (renewed) or False (nothing left to renew: the lease was taken over
+  or the work it guards is done); on False the loop stops and ``Renewal.lost`` says so;
+- an error is logged and tried again at the next tick (a store unreachable for a whole lease
+  loses it, as it should);
+- leaving the block stops the loop (and waits a little for a renewal in flight).
+
+Used by the fine-tune submission claim (``tasks/finetune/lineage.py``). ``S3Lock``
+(``tasks/versions/locks.py``) still has the same loop of its own (``_renew_loop``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class Renewal:
+    """What the background loop did so far: renewals that succeeded, and whether it stopped
+    because ``renew()`` said the lease is gone."""
+
+    renewed: int = 0
+    lost: bool = False
+
+
+@contextlib.contextmanager
+def renewing(renew: Callable[[], bool], every_s: float, *, name: str) -> Iterator[Renewal]:
+    """Call ``renew()`` every ``every_s`` seconds in a daemon thread while the block runs."""
+    if every_s <= 0:
+        raise ValueError("every_s must be > 0")
+    stop = threading.Event()
+    state = Renewal()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            try:
+                if not renew():
+                    state.lost = True
+                    return
+                state.renewed += 1
+            except Exception as err:  # noqa: BLE001 - a failed renewal is retried at the next tick
+                _log.warning("renewing %s failed (retried in %.1f s): %s", name, every_s, err)
+
+    thread = threading.Thread(target=loop, name=f"renew-{name}", daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        stop.set()
+        thread.join(timeout=5)
