@@ -14,6 +14,13 @@ crashed, cancelled, or completed with nothing new to commit) the next check star
 attempt, keyed ``<crossing>:attempt-<n>`` (``tasks/triggers/crossings.py``), so a failed or empty
 build never silences the schedule. Racing checks compute the same key: Prefect creates one
 run. One Label Studio API call, two small S3 reads and two Prefect API reads per check.
+
+The fine-tune's reconciliation, in the same check (issue #18): ``refs/latest`` whose
+``dataset.versioned`` event the server never confirmed is announced now
+(``tasks/build/publish.py``: sent, read back from the API, then marked); an announced
+``refs/latest`` that no fine-tune took up ``finetune_grace_s`` after its announcement (the
+trigger was lost, e.g. across a server restart) gets one run of ``finetune_deployment``
+(``tasks/finetune/sweep.py``: once per version, keyed ``finetune:<dataset>@<version>:reconcile``).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from pydantic import BaseModel, Field
 
 from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.adapters.labelstudio import require_project
+from sftflow.tasks.build.publish import announce_latest_task
+from sftflow.tasks.finetune.sweep import start_finetune_task, version_to_finetune_task
 from sftflow.tasks.triggers.counters import CountMode, ProjectCounters, Threshold, progress
 from sftflow.tasks.triggers.crossings import build_parameters, find_attempt_task
 from sftflow.tasks.versions.read import load_baseline_task
@@ -40,6 +49,12 @@ class CheckParams(BaseModel):
         "build-dataset/build-dataset", description="The build deployment: '<flow>/<deployment>'."
     )
     bucket: str | None = Field(None, description="Bucket of the datasets (empty: configured).")
+    finetune_deployment: str | None = Field(
+        "finetune/finetune", description="The fine-tune deployment the reconciliation starts for "
+        "an announced version no fine-tune took up (empty: none; absent: skipped).")
+    finetune_grace_s: float = Field(
+        300.0, ge=0, description="How long after its announcement a version is left to the "
+        "deployment's trigger before the reconciliation starts its fine-tune.")
 
 
 class CheckReport(BaseModel):
@@ -52,6 +67,9 @@ class CheckReport(BaseModel):
     idempotency_key: str | None = None
     build_flow_run_id: str | None = None
     attempt: int | None = None
+    announced: str | None = Field(None, description="The version this check announced.")
+    finetune_flow_run_id: str | None = None
+    finetune_started: bool = False
 
 
 def crossing_key(project_id: int, params: CheckParams, baseline_version: str | None) -> str:
@@ -92,8 +110,29 @@ def check_annotations(params: CheckParams) -> CheckReport:
         logger.info("%s: build run %s (%s)", p.describe(), run.name, run.id)
     else:
         logger.info(p.describe())
+    reconcile_finetune(params, clients, report)
     create_table_artifact(
         [{"figure": k, "value": str(v)} for k, v in report.model_dump().items()],
         description=report.message,
     )
     return report
+
+
+def reconcile_finetune(params: CheckParams, clients: Clients, report: CheckReport) -> None:
+    """An unconfirmed ``refs/latest`` announced; an announced one without fine-tune started."""
+    logger = get_run_logger()
+    prefix = clients.settings.datasets.prefix
+    report.announced = announce_latest_task(clients.s3, prefix, params.dataset)
+    if report.announced:
+        logger.info("announced %s@%s (its event was not confirmed before)",
+                    params.dataset, report.announced)
+    if not params.finetune_deployment:
+        return
+    version = version_to_finetune_task(
+        clients.s3, params.dataset, datasets_prefix=prefix,
+        models_prefix=clients.settings.finetune.models_prefix, grace_s=params.finetune_grace_s)
+    if version:
+        start = start_finetune_task(params.finetune_deployment, params.dataset, version,
+                                    {"bucket": params.bucket})
+        report.finetune_flow_run_id, report.finetune_started = start.flow_run_id, start.started
+        logger.info("%s@%s has no fine-tune: %s", params.dataset, version, start.reason)

@@ -7,13 +7,22 @@ SQLAlchemy 2.1 broke both while ``/api/health`` said yes). Two probes tell:
   its background services (scheduler, event persister, ...): each loop that fails logs one.
 - ``unscheduled_deployments``: through the API, for any server: a deployment with an active
   schedule that has no upcoming run means the scheduler is not creating runs.
+
+And delivering an event the server has *accepted*, not merely queued: ``send_event`` emits
+through an awaited events client (the websocket, then a ping the server answers only after
+the event), raising when it cannot; ``event_stored`` reads it back from the API by id and
+resource (``/events/filter``), which is what the caller waits on before recording it as sent.
+(``prefect.events.emit_event`` only queues into a background worker: an event lost there is
+lost silently.)
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+from uuid import UUID
 
 #: ``07:00:58.143 | ERROR   | docket.dependencies - ↩ [ 33ms] schedule_deployments(){...}``
 _RECORD = re.compile(r"^(\d\d:\d\d:\d\d)(?:\.\d+)? \| (\w+)\s*\| (\S+) - (.*)$")
@@ -101,3 +110,50 @@ def unscheduled_deployments(grace: timedelta = timedelta(minutes=2)) -> list[str
             if not runs:
                 stale.append(f"{flows.get(dep.flow_id, '?')}/{dep.name}")
     return stale
+
+
+def send_event(name: str, resource: dict[str, str], payload: dict[str, Any], event_id: UUID,
+               *, attempts: int = 2) -> None:
+    """Emit one event to the Prefect API of the current settings and wait for the server to
+    have received it (a websocket ping answered after the send). Raises when it could not be
+    sent (no API URL and no ephemeral server, the events endpoint refused or unreachable
+    after ``attempts`` tries)."""
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    event = Event(event=name, resource=resource, payload=payload, id=event_id)
+
+    async def send() -> None:
+        # checkpoint_every=1: every emit pings and awaits the pong, so a return means received
+        async with get_events_client(reconnection_attempts=max(attempts - 1, 0),
+                                     checkpoint_every=1) as client:
+            await client.emit(event)
+
+    run_coro_as_sync(send())
+
+
+def event_stored(event_id: UUID, resource_id: str, *, since: datetime | None = None) -> bool:
+    """Whether the Prefect API returns the event ``event_id`` of ``resource_id`` (the server
+    persisted it). False when the API cannot be read now (ask again later)."""
+    from prefect import get_client
+    from prefect.events.filters import (
+        EventFilter,
+        EventIDFilter,
+        EventOccurredFilter,
+        EventResourceFilter,
+    )
+
+    now = datetime.now(UTC)
+    flt = EventFilter(
+        id=EventIDFilter(id=[event_id]),
+        resource=EventResourceFilter(id=[resource_id]),
+        occurred=EventOccurredFilter(since=since or now - timedelta(days=30),
+                                     until=now + timedelta(days=1)),
+    )
+    try:
+        with get_client(sync_client=True) as client:
+            page = client.read_events(filter=flt, limit=1)
+    except Exception:  # noqa: BLE001 - unreachable or refusing: not confirmed (yet)
+        return False
+    return any(e.id == event_id for e in page.events)
