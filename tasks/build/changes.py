@@ -1,10 +1,12 @@
 """Which tasks a build reads again, and how it knows the list is complete.
 
 ``read_changes`` is the incremental export: the tasks updated since the parent's watermark
-(a light listing, then only the changed tasks whole), reconciled against the project
-counters, deleted tasks found by bisecting id counts. When that cannot be proven, it asks
-for a full export, and ``changes_from_snapshot`` reads the changes from the downloaded
-snapshot instead. Either way the result is a ``Changes``: the tasks to parse, every state
+(a light listing proven complete against the total it announces, then only the changed tasks
+whole), reconciled against the project counters, deleted tasks found by bisecting id counts.
+Its ``reason`` is then the proof. When any of that cannot be proven (a failed, 404 or short
+page, counters that do not reconcile or moved during the reading), it asks for a full export,
+the reason naming the cause, and ``changes_from_snapshot`` reads the changes from the
+downloaded snapshot instead. Either way the result is a ``Changes``: the tasks to parse, every state
 seen, deletions, and the tasks whose parent rows leave.
 """
 
@@ -22,9 +24,9 @@ from sftflow.tasks.build.delta import (
     find_deleted_task,
     list_task_ids_task,
     ls_time,
+    next_watermark,
     reconcile,
     task_state,
-    watermark,
 )
 from sftflow.tasks.build.export import iter_json_array
 from sftflow.tasks.build.incremental import changed_tasks, orphan_tasks
@@ -54,7 +56,7 @@ class Changes:
     states: dict[int, TaskState]  # current states of those tasks (all tasks on a full export)
     deleted: set[int]
     reread: set[int]  # changed or deleted or orphaned: their parent rows leave
-    watermark: str
+    watermark: str  # the next build's (``next_watermark``: Label Studio's clock, less the overlap)
     export: dict[str, Any] = field(default_factory=dict)  # snapshot id and time, requests
     needs_export: bool = False  # the change list is not proven: take a full export
 
@@ -65,59 +67,99 @@ def _reread(plan: Plan, states: Mapping[int, TaskState], deleted: set[int]) -> s
     return changed | orphan_tasks(plan.parent.tasks, changed, kept)
 
 
-def _reread(plan: Plan, states: Mapping[int, TaskState], deleted: set[int]) -> set[int]:
-    changed = changed_tasks(plan.parent.tasks, states, deleted)
-    kept = {r["cluster_id"] for r in plan.parent.rows if r["task_id"] not in changed}
-    return changed | orphan_tasks(plan.parent.tasks, changed, kept)
+def _listing(ls: Any, project_id: int, plan: Plan, clock: PhaseTimer) -> tuple[Any, Any] | str:
+    """The light listing of the tasks updated since the parent's watermark, then the tasks
+    whose ``updated_at`` the parent did not record, whole; or why that reading is no proof."""
+    since = plan.parent.source["watermark"]
+    seen = fetch_tasks_task(ls, project_id, updated_after=since, light=True)
+    clock.lap("list")
+    if seen.unproven:
+        return f"the listing of the tasks updated since {since} ({seen.unproven})"
+    known = plan.parent.tasks
+    stale = sorted(int(t["id"]) for t in seen.tasks if int(t["id"]) not in known
+                   or not known[int(t["id"])].get("updated_at")
+                   or known[int(t["id"])]["updated_at"] != ls_time(t.get("updated_at")))
+    delta = fetch_tasks_task(ls, project_id, ids=stale)
+    clock.lap("fetch")
+    if delta.unproven:
+        return f"reading the {len(stale)} changed tasks whole ({delta.unproven})"
+    return seen, delta
+
+
+def _deleted(ls: Any, project_id: int, plan: Plan, states: Mapping[int, TaskState],
+             counters: Mapping[str, int]) -> tuple[set[int], str | None]:
+    """The deleted tasks, when the counters say some are gone: named by counting id ranges,
+    else by listing every id; and what still does not reconcile (None: all of it does)."""
+    expected = set(plan.parent.tasks) | set(states)
+    found = find_deleted_task(ls, project_id, expected)
+    if found is None:
+        found = list_task_ids_task(ls, project_id)
+        if found is None:
+            return set(), "the project's task ids could not all be listed"
+        found = expected - found
+    return found, reconcile(plan.parent.states(), states, found, counters)
+
+
+def _incremental(ls: Any, project_id: int, plan: Plan, prompt_name: str) -> Changes | str:
+    """The incremental export, proven; or why it is not (the build then takes a full one)."""
+    clock = PhaseTimer()  # its laps show where an incremental export's seconds go
+    before = read_counters(ls, project_id)
+    clock.lap("counters")
+    got = _listing(ls, project_id, plan, clock)
+    if isinstance(got, str):
+        return f"change list not proven: {got}"
+    seen, delta = got
+    now = read_counters(ls, project_id)
+    clock.lap("counters")
+    if now != before:
+        return "change list not proven: the project changed during the reading"
+    states = {int(t["id"]): task_state(t, prompt_name) for t in delta.tasks}
+    deleted: set[int] = set()
+    if why := reconcile(plan.parent.states(), states, deleted, now):
+        deleted, why = _deleted(ls, project_id, plan, states, now)
+        clock.lap("deleted")
+    if why:
+        return f"counters do not reconcile ({why})"
+    reread = _reread(plan, states, deleted)
+    orphans = sorted(reread - set(states) - deleted)
+    extra = fetch_tasks_task(ls, project_id, ids=orphans)
+    clock.lap("fetch")
+    if extra.unproven:
+        return f"change list not proven: reading the orphaned tasks ({extra.unproven})"
+    states.update({int(t["id"]): task_state(t, prompt_name) for t in extra.tasks})
+    by_id = {int(t["id"]): t for t in delta.tasks + extra.tasks}
+    since = plan.parent.source["watermark"]
+    proof = (f"change list proven: the listing of the tasks updated since {since} holds all "
+             f"{len(seen.tasks)} of {seen.total} ({seen.pages} pages), and the counters "
+             f"reconcile ({now['task_number']} tasks, {now['total_annotations_number']} "
+             f"annotations{f', {len(deleted)} deleted' if deleted else ''})")
+    mark = next_watermark(since, [seen.latest])
+    return Changes("incremental", proof, [by_id[t] for t in sorted(reread) if t in by_id],
+                   states, deleted, reread, mark,
+                   {"requests": seen.requests + delta.requests + extra.requests,
+                    "tasks_listed": len(seen.tasks), "tasks_fetched": len(delta.tasks),
+                    "pages_listed": seen.pages, "seconds": clock.seconds(),
+                    # the latest updated_at of every page (Label Studio's clock): when the
+                    # reading's rows were read, to order builds (not a watermark: see delta)
+                    "read_at": max((ls_time(t.get("updated_at")) for t in seen.tasks),
+                                   default="")})
 
 
 def read_changes(ls: Any, project_id: int, plan: Plan, *,
                  prompt_name: str = PROMPT_NAME) -> Changes:
-    """The incremental export: tasks updated since the parent's watermark, checked against
-    the project counters, deleted tasks found by listing ids when the counts say some are
-    gone. When the plan is not incremental, or the counters do not reconcile, the answer asks
-    for a full export (``needs_export``, with the reason), which the flow then takes and
-    hands to :func:`changes_from_snapshot`."""
+    """The incremental export: tasks updated since the parent's watermark (a listing proven
+    complete against the total it announces), checked against the project counters, deleted
+    tasks found by counting id ranges when the counts say some are gone. The answer's
+    ``reason`` is the proof. When the plan is not incremental, or any of it cannot be proven
+    (a failed, 404 or short page, counters that do not reconcile or that moved during the
+    reading), the answer asks for a full export (``needs_export``, the reason naming the
+    cause), which the flow then takes and hands to :func:`changes_from_snapshot`."""
     reason = plan.reason
     if plan.mode == "incremental":
-        clock = PhaseTimer()  # its laps show where an incremental export's seconds go
-        before = read_counters(ls, project_id)
-        clock.lap("counters")
-        seen = fetch_tasks_task(ls, project_id, updated_after=plan.parent.source["watermark"],
-                           light=True)
-        clock.lap("list")
-        known = plan.parent.tasks
-        stale = sorted(int(t["id"]) for t in seen.tasks if int(t["id"]) not in known
-                       or not known[int(t["id"])].get("updated_at")
-                       or known[int(t["id"])]["updated_at"] != ls_time(t.get("updated_at")))
-        delta = fetch_tasks_task(ls, project_id, ids=stale)
-        delta.server_time = seen.server_time
-        clock.lap("fetch")
-        now = read_counters(ls, project_id)
-        clock.lap("counters")
-        states = {int(t["id"]): task_state(t, prompt_name) for t in delta.tasks}
-        deleted: set[int] = set()
-        why = "the project changed during the reading" if now != before else reconcile(
-            plan.parent.states(), states, deleted, now)
-        if why and now == before:
-            expected = set(plan.parent.tasks) | set(states)
-            found = find_deleted_task(ls, project_id, expected)
-            deleted = found if found is not None else expected - list_task_ids_task(ls, project_id)
-            why = reconcile(plan.parent.states(), states, deleted, now)
-            clock.lap("deleted")
-        if not why:
-            reread = _reread(plan, states, deleted)
-            orphans = sorted(reread - set(states) - deleted)
-            extra = fetch_tasks_task(ls, project_id, ids=orphans).tasks if orphans else []
-            clock.lap("fetch")
-            states.update({int(t["id"]): task_state(t, prompt_name) for t in extra})
-            by_id = {int(t["id"]): t for t in delta.tasks + extra}
-            return Changes("incremental", "", [by_id[t] for t in sorted(reread) if t in by_id],
-                           states, deleted, reread, watermark(delta.server_time),
-                           {"requests": seen.requests + delta.requests,
-                            "tasks_listed": len(seen.tasks), "tasks_fetched": len(delta.tasks),
-                            "seconds": clock.seconds()})
-        reason = f"counters do not reconcile ({why})"
+        got = _incremental(ls, project_id, plan, prompt_name)
+        if isinstance(got, Changes):
+            return got
+        reason = got
     mode: BuildMode = "full" if plan.parent.version else "scratch"
     return Changes(mode, reason, [], {}, set(), set(), "", needs_export=True)
 
@@ -126,7 +168,8 @@ def changes_from_snapshot(plan: Plan, path: Path, reason: str, *,
                           prompt_name: str = PROMPT_NAME) -> Changes:
     """The changes a full export shows (``path``: a downloaded snapshot): every task's state,
     the parent's tasks that are gone, and the tasks read again (all of them on a scratch
-    build)."""
+    build). No watermark: the flow takes the snapshot's creation time (Label Studio's clock,
+    before the snapshot was serialised) less the overlap."""
     with path.open("rb") as fp:
         states = {int(t["id"]): task_state(t, prompt_name) for t in iter_json_array(fp)
                   if isinstance(t, dict)}

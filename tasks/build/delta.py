@@ -4,13 +4,25 @@ complete.
 Label Studio moves a task's ``updated_at`` whenever one of its annotations is created, updated
 or deleted (checked on 1.23), so the Data Manager filter ``tasks:updated_at > watermark``
 returns every task whose annotations changed, with its annotations (``GET /api/tasks``,
-``fields=all``), in pages. Deleted tasks do not appear in any list: they show in the project
-counters. ``reconcile`` checks the counters against the parent version's task index plus the
-delta; when they disagree, the build lists the project's task ids (one light request per
-10k tasks) to name the deleted tasks, and when that does not reconcile either, it falls back
-to a full export snapshot. The watermark is the Label Studio server's own clock (the ``Date``
-header of the first request) less an overlap, so a skewed client clock cannot hide a change;
-tasks seen again in the overlap are recognised by their unchanged state and cost nothing.
+``fields=all``), in pages ordered by id. Each page announces the ``total`` of the listing: a
+listing is complete only when it holds that many distinct tasks. A page that fails, answers
+anything but 200 (a 404 included: it is not "no more pages"), or comes back empty before the
+total is in leaves the listing *unproven* (``Delta.unproven`` says why), and the build takes a
+full export instead. A page shorter than asked is not the end either: a server or gateway that
+caps the page size is paged on until the total is in.
+
+Deleted tasks do not appear in any list: they show in the project counters. ``reconcile``
+checks the counters against the parent version's task index plus the delta; when they
+disagree, the build names the deleted tasks by counting id ranges (or listing every id), and
+when that does not reconcile either, it falls back to a full export snapshot.
+
+The watermark is taken from Label Studio's own data clock: the latest ``updated_at`` on the
+listing's first page (``next_watermark``; the pages are separate queries, so only the first
+is surely older than the whole reading), less an overlap, and never earlier than the
+parent's. Neither the builder's clock nor a ``Date`` header (which a gateway stamps with its
+own clock) enters it, so no clock skew can put an edit behind it. The overlap covers a save
+whose ``updated_at`` was taken before the reading and committed after it; tasks seen again in
+the overlap are recognised by their unchanged ``updated_at`` and cost nothing.
 
 ``task_state`` is the one fingerprint of a task's annotations, computed the same way from a
 snapshot export and from the tasks API, so a full build and an incremental build agree on
@@ -24,7 +36,6 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 from sftflow.core.errors import SftflowError
@@ -33,9 +44,10 @@ from sftflow.tasks.adapters.labelstudio import PROMPT_NAME
 from sftflow.tasks.runtime.declare import io_task
 from sftflow.tasks.runtime.polling import Backoff, is_transient, retry
 
-#: Seconds the next watermark overlaps the previous one: an annotation saved in a transaction
-#: that commits after the reading began (milliseconds in practice). Tasks created or deleted
-#: behind the watermark show in the counters, which ``reconcile`` checks whatever the overlap.
+#: Seconds the next watermark overlaps the latest ``updated_at`` read: an annotation saved in
+#: a transaction that commits after the reading (milliseconds in practice). Tasks created or
+#: deleted behind the watermark show in the counters, which ``reconcile`` checks whatever the
+#: overlap.
 OVERLAP_S = 10.0
 _DM_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"  # the only format the Data Manager datetime filter parses
 
@@ -84,23 +96,28 @@ def task_state(task: Mapping[str, Any], prompt_name: str = PROMPT_NAME) -> TaskS
 
 @dataclass
 class Delta:
-    """Tasks read from the tasks API, and the server's clock when the reading began."""
+    """Tasks read from the tasks API, and whether the reading is proven complete."""
 
     tasks: list[dict[str, Any]] = field(default_factory=list)
-    server_time: str = ""  # _DM_TIME, from the first response's Date header
     requests: int = 0
+    pages: int = 0
+    total: int = 0  # the tasks the listing announced (the last page's ``total``)
+    unproven: str = ""  # why the reading is not proven complete ("" when it is)
+    #: the latest ``updated_at`` on the first page (``ls_time``; "" for none), Label Studio's
+    #: clock: what the reading surely saw. Later pages are later queries: an edit to a task
+    #: of an earlier page may land between them, behind a time a later page shows.
+    latest: str = ""
 
 
 def _get(client: Any, params: dict[str, Any], timeout_s: float) -> Any:
+    """One tasks API request, transient failures retried; any answer below 500 is returned
+    as it is, for the caller to judge."""
     def call() -> Any:
         resp = client._client_wrapper.httpx_client.request(
             "api/tasks/", method="GET", params=params,
             request_options={"timeout_in_seconds": timeout_s, "max_retries": 0})
-        if resp.status_code == 404:  # past the last page
-            return resp
         if resp.status_code >= 500:
             raise ConnectionError(f"Label Studio answered {resp.status_code} to GET /api/tasks")
-        resp.raise_for_status()
         return resp
 
     return retry(call, attempts=4, backoff=Backoff(0.5, 8.0), retry_if=is_transient)
@@ -116,20 +133,51 @@ def _filters(updated_after: str | None, ids: Sequence[int] | None) -> str:
     return json.dumps({"filters": {"conjunction": "and", "items": items}})
 
 
+def _page(client: Any, params: dict[str, Any], timeout_s: float) -> tuple[list, int] | str:
+    """One page's tasks and the listing's announced ``total``, or why the page is no proof."""
+    try:
+        resp = _get(client, params, timeout_s)
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the listing is not proven
+        return f"page {params['page']} failed: {type(exc).__name__}: {exc}"
+    if resp.status_code != 200:
+        return f"page {params['page']} answered {resp.status_code}"
+    try:
+        body = resp.json()
+        tasks, total = body["tasks"], body["total"]
+    except (ValueError, KeyError, TypeError):
+        return f"page {params['page']} is not a tasks listing"
+    if not isinstance(tasks, list) or not isinstance(total, int):
+        return f"page {params['page']} is not a tasks listing"
+    return tasks, total
+
+
 def _pages(client: Any, project_id: int, base: dict[str, Any], page_size: int,
            timeout_s: float, out: Delta) -> Iterable[list[dict[str, Any]]]:
-    for page in itertools.count(1):  # ends at the first short or missing page
-        resp = _get(client, {**base, "project": project_id, "page": page,
+    """The pages of one listing, until it holds the ``total`` the server announces (the last
+    page's: a task updated during the reading joins the listing, pages ordered by id shift
+    right, and nothing is skipped). Anything else sets ``out.unproven`` and stops: a failed,
+    non-200 (404 included) or empty page before the total is in, or more pages than the
+    total can fill."""
+    seen: set[int] = set()
+    for page in itertools.count(1):
+        got = _page(client, {**base, "project": project_id, "page": page,
                              "page_size": page_size}, timeout_s)
         out.requests += 1
-        if not out.server_time and resp.headers.get("date"):
-            out.server_time = parsedate_to_datetime(resp.headers["date"]).astimezone(
-                UTC).strftime(_DM_TIME)
-        if resp.status_code == 404:
+        if isinstance(got, str):
+            out.unproven = f"{got} with {len(seen)} of {out.total or '?'} tasks read"
             return
-        tasks = resp.json().get("tasks") or []
-        yield tasks
-        if len(tasks) < page_size:
+        tasks, out.total = got
+        out.pages += 1
+        if out.pages == 1:
+            out.latest = max((ls_time(t.get("updated_at")) for t in tasks), default="")
+        fresh = [t for t in tasks if int(t["id"]) not in seen]
+        seen.update(int(t["id"]) for t in fresh)
+        yield fresh
+        if len(seen) >= out.total:
+            return
+        if not tasks or page > 2 * out.total + 10:
+            out.unproven = (f"page {page} brought {len(tasks)} tasks with {len(seen)} of "
+                            f"{out.total} read")
             return
 
 
@@ -140,7 +188,9 @@ def fetch_tasks(client: Any, project_id: int, *, updated_after: str | None = Non
     with the given ``ids``; each with its annotations, in the shape of a snapshot export.
     ``light``: only each task's id and ``updated_at`` (about 6x cheaper a task), 5000 a page:
     each filtered page costs about 0.6 s at 55k tasks whatever its size, so listing 5.5k
-    tasks took 3.5 s in pages of 500 and 1.8 s in pages of 5000."""
+    tasks took 3.5 s in pages of 500 and 1.8 s in pages of 5000. ``unproven`` says why the
+    answer is not complete: a listing not proven (see ``_pages``), or a task asked for by id
+    that did not come back."""
     page_size = page_size or (5000 if light else 500)
     out = Delta()
     if ids is not None and not ids:
@@ -148,42 +198,53 @@ def fetch_tasks(client: Any, project_id: int, *, updated_after: str | None = Non
     chunks = [list(ids[i:i + 100]) for i in range(0, len(ids), 100)] if ids else [None]
     what = ({"fields": "task_only", "include": "id,updated_at"} if light
             else {"fields": "all"})
+    total = 0
     for chunk in chunks:
         base = {**what, "query": _filters(updated_after, chunk)}
         for tasks in _pages(client, project_id, base, page_size, timeout_s, out):
             out.tasks += tasks
+        total += out.total
+        if out.unproven:
+            break
+    out.total = total
+    missing = set(ids or ()) - {int(t["id"]) for t in out.tasks}
+    if missing and not out.unproven:
+        out.unproven = f"{len(missing)} of {len(set(ids or ()))} tasks asked for did not come back"
     return out
 
 
 def list_task_ids(client: Any, project_id: int, *, page_size: int = 10_000,
-                  timeout_s: float = 120.0) -> set[int]:
-    """Every task id of the project (one light request per ``page_size`` tasks)."""
+                  timeout_s: float = 120.0) -> set[int] | None:
+    """Every task id of the project (one light request per ``page_size`` tasks); None when
+    the listing is not proven complete."""
     out = Delta()
     ids: set[int] = set()
     base = {"fields": "task_only", "include": "id"}
     for tasks in _pages(client, project_id, base, page_size, timeout_s, out):
         ids.update(int(t["id"]) for t in tasks)
-    return ids
+    return None if out.unproven else ids
 
 
-def _count_in(client: Any, project_id: int, lo: int, hi: int, timeout_s: float) -> int:
-    """Tasks of the project with ``lo <= id < hi`` (one count query, no rows)."""
+def _count_in(client: Any, project_id: int, lo: int, hi: int, timeout_s: float) -> int | None:
+    """Tasks of the project with ``lo <= id < hi`` (one count query, no rows); None when the
+    server gives no count (a failed or non-200 answer is no count, never zero)."""
     q = json.dumps({"filters": {"conjunction": "and", "items": [
         {"filter": "filter:tasks:id", "operator": "greater_or_equal", "type": "Number",
          "value": lo},
         {"filter": "filter:tasks:id", "operator": "less", "type": "Number", "value": hi}]}})
-    resp = _get(client, {"project": project_id, "fields": "task_only", "include": "id",
+    got = _page(client, {"project": project_id, "fields": "task_only", "include": "id",
                          "page_size": 1, "page": 1, "query": q}, timeout_s)
-    return 0 if resp.status_code == 404 else int(resp.json().get("total") or 0)
+    return None if isinstance(got, str) else got[1]
 
 
-def find_missing(expected: Iterable[int], count: Callable[[int, int], int], *,
+def find_missing(expected: Iterable[int], count: Callable[[int, int], int | None], *,
                  max_requests: int = 400) -> tuple[set[int] | None, int]:
     """Which ``expected`` ids are gone, given ``count(lo, hi)``: how many ids in ``[lo, hi)``
-    exist. Bisects the ranges that fall short, counting only the left half of each split (the
-    right half's count is the rest of the parent's), so one missing id among n costs about
-    log2(n) + 1 counts. Returns (the missing ids, or None when a range holds more than
-    expected or ``max_requests`` would be exceeded; the counts made)."""
+    exist (None: no answer). Bisects the ranges that fall short, counting only the left half of
+    each split (the right half's count is the rest of the parent's), so one missing id among n
+    costs about log2(n) + 1 counts. Returns (the missing ids, or None when a range holds more
+    than expected, a count gets no answer or ``max_requests`` would be exceeded; the counts
+    made)."""
     ids = sorted(set(expected))
     gone: set[int] = set()
     made = [0]
@@ -226,12 +287,23 @@ def find_deleted(client: Any, project_id: int, expected: Iterable[int], *,
     return gone
 
 
-def watermark(server_time: str, overlap_s: float = OVERLAP_S) -> str:
-    """The next build's watermark: the server time the reading began, less the overlap."""
-    if not server_time:
-        raise SftflowError("no Label Studio server time to take a watermark from")
-    dt = datetime.strptime(server_time, _DM_TIME).replace(tzinfo=UTC)
+def watermark(data_time: str, overlap_s: float = OVERLAP_S) -> str:
+    """The watermark a reading that saw Label Studio up to ``data_time`` (``ls_time`` form, on
+    Label Studio's clock) leaves the next build: that time less the overlap."""
+    if not data_time:
+        raise SftflowError("no Label Studio time to take a watermark from")
+    dt = datetime.strptime(ls_time(data_time), _DM_TIME).replace(tzinfo=UTC)
     return (dt - timedelta(seconds=overlap_s)).strftime(_DM_TIME)
+
+
+def next_watermark(previous: str, times: Iterable[str], overlap_s: float = OVERLAP_S) -> str:
+    """The next build's watermark: the latest of ``times`` (``updated_at`` values the reading
+    surely saw whole, Label Studio's own clock) less the overlap, never earlier than
+    ``previous`` (the parent's; a reading that returned nothing keeps it). "" when there is
+    neither."""
+    latest = max((ls_time(t) for t in times if t), default="")
+    mark = watermark(latest, overlap_s) if latest else ""
+    return max(ls_time(previous), mark)
 
 
 def reconcile(parent: Mapping[int, TaskState], changed: Mapping[int, TaskState],

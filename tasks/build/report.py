@@ -30,7 +30,9 @@ class BuildReport(BaseModel):
     bytes_written: int = 0
     bytes_total: int = 0
     mode: str = Field("", description="incremental | full | scratch")
-    mode_reason: str = Field("", description="Why this mode (a fallback names its cause).")
+    mode_reason: str = Field("", description="Why this mode: an incremental build states its "
+                             "proof (the listing whole, the counters reconciled); a fallback to "
+                             "a full export names what could not be proven.")
     seconds: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
     message: str = ""
 
@@ -38,8 +40,9 @@ class BuildReport(BaseModel):
         self.mode, self.mode_reason = changes.mode, changes.reason
         self.counts["changes"] = {**figures, "rows_deleted_in_place":
                                   self.counts.get("commit", {}).get("rows_deleted", 0)}
-        if "tasks_listed" in changes.export:  # the incremental export's light listing
-            self.counts["changes"]["tasks_listed"] = changes.export["tasks_listed"]
+        for key in ("tasks_listed", "pages_listed"):  # the incremental export's light listing
+            if key in changes.export:
+                self.counts["changes"][key] = changes.export[key]
 
     def record_seconds(self, seconds: dict[str, float], changes: Changes) -> None:
         """Seconds per stage, and where an incremental export's went (counters, list, fetch,

@@ -152,8 +152,8 @@ def test_a_change_list_that_does_not_reconcile_falls_back_to_a_full_export(
     labelstudio.projects.import_tasks(id=project.id, request=[_qa(500), _qa(501)])
     up = urlparse(get_settings().labelstudio.url)
     with FaultProxy(up.hostname, up.port) as proxy:
-        # the changed-tasks listing ends early (a 404 is its end-of-pages answer): the two
-        # new tasks are missing from it, and the project counters say so
+        # the changed-tasks listing is answered 404: never read as "no more pages", it leaves
+        # the change list unproven (issue 18, item 5)
         proxy.add(Fault("status", "GET", r"api/tasks/\?.*updated_at", times=0, status=404))
         monkeypatch.setenv("SFTFLOW_LABELSTUDIO__URL", proxy.url)
         get_settings.cache_clear()
@@ -163,8 +163,8 @@ def test_a_change_list_that_does_not_reconcile_falls_back_to_a_full_export(
             monkeypatch.undo()  # the URL as it was (a stack on other ports sets it too)
             get_settings.cache_clear()
     assert proxy.applied["status"] >= 1
-    assert second.mode == "full" and "do not reconcile" in second.mode_reason
-    assert "tasks: Label Studio says 82" in second.mode_reason
+    assert second.mode == "full" and "change list not proven" in second.mode_reason
+    assert "page 1 answered 404 with 0 of ? tasks read" in second.mode_reason
     assert sum(second.rows.values()) == sum(first.rows.values()) + 2
     third = _build(s3, project, "inc")  # and the next build is incremental again
     assert third.mode == "incremental" and third.version == second.version
