@@ -27,7 +27,9 @@ in S3, ``<state_prefix>/locks/sftflow-ingest-project-<id>.json``, whose fencing 
 ledger write checks. An import request with an unknown outcome, or left pending by a crash, is
 resent only after it has certainly ended on the server (all its tasks found, or
 ``import_doubt_s`` past its sending); a final check compares the project's task count with the
-ledger and rescans (removing unannotated duplicates) if they disagree.
+ledger and rescans if they disagree, removing duplicate tasks: never one with work on it (an
+annotation, a skip, a prediction such as a model draft, an annotator's draft), checked by Label
+Studio in the delete request itself; of a duplicate pair the one with work stays.
 Every input record ends as exactly one of imported / duplicate / quarantined (a prompt whose id is
 already in the project is a duplicate; one that near-duplicates a prompt of the project or of the
 run is quarantined as ``near_duplicate_prompt``).

@@ -1,7 +1,8 @@
 """Label Studio export snapshots, and the streaming parse of their JSON into SFT rows.
 
 Snapshots (``POST /api/projects/<id>/exports``, poll until ``completed``, download) instead of
-the synchronous ``/export`` endpoint, which times out on large projects. The downloaded JSON
+the synchronous ``/export`` endpoint, which times out on large projects; a snapshot lost to a
+Label Studio restart (or failed) costs a new one within the same deadline. The downloaded JSON
 (one array of tasks, about 2 KB a task) is spooled to a local file and parsed one task at a
 time, so memory holds the rows we keep, never the whole document as Python objects.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import time
 import uuid
 from collections import Counter
@@ -24,6 +26,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
+
+import httpx
 
 from sftflow.core.errors import SftflowError
 from sftflow.tasks.adapters.labelstudio import PROMPT_NAME, RESPONSE_NAME
@@ -35,6 +39,7 @@ from sftflow.tasks.runtime.polling import Backoff, is_transient, retry, wait_unt
 from sftflow.tasks.versions.rows import Exclusion, SftRow
 
 AnnotationPolicy = Literal["latest", "ground_truth_first", "all"]
+_log = logging.getLogger(__name__)
 
 
 # -- snapshots ----------------------------------------------------------------------------------
@@ -46,11 +51,107 @@ class Snapshot:
     md5: str | None = None
 
 
+#: Snapshots one build asks for: another after one is lost (failed, gone, or cut short by a
+#: Label Studio restart), all within the one export deadline.
+MAX_SNAPSHOTS = 3
+
+
 def _snapshot_titled(client: Any, project_id: int, title: str) -> Any | None:
     """The project's snapshot named ``title`` (made by a create whose answer was lost)."""
     mine = [e for e in client.projects.exports.list(id=int(project_id))
             if getattr(e, "title", None) == title]
     return min(mine, key=lambda e: int(e.id)) if mine else None
+
+
+def _server_went_away(err: BaseException) -> bool:
+    """Whether ``err`` says the Label Studio server may have died (a restart): a refused or
+    dropped connection, a gateway's 502 or 503. A timeout or a 504 says it was slow, not gone."""
+    if isinstance(err, httpx.ConnectError | httpx.RemoteProtocolError | httpx.ReadError
+                  | httpx.WriteError):
+        return True
+    return getattr(err, "status_code", None) in (502, 503)
+
+
+class _SnapshotRun:
+    """One build's snapshot within one deadline: asked for (never blindly twice), waited for,
+    and asked for again when it is lost."""
+
+    def __init__(self, client: Any, project_id: int, timeout_s: float, poll: Backoff):
+        self.client, self.project_id, self.timeout_s, self.poll = client, project_id, timeout_s, poll
+        self.deadline = time.monotonic() + timeout_s
+        #: the server seemed to die since the snapshot in hand was asked for: a snapshot it was
+        #: building then will never complete (its builder died with it)
+        self.went_away = False
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def _note(self, err: BaseException, _attempt: int = 0) -> None:
+        self.went_away = self.went_away or _server_went_away(err)
+
+    def create(self) -> Any:
+        """Ask for a new snapshot, under a title of its own: its first info (maybe in progress).
+        A create whose outcome is unknown is looked up by that title before another is sent."""
+        title, tried = f"sftflow build {uuid.uuid4().hex[:12]}", False
+        self.went_away = False
+
+        def attempt() -> Any:
+            nonlocal tried
+            if tried and (found := _snapshot_titled(self.client, self.project_id, title)):
+                return found
+            if self.left() <= 0:
+                raise TimeoutError("no time left")
+            tried = True
+            return self.client.projects.exports.create(
+                id=int(self.project_id), title=title,
+                serialization_options=edits.EXPORT_SERIALIZATION,
+                request_options={"timeout": max(self.left(), 1.0), "max_retries": 0})
+
+        try:
+            return retry(attempt, attempts=20, backoff=Backoff(1.0, 30.0),
+                         timeout_s=max(self.left(), 0.0), on_retry=self._note)
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            raise SftflowError(
+                f"Label Studio export snapshot of project {self.project_id} not created within "
+                f"the {self.timeout_s:.0f} s export deadline ({type(err).__name__}: {err})"
+            ) from err
+
+    def wait(self, created: Any) -> tuple[Any, str | None]:
+        """Poll the snapshot until it completes: ``(info, None)``; or until it is lost:
+        ``(info, why)`` when it failed, is gone (404), or is still in progress after the server
+        went away. Raises SftflowError when the deadline passes first."""
+        info, asked, lost = created, False, None
+
+        def settled() -> bool:
+            nonlocal info, asked, lost
+            if asked:  # the first look is at the create response itself
+                try:
+                    info = self.client.projects.exports.get(
+                        id=int(self.project_id), export_pk=int(created.id),
+                        request_options={"timeout": max(min(self.left(), 60.0), 1.0)})
+                except Exception as err:
+                    if getattr(err, "status_code", None) == 404:
+                        lost = "is gone"
+                        return True
+                    if not is_transient(err):
+                        raise
+                    self._note(err)
+                    return False  # look again, within the deadline
+            asked = True
+            if info.status == "failed":
+                lost = "failed"
+            elif info.status != "completed" and self.went_away:
+                lost = "was cut short by a Label Studio restart"
+            return info.status == "completed" or lost is not None
+
+        if not wait_until(settled, timeout_s=max(self.left(), 0.0), backoff=self.poll):
+            raise SftflowError(
+                f"Label Studio export snapshot {created.id} of project {self.project_id} not "
+                f"completed within the {self.timeout_s:.0f} s export deadline (status "
+                f"{info.status!r})")
+        return info, lost
 
 
 def create_snapshot(
@@ -65,69 +166,27 @@ def create_snapshot(
     its own timeout, not the client's per-request one. A create whose outcome is unknown (a
     timeout, a lost answer, a 5xx) is not blindly repeated: the snapshot is made under a title
     of its own, and the project's snapshots are searched for it before creating another.
+
+    A snapshot can be lost: it failed, it is gone, or Label Studio went away (a refused or
+    dropped connection, a 502/503: a restart) while it was in progress, and its builder died
+    with the server (it would stay ``in_progress`` for ever). A lost snapshot costs a new one
+    (the lost one is deleted, best effort), up to ``MAX_SNAPSHOTS``, within the same deadline.
     """
-    deadline = time.monotonic() + timeout_s
-    title = f"sftflow build {uuid.uuid4().hex[:12]}"
-    tried = False
-
-    def left() -> float:
-        return deadline - time.monotonic()
-
-    def create() -> Any:
-        nonlocal tried
-        if tried and (found := _snapshot_titled(client, project_id, title)) is not None:
-            return found
-        if left() <= 0:
-            raise TimeoutError("no time left")
-        tried = True
-        return client.projects.exports.create(
-            id=int(project_id), title=title, serialization_options=edits.EXPORT_SERIALIZATION,
-            request_options={"timeout": max(left(), 1.0), "max_retries": 0},
-        )
-
-    try:
-        created = retry(create, attempts=20, backoff=Backoff(1.0, 30.0), timeout_s=timeout_s)
-    except Exception as err:
-        if not is_transient(err):
-            raise
-        raise SftflowError(
-            f"Label Studio export snapshot of project {project_id} not created within the "
-            f"{timeout_s:.0f} s export deadline ({type(err).__name__}: {err})"
-        ) from err
-    export_id = int(created.id)
-    info, asked = created, False
-
-    def completed() -> bool:
-        nonlocal info, asked
-        if asked:  # the first look is at the create response itself
-            try:
-                info = client.projects.exports.get(
-                    id=int(project_id), export_pk=export_id,
-                    request_options={"timeout": max(min(left(), 60.0), 1.0)})
-            except Exception as err:
-                if is_transient(err):
-                    return False  # look again, within the deadline
-                raise
-        asked = True
-        if info.status == "failed":
-            raise SftflowError(
-                f"Label Studio export snapshot {export_id} of project {project_id} failed"
-            )
-        return info.status == "completed"
-
-    if not wait_until(completed, timeout_s=max(left(), 0.0),
-                      backoff=Backoff(poll_min_s, poll_max_s)):
-        raise SftflowError(
-            f"Label Studio export snapshot {export_id} of project {project_id} not completed "
-            f"within the {timeout_s:.0f} s export deadline (status {info.status!r})"
-        )
-    created_at = getattr(info, "created_at", None) or getattr(created, "created_at", None)
-    return Snapshot(
-        project_id=int(project_id),
-        export_id=export_id,
-        created_at=created_at.isoformat() if created_at else "",
-        md5=getattr(info, "md5", None),
-    )
+    run = _SnapshotRun(client, int(project_id), timeout_s, Backoff(poll_min_s, poll_max_s))
+    lost = ""
+    for _ in range(MAX_SNAPSHOTS):
+        created = run.create()
+        info, lost = run.wait(created)
+        if lost is None:
+            at = getattr(info, "created_at", None) or getattr(created, "created_at", None)
+            return Snapshot(project_id=int(project_id), export_id=int(created.id),
+                            created_at=at.isoformat() if at else "", md5=getattr(info, "md5", None))
+        _log.warning("export snapshot %s of project %s %s: asking for a new one",
+                     created.id, project_id, lost)
+        delete_snapshot(client, Snapshot(int(project_id), int(created.id), ""))
+        lost = f"snapshot {created.id} {lost}"
+    raise SftflowError(f"Label Studio export snapshots of project {project_id} lost "
+                       f"{MAX_SNAPSHOTS} times (the last: {lost})")
 
 
 def download_snapshot(client: Any, snapshot: Snapshot, dest: Path) -> Path:

@@ -6,7 +6,10 @@
   requests have certainly ended (``imports.await_outcome``); what of each landed becomes its
   segment. If the project's task count then differs from what the
   ledger expects, the project is rescanned: its prompt_ids become the ledger's snapshot and
-  unannotated duplicate tasks are removed.
+  duplicate tasks are removed (``remove_duplicates``): of the tasks holding one prompt, the
+  one kept is the first with work on it (an annotation, a skip, a prediction such as a model
+  draft, an annotator's draft), else the first; the others go only if they were made by
+  ingest and hold no work, which Label Studio checks in the delete request itself.
 - ``add_file()`` quarantines a file's new prompts that near-duplicate a prompt of the project or
   an earlier one of the run (``near_duplicate_prompt``, when ``near_duplicates`` is given;
   ``tasks.ingest.index``), then queues the prompts whose id is not known yet, in batches of
@@ -53,7 +56,6 @@ from sftflow.tasks.ingest.imports import (
     await_outcome,
     import_batch_task,
     iter_project_tasks,
-    remove_unannotated,
     scan_project_task,
     task_count,
 )
@@ -78,6 +80,61 @@ def task_data(p: Prompt, obj: ObjectInfo, uri: str, batch: str) -> dict[str, Any
     if p.extra:
         data.update(p.extra)
     return data
+
+
+#: Groups of duplicate tasks re-read, then deleted, per request of a rescan.
+REMOVE_BATCH = 200  # up to ~400 task ids in one read's query string: under 8 KB
+#: Tasks that hold no work: no annotation, no skip, no prediction, no annotator's draft.
+_NO_WORK = {"conjunction": "and", "items": [
+    {"filter": f"filter:tasks:{name}", "operator": "equal", "type": "Number", "value": 0}
+    for name in ("total_annotations", "cancelled_annotations", "total_predictions")
+] + [{"filter": "filter:tasks:draft_exists", "operator": "equal", "type": "Boolean",
+      "value": False}]}
+_WORK_FIELDS = "id,data,total_annotations,cancelled_annotations,total_predictions,draft_exists"
+
+
+def _worked_on(task: Any) -> bool:
+    return bool(task.total_annotations or task.cancelled_annotations or task.total_predictions
+                or getattr(task, "draft_exists", False))
+
+
+def _read_tasks(client: LabelStudio, project_id: int, ids: list[int]) -> dict[int, Any]:
+    """The tasks ``ids`` of the project that still exist, read now, with their work counts."""
+    query = json.dumps({"selectedItems": {"all": False, "included": ids}})
+    pager = client.tasks.list(project=project_id, query=query, fields="all",
+                              include=_WORK_FIELDS, page_size=max(len(ids), 1))
+    return {int(t.id): t for t in pager}
+
+
+def _surplus(tasks: list[Any]) -> list[int]:
+    """Of the tasks holding one prompt (ascending ids): those to delete. The one kept is the
+    first with work on it, else the first; a task with work, or not made by ingest, stays."""
+    if len(tasks) < 2:
+        return []
+    keep = next((t for t in tasks if _worked_on(t)), tasks[0])
+    return [int(t.id) for t in tasks if t is not keep and not _worked_on(t)
+            and (t.data or {}).get("ingest_batch")]
+
+
+def remove_duplicates(client: LabelStudio, project_id: int, groups: list[list[int]],
+                      *, batch: int = REMOVE_BATCH) -> list[int]:
+    """Reduce each group of task ids holding one prompt to the tasks to keep (``_surplus``);
+    returns the ids deleted. Per ``batch`` groups the tasks are read again just before their
+    delete, and the delete itself is conditional: Label Studio deletes only those that hold no
+    work when it runs it (Data Manager filters), so work added after the read is never lost."""
+    deleted: list[int] = []
+    groups = sorted(groups)
+    for start in range(0, len(groups), batch):
+        chunk = groups[start:start + batch]
+        fresh = _read_tasks(client, project_id, [t for g in chunk for t in g])
+        doomed = [t for g in chunk for t in _surplus([fresh[i] for i in g if i in fresh])]
+        if not doomed:
+            continue
+        client.actions.create(id="delete_tasks", project=project_id, filters=_NO_WORK,
+                              selected_items={"all": False, "included": doomed})
+        left = _read_tasks(client, project_id, doomed)  # gained work since the read: kept
+        deleted += [t for t in doomed if t not in left]
+    return deleted
 
 
 def rejected_lines(rejected: list[tuple[dict[str, Any], str]]) -> bytes:
@@ -370,10 +427,14 @@ class ProjectImporter:
         return totals
 
     def _rescan(self, superseded: list[str]) -> set[str]:
-        """Read the project once, drop unannotated duplicate tasks, make that the ledger."""
+        """Read the project once, remove duplicate tasks that hold no work
+        (``remove_duplicates``), make that the ledger."""
         scan = scan_project_task(self.client, self.project_id, prompt_id)
         self.totals.full_scans += 1
-        if scan.duplicates:
-            self.totals.duplicates_removed += len(remove_unannotated(self.client, scan.duplicates))
+        if scan.groups:
+            removed = remove_duplicates(self.client, self.project_id, list(scan.groups.values()))
+            self.totals.duplicates_removed += len(removed)
+            if kept := sum(len(g) - 1 for g in scan.groups.values()) - len(removed):
+                self.log.info("rescan: %d duplicate task(s) kept for the work on them", kept)
         self.ledger.write_snapshot(scan.ids, task_count(self.client, self.project_id), superseded)
         return scan.ids

@@ -303,6 +303,8 @@ class ProjectScan:
     task_number: int
     without_id: int  # tasks with no prompt_id (imported by other means); id computed from prompt
     duplicates: list[int]  # ingest-created task ids holding an already present prompt_id
+    #: every prompt_id held by two tasks or more: their task ids, ascending
+    groups: dict[str, list[int]] = field(default_factory=dict)
 
 
 def scan_project(client: LabelStudio, project_id: int, prompt_id_of: Any) -> ProjectScan:
@@ -314,6 +316,8 @@ def scan_project(client: LabelStudio, project_id: int, prompt_id_of: Any) -> Pro
     """
     ids: set[str] = set()
     dups: list[int] = []
+    first: dict[str, int] = {}
+    groups: dict[str, list[int]] = {}
     n = without = 0
     for task_id, data in sorted(iter_project_tasks(client, project_id)):
         n += 1
@@ -326,7 +330,9 @@ def scan_project(client: LabelStudio, project_id: int, prompt_id_of: Any) -> Pro
         if pid in ids and data.get("ingest_batch"):
             dups.append(task_id)
         ids.add(pid)
-    return ProjectScan(ids, n, without, dups)
+        if (seen := first.setdefault(pid, task_id)) != task_id:
+            groups.setdefault(pid, [seen]).append(task_id)
+    return ProjectScan(ids, n, without, dups, groups)
 
 
 def remove_unannotated(client: LabelStudio, task_ids: list[int]) -> list[int]:

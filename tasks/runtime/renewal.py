@@ -11,8 +11,8 @@ nothing, so its lease runs out and the next contender takes over. ``renewing`` i
   loses it, as it should);
 - leaving the block stops the loop (and waits a little for a renewal in flight).
 
-Used by the fine-tune submission claim (``tasks/finetune/lineage.py``). ``S3Lock``
-(``tasks/versions/locks.py``) still has the same loop of its own (``_renew_loop``).
+Used by the locks (``S3Lock.held``, ``tasks/versions/locks.py``) and the fine-tune submission
+claim (``tasks/finetune/lineage.py``).
 """
 
 from __future__ import annotations

@@ -12,6 +12,12 @@ acquisition increments the record's fencing ``token``; ``fence()`` raises ``Leas
 the record is no longer the one this holder wrote (taken over, or its lease ran out and could
 not be renewed), and writers call it before every write.
 
+A write of the holder's whose answer was lost (a reset connection, a gateway's 5xx) may have
+landed: the client's retry with the same ``If-Match`` is then refused (412), and the ETag the
+holder knows is stale. A 412 or a stale ETag costs a re-read, not the lock: the record is
+still this holder's when its ``owner`` (one id per acquisition) and ``token`` are, and the
+holder carries on with the record's ETag (``_adopt``).
+
 Limits: expiry compares the holders' wall clocks (keep them in sync: NTP); ``fence()`` then a
 write is two requests, so a holder that stalls between them longer than the lease could still
 write once after a takeover (S3 cannot make one object's write conditional on another's). The
@@ -37,6 +43,7 @@ from sftflow.core.clock import utc_now
 from sftflow.core.errors import SftflowError
 from sftflow.tasks.adapters.s3 import S3, PreconditionFailed
 from sftflow.tasks.runtime.polling import Backoff, wait_until
+from sftflow.tasks.runtime.renewal import renewing
 
 _log = logging.getLogger(__name__)
 
@@ -78,7 +85,6 @@ class S3Lock:
         self._lost: str | None = None
         self._busy_until: datetime | None = None  # the lease end of the holder last seen
         self._lock = threading.Lock()
-        self._stop = threading.Event()
 
     def _read(self) -> tuple[LockRecord, str] | None:
         try:
@@ -106,7 +112,10 @@ class S3Lock:
                                      if_match=current[1] if current else None,
                                      content_type="application/json")
         except PreconditionFailed:
-            return False  # another contender was faster
+            again = self._read()  # ours if our write landed and only its answer was lost
+            if again is None or (again[0].owner, again[0].token) != (self.owner, token):
+                return False  # another contender was faster
+            etag = again[1]
         self.token, self._etag, self._lost = token, etag, None
         return True
 
@@ -129,15 +138,39 @@ class S3Lock:
             seconds = min(seconds, max(0.05, left))
         time.sleep(seconds)
 
+    def _adopt(self, current: tuple[LockRecord, str] | None) -> bool:
+        """Whether ``current`` (the record as read) is still this holder's own: same owner and
+        token, not released. Then its ETag becomes ours: a write of ours whose answer was lost
+        landed (call with ``self._lock`` held)."""
+        if current is None:
+            return False
+        rec, etag = current
+        if rec.owner != self.owner or rec.token != self.token or rec.released:
+            return False
+        self._etag = etag
+        return True
+
+    def _put_own(self, *, released: bool = False) -> None:
+        """Write this holder's record over the one it last wrote (``If-Match``); after a 412,
+        once more over the record as read if that is still ours (``_adopt``). Raises
+        PreconditionFailed when the record is another holder's (call with ``self._lock``)."""
+        for attempt in range(2):
+            try:
+                self._etag = self.s3.put_bytes(
+                    self.key, self._record(self.token, released=released), bucket=self.bucket,
+                    if_match=self._etag, content_type="application/json")
+                return
+            except PreconditionFailed:
+                if attempt or not self._adopt(self._read()):
+                    raise
+
     def renew(self) -> bool:
         """Extend the lease; False (and ``fence()`` raises from then on) if it was lost."""
         with self._lock:
             if self._lost is not None or self._etag is None:
                 return False
             try:
-                self._etag = self.s3.put_bytes(self.key, self._record(self.token),
-                                               bucket=self.bucket, if_match=self._etag,
-                                               content_type="application/json")
+                self._put_own()
                 return True
             except PreconditionFailed:
                 self._lost = "the lock record changed: another holder took it over"
@@ -149,7 +182,7 @@ class S3Lock:
             lost = self._lost
             if lost is None:
                 current = self._read()
-                if current is None or current[1] != self._etag:
+                if current is None or (current[1] != self._etag and not self._adopt(current)):
                     lost = self._lost = "the lock record changed: another holder took it over"
                 elif utc_now() >= current[0].expires_at:
                     lost = "the lease expired before it was renewed"
@@ -159,35 +192,22 @@ class S3Lock:
 
     def release(self) -> None:
         """Mark the record released (its token stays: the next holder's is higher)."""
-        self._stop.set()
         with self._lock:
             if self._lost is None and self._etag is not None:
                 with contextlib.suppress(PreconditionFailed):
-                    self.s3.put_bytes(self.key, self._record(self.token, released=True),
-                                      bucket=self.bucket, if_match=self._etag,
-                                      content_type="application/json")
+                    self._put_own(released=True)
             self._etag = None
-
-    def _renew_loop(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
-            try:
-                if not self.renew():
-                    return
-            except Exception as err:  # noqa: BLE001 - a failed renewal is retried at the next tick
-                _log.warning("renewing lock %s failed (retried): %s", self.name, err)
 
     @contextlib.contextmanager
     def held(self, timeout_s: float) -> Iterator[S3Lock]:
-        """Acquire, renew in the background while the block runs, release."""
+        """Acquire, renew in the background (every third of the lease) while the block runs,
+        release."""
         self.acquire(timeout_s)
-        renewer = threading.Thread(target=self._renew_loop, name=f"lease-{self.name}",
-                                   daemon=True)
-        renewer.start()
         try:
-            yield self
+            with renewing(self.renew, self.lease_s / 3, name=f"lease-{self.name}"):
+                yield self
         finally:
             self.release()
-            renewer.join(timeout=5)
 
 
 def s3_lock(s3: S3, bucket: str, prefix: str, name: str, *, lease_s: float = 60.0) -> S3Lock:
