@@ -25,6 +25,15 @@ Idempotency: the version id is a hash of the rows and the build config, so rebui
 unchanged annotations writes nothing and returns the existing version. A crash at any point
 leaves ``refs/latest`` on a complete version; a rerun completes the commit.
 
+Concurrency: the flow holds the dataset's build lock (``tasks/versions/locks.py``: the lease
+record ``<bucket>/_sftflow/locks/sftflow-build-dataset-<dataset>.json``, renewed while it runs)
+from its plan to its event, whoever starts it (the CLI, the pipeline, a deployment run on any
+work pool), so builds of one dataset never overlap. The manifest's ``source`` records the
+watermark of what the build read from Label Studio (incremental and full builds alike), and
+``refs/latest`` never moves to a version read earlier than the one it names
+(``refs.advance_latest``): a build that lost its lock while frozen and commits late is
+reported as not latest (``superseded_by``) and is not announced.
+
 Large inputs (rows, the parent's state) go to tasks wrapped in ``quote``: Prefect would
 otherwise walk every row looking for futures (2 s per 50k rows, per task).
 
@@ -82,6 +91,7 @@ from sftflow.tasks.drafts.figures import draft_figures, publish_figures_task
 from sftflow.tasks.runtime.progress import PhaseTimer
 from sftflow.tasks.versions import formats, keys
 from sftflow.tasks.versions.commit import CommitRequest, commit_version_task
+from sftflow.tasks.versions.locks import build_lock
 from sftflow.tasks.versions.refs import set_tag_task
 
 
@@ -133,6 +143,14 @@ class BuildParams(BaseModel):
         "'full': a full export, the same stable rule (same version as 'auto'); 'scratch': "
         "ignore the parent version (every row deduplicated anew, splits recomputed)."
     )
+    lock_timeout_s: float = Field(
+        3600.0, gt=0, description="Wait this long for the dataset's build lock while another "
+        "build of the dataset holds it."
+    )
+    lock_lease_s: float | None = Field(
+        None, ge=1, description="Lease of the dataset's build lock, renewed every third of it "
+        "while the build runs (empty: the setting locks.lease_s, 60 s unless configured).",
+    )
 
     def build_config(self) -> dict[str, Any]:
         """Everything that changes the rows: hashed into the version id."""
@@ -154,11 +172,20 @@ class BuildParams(BaseModel):
       task_runner=ThreadPoolTaskRunner(max_workers=4), validate_parameters=True, log_prints=False)
 def build_dataset(params: BuildParams) -> BuildReport:
     """Read what changed in Label Studio since the parent version (or everything), filter,
-    dedup against the parent, split and commit one dataset version; see the module docstring."""
-    clock = PhaseTimer()
+    dedup against the parent, split and commit one dataset version, holding the dataset's
+    build lock throughout; see the module docstring."""
     keys.check_name("dataset", params.dataset)
     import_in_background()  # the pictures' matplotlib, while the export waits on Label Studio
     clients = Clients.for_bucket(params.bucket)
+    lock = build_lock(clients.s3, params.dataset,
+                      lease_s=params.lock_lease_s or clients.settings.locks.lease_s)
+    with lock.held(params.lock_timeout_s):
+        return _build(params, clients)
+
+
+def _build(params: BuildParams, clients: Clients) -> BuildReport:
+    """The build's stages, run while the flow holds the dataset's build lock."""
+    clock = PhaseTimer()
     settings, ls, s3 = clients.settings, clients.labelstudio, clients.s3
     prefix, shard_rows = settings.datasets.prefix, params.shard_rows or settings.datasets.shard_rows
 

@@ -8,11 +8,13 @@ Label Studio, a dataset version in S3, a model lineage record) and emit (their e
 Stops early, without failing, when annotations did not arrive before the deadline (state
 ``NotEnough``) or when there was nothing to build; fine-tuning runs only with a ``base_model``.
 Idempotency: every stage is idempotent (ingest ledger, content-addressed versions, lineage by
-job), so a rerun after a crash continues without duplicates. The build holds the dataset's S3
-lock (``tasks/versions/locks.py``: ``<bucket>/_sftflow/locks/sftflow-build-dataset-<dataset>.json``,
-leased and renewed), so it never overlaps another pipeline's build of that dataset; the lock
-lives in the bucket, not in Prefect, so it survives a Prefect server restart, and a killed
-build's lock is taken over after its lease.
+job), so a rerun after a crash continues without duplicates. The build stage holds the
+dataset's S3 lock (taken by the ``build_dataset`` flow itself, here with this flow's
+``build_lock_timeout_s`` and ``build_lock_lease_s``: ``<bucket>/_sftflow/locks/
+sftflow-build-dataset-<dataset>.json``, leased and renewed), so it never overlaps another build
+of that dataset, from a pipeline, the CLI or a deployment; the lock lives in the bucket, not in
+Prefect, so it survives a Prefect server restart, and a killed build's lock is taken over
+after its lease.
 """
 
 from __future__ import annotations
@@ -27,10 +29,8 @@ from sftflow.flows.build_dataset import BuildParams, build_dataset
 from sftflow.flows.finetune import FinetuneParams, finetune
 from sftflow.flows.ingest import IngestParams, ingest_prompts
 from sftflow.flows.wait_for_annotations import WaitParams, wait_for_annotations
-from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.triggers.counters import CountMode
-from sftflow.tasks.versions.locks import build_lock
 
 
 class PipelineParams(BaseModel):
@@ -83,12 +83,9 @@ def sft_pipeline(params: PipelineParams) -> PipelineReport:
         logger.info(report.message)
         return Completed(name="NotEnough", message=report.message, data=report)
 
-    clients = Clients.for_bucket(params.bucket)
-    lock = build_lock(clients.s3, params.dataset,
-                      lease_s=params.build_lock_lease_s or clients.settings.locks.lease_s)
-    with lock.held(params.build_lock_timeout_s):
-        built = build_dataset(BuildParams(project=project, dataset=params.dataset,
-                                          bucket=params.bucket))
+    built = build_dataset(BuildParams(  # the build flow takes the dataset's build lock
+        project=project, dataset=params.dataset, bucket=params.bucket,
+        lock_timeout_s=params.build_lock_timeout_s, lock_lease_s=params.build_lock_lease_s))
     report.stage, report.build = "build", built.model_dump(mode="json")
     report.message = built.message
     if built.version is None or not params.base_model:

@@ -11,7 +11,10 @@ check that every file it lists exists (put back what a concurrent ``gc`` deleted
 (``refs.advance_latest``). Readers trust only refs and manifests and verify checksums, so a
 crash before (2) leaves unreferenced objects (``gc`` removes them) and a crash between (2)
 and (3) leaves a complete version that a rerun points ``refs/latest`` at. ``refs/latest``
-never moves to a version built from an older Label Studio snapshot than the one it names.
+never moves to a version built from an older Label Studio read than the one it names: the
+request's ``source`` carries the watermark of what the build read (``refs.read_mark``),
+recorded in the manifest and compared by the compare-and-swap; it is not part of the version
+id.
 
 The version id is a hash of the rows and the build configuration (``manifest.version_id``):
 the same request commits the same version, and an unchanged rebuild writes nothing.
@@ -39,7 +42,7 @@ from sftflow.tasks.versions import formats
 from sftflow.tasks.versions.keys import DEFAULT_PREFIX, DatasetKeys, version_path
 from sftflow.tasks.versions.manifest import SPLITS, FileEntry, Manifest, read_manifest, version_id
 from sftflow.tasks.versions.read import load_manifest_at
-from sftflow.tasks.versions.refs import Hook, advance_latest, read_latest
+from sftflow.tasks.versions.refs import Hook, advance_latest, read_latest, read_mark
 from sftflow.tasks.versions.shards import companions, plan_shards, shard_bytes, shard_files
 
 if TYPE_CHECKING:
@@ -67,10 +70,10 @@ class ExtraFile:
 class CommitRequest:
     """What ``commit_version`` writes: ``rows`` (each with every column of ``formats.SCHEMA``)
     as a version of ``dataset`` under ``prefix``, described by the build ``config`` (hashed into
-    the version id), the Label Studio ``source`` (its ``snapshot_at`` orders concurrent
-    commits) and ``stats``. ``signatures`` (row hash -> MinHash signature) adds a signature
-    sidecar to every new shard. Without ``extra_files``, ``exclusions`` go to
-    ``versions/<v>/exclusions.jsonl``."""
+    the version id), the Label Studio ``source`` (its ``watermark``, the time of the read,
+    orders concurrent commits: ``refs.read_mark``; not hashed) and ``stats``. ``signatures``
+    (row hash -> MinHash signature) adds a signature sidecar to every new shard. Without
+    ``extra_files``, ``exclusions`` go to ``versions/<v>/exclusions.jsonl``."""
 
     dataset: str
     rows: Sequence[SftRow]
@@ -102,7 +105,7 @@ class CommitResult:
     shards_reused: int = 0
     rows_deleted: int = 0  # rows of reused shards left out (recorded in the manifest)
     cas_retries: int = 0
-    superseded_by: str | None = None  # refs/latest was left on a version from a newer snapshot
+    superseded_by: str | None = None  # refs/latest was left on a version read later
     parent_missing: list[str] = field(default_factory=list)  # parent files gone (not reused)
     repaired: list[str] = field(default_factory=list)  # files gone after the manifest, re-put
 
@@ -118,7 +121,7 @@ class _Commit:
     keys: DatasetKeys
     vid: str = ""
     cfg_hash: str = ""
-    snapshot_at: str | None = None  # the Label Studio snapshot the rows were read from
+    read_at: str = ""  # when the rows were read from Label Studio (``refs.read_mark``)
     row_counts: dict[str, int] = field(default_factory=dict)
     files: list[FileEntry] = field(default_factory=list)
     #: What this run can put back if it goes missing before ``refs/latest`` moves, by path.
@@ -131,8 +134,7 @@ class _Commit:
         failpoint(f"versioning.after-{name}")
 
     def advance(self) -> tuple[bool, str | None, int, str | None]:
-        return advance_latest(self.s3, self.keys.root, self.vid, self.snapshot_at,
-                              hook=self.hook)
+        return advance_latest(self.s3, self.keys.root, self.vid, self.read_at, hook=self.hook)
 
 
 def _as_is(data: bytes, content_type: str) -> tuple[bytes, str]:
@@ -179,7 +181,7 @@ def commit_version(s3: S3, request: CommitRequest, *, hook: Hook | None = None) 
     run.vid = version_id((r["row_hash"] for r in request.rows), run.cfg_hash)
     counts = Counter(r["split"] for r in request.rows)
     run.row_counts = {s: int(counts.get(s, 0)) for s in SPLITS}
-    run.snapshot_at = request.source.get("snapshot_at")
+    run.read_at = read_mark(request.source)  # this build's read, even for an existing version
     if s3.head(run.keys.manifest(run.vid)) is not None:
         return _recommit(run)  # a rebuild of the same content, or a rerun past the manifest
 

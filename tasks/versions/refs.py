@@ -1,16 +1,19 @@
 """The refs of a dataset: ``refs/latest``, tags, and the markers of announced versions.
 
 ``refs/latest`` moves only by compare-and-swap (``advance_latest``: ``If-Match`` on its ETag,
-re-reading and retrying on 412), and never to a version built from an older Label Studio
-snapshot than the one it names (concurrent builds: the freshest export wins, no update is lost
-to a blind overwrite). Tags are plain pointers and may be moved. ``refs/announced/<version>``
+re-reading and retrying on 412), and never to a version built from an older Label Studio read
+than the one it names (``read_mark``: the watermark every build records in its manifest's
+``source``, incremental or full; the freshest read wins, and no update is lost to a blind
+overwrite). Tags are plain pointers and may be moved. ``refs/announced/<version>``
 records that the version's ``dataset.versioned`` event was emitted, so a rerun stays quiet.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from sftflow.core.errors import SftflowError
 from sftflow.tasks.adapters.s3 import S3, PreconditionFailed
@@ -79,7 +82,7 @@ def should_announce(s3: S3, dataset: str, version: str, latest: str | None, *,
     """Whether a build of ``version`` emits ``dataset.versioned``: the version is
     ``refs/latest`` (this run moved it there, or found it there after a crash) and its event
     was not recorded as emitted. An unchanged rebuild of an announced version stays quiet; a
-    version left behind a newer snapshot's is never announced."""
+    version left behind one read later is never announced."""
     if latest != version:
         return False
     return s3.head(DatasetKeys.of(prefix, dataset).announced(version)) is None
@@ -113,13 +116,41 @@ def resolve(s3: S3, dataset: str, version: str | None, *, prefix: str = DEFAULT_
     return resolve_at(s3, DatasetKeys.of(prefix, dataset), dataset, version)
 
 
-def _snapshot_of(s3: S3, keys: DatasetKeys, version: str) -> str:
-    """The Label Studio snapshot time a committed version was built from ("" if unknown)."""
+def read_mark(source: Mapping[str, Any]) -> str:
+    """When the rows of a version were read from Label Studio, from its manifest's ``source``:
+    the ``watermark`` every build records (the Label Studio server time its reading began, less
+    the overlap: incremental and full builds alike), else the export ``snapshot_at`` (manifests
+    written before builds recorded a watermark); "" when unknown."""
+    return str(source.get("watermark") or source.get("snapshot_at") or "")
+
+
+def _instant(mark: str | None) -> datetime | None:
+    """A read mark as a UTC time to the second (an incremental build's watermark comes from the
+    server's ``Date`` header, a second's precision); None when missing or unreadable."""
+    if not mark:
+        return None
+    try:
+        dt = datetime.fromisoformat(str(mark))
+    except ValueError:
+        return None
+    dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    return dt.replace(microsecond=0)
+
+
+def read_is_older(mark: str | None, than: str | None) -> bool:
+    """Whether a read marked ``mark`` is older than one marked ``than`` (to the second; an
+    unknown mark orders nothing)."""
+    mine, theirs = _instant(mark), _instant(than)
+    return mine is not None and theirs is not None and mine < theirs
+
+
+def _mark_of(s3: S3, keys: DatasetKeys, version: str) -> str:
+    """The read mark of a committed version ("" if unknown)."""
     try:
         manifest = manifest_at(s3, keys.manifest(version), keys.root)
     except KeyError:
         return ""
-    return str(manifest.source.get("snapshot_at") or "")
+    return read_mark(manifest.source)
 
 
 class _Contention(Exception):
@@ -127,11 +158,13 @@ class _Contention(Exception):
 
 
 def advance_latest(
-    s3: S3, root: str, version: str, snapshot_at: str | None, *, max_attempts: int = 20,
+    s3: S3, root: str, version: str, read_at: str | None, *, max_attempts: int = 20,
     hook: Hook | None = None,
 ) -> tuple[bool, str | None, int, str | None]:
-    """Move ``refs/latest`` to ``version`` with compare-and-swap, unless it names a version
-    built from a newer snapshot. Returns (moved, latest afterwards, CAS retries, superseded_by)."""
+    """Move ``refs/latest`` to ``version``, whose rows this build read at ``read_at`` (its
+    ``read_mark``), with compare-and-swap, unless it names a version read later (compared at
+    every attempt, against the version it names then). Returns (moved, latest afterwards, CAS
+    retries, superseded_by)."""
     keys = DatasetKeys(root)
     key = keys.latest
     retries = 0
@@ -141,10 +174,8 @@ def advance_latest(
         current = _read_text(s3, key)
         if current and current[0] == version:
             return False, version, retries, None
-        if current and snapshot_at:
-            cur_snap = _snapshot_of(s3, keys, current[0])
-            if cur_snap and cur_snap > snapshot_at:
-                return False, current[0], retries, current[0]
+        if current and read_is_older(read_at, _mark_of(s3, keys, current[0])):
+            return False, current[0], retries, current[0]
         try:
             if current is None:
                 s3.put_bytes(key, version.encode(), if_none_match=True, content_type="text/plain")
