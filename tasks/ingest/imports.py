@@ -335,17 +335,6 @@ def scan_project(client: LabelStudio, project_id: int, prompt_id_of: Any) -> Pro
     return ProjectScan(ids, n, without, dups, groups)
 
 
-def remove_unannotated(client: LabelStudio, task_ids: list[int]) -> list[int]:
-    """Delete those of ``task_ids`` that have no annotations; returns the ids deleted."""
-    deleted = []
-    for tid in task_ids:
-        task = client.tasks.get(id=tid)
-        if not (task.total_annotations or 0) and not (task.cancelled_annotations or 0):
-            client.tasks.delete(id=tid)
-            deleted.append(tid)
-    return deleted
-
-
 #: Read-only, so safe to retry as a whole.
 scan_project_task = io_task(name="scan-project")(scan_project)
 

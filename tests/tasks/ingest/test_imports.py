@@ -9,11 +9,11 @@ import pytest
 
 from sftflow.core.errors import ConfigError
 from sftflow.tasks.adapters.labelstudio import build_labelstudio
+from sftflow.tasks.ingest.importer import remove_duplicates
 from sftflow.tasks.ingest.imports import (
     ImportOutcomeUnknown,
     import_batch,
     iter_project_tasks,
-    remove_unannotated,
     scan_project,
     send_tasks,
     task_count,
@@ -161,7 +161,7 @@ def test_scan_finds_ids_of_foreign_tasks_and_removes_unannotated_duplicates(labe
     scan = scan_project(labelstudio, project.id, prompt_id)
     assert scan.ids == {prompt_id("alpha"), prompt_id("beta"), prompt_id("gamma")}
     assert (scan.task_number, scan.without_id, len(scan.duplicates)) == (4, 1, 1)
-    assert remove_unannotated(labelstudio, scan.duplicates) == scan.duplicates
+    assert remove_duplicates(labelstudio, project.id, list(scan.groups.values())) == scan.duplicates
     assert task_count(labelstudio, project.id) == 3
 
 
