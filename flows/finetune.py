@@ -193,6 +193,8 @@ def finetune(params: FinetuneParams) -> FinetuneReport:
     changes: dict[str, Any] = {"status": "succeeded", "finished_at": utc_now_iso(), "metrics": result.metrics,
                                "artifacts": result.artifacts, "fine_tuned_model": result.fine_tuned_model,
                                "loss_history": result.history}
+    if result.training_record:
+        changes["training_record"] = result.training_record
     if use_eval_gate:
         changes["eval_gate"] = eval_gate_task(s3, prefix, data.dataset, job, result.metrics, spec.baseline,
                                               baseline_etag)

@@ -1,4 +1,4 @@
-"""``sftflow finetune``, ``sftflow models list|show`` and ``sftflow trainer deploy``."""
+"""``sftflow finetune``, ``sftflow models list|show|reproduce`` and ``sftflow trainer deploy``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from sftflow.tasks.adapters.clients import Clients, prefect_api
 if TYPE_CHECKING:
     from sftflow.tasks.finetune.lineage import LineageRecord
 
-models_app = typer.Typer(help="Fine-tuned models and their lineage: list, show.", no_args_is_help=True)
+models_app = typer.Typer(help="Fine-tuned models and their lineage: list, show, reproduce.",
+                         no_args_is_help=True)
 app.add_typer(models_app, name="models")
 trainer_app = typer.Typer(help="The train-trl deployment on a work pool.", no_args_is_help=True)
 app.add_typer(trainer_app, name="trainer")
@@ -34,6 +35,8 @@ def finetune_cmd(
     batch_size: int = typer.Option(8, "--batch-size"),
     max_length: int = typer.Option(1024, "--max-length"),
     seed: int = typer.Option(42, "--seed"),
+    loss: str = typer.Option("completion", "--loss", help="trl: completion | assistant (the template's "
+                             "{% generation %} markers)."),
     min_train_rows: int = typer.Option(10, "--min-train-rows", help="Gate: minimum train rows."),
     min_eval_rows: int = typer.Option(1, "--min-eval-rows", help="Gate: minimum eval rows."),
     deadline: float = typer.Option(6 * 3600, "--deadline", help="Seconds to watch the job."),
@@ -52,7 +55,7 @@ def finetune_cmd(
         dataset=dataset, backend=backend, base_model=base_model, method=method,
         hyperparameters={"epochs": epochs, "max_steps": max_steps,
                          "learning_rate": learning_rate, "batch_size": batch_size,
-                         "max_length": max_length, "seed": seed},
+                         "max_length": max_length, "seed": seed, "loss": loss},
         min_train_rows=min_train_rows, min_eval_rows=min_eval_rows, deadline_s=deadline,
         poll_min_s=poll_interval, bucket=bucket,
     )
@@ -142,11 +145,38 @@ def show_cmd(
                 "fine_tuned_model", "error", "dataset_tag", "best"):
         if rec.get(key) not in (None, ""):
             console.print(f"{key:>24}: {rec[key]}", highlight=False)
-    for section in ("hyperparameters", "metrics", "artifacts", "eval_gate"):
+    for section in ("hyperparameters", "metrics", "artifacts", "eval_gate", "training_record"):
         if rec.get(section):
             console.print(f"{section}:", highlight=False)
             for k, v in rec[section].items():
                 console.print(f"{k:>24}: {v}", highlight=False)
+
+
+@models_app.command("reproduce")
+def reproduce_cmd(
+    job: str = typer.Argument(..., help="Job name (ft-...) of a trl job."),
+    bucket: str = BucketOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Re-tokenise a job's training rows from its dataset version and record; exit 0 when the
+    token stream is identical, 1 when it differs (naming the first differing batch)."""
+    import tempfile
+    from pathlib import Path
+
+    from sftflow.tasks.finetune.reproduce import reproduce, summary
+
+    clients = Clients.for_bucket(bucket)
+    settings = clients.settings
+    with tempfile.TemporaryDirectory(prefix=f"sftflow-reproduce-{job}-") as workdir:
+        result = reproduce(clients.s3, settings.finetune.models_prefix, settings.datasets.prefix, job,
+                           Path(workdir))
+    if as_json:
+        print_json(result.model_dump(mode="json"))
+    else:
+        for line in summary(result):
+            console.print(line, highlight=False)
+    if not result.identical:
+        raise typer.Exit(1)
 
 
 @trainer_app.command("deploy")

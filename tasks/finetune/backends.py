@@ -40,14 +40,20 @@ class Hyperparameters(BaseModel):
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (method=lora).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (method=lora).")
     seed: int = Field(42, description="Random seed.")
+    loss: Literal["completion", "assistant"] = Field(
+        "completion", description="trl: what the loss covers. completion: the tokens after the prompt "
+        "(masked by the prompt/completion split); assistant: also only the tokens the chat template "
+        "marks with {% generation %} (TRL's assistant_only_loss).")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """``length_policy`` is left out at its default ``drop``: the job names (a hash of this
-        dump) of configs written before it existed do not change."""
+        """``length_policy`` and ``loss`` are left out at their defaults (``drop``,
+        ``completion``): the job names (a hash of this dump) of configs written before they
+        existed do not change."""
         data = handler(self)
-        if data.get("length_policy") == "drop":
-            del data["length_policy"]
+        for key, default in (("length_policy", "drop"), ("loss", "completion")):
+            if data.get(key) == default:
+                del data[key]
         return data
 
 
@@ -93,6 +99,8 @@ class JobResult(BaseModel):
     artifacts: dict[str, str] = Field(default_factory=dict, description="name -> location")
     fine_tuned_model: str | None = None
     history: list[dict[str, Any]] = Field(default_factory=list, description="loss per step")
+    training_record: dict[str, Any] | None = Field(
+        None, description="What decided the token stream and its fingerprint (trl: tokens.TokenRecord).")
 
 
 @runtime_checkable

@@ -4,7 +4,8 @@ Layout under ``s3://<bucket>/<models_prefix>/``:
 
 - ``<job>/manifest.json``: the lineage record (dataset, version, the dataset manifest's sha256,
   base model, method, config, backend and its job id, status, metrics, artifacts, eval gate,
-  error, state history, loss per step, the MLflow run if tracked, and the claim: which run may
+  error, state history, loss per step, the MLflow run if tracked, the training record (trl: what
+  decided the token stream, and its fingerprint), and the claim: which run may
   submit the job, until when). Created with ``If-None-Match: *`` before the job is submitted
   (the claim), then updated with compare-and-swap (``If-Match`` on its ETag) on every change;
   an expired claim is taken over with compare-and-swap too, so one run only submits
@@ -39,6 +40,7 @@ from sftflow.tasks.adapters.s3 import S3, PreconditionFailed
 from sftflow.tasks.finetune.backends import Baseline, Hyperparameters
 from sftflow.tasks.finetune.dataset import TrainingData
 from sftflow.tasks.finetune.gate import eval_gate
+from sftflow.tasks.finetune.tokens import TokenRecord
 from sftflow.tasks.runtime.declare import io_task
 from sftflow.tasks.runtime.renewal import Renewal, renewing
 
@@ -102,6 +104,9 @@ class LineageRecord(BaseModel):
         default_factory=list, description="The backend's loss per logged step (JobResult.history).")
     tracking: dict[str, Any] | None = Field(
         None, description="The job's MLflow run (tracking_uri, experiment_id, run_id) or the tracker's error.")
+    training_record: TokenRecord | None = Field(
+        None, description="trl: what decided the token stream (tokenizer and chat template hashes, "
+        "loss mask coverage, truncation, library versions, seed) and the hashes of its first batches.")
     # set by updates
     updated_at: str | None = None
     backend_status: str | None = None

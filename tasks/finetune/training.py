@@ -16,6 +16,14 @@ Length (:func:`check_lengths`): every row is measured with the base model's toke
 TRL tokenizes it, before training. Rows over ``max_length`` are dropped and counted, or fail the
 run (``length_policy``); TRL gets no ``max_length`` of its own, so nothing is truncated.
 
+Token stream (:func:`token_stream`, ``tasks/finetune/tokens.py``): before the trainer is built,
+the train rows are tokenized the way TRL will, and the run is refused (SftflowError naming the
+rows) when a row would train on zero tokens or the template lacks what ``loss`` needs
+(``assistant``: ``{% generation %}`` markers). The rows TRL prepared must equal them, and the
+first batches the trainer draws are checked against the predicted ones; the record (tokenizer
+and template hashes, mask coverage, versions, seed, batch hashes) is the result's
+``training_record``.
+
 The trained model (full) or adapter (LoRA) and its tokenizer are saved to a folder the caller
 uploads. Nothing here talks to a model hub: models load with ``local_files_only=True`` (a hub id
 must be in the local cache). The process-wide ``HF_HUB_OFFLINE`` is left alone: it would also
@@ -34,6 +42,7 @@ from sftflow.core.errors import SftflowError
 from sftflow.core.failpoints import failpoint
 from sftflow.core.hashing import sha256_hex
 from sftflow.tasks.adapters.s3 import S3
+from sftflow.tasks.finetune import tokens
 from sftflow.tasks.finetune.backends import Baseline, Hyperparameters, JobSpec
 from sftflow.tasks.finetune.files import download_prefix, prefix_has
 from sftflow.tasks.runtime.declare import compute_task, io_task
@@ -204,7 +213,9 @@ def prepare_examples(messages: dict[str, list], tokenizer, hp: Hyperparameters):
 
 def _sft_config(spec_hp: Hyperparameters, output_dir: Path, eval_during_training: bool = False):
     """No ``max_length``: the rows are measured and filtered before (:func:`prepare_examples`),
-    so TRL never truncates. The eval split is scored about ten times along the run."""
+    so TRL never truncates. The eval split is scored about ten times along the run. The loss
+    covers the completion (``loss=assistant``: and the template's generation markers); the
+    batches are drawn with ``data_seed = seed``."""
     import torch
     from trl import SFTConfig
 
@@ -217,6 +228,7 @@ def _sft_config(spec_hp: Hyperparameters, output_dir: Path, eval_during_training
         per_device_eval_batch_size=spec_hp.batch_size,
         max_length=None,
         completion_only_loss=True,
+        assistant_only_loss=spec_hp.loss == "assistant",
         packing=False,
         logging_steps=1,
         eval_strategy="steps" if eval_during_training else "no",
@@ -224,6 +236,7 @@ def _sft_config(spec_hp: Hyperparameters, output_dir: Path, eval_during_training
         save_strategy="no",
         report_to="none",
         seed=spec_hp.seed,
+        data_seed=spec_hp.seed,  # the batch order: tokens.batch_order
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=True,
         dataset_num_proc=None,
@@ -272,13 +285,25 @@ def _quiet(trainer) -> None:
     trainer.remove_callback(PrinterCallback)
 
 
-def _load(model_dir: str, method: str, adapter_dir: str | None = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(model_dir: str):
+    """The tokenizer a training uses (its pad token the EOS when it has none)."""
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    return tokenizer
+
+
+def _load_model(model_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+
+
+def _load(model_dir: str, method: str, adapter_dir: str | None = None):
+    tokenizer = load_tokenizer(adapter_dir or model_dir)
+    model = _load_model(model_dir)
     if adapter_dir and method == "lora":
         from peft import PeftModel
 
@@ -306,8 +331,57 @@ def evaluate_baseline(s3: S3, baseline: Baseline, eval_messages: list, spec: Job
     return float(trainer.evaluate()["eval_loss"])
 
 
+def token_stream(tokenizer, fmt: Format, messages: dict[str, list], examples: dict[str, Any],
+                 check: LengthCheck, spec: JobSpec, *, refuse: bool = True):
+    """``(rows, TokenRecord)``: the train split's ``(input_ids, labels)`` as TRL will build them
+    (``tasks/finetune/tokens.py``) and the record of what decided them. With ``refuse``, an
+    SftflowError when the template lacks what the loss needs or a row would train on zero tokens."""
+    hp = spec.hyperparameters
+    if refuse:
+        tokens.check_template(tokenizer, fmt, hp.loss)
+    rows = tokens.tokenize_rows(tokenizer, examples["train"], hp.loss)
+    cov = tokens.coverage(rows, hp.max_length, row_numbers=check.keep["train"],
+                          dropped=len(messages["train"]) - len(check.keep["train"]))
+    if refuse:
+        tokens.refuse_untrained(cov)
+    return rows, tokens.token_record(tokenizer, rows, name=spec.base_model, fmt=fmt, loss=hp.loss,
+                                     seed=hp.seed, batch_size=hp.batch_size, cov=cov)
+
+
+def _check_prepared(trainer, rows: list[tokens.Row]) -> None:
+    """The rows TRL prepared are the analysed ones, or an SftflowError before any step: the
+    record would otherwise describe a stream the model never saw."""
+    for i, row in enumerate(trainer.train_dataset):
+        if i >= len(rows) or (list(row["input_ids"]), list(row["labels"])) != rows[i]:
+            raise SftflowError(f"TRL prepared train row {i} differently from sftflow's analysis of the "
+                               "token stream (a trl version it does not mirror?): not starting the training")
+
+
+def _observe_batches(trainer) -> list[str]:
+    """The hashes of the first ``tokens.BATCHES_HASHED`` training batches as the trainer draws
+    them (its train loader's collator, wrapped; eval batches are not seen)."""
+    seen: list[str] = []
+    collate, make_loader = trainer.data_collator, trainer.get_train_dataloader
+
+    def observed(examples):
+        if len(seen) < tokens.BATCHES_HASHED:
+            seen.append(tokens.batch_sha256([(e["input_ids"], e["labels"]) for e in examples]))
+        return collate(examples)
+
+    def train_loader():
+        trainer.data_collator = observed
+        try:
+            return make_loader()
+        finally:
+            trainer.data_collator = collate
+
+    trainer.get_train_dataloader = train_loader
+    return seen
+
+
 def train_sft(s3: S3, spec: JobSpec, workdir: Path) -> dict[str, Any]:
-    """Train, evaluate, save. Returns ``{"metrics", "history", "notes", "model_dir"}``."""
+    """Train, evaluate, save. Returns ``{"metrics", "history", "notes", "model_dir",
+    "training_record"}`` (the token stream's ``tokens.TokenRecord``)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -316,12 +390,21 @@ def train_sft(s3: S3, spec: JobSpec, workdir: Path) -> dict[str, Any]:
 
     datasets.disable_progress_bars()
 
-    hp = spec.hyperparameters
     messages = load_chat_splits(spec.chat_train_files, spec.chat_eval_files, s3.fsspec_options(),
                                 workdir / "hf-datasets")
+    return train_messages(s3, spec, messages, workdir)
+
+
+def train_messages(s3: S3 | None, spec: JobSpec, messages: dict[str, list], workdir: Path) -> dict[str, Any]:
+    """:func:`train_sft` on chat rows already read (``{"train": [messages, ...], "eval": ...}``);
+    ``s3`` is only needed for an s3:// base model or a baseline."""
+    hp = spec.hyperparameters
     model_dir = materialise_model(s3, spec.base_model, workdir / "models")
-    model, tokenizer = _load(model_dir, "full")
+    tokenizer = load_tokenizer(model_dir)
     fmt, examples, lengths = prepare_examples(messages, tokenizer, hp)
+    # refused here, before the model is even loaded
+    rows, record = token_stream(tokenizer, fmt, messages, examples, lengths, spec)
+    model = _load_model(model_dir)
     train_ds, eval_ds = examples["train"], examples.get("eval")
     notes = []
     if fmt == "prompt_completion":
@@ -344,8 +427,14 @@ def train_sft(s3: S3, spec: JobSpec, workdir: Path) -> dict[str, Any]:
         )
     trainer = build_trainer(model, tokenizer, hp, train_ds, eval_ds, workdir / "trainer",
                             peft_config, eval_during_training=eval_ds is not None)
+    _check_prepared(trainer, rows)
+    observed = _observe_batches(trainer)
     _step_failpoint(trainer)
     out = trainer.train()
+    record.batches_observed = observed == record.batches[:len(observed)] and bool(observed)
+    if not record.batches_observed:
+        notes.append("the trainer drew other batches than the recorded ones: the token stream "
+                     "fingerprint does not describe this training")
     metrics: dict[str, Any] = {
         "train_loss": float(out.training_loss),
         "steps": int(out.global_step),
@@ -367,7 +456,8 @@ def train_sft(s3: S3, spec: JobSpec, workdir: Path) -> dict[str, Any]:
     save_dir = workdir / "model"
     trainer.save_model(str(save_dir))  # the adapter only, for a PEFT model
     tokenizer.save_pretrained(str(save_dir))
-    return {"metrics": metrics, "history": history, "notes": notes, "model_dir": save_dir}
+    return {"metrics": metrics, "history": history, "notes": notes, "model_dir": save_dir,
+            "training_record": record.model_dump(mode="json")}
 
 
 base_model_kind_task = io_task(name="check-base-model", retries=1)(base_model_kind)

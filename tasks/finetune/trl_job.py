@@ -34,6 +34,8 @@ class TrainResult(BaseModel):
     notes: list[str] | None = Field(None, description="What the run decided for the data: "
                                     "format fallback, rows dropped for length.")
     artifacts: dict[str, str] | None = None
+    training_record: dict[str, Any] | None = Field(
+        None, description="What decided the token stream and its fingerprint (tokens.TokenRecord).")
 
     @classmethod
     def failed(cls, spec: JobSpec, started_at: str, err: BaseException) -> TrainResult:
@@ -55,6 +57,7 @@ class TrainResult(BaseModel):
             job=spec.job, status="succeeded", started_at=started_at, finished_at=utc_now_iso(),
             metrics=trained["metrics"], history=trained["history"],
             notes=trained.get("notes") or None, artifacts=artifacts,
+            training_record=trained.get("training_record"),
         )
 
 

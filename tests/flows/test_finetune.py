@@ -18,6 +18,7 @@ from sftflow.tasks.adapters.s3 import parse_s3_uri
 from sftflow.tasks.finetune import lineage
 from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.finetune.dataset import read_version
+from sftflow.tasks.finetune.tiny_model import CHAT_TEMPLATE
 from sftflow.tasks.runtime.polling import Backoff, wait_until
 from sftflow.tasks.versions.refs import get_tag
 from tests.contract.openai_server import OpenAIContractServer
@@ -91,6 +92,17 @@ def test_trl_job_runs_on_the_work_pool_records_lineage_and_is_not_trained_twice(
     assert rec["metrics"]["eval_rows"] == 8 and rec["metrics"]["eval_loss"] > 0
     assert rec["metrics"]["format"] == "chat" and rec["metrics"]["rows_over_max_length"] == 0
     assert rec["artifacts"]["loss_plot"] == s3.uri(f"models/{report.job}/loss.png")
+    # what decided the token stream: tokenizer and template, mask coverage, versions, seed, batches
+    stream = rec["training_record"]
+    assert stream["tokenizer"] == str(tiny_model) and len(stream["tokenizer_sha256"]) == 64
+    assert stream["chat_template_sha256"] == hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()
+    assert (stream["format"], stream["loss"], stream["seed"], stream["batch_size"]) == ("chat", "completion", 42, 4)
+    cov = stream["coverage"]
+    assert cov["rows"] == 32 and cov["rows_zero_trained"] == 0 and 0 < cov["trained_tokens_min"]
+    assert cov["trained_tokens_min"] <= cov["trained_tokens_median"] and cov["max_length"] == 64
+    assert cov["rows_truncated"] == cov["rows_dropped_over_max_length"] == 0
+    assert {"trl", "transformers", "torch", "peft"} <= set(stream["versions"])
+    assert len(stream["batches"]) == 4 and stream["batches_observed"] is True  # as the trainer drew them
 
     # the training ran as a flow run of the deployment, through the worker
     from prefect.client.orchestration import get_client
@@ -131,6 +143,24 @@ def test_trl_job_runs_on_the_work_pool_records_lineage_and_is_not_trained_twice(
     assert {"config.json", "model.safetensors"} <= {
         o.key.rsplit("/", 1)[-1] for o in s3.list(f"models/{second.job}/model/")}
     assert [r.job for r in lineage.list_records(s3, "models", "qa")] == [report.job, second.job]
+
+    # `models reproduce`: the version and the tokenizer the record names give the same stream
+    from typer.testing import CliRunner
+
+    from sftflow.cli import app
+
+    cli = CliRunner()
+    res = cli.invoke(app, ["models", "reproduce", report.job, "--bucket", s3.bucket, "--json"])
+    assert res.exit_code == 0, res.output
+    verdict = json.loads(res.stdout)
+    assert verdict["identical"] and verdict["rows_identical"] and verdict["first_differing_batch"] is None
+    assert verdict["recomputed"]["batches"] == stream["batches"] and verdict["batches_compared"] == 4
+    # a record whose second batch is not the stream's: exit 1, naming it
+    lineage.update_record(s3, "models", report.job, {"training_record": {
+        **stream, "batches": [stream["batches"][0], "0" * 64, *stream["batches"][2:]]}})
+    res = cli.invoke(app, ["models", "reproduce", report.job, "--bucket", s3.bucket])
+    assert res.exit_code == 1 and "token stream differs" in res.output
+    assert "first differing batch: 1" in res.output
 
 
 def test_bad_input_fails_before_anything_is_submitted(prefect_harness, flow_settings, s3, tiny_model):
