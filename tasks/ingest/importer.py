@@ -84,17 +84,23 @@ def task_data(p: Prompt, obj: ObjectInfo, uri: str, batch: str) -> dict[str, Any
 
 #: Groups of duplicate tasks re-read, then deleted, per request of a rescan.
 REMOVE_BATCH = 200  # up to ~400 task ids in one read's query string: under 8 KB
-#: Tasks that hold no work: no annotation, no skip, no prediction, no annotator's draft.
+#: Tasks that hold no work: no annotation, no skip, no prediction, no annotator's draft. The
+#: Data Manager computes these fields from the annotation, prediction and draft tables when it
+#: runs the request; the task's stored counters (``total_annotations``, ``total_predictions``)
+#: are not used: on PostgreSQL, Label Studio 1.23 leaves them at 0 after an annotation or a
+#: prediction is created through the API.
 _NO_WORK = {"conjunction": "and", "items": [
-    {"filter": f"filter:tasks:{name}", "operator": "equal", "type": "Number", "value": 0}
-    for name in ("total_annotations", "cancelled_annotations", "total_predictions")
+    {"filter": f"filter:tasks:{name}", "operator": "empty", "type": "List", "value": True}
+    for name in ("annotations_ids", "predictions_model_versions")
 ] + [{"filter": "filter:tasks:draft_exists", "operator": "equal", "type": "Boolean",
       "value": False}]}
-_WORK_FIELDS = "id,data,total_annotations,cancelled_annotations,total_predictions,draft_exists"
+_WORK_FIELDS = "id,data,annotations_ids,predictions_model_versions,draft_exists"
 
 
 def _worked_on(task: Any) -> bool:
-    return bool(task.total_annotations or task.cancelled_annotations or task.total_predictions
+    """Whether the task holds an annotation (a skip included), a prediction or a draft."""
+    return bool(getattr(task, "annotations_ids", None)
+                or getattr(task, "predictions_model_versions", None)
                 or getattr(task, "draft_exists", False))
 
 
