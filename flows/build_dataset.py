@@ -61,6 +61,7 @@ from sftflow.tasks.build.changes import (
     read_changes_task,
 )
 from sftflow.tasks.build.delta import ls_time, watermark
+from sftflow.tasks.build.draft_return import publish_draft_return_task
 from sftflow.tasks.build.export import (
     AnnotationPolicy,
     create_snapshot_task,
@@ -211,7 +212,9 @@ def _build(params: BuildParams, clients: Clients) -> BuildReport:
 
     parsed = parse_tasks(changes.tasks, params.annotation_policy, params.response_name)
     report.counts["export"] = dict(parsed.counts)
-    drafts = draft_figures(parsed.rows, parsed.agreement, params.draft_policy)
+    drafts = draft_figures(parsed.rows, parsed.agreement, params.draft_policy,
+                           lead_times=parsed.lead_times)
+    report.draft_return = drafts.get("return")
     rows, draft_excluded = apply_draft_policy(parsed.rows, params.draft_policy)
     shards = chunks(rows, shard_rows) if rows else []
     filtered = [f.result() for f in filter_rows_task.map(shards, unmapped(params.filters))]
@@ -249,6 +252,7 @@ def _build(params: BuildParams, clients: Clients) -> BuildReport:
     get_run_logger().info(report.message)
     publish_version_task(s3, prefix, quote(report), outcome.stats.get("examples", []))
     publish_figures_task(params.dataset, drafts)
+    publish_draft_return_task(params.dataset, result.version, drafts.get("return"))
     publish_version_pictures_task(params.dataset, result.version, quote(outcome.rows),
                                   quote(all_exclusions))
     clock.lap("publish")  # artifacts, pictures and the event

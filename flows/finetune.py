@@ -14,8 +14,12 @@ must pass, else the flow fails with one clear error and nothing is submitted.
 
 Outputs: ``s3://<bucket>/<models_prefix>/<job>/manifest.json`` (lineage: dataset version and
 its manifest sha256, base model, config, backend and job id, status, metrics, artifacts, eval
-gate, error, loss per step); for ``trl`` the model or adapter under ``<job>/model/``; the dataset tag
-``trained-<job>`` on the version; ``_refs/<dataset>/best`` moved to the better model; events
+gate, few-shot baseline, error, loss per step); for ``trl`` the model or adapter under
+``<job>/model/``; the dataset tag ``trained-<job>`` on the version; ``_refs/<dataset>/best``
+moved to a model that beats both the previous best and the few-shot baseline (the base model
+with ``finetune.few_shot_k`` train rows, chosen by ``finetune.few_shot_seed``, in its prompt,
+scored by the training job on the same eval completions; cached per base model, version, k
+and seed under ``<models_prefix>/_few_shot/``; ``openai`` records why it has none); events
 ``sftflow.finetune.submitted | succeeded | failed``; Prefect artifacts with the gates and result;
 with ``SFTFLOW_MLFLOW__TRACKING_URI`` set, one MLflow run per job (``tasks/finetune/tracking.py``:
 params, loss per step, the dataset version as input, the lineage record's URI), named in the
@@ -53,7 +57,7 @@ from sftflow.core.failpoints import failpoint
 from sftflow.flows.train_trl import train_trl
 from sftflow.tasks.adapters.clients import Clients
 from sftflow.tasks.adapters.s3 import S3
-from sftflow.tasks.finetune import lineage
+from sftflow.tasks.finetune import few_shot, lineage
 from sftflow.tasks.finetune.backends import (
     Backend,
     BackendFactory,
@@ -122,6 +126,7 @@ class FinetuneReport(BaseModel):
     artifacts: dict[str, str] = Field(default_factory=dict)
     fine_tuned_model: str | None = None
     eval_gate: dict[str, Any] | None = None
+    few_shot: dict[str, Any] | None = None
     error: str | None = None
     lineage_uri: str
     gates: list[dict[str, Any]] = Field(default_factory=list)
@@ -156,6 +161,8 @@ def finetune(params: FinetuneParams) -> FinetuneReport:
     baseline_etag = None
     if use_eval_gate:
         spec.baseline, baseline_etag = find_baseline_task(s3, prefix, data.dataset, job)
+        spec.few_shot = few_shot.plan(spec, settings.finetune.few_shot_k, settings.finetune.few_shot_seed,
+                                      s3.uri(prefix.strip("/")))
     checks = preflight_task(backend, spec)
 
     # 2. Submit once: claim the record (conditional writes), submit, name the job in the record.
@@ -195,9 +202,13 @@ def finetune(params: FinetuneParams) -> FinetuneReport:
                                "loss_history": result.history}
     if result.training_record:
         changes["training_record"] = result.training_record
+    shots = few_shot.recorded(spec, backend_name, settings.finetune.few_shot_k,
+                              settings.finetune.few_shot_seed, result.few_shot)
+    if shots:
+        changes["few_shot"] = shots
     if use_eval_gate:
         changes["eval_gate"] = eval_gate_task(s3, prefix, data.dataset, job, result.metrics, spec.baseline,
-                                              baseline_etag)
+                                              baseline_etag, shots)
     changes["dataset_tag"] = tag_trained_task(s3, datasets_prefix, data, job)
     changes["tracking"] = track_job_task(settings, record.model_copy(update=changes))
     record = update_record_task(s3, prefix, job, changes, event="recorded")

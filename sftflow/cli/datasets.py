@@ -174,6 +174,7 @@ def show(
                   if isinstance(v, dict) else v for k, v in m.stats.items()},
         "train_files": data_files(s3, m, "train"),
         "eval_files": data_files(s3, m, "eval"),
+        "draft_return": (m.stats.get("drafts") or {}).get("return"),
     }
     if as_json:
         print_json(summary)
@@ -186,7 +187,31 @@ def show(
     console.print(f"source: project {src.get('project_title')!r} (id {src.get('project_id')}), "
                   f"export {src.get('export_id')} at {src.get('snapshot_at')}", highlight=False)
     for stage, counts in summary["stats"].items():
+        if stage == "drafts" and isinstance(counts, dict):
+            counts = {k: v for k, v in counts.items() if k != "return"}  # shown below
         console.print(f"{stage}: {counts}", highlight=False)
+    _print_draft_return(summary["draft_return"])
+
+
+def _print_draft_return(ret: dict[str, Any] | None) -> None:
+    """The seconds drafts saved (``stats.drafts.return``), one line per model and annotator."""
+    if not ret or not ret.get("models"):
+        return
+    base, untimed = ret.get("baseline") or {}, ret.get("untimed") or {}
+    console.print(f"draft return (Label Studio lead_time, like-for-like prompt lengths): "
+                  f"without a draft median {base.get('median_s')} s over "
+                  f"{base.get('annotations', 0)} annotations; saved in total "
+                  f"{ret.get('saved_total_s')} s; without lead_time (counted apart): "
+                  f"{untimed.get('drafted', 0)} drafted, {untimed.get('undrafted', 0)} not",
+                  highlight=False)
+    for label, key in (("model", "models"), ("annotator", "annotators")):
+        for name, f in (ret.get(key) or {}).items():
+            console.print(f"  {label} {name}: {f['saved_per_task_s']} s saved per task "
+                          f"({f['median_with_draft_s']} s with a draft, "
+                          f"{f['median_without_draft_s']} s without; {f['compared']} compared, "
+                          f"{f['untimed']} without lead_time, {f['no_baseline']} without a "
+                          f"baseline), {f['saved_total_s']} s in total; acceptance rate "
+                          f"{f.get('acceptance_rate')}", highlight=False)
 
 
 @datasets_app.command("diff")

@@ -113,6 +113,10 @@ class FinetuneSettings(BaseModel):
         "train-trl/default", description="FLOW/DEPLOYMENT name of the training flow's deployment."
     )
     train_work_pool: str = Field("sftflow-train", description="Work pool of the training deployment.")
+    few_shot_k: int = Field(
+        3, ge=0, description="Eval gate (trl): the base model prompted with this many train rows is "
+        "the baseline a fine-tune must beat to be promoted; 0: no few-shot baseline.")
+    few_shot_seed: int = Field(0, description="Chooses the few-shot rows (recorded in the lineage).")
 
 
 class MlflowSettings(BaseModel):

@@ -8,8 +8,10 @@
    sample's reference answers (a stand-in for people, and labelled so in the output), and the
    ``sft_pipeline`` flow on the stack's Prefect server waits, builds version 1 and fine-tunes
    model 1. Round 2: the second file lands and is ingested; model 1 (the dataset's best) drafts
-   every open task; the annotators accept one draft in three unchanged and edit the others;
-   version 2 reports model 1's acceptance rate and mean edit, and model 2 trains on it;
+   three open tasks in four (the rest: a control group); the annotators accept one draft in
+   three unchanged and edit the others, each reporting a SIMULATED ``lead_time``; version 2
+   reports model 1's acceptance rate, mean edit and seconds saved per task against the control
+   group, and model 2 trains on it;
 4. prints what happened to every record, the wheel's figures, and where to look.
 
 A second run reuses everything: nothing new is imported, there is nothing to draft or annotate,
@@ -82,6 +84,34 @@ def simulated_response(prompt_id: str, reference: str, predictions: list[Any]) -
     return reference, int(_get(newest, "id"))
 
 
+#: How the simulated annotators' ``lead_time`` is made up (seconds): open the task and read the
+#: prompt; write from nothing (think, then type) or read the draft and accept it or type the
+#: edits (characters changed: edit distance); times a per-prompt factor in [0.8, 1.2).
+ORIENT_S, READ_S_PER_CHAR, THINK_S, TYPE_S_PER_CHAR, ACCEPT_S, EDIT_S = 5.0, 0.03, 10.0, 0.25, 2.0, 4.0
+#: One open task in this many is left undrafted in round 2: the control group a build compares
+#: drafted annotations with (like-for-like prompt lengths, the same period).
+CONTROL_ONE_IN = 4
+
+
+def simulated_lead_time(prompt_id: str, prompt: str, response: str, draft: str | None) -> float:
+    """The ``lead_time`` a simulated annotator reports, as Label Studio's editor would (seconds
+    spent on the task): it grows with the prompt and with what is typed, so an accepted draft
+    is quick, an edited one costs its edits, and an answer from nothing costs all its text.
+    SIMULATED: a plausible model of an annotator, not a measurement."""
+    from sftflow.tasks.build.edits import edit_similarity
+
+    seconds = ORIENT_S + READ_S_PER_CHAR * len(prompt)
+    if draft is None:
+        seconds += THINK_S + TYPE_S_PER_CHAR * len(response)
+    elif draft.split() == response.split():
+        seconds += READ_S_PER_CHAR * len(draft) + ACCEPT_S
+    else:
+        edited = (1 - edit_similarity(draft, response)) * max(len(draft), len(response))
+        seconds += READ_S_PER_CHAR * len(draft) + EDIT_S + TYPE_S_PER_CHAR * edited
+    spread = int(sha256_hex(f"lead_time:{prompt_id}".encode())[:8], 16) / 0x1_0000_0000
+    return round(seconds * (0.8 + 0.4 * spread), 1)
+
+
 def _draft_text(prediction: Any) -> str | None:
     for item in _get(prediction, "result") or []:
         text = (_get(item, "value") or {}).get("text")
@@ -95,7 +125,8 @@ class SimulatedAnnotators(threading.Thread):
 
     This is a simulation of human annotators: it writes the sample's reference answers through
     the same Label Studio API a person's browser uses, starting from a model's draft when the
-    task has one (``simulated_response``).
+    task has one (``simulated_response``), with the ``lead_time`` the editor would record
+    (``simulated_lead_time``, a simulated figure).
     """
 
     def __init__(self, clients: Clients, deadline_s: float = 600.0):
@@ -134,11 +165,14 @@ class SimulatedAnnotators(threading.Thread):
             reference = answers.get(pid)
             if reference is None:
                 continue
-            text, parent = simulated_response(pid, reference, list(task.predictions or []))
+            predictions = list(task.predictions or [])
+            text, parent = simulated_response(pid, reference, predictions)
+            draft = next((_draft_text(p) for p in predictions if _get(p, "id") == parent), None)
             ls.annotations.create(
                 id=task.id,
                 result=[{"from_name": "instruction", "to_name": "prompt", "type": "textarea",
                          "value": {"text": [text]}}],
+                lead_time=simulated_lead_time(pid, str(data.get("prompt") or ""), text, draft),
                 **({"parent_prediction": parent} if parent is not None else {}),
             )
             self.answered += 1
@@ -241,13 +275,17 @@ def _turn(clients: Clients, round_no: int, base_model: Path) -> dict[str, Any]:
     drafter, _ = read_model_ref(clients.s3, clients.settings.finetune.models_prefix, DATASET)
     drafted = None
     if open_tasks and drafter:
-        console.print(f"model {drafter} (the dataset's best) drafts the {open_tasks} open tasks")
+        to_draft = max(1, open_tasks - open_tasks // CONTROL_ONE_IN)
+        console.print(f"model {drafter} (the dataset's best) drafts {to_draft} of the "
+                      f"{open_tasks} open tasks (the rest: a control group answered without "
+                      "a draft, for the draft return)")
         drafted = draft_responses(DraftParams(job=drafter, project=str(ingested.project_id),
-                                              max_new_tokens=DRAFT_TOKENS))
+                                              max_new_tokens=DRAFT_TOKENS, max_tasks=to_draft))
     annotators = SimulatedAnnotators(clients)
     console.print(f"[yellow]SIMULATION[/yellow]: simulated annotators answer the {open_tasks} open "
                   "tasks through the Label Studio API (the sample's reference answers"
-                  + (", starting from the drafts)" if drafted else ")"))
+                  + (", starting from the drafts" if drafted else "")
+                  + "; lead_time simulated from text lengths and edits)")
     annotators.start()
     try:
         report = sft_pipeline(PipelineParams(
@@ -315,9 +353,15 @@ def wheel_figures(clients: Clients, rounds: list[dict[str, Any]]) -> dict[str, A
                              prefix=clients.settings.datasets.prefix)
     drafts = manifest.stats.get("drafts") or {}
     figures = (drafts.get("models") or {}).get(last["drafting_model"]) or {}
+    saved = ((drafts.get("return") or {}).get("models") or {}).get(last["drafting_model"]) or {}
     return {"drafting_model": last["drafting_model"], "version": last["version"],
             "trained": last["model"], "policy": drafts.get("policy"),
-            "excluded_by_policy": drafts.get("excluded"), **figures}
+            "excluded_by_policy": drafts.get("excluded"), **figures,
+            "draft_return": {**saved, "lead_time": "simulated"} if saved else None}
+
+
+def _secs(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f} s"
 
 
 def _summary(settings: Settings, clients: Clients, rounds: list[dict[str, Any]],
@@ -382,6 +426,14 @@ def _summary(settings: Settings, clients: Clients, rounds: list[dict[str, Any]],
             f"{'-' if sim is None else f'{sim:.2f}'}; {wheel.get('excluded_by_policy') or 0} "
             f"unedited drafts left out of training (draft_policy={wheel.get('policy')}); "
             f"model {wheel['trained'] or '-'} trained on that version")
+        if saved := wheel.get("draft_return"):
+            console.print(
+                f"[yellow]SIMULATED[/yellow] draft return (the simulated annotators' lead_time): "
+                f"{_secs(saved.get('saved_per_task_s'))} saved per task, "
+                f"{_secs(saved.get('saved_total_s'))} in total over {saved.get('compared', 0)} "
+                f"drafted answers ({_secs(saved.get('median_with_draft_s'))} with a draft, "
+                f"{_secs(saved.get('median_without_draft_s'))} without, like-for-like prompt "
+                f"lengths); sftflow datasets show {DATASET}")
     console.rule("[bold]where to look")
     console.print(f"Prefect UI (flow runs):   {summary['prefect_ui']}")
     console.print(f"Label Studio project:     {summary['labelstudio_project']}")

@@ -33,6 +33,7 @@ from sftflow.core.errors import SftflowError
 from sftflow.tasks.adapters.labelstudio import PROMPT_NAME, RESPONSE_NAME
 from sftflow.tasks.build import edits
 from sftflow.tasks.build.delta import ls_time
+from sftflow.tasks.build.draft_return import lead_time
 from sftflow.tasks.ingest.prompts import prompt_id as compute_prompt_id
 from sftflow.tasks.runtime.declare import compute_task, io_task
 from sftflow.tasks.runtime.polling import Backoff, is_transient, retry, wait_until
@@ -279,12 +280,17 @@ class ParsedExport:
     #: task id -> every pair of its annotators' responses (tasks with 2+ annotators only), from
     #: all its usable annotations, not only the picked ones: what annotator agreement is made of.
     agreement: dict[int, list[edits.Pair]] = field(default_factory=dict)
+    #: annotation id -> Label Studio's ``lead_time`` (seconds in the editor; None when it has
+    #: none, as an API-made annotation) of every row: what draft return is made of
+    #: (``draft_return.py``), kept beside the rows, not in them (not training data).
+    lead_times: dict[int, float | None] = field(default_factory=dict)
 
     def merge(self, other: ParsedExport) -> None:
         self.rows.extend(other.rows)
         self.exclusions.extend(other.exclusions)
         self.counts.update(other.counts)
         self.agreement.update(other.agreement)
+        self.lead_times.update(other.lead_times)
 
 
 def _exclusion(reason: str, task: dict, ann: dict | None, detail: str = "") -> Exclusion:
@@ -449,6 +455,7 @@ def task_rows(
             ground_truth=bool(ann.get("ground_truth")),
             **_row_draft(out, model_drafts, ann, text),
         ))
+        out.lead_times[out.rows[-1]["annotation_id"]] = lead_time(ann.get("lead_time"))
     out.counts["rows"] += len(picked)
     return out
 

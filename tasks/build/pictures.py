@@ -1,6 +1,8 @@
 """Pictures of a dataset version: what its rows look like and what the build dropped.
 
-Three PNGs per version (:func:`version_pictures`), drawn with matplotlib's Agg backend through
+Three PNGs per version (:func:`version_pictures`), and a fourth when drafts were timed
+(:func:`draft_return_png`: seconds saved per task, published by
+``draft_return.publish_draft_return``), drawn with matplotlib's Agg backend through
 ``Figure`` (no pyplot, no global state, safe in worker threads):
 
 - ``lengths``: histogram of prompt and response lengths in characters (one series for plain
@@ -37,6 +39,7 @@ CAPTIONS = {
     "lengths": "Length of prompts and responses (characters)",
     "clusters": "Dedup clusters by size (kept row + dropped duplicates)",
     "drops": "Rows dropped, by reason",
+    "draft_return": "Seconds saved per task by drafts (like-for-like prompt lengths)",
 }
 
 
@@ -147,6 +150,28 @@ def drops_png(dropped: Mapping[str, int]) -> bytes:
         ax.set_xlabel("rows")
         ax.tick_params(axis="y", labelsize=8)
     ax.set_title(CAPTIONS["drops"], fontsize=10)
+    return _png(fig)
+
+
+def draft_return_png(figures: Mapping[str, Any]) -> bytes:
+    """Horizontal bars: seconds saved per task, for each drafting model and each annotator
+    (``draft_return.draft_return``), with the tasks compared; groups with no comparison (no
+    undrafted baseline, no lead_time) are left out, never drawn as zero."""
+    fig, ax = _figure()
+    items = [(f"{label} {name} (n={f['compared']})", float(f["saved_per_task_s"]))
+             for label, key in (("model", "models"), ("annotator", "annotators"))
+             for name, f in (figures.get(key) or {}).items()
+             if f.get("saved_per_task_s") is not None][::-1]
+    if not items:
+        _empty(ax, "draft compared like for like")
+    else:
+        bars = ax.barh([k for k, _ in items], [v for _, v in items],
+                       color=[BAR_COLOUR if v >= 0 else "#d62728" for _, v in items])
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.axvline(0, color="grey", linewidth=0.8)
+        ax.set_xlabel("seconds saved per task (median without draft - with draft)")
+        ax.tick_params(axis="y", labelsize=8)
+    ax.set_title(CAPTIONS["draft_return"], fontsize=10)
     return _png(fig)
 
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from sftflow.core.urls import redact_url
 from sftflow.tasks.build.changes import PROJECT_COUNTERS, Changes
+from sftflow.tasks.versions import formats
 from sftflow.tasks.versions.commit import CommitResult
 
 
@@ -34,6 +35,10 @@ class BuildReport(BaseModel):
                              "proof (the listing whole, the counters reconciled); a fallback to "
                              "a full export names what could not be proven.")
     seconds: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
+    draft_return: dict[str, Any] | None = Field(
+        None, description="Seconds of annotator time drafts saved, per drafting model and per "
+        "annotator, from Label Studio's lead_time (draft_return.py; also the manifest's "
+        "stats.drafts.return).")
     message: str = ""
 
     def record_mode(self, changes: Changes, figures: dict[str, int]) -> None:
@@ -108,8 +113,9 @@ def nothing_to_build(project_title: str, counts: Mapping[str, Any]) -> str:
 
 
 def version_markdown(report: Mapping[str, Any], examples: Iterable[Mapping[str, Any]]) -> str:
-    """The version artifact: where the manifest is, rows, bytes, and dedup examples.
-    ``report`` holds the build report's fields."""
+    """The version artifact: where the manifest is, rows, bytes, the seconds drafts saved
+    (when some annotation started from one), and dedup examples. ``report`` holds the build
+    report's fields."""
     r = report
     lines = [
         f"# {r['dataset']} @ `{r['version']}`",
@@ -119,8 +125,10 @@ def version_markdown(report: Mapping[str, Any], examples: Iterable[Mapping[str, 
         "",
         f"Rows: {r['rows']}. Bytes written {r['bytes_written']:,} of {r['bytes_total']:,}.",
         "",
-        "## Dedup examples (clusters removed)",
     ]
+    if (r.get("draft_return") or {}).get("models"):  # some annotation started from a draft
+        lines += ["## Draft return", "", *formats.draft_return_section(r["draft_return"])]
+    lines += ["## Dedup examples (clusters removed)"]
     for ex in examples:
         lines += ["", (f"- cluster `{ex['cluster_id']}` ({ex['size']} rows), kept: "
                       f"{ex['kept']['text']!r}")]

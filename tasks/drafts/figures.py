@@ -28,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from sftflow.tasks.build.draft_return import draft_return
 from sftflow.tasks.build.edits import Pair
 from sftflow.tasks.build.filters import (
     DEFAULT_DRAFT_POLICY,
@@ -50,17 +51,18 @@ def _mean(xs: Sequence[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
-def model_figures(rows: Iterable[SftRow]) -> dict[str, dict[str, Any]]:
+def model_figures(rows: Iterable[SftRow], key: str = "draft_model") -> dict[str, dict[str, Any]]:
     """Per drafting model (sorted): rows that started from its draft, how many were accepted
     unchanged, the acceptance rate, and the mean and median edit similarity (of all its rows,
-    and of the edited ones). Rows whose draft had no response text count in ``rows`` only."""
+    and of the edited ones). Rows whose draft had no response text count in ``rows`` only.
+    ``key``: the row field that groups the drafted rows (``"annotator"``: per annotator)."""
     sims: dict[str, list[float]] = defaultdict(list)
     edits: dict[str, list[float]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     for row in rows:
-        model = row.get("draft_model")
-        if model is None:
+        if row.get("draft_model") is None:
             continue
+        model = str(row.get(key))
         counts[model] += 1
         if (sim := row.get("draft_similarity")) is not None:
             sims[model].append(float(sim))
@@ -129,12 +131,17 @@ def annotator_agreement(
 
 def draft_figures(
     rows: Sequence[SftRow], agreement: Mapping[int, Sequence[Pair]],
-    policy: DraftPolicy = DEFAULT_DRAFT_POLICY, **agreement_options: Any,
+    policy: DraftPolicy = DEFAULT_DRAFT_POLICY,
+    lead_times: Mapping[int, float | None] | None = None, **agreement_options: Any,
 ) -> dict[str, Any]:
     """``manifest.stats["drafts"]``: per-model acceptance, annotator agreement and the
     training policy, from the export's rows (before the policy and the filters) and its
-    ``agreement``. ``agreement_options`` go to :func:`annotator_agreement`."""
+    ``agreement``; with the export's ``lead_times``, the seconds drafts saved (``return``,
+    ``build.draft_return``, acceptance beside). ``agreement_options`` go to
+    :func:`annotator_agreement`."""
     models = model_figures(rows)
+    timed = {} if lead_times is None else {"return": draft_return(
+        rows, lead_times, models=models, annotators=model_figures(rows, key="annotator"))}
     return {
         "rows": len(rows),
         "drafted_rows": sum(m["rows"] for m in models.values()),
@@ -144,6 +151,7 @@ def draft_figures(
         "similarity": SIMILARITY,
         "models": models,
         "agreement": annotator_agreement(agreement, **agreement_options),
+        **timed,
     }
 
 

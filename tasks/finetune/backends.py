@@ -66,6 +66,16 @@ class Baseline(BaseModel):
     method: Literal["full", "lora"]
 
 
+class FewShotSpec(BaseModel):
+    """The few-shot baseline of the eval gate: the base model prompted with ``k`` train rows,
+    chosen by ``seed`` (``tasks/finetune/few_shot.py``), scored on the eval split's completions."""
+
+    k: int = Field(3, ge=1, description="Train rows shown in the prompt.")
+    seed: int = Field(0, description="Chooses the rows (recorded).")
+    cache_uri: str | None = Field(None, description="s3:// JSON of the result, shared by every job of "
+                                  "the same base model, version, k and seed.")
+
+
 class JobSpec(BaseModel):
     """Everything a backend needs to run one fine-tuning job."""
 
@@ -81,6 +91,8 @@ class JobSpec(BaseModel):
     chat_eval_files: list[str] = Field(default_factory=list, description="openai_chat JSONL.")
     output_uri: str = Field(description="s3:// prefix where the job writes its model and result.")
     baseline: Baseline | None = Field(None, description="Also evaluate this model (the eval gate).")
+    few_shot: FewShotSpec | None = Field(None, description="Also evaluate the base model with k train "
+                                         "rows in its prompt (the eval gate).")
 
 
 class JobStatus(BaseModel):
@@ -101,6 +113,8 @@ class JobResult(BaseModel):
     history: list[dict[str, Any]] = Field(default_factory=list, description="loss per step")
     training_record: dict[str, Any] | None = Field(
         None, description="What decided the token stream and its fingerprint (trl: tokens.TokenRecord).")
+    few_shot: dict[str, Any] | None = Field(
+        None, description="The few-shot baseline (trl: few_shot.FewShotResult).")
 
 
 @runtime_checkable

@@ -49,29 +49,47 @@ def require_gates(checks: list[dict[str, Any]], where: str) -> None:
         raise SftflowError(f"{where} fails the fine-tune gates: {what}")
 
 
-def eval_gate(metrics: dict[str, Any], baseline_job: str | None) -> dict[str, Any]:
-    """Whether the new model beats the dataset's current best on this version's eval split.
+def eval_gate(metrics: dict[str, Any], baseline_job: str | None,
+              few_shot: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Whether the new model beats both the dataset's current best and the few-shot baseline
+    (the base model with ``k`` train rows in its prompt) on this version's eval split.
 
-    Both losses come from the same eval rows and the same loss (completion tokens only), so
-    they compare directly when the two models share a tokenizer (the same base model family).
+    All three losses come from the same eval rows and the same loss (completion tokens only),
+    so they compare directly when the models share a tokenizer (the same base model family).
+    ``few_shot`` is the job's ``few_shot.FewShotResult`` (a dict), None when none was asked for
+    (k = 0, or a backend without one): then the previous best alone decides. A baseline that
+    was asked for and not evaluated promotes nothing (``skipped``).
     """
     new = metrics.get("eval_loss")
     if new is None:
         return {"decision": "skipped", "reason": "no eval loss", "promote": False}
+    gate: dict[str, Any] = {"eval_loss": new, "baseline_job": baseline_job,
+                            "baseline_eval_loss": metrics.get("baseline_eval_loss")}
+    if few_shot is not None:
+        gate.update(few_shot_eval_loss=few_shot.get("eval_loss"), few_shot_k=few_shot.get("k"))
+        if gate["few_shot_eval_loss"] is None:
+            return {"decision": "skipped", "promote": False, **gate,
+                    "reason": f"few-shot baseline not evaluated: {few_shot.get('skipped')}"}
+    reasons, wins = [], []
     if baseline_job is None:
-        return {"decision": "best", "reason": "first model of this dataset", "eval_loss": new,
-                "promote": True}
-    old = metrics.get("baseline_eval_loss")
-    if old is None:
-        return {"decision": "skipped", "reason": f"baseline {baseline_job} was not evaluated",
-                "eval_loss": new, "baseline_job": baseline_job, "promote": False}
-    better = new < old
-    return {
-        "decision": "best" if better else "not better",
-        "reason": f"eval loss {new:.4f} {'<' if better else '>='} {old:.4f} of {baseline_job}",
-        "eval_loss": new, "baseline_job": baseline_job, "baseline_eval_loss": old,
-        "delta": new - old, "promote": better,
-    }
+        reasons.append("first model of this dataset")
+    elif gate["baseline_eval_loss"] is None:
+        return {"decision": "skipped", "reason": f"baseline {baseline_job} was not evaluated", **gate,
+                "promote": False}
+    else:
+        old = gate["baseline_eval_loss"]
+        gate.update(delta=new - old, beats_baseline=new < old)
+        wins.append(gate["beats_baseline"])
+        reasons.append(f"eval loss {new:.4f} {'<' if new < old else '>='} {old:.4f} of {baseline_job}")
+    if few_shot is not None:
+        base = gate["few_shot_eval_loss"]
+        gate.update(few_shot_delta=new - base, beats_few_shot=new < base)
+        wins.append(gate["beats_few_shot"])
+        reasons.append(f"eval loss {new:.4f} {'<' if new < base else '>='} {base:.4f} of the base model "
+                       f"with {gate['few_shot_k']} examples in its prompt")
+    promote = all(wins)
+    return {"decision": "best" if promote else "not better", "reason": "; ".join(reasons), **gate,
+            "promote": promote}
 
 
 def check_gates(data: TrainingData, backend: str, min_train_rows: int, min_eval_rows: int) -> list[dict]:

@@ -5,7 +5,8 @@ Layout under ``s3://<bucket>/<models_prefix>/``:
 - ``<job>/manifest.json``: the lineage record (dataset, version, the dataset manifest's sha256,
   base model, method, config, backend and its job id, status, metrics, artifacts, eval gate,
   error, state history, loss per step, the MLflow run if tracked, the training record (trl: what
-  decided the token stream, and its fingerprint), and the claim: which run may
+  decided the token stream, and its fingerprint), the few-shot baseline (trl: the base model
+  with k train rows in its prompt, the eval gate's third number), and the claim: which run may
   submit the job, until when). Created with ``If-None-Match: *`` before the job is submitted
   (the claim), then updated with compare-and-swap (``If-Match`` on its ETag) on every change;
   an expired claim is taken over with compare-and-swap too, so one run only submits
@@ -39,6 +40,7 @@ from sftflow.core.urls import redact_url
 from sftflow.tasks.adapters.s3 import S3, PreconditionFailed
 from sftflow.tasks.finetune.backends import Baseline, Hyperparameters
 from sftflow.tasks.finetune.dataset import TrainingData
+from sftflow.tasks.finetune.few_shot import FewShotResult
 from sftflow.tasks.finetune.gate import eval_gate
 from sftflow.tasks.finetune.tokens import TokenRecord
 from sftflow.tasks.runtime.declare import io_task
@@ -107,6 +109,9 @@ class LineageRecord(BaseModel):
     training_record: TokenRecord | None = Field(
         None, description="trl: what decided the token stream (tokenizer and chat template hashes, "
         "loss mask coverage, truncation, library versions, seed) and the hashes of its first batches.")
+    few_shot: FewShotResult | None = Field(
+        None, description="The eval gate's few-shot baseline: the base model with k train rows "
+        "(seed, row numbers and hashes) in its prompt, its eval loss, or why it was skipped.")
     # set by updates
     updated_at: str | None = None
     backend_status: str | None = None
@@ -174,10 +179,31 @@ class LineageRecord(BaseModel):
             lines.append(f"- MLflow run: `{where}` ({self.tracking.get('tracking_uri')})")
         if self.eval_gate:
             lines.append(f"- eval gate: {self.eval_gate.get('decision')} ({self.eval_gate.get('reason')})")
+            lines += self._gate_table()
+        elif self.few_shot and self.few_shot.skipped:
+            lines.append(f"- few-shot baseline: skipped ({self.few_shot.skipped})")
         if self.metrics:
             lines += ["", "| metric | value |", "| --- | --- |"]
             lines += [f"| {k} | {val} |" for k, val in self.metrics.items()]
         return "\n".join(lines)
+
+
+    def _gate_table(self) -> list[str]:
+        """The eval gate's three numbers: this model, the previous best, the few-shot base."""
+        gate, shots = self.eval_gate or {}, self.few_shot
+
+        def loss(value: Any) -> str:
+            return "n/a" if value is None else f"{value:.4f}"
+
+        previous = gate.get("baseline_job")
+        shown = (f"`{shots.base_model}` with {shots.k} train rows in its prompt (seed {shots.seed}"
+                 f"{', cached' if shots.cached else ''})") if shots else "none"
+        if shots and shots.skipped:
+            shown += f": skipped, {shots.skipped}"
+        return ["", "| eval loss on the eval completions | model | loss |", "| --- | --- | --- |",
+                f"| new model | `{self.job}` | {loss(gate.get('eval_loss'))} |",
+                f"| previous best | {f'`{previous}`' if previous else 'none'} | {loss(gate.get('baseline_eval_loss'))} |",
+                f"| few-shot base | {shown} | {loss(gate.get('few_shot_eval_loss'))} |"]
 
 
 def job_config(backend: str, base_model: str, method: str, hyperparameters: Hyperparameters) -> dict[str, Any]:
@@ -407,10 +433,12 @@ def promote(s3: S3, prefix: str, dataset: str, job: str, expected_etag: str | No
 
 
 def apply_eval_gate(s3: S3, prefix: str, dataset: str, job: str, metrics: dict[str, Any],
-                    baseline: Baseline | None, expected_etag: str | None) -> dict[str, Any]:
-    """The eval gate's decision (``gate.eval_gate``) with ``tagged_best``: whether ``best`` was
-    moved to ``job`` (only from the state read before training, see :func:`promote`)."""
-    decision = eval_gate(metrics, baseline.job if baseline else None)
+                    baseline: Baseline | None, expected_etag: str | None,
+                    few_shot: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The eval gate's decision (``gate.eval_gate``: better than the previous best and than the
+    few-shot base) with ``tagged_best``: whether ``best`` was moved to ``job`` (only from the
+    state read before training, see :func:`promote`)."""
+    decision = eval_gate(metrics, baseline.job if baseline else None, few_shot)
     wins = decision.pop("promote")
     decision["tagged_best"] = wins and promote(s3, prefix, dataset, job, expected_etag)
     if wins and not decision["tagged_best"]:

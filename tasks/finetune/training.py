@@ -24,6 +24,13 @@ first batches the trainer draws are checked against the predicted ones; the reco
 and template hashes, mask coverage, versions, seed, batch hashes) is the result's
 ``training_record``.
 
+Few-shot baseline (:func:`few_shot_baseline`, ``tasks/finetune/few_shot.py``): with
+``spec.few_shot``, the base model as loaded, before the first step, is scored on the same eval
+rows with ``k`` train rows (chosen by a recorded seed) prepended to each prompt in the format
+it trains on, only the completion tokens counted: ``metrics["few_shot_eval_loss"]`` and the
+result's ``few_shot``. It is read from (and written to) a cache shared by every job of the same
+base model, version, k and seed; prompts longer than the model's context skip it, with the reason.
+
 The trained model (full) or adapter (LoRA) and its tokenizer are saved to a folder the caller
 uploads. Nothing here talks to a model hub: models load with ``local_files_only=True`` (a hub id
 must be in the local cache). The process-wide ``HF_HUB_OFFLINE`` is left alone: it would also
@@ -42,7 +49,7 @@ from sftflow.core.errors import SftflowError
 from sftflow.core.failpoints import failpoint
 from sftflow.core.hashing import sha256_hex
 from sftflow.tasks.adapters.s3 import S3
-from sftflow.tasks.finetune import tokens
+from sftflow.tasks.finetune import few_shot, tokens
 from sftflow.tasks.finetune.backends import Baseline, Hyperparameters, JobSpec
 from sftflow.tasks.finetune.files import download_prefix, prefix_has
 from sftflow.tasks.runtime.declare import compute_task, io_task
@@ -331,6 +338,52 @@ def evaluate_baseline(s3: S3, baseline: Baseline, eval_messages: list, spec: Job
     return float(trainer.evaluate()["eval_loss"])
 
 
+def _context_length(model, tokenizer) -> int | None:
+    """The longest sequence the model takes: its config's ``max_position_embeddings``, else the
+    tokenizer's ``model_max_length`` when it is a real figure."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not n and (getattr(tokenizer, "model_max_length", None) or 0) < 10**9:
+        n = tokenizer.model_max_length
+    return n or None
+
+
+def few_shot_baseline(s3: S3 | None, spec: JobSpec, model, tokenizer, fmt: Format, messages: dict[str, list],
+                      check: LengthCheck, workdir: Path) -> few_shot.FewShotResult | None:
+    """The base model (``model``, untrained) with ``spec.few_shot.k`` train rows in its prompt,
+    scored on the eval rows the fine-tune is scored on, with its metric (``build_trainer``:
+    loss on the completion tokens only). Read from the cache when another job of the same base
+    model, version, k and seed computed it (then ``model`` is not used); None when not asked."""
+    ask = spec.few_shot
+    if ask is None:
+        return None
+    key = few_shot.cache_key(spec, ask)
+    if s3 is not None and ask.cache_uri and (hit := few_shot.read_cached(s3, ask.cache_uri, key)):
+        return hit
+    chosen = few_shot.choose_examples(messages["train"], check.keep["train"], ask.k, ask.seed)
+    result = few_shot.FewShotResult(
+        base_model=spec.base_model, dataset=spec.dataset, version=spec.version, k=ask.k, seed=ask.seed,
+        examples=chosen, examples_sha256=[few_shot.row_sha256(messages["train"][i]) for i in chosen],
+        eval_rows=len(check.keep.get("eval", [])), cache_key=key)
+    if not result.eval_rows:
+        return result.model_copy(update={"skipped": "no eval rows"})
+    shots = [to_example(messages["train"][i], fmt) for i in chosen]
+    rows = [few_shot.with_shots(shots, to_example(messages["eval"][i], fmt), tokenizer.eos_token)
+            for i in check.keep["eval"]]
+    longest, limit = max(token_length(tokenizer, r) for r in rows), _context_length(model, tokenizer)
+    if limit and longest > limit:
+        return result.model_copy(update={"skipped": f"the {len(chosen)}-shot prompts reach {longest} "
+                                         f"tokens, over the model's context of {limit}"})
+    from datasets import Dataset
+
+    ds = Dataset.from_list(rows)
+    # SFTTrainer insists on a train set; nothing is trained, the eval rows stand in.
+    trainer = build_trainer(model, tokenizer, spec.hyperparameters, ds, ds, workdir / "few-shot-eval")
+    result.eval_loss = float(trainer.evaluate()["eval_loss"])
+    if s3 is not None and ask.cache_uri:
+        few_shot.write_cached(s3, ask.cache_uri, result)
+    return result
+
+
 def token_stream(tokenizer, fmt: Format, messages: dict[str, list], examples: dict[str, Any],
                  check: LengthCheck, spec: JobSpec, *, refuse: bool = True):
     """``(rows, TokenRecord)``: the train split's ``(input_ids, labels)`` as TRL will build them
@@ -381,7 +434,8 @@ def _observe_batches(trainer) -> list[str]:
 
 def train_sft(s3: S3, spec: JobSpec, workdir: Path) -> dict[str, Any]:
     """Train, evaluate, save. Returns ``{"metrics", "history", "notes", "model_dir",
-    "training_record"}`` (the token stream's ``tokens.TokenRecord``)."""
+    "training_record", "few_shot"}`` (the token stream's ``tokens.TokenRecord``, the few-shot
+    baseline's ``few_shot.FewShotResult`` or None)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -405,8 +459,10 @@ def train_messages(s3: S3 | None, spec: JobSpec, messages: dict[str, list], work
     # refused here, before the model is even loaded
     rows, record = token_stream(tokenizer, fmt, messages, examples, lengths, spec)
     model = _load_model(model_dir)
+    # the base model as loaded, before any step changes it (LoRA wraps it in place)
+    shots = few_shot_baseline(s3, spec, model, tokenizer, fmt, messages, lengths, workdir)
     train_ds, eval_ds = examples["train"], examples.get("eval")
-    notes = []
+    notes = [] if shots is None or shots.skipped is None else [f"few-shot baseline skipped: {shots.skipped}"]
     if fmt == "prompt_completion":
         notes.append(f"{spec.base_model} has no chat template: trained on plain prompt/completion "
                      "text (the user turn, without the system prompt)")
@@ -453,11 +509,15 @@ def train_messages(s3: S3 | None, spec: JobSpec, messages: dict[str, list], work
         metrics["baseline_eval_loss"] = evaluate_baseline(
             s3, spec.baseline, [messages["eval"][i] for i in lengths.keep["eval"]], spec, workdir)
 
+    if shots is not None and shots.eval_loss is not None:
+        metrics["few_shot_eval_loss"] = shots.eval_loss
+
     save_dir = workdir / "model"
     trainer.save_model(str(save_dir))  # the adapter only, for a PEFT model
     tokenizer.save_pretrained(str(save_dir))
     return {"metrics": metrics, "history": history, "notes": notes, "model_dir": save_dir,
-            "training_record": record.model_dump(mode="json")}
+            "training_record": record.model_dump(mode="json"),
+            "few_shot": shots.model_dump(mode="json") if shots else None}
 
 
 base_model_kind_task = io_task(name="check-base-model", retries=1)(base_model_kind)

@@ -139,4 +139,5 @@ class TrlBackend:
         if data is None:
             raise SftflowError(f"training job {spec.job} finished without a result: no {uri}")
         return JobResult(metrics=data.metrics or {}, artifacts=data.artifacts or {},
-                         history=data.history or [], training_record=data.training_record)
+                         history=data.history or [], training_record=data.training_record,
+                         few_shot=data.few_shot)

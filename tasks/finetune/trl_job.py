@@ -1,5 +1,6 @@
 """The files of one ``train-trl`` job under its output prefix: ``result.json``, ``model/`` and
-``loss.png`` (the loss curves).
+``loss.png`` (the loss curves). ``result.json`` also holds the few-shot baseline the job
+evaluated (or read from the cache under ``<models_prefix>/_few_shot/``, ``few_shot.py``).
 
 The ``train-trl`` flow writes them; the ``trl`` backend reads ``result.json`` back (status of a
 local run, metrics and artifacts of a finished one). A rerun of a job whose result says
@@ -36,6 +37,9 @@ class TrainResult(BaseModel):
     artifacts: dict[str, str] | None = None
     training_record: dict[str, Any] | None = Field(
         None, description="What decided the token stream and its fingerprint (tokens.TokenRecord).")
+    few_shot: dict[str, Any] | None = Field(
+        None, description="The base model with k train rows in its prompt, on the same eval rows "
+        "(few_shot.FewShotResult): the eval gate's third number.")
 
     @classmethod
     def failed(cls, spec: JobSpec, started_at: str, err: BaseException) -> TrainResult:
@@ -57,7 +61,7 @@ class TrainResult(BaseModel):
             job=spec.job, status="succeeded", started_at=started_at, finished_at=utc_now_iso(),
             metrics=trained["metrics"], history=trained["history"],
             notes=trained.get("notes") or None, artifacts=artifacts,
-            training_record=trained.get("training_record"),
+            training_record=trained.get("training_record"), few_shot=trained.get("few_shot"),
         )
 
 

@@ -135,6 +135,46 @@ def drafts_section(drafts: dict[str, Any]) -> list[str]:
             f"Flagged for review: {flagged} ({agreement.get('method', '')}).",
             "",
         ]
+    ret = drafts.get("return") or {}
+    return lines + (draft_return_section(ret) if ret.get("models") else [])
+
+
+def _s(x: float | None) -> str:
+    return "" if x is None else f"{x:.1f}"
+
+
+def draft_return_section(ret: dict[str, Any]) -> list[str]:
+    """Markdown lines on the seconds drafts saved (``stats["drafts"]["return"]``, made by
+    ``sftflow.tasks.build.draft_return.draft_return``): per drafting model and per annotator,
+    acceptance beside; annotations without ``lead_time`` counted apart."""
+    untimed = ret.get("untimed") or {}
+    base, period = ret.get("baseline") or {}, ret.get("period") or {}
+    lines = [
+        (f"Draft return, from Label Studio's `lead_time` (seconds in the editor) over "
+         f"{ret.get('annotations', 0)} annotations read from {period.get('from', '-')} to "
+         f"{period.get('to', '-')}: without a draft median {_s(base.get('median_s'))} s "
+         f"({base.get('annotations', 0)} annotations), with one "
+         f"{_s((ret.get('drafted') or {}).get('median_s'))} s; saved in total "
+         f"{_s(ret.get('saved_total_s')) or '-'} s. "
+         f"{sum(untimed.values())} annotation(s) without lead_time (made through the API, not "
+         f"in the editor: {untimed.get('drafted', 0)} drafted, {untimed.get('undrafted', 0)} "
+         f"not) are counted apart, never guessed."),
+        "",
+    ]
+    head = ("| {} | drafted | without lead_time | compared | median with draft (s) | median "
+            "without (s) | saved per task (s) | saved in total (s) | acceptance rate | mean "
+            "similarity |")
+    for title, key in (("drafting model", "models"), ("annotator", "annotators")):
+        groups = ret.get(key) or {}
+        if groups:
+            lines += [head.format(title), "| --- |" + " ---: |" * 9, *[
+                (f"| `{name}` | {f['annotations']} | {f['untimed']} | {f['compared']} | "
+                 f"{_s(f['median_with_draft_s'])} | {_s(f['median_without_draft_s'])} | "
+                 f"{_s(f['saved_per_task_s'])} | {_s(f['saved_total_s'])} | "
+                 f"{_num(f.get('acceptance_rate'))} | {_num(f.get('mean_similarity'))} |")
+                for name, f in groups.items()], ""]
+    lines += [(f"Method: {ret.get('method', '')}; prompt-length buckets from "
+               f"{ret.get('bucket_edges')} characters."), ""]
     return lines
 
 

@@ -343,7 +343,15 @@ def test_a_version_reports_each_drafting_models_acceptance_and_leaves_unedited_d
     annotation's ``parent_prediction``). The incremental version built after them records the
     model's acceptance rate and edit similarity in its manifest, drops the drafts accepted
     unchanged (``draft_policy='exclude'``, the default) as a counted filter reason with an
-    exclusion each, and keeps them under ``include``."""
+    exclusion each, and keeps them under ``include``.
+
+    Issue #20: the annotations carry Label Studio's ``lead_time`` (as the editor sets it; the
+    API takes it too), and three tasks of the same period and prompt length are answered
+    without a draft. The version reports the seconds the drafts saved per task and in total,
+    per model and per annotator, beside the acceptance rate: in the build report, the
+    manifest, the card and ``sftflow datasets show --json``. One drafted annotation made
+    without a ``lead_time`` is counted apart; the first round's (imported, untimed) ones too,
+    in the full export of the ``include`` build."""
     from sftflow.tasks.drafts.stage import draft_result
 
     def qa(i: int) -> tuple[str, str]:
@@ -356,18 +364,26 @@ def test_a_version_reports_each_drafting_models_acceptance_and_leaves_unedited_d
     try:
         first = build_dataset(BuildParams(project=str(p.id), dataset="dr", bucket=s3.bucket))
         labelstudio.projects.import_tasks(id=p.id, request=[{"prompt": qa(i)[0]}
-                                                            for i in range(6, 16)])
-        drafted = sorted((t for t in labelstudio.tasks.list(project=p.id, fields="all")
-                          if not t.annotations), key=lambda t: t.id)
-        assert len(drafted) == 10
+                                                            for i in range(6, 19)])
+        open_tasks = sorted((t for t in labelstudio.tasks.list(project=p.id, fields="all")
+                             if not t.annotations), key=lambda t: t.id)
+        drafted, control = open_tasks[:10], open_tasks[10:]
+        assert (len(drafted), len(control)) == (10, 3)
+        # seconds in the editor: 10 s to accept a draft, 20-40 s to edit one (the last edit
+        # made without a lead_time, as an API client does), 60-80 s without a draft
+        seconds = [10.0] * 4 + [20.0, 25.0, 30.0, 35.0, 40.0, None]
         for n, task in enumerate(drafted):
             i = n + 6
             draft = f"A {_word(i)} is for holding things, most of the time."
             pred = labelstudio.predictions.create(task=task.id, result=draft_result(draft),
                                                   model_version="ft-model-1")
             answer = draft if n < 4 else qa(i)[1]  # four accepted as they are, six edited
-            labelstudio.annotations.create(id=task.id, result=draft_result(answer),
-                                           parent_prediction=pred.id)
+            labelstudio.annotations.create(
+                id=task.id, result=draft_result(answer), parent_prediction=pred.id,
+                **({} if seconds[n] is None else {"lead_time": seconds[n]}))
+        for n, task in enumerate(control):
+            labelstudio.annotations.create(id=task.id, result=draft_result(qa(n + 16)[1]),
+                                           lead_time=60.0 + 10 * n)
         second = build_dataset(BuildParams(project=str(p.id), dataset="dr", bucket=s3.bucket))
         included = build_dataset(BuildParams(project=str(p.id), dataset="dr-all",
                                              bucket=s3.bucket, draft_policy="include"))
@@ -377,7 +393,7 @@ def test_a_version_reports_each_drafting_models_acceptance_and_leaves_unedited_d
     assert second.mode == "incremental" and second.parent == first.version
     assert second.counts["export"]["rows_with_model_draft"] == 10
     assert second.counts["filters"]["dropped:accepted_draft_unchanged"] == 4
-    assert second.counts["filters"]["kept"] == 6 and sum(second.rows.values()) == 12
+    assert second.counts["filters"]["kept"] == 9 and sum(second.rows.values()) == 15
     m = load_manifest(s3, "dr", second.version)
     model = m.stats["drafts"]["models"]["ft-model-1"]
     assert (model["rows"], model["accepted_unchanged"], model["acceptance_rate"]) == (10, 4, 0.4)
@@ -388,7 +404,45 @@ def test_a_version_reports_each_drafting_models_acceptance_and_leaves_unedited_d
     assert sorted(e["task_id"] for e in stored if e["reason"] == "accepted_draft_unchanged") == \
         sorted(t.id for t in drafted[:4])
 
+    # Draft return: with a draft the median of [10 x4, 20, 25, 30, 35, 40] is 20 s, without
+    # one the median of [60, 70, 80] is 70 s (one prompt-length bucket): 50 s saved a task,
+    # 450 s over the 9 timed drafted annotations; the untimed one counted apart.
+    ret = m.stats["drafts"]["return"]
+    assert second.draft_return == ret
+    assert ret["untimed"] == {"drafted": 1, "undrafted": 0}
+    assert ret["baseline"]["annotations"] == 3 and ret["baseline"]["median_s"] == 70.0
+    saved = ret["models"]["ft-model-1"]
+    assert (saved["annotations"], saved["untimed"], saved["compared"]) == (10, 1, 9)
+    assert (saved["median_with_draft_s"], saved["median_without_draft_s"]) == (20.0, 70.0)
+    assert (saved["saved_per_task_s"], saved["saved_total_s"]) == (50.0, 450.0)
+    assert saved["acceptance_rate"] == 0.4  # beside the seconds
+    (person,) = ret["annotators"].values()  # the API token's user made every annotation
+    assert (person["saved_per_task_s"], person["baseline_annotations"]) == (50.0, 3)
+    assert ret["saved_total_s"] == 450.0
+    card = s3.get_bytes(file_key(m, m.files_of("card")[0].path))[0].decode()
+    assert "Draft return" in card
+    assert "| `ft-model-1` | 10 | 1 | 9 | 20.0 | 70.0 | 50.0 | 450.0 | 0.400 |" in card
+    show = _sftflow(s3, "datasets", "show", f"dr@{second.version}", "--json")
+    assert show["draft_return"] == ret
+
     assert included.counts["filters"].get("dropped:accepted_draft_unchanged", 0) == 0
-    assert sum(included.rows.values()) == 16
-    assert load_manifest(s3, "dr-all", included.version).stats["drafts"][
-        "models"]["ft-model-1"]["acceptance_rate"] == 0.4
+    assert sum(included.rows.values()) == 19
+    full = load_manifest(s3, "dr-all", included.version).stats["drafts"]
+    assert full["models"]["ft-model-1"]["acceptance_rate"] == 0.4
+    # the full export snapshot carries lead_time too; the first round's imported
+    # annotations have none and are counted apart
+    assert full["return"]["untimed"] == {"drafted": 1, "undrafted": 6}
+    assert full["return"]["models"]["ft-model-1"]["saved_total_s"] == 450.0
+
+
+def _sftflow(s3, *args: str) -> dict:
+    """The installed ``sftflow`` command's ``--json`` answer, against the test bucket."""
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([str(Path(sys.executable).parent / "sftflow"), *args, "--bucket",
+                          s3.bucket], check=False, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ))
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)

@@ -15,9 +15,10 @@ from sftflow.core import events
 from sftflow.core.errors import SftflowError
 from sftflow.flows.finetune import FinetuneParams, finetune
 from sftflow.tasks.adapters.s3 import parse_s3_uri
-from sftflow.tasks.finetune import lineage
+from sftflow.tasks.finetune import few_shot, lineage
 from sftflow.tasks.finetune.backends import Hyperparameters
 from sftflow.tasks.finetune.dataset import read_version
+from sftflow.tasks.finetune.files import read_json, read_lines
 from sftflow.tasks.finetune.tiny_model import CHAT_TEMPLATE
 from sftflow.tasks.runtime.polling import Backoff, wait_until
 from sftflow.tasks.versions.refs import get_tag
@@ -61,6 +62,39 @@ def _finetune_events(job: str, timeout_s: float = 20) -> list[str]:
 
     wait_until(ended, timeout_s=timeout_s, backoff=Backoff(0.5, 1.0))
     return names
+
+
+def _result_summary(job: str) -> str:
+    """The ``finetune-result`` markdown artifact of ``job`` (the flow's fine-tune summary)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["finetune-result"])))
+    return next(a.data for a in found if a.data.startswith(f"# Fine-tune {job}:"))
+
+
+def _assert_three_numbers(s3, job: str, shots: dict, gate: dict, previous: str | None) -> None:
+    """The eval gate's three losses in the lineage and in the summary artifact (#20)."""
+    rec = lineage.load_record(s3, "models", job)
+    assert rec.eval_gate == gate and rec.few_shot.model_dump(mode="json") == shots
+    assert gate["eval_loss"] == rec.metrics["eval_loss"] and gate["baseline_job"] == previous
+    assert gate["few_shot_eval_loss"] == shots["eval_loss"] == rec.metrics["few_shot_eval_loss"] > 0
+    assert (gate["baseline_eval_loss"] is None) == (previous is None)
+    summary = _result_summary(job)
+    assert summary == rec.summary_markdown()
+    assert f"| new model | `{job}` | {gate['eval_loss']:.4f} |" in summary
+    assert (f"| previous best | `{previous}` | {gate['baseline_eval_loss']:.4f} |" if previous
+            else "| previous best | none | n/a |") in summary
+    assert (f"| few-shot base | `{shots['base_model']}` with 3 train rows in its prompt (seed 0) | "
+            f"{shots['eval_loss']:.4f} |") in summary
+
+
+def _train_chat_rows(s3, dataset: str, version: str) -> list[list[dict]]:
+    data = read_version(s3, "datasets", f"{dataset}@{version}")
+    return [json.loads(line)["messages"] for uri in data.uris("train", "openai_chat")
+            for line in read_lines(s3, uri) if line.strip()]
 
 
 def _deployment_runs(name: str = "train-trl/default") -> int:
@@ -118,8 +152,19 @@ def test_trl_job_runs_on_the_work_pool_records_lineage_and_is_not_trained_twice(
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= model_keys
     assert rec["artifacts"]["model"] == s3.uri(f"models/{report.job}/model")
 
-    # eval gate: the first model of the dataset is its best; the version is tagged
+    # eval gate: the first model of the dataset is its best (it beats the base model given 3
+    # train rows, chosen by seed 0, in its prompt: scored by the training job on the same eval
+    # rows, cached for the version); the version is tagged
     assert rec["eval_gate"]["decision"] == "best" and rec["eval_gate"]["tagged_best"]
+    shots = rec["few_shot"]
+    assert (shots["k"], shots["seed"], shots["eval_rows"], shots["cached"]) == (3, 0, 8, False)
+    assert (shots["base_model"], shots["dataset"], shots["version"]) == (str(tiny_model), "qa", version)
+    train_rows = _train_chat_rows(s3, "qa", version)
+    assert shots["examples"] == few_shot.choose_examples(train_rows, list(range(32)), 3, 0)
+    assert shots["examples_sha256"] == [few_shot.row_sha256(train_rows[i]) for i in shots["examples"]]
+    assert read_json(s3, few_shot.cache_uri(s3.uri("models"), shots["cache_key"]))["eval_loss"] == shots["eval_loss"]
+    assert rec["eval_gate"]["eval_loss"] < shots["eval_loss"] and rec["eval_gate"]["beats_few_shot"]
+    _assert_three_numbers(s3, report.job, shots, rec["eval_gate"], None)
     assert lineage.read_model_ref(s3, "models", "qa")[0] == report.job
     assert get_tag(s3, "qa", f"trained-{report.job}") == version
     assert _finetune_events(report.job) == [events.FINETUNE_SUBMITTED, events.FINETUNE_SUCCEEDED]
@@ -137,8 +182,10 @@ def test_trl_job_runs_on_the_work_pool_records_lineage_and_is_not_trained_twice(
     assert second.version == v2 and second.backend_job_id.startswith("local:")
     gate = second.eval_gate
     assert gate["baseline_job"] == report.job and gate["baseline_eval_loss"] > 0
-    better = gate["eval_loss"] < gate["baseline_eval_loss"]
-    assert gate["tagged_best"] is better
+    assert second.few_shot["version"] == v2 and second.few_shot["eval_rows"] == 12
+    better = gate["eval_loss"] < gate["baseline_eval_loss"] and gate["eval_loss"] < gate["few_shot_eval_loss"]
+    assert gate["tagged_best"] is better and gate["decision"] == ("best" if better else "not better")
+    _assert_three_numbers(s3, second.job, second.few_shot, gate, report.job)
     assert lineage.read_model_ref(s3, "models", "qa")[0] == (second.job if better else report.job)
     assert {"config.json", "model.safetensors"} <= {
         o.key.rsplit("/", 1)[-1] for o in s3.list(f"models/{second.job}/model/")}
@@ -202,6 +249,10 @@ def test_openai_backend_contract_success_then_failed_job(prefect_harness, flow_s
         assert ok.status == "succeeded" and ok.fine_tuned_model.startswith("ft:gpt-4o-mini")
         rec = lineage.load_record(s3, "models", ok.job)
         assert rec.fine_tuned_model == ok.fine_tuned_model and rec.eval_gate is None
+        # no few-shot baseline at a provider: said in the record, and no eval gate
+        assert rec.few_shot.eval_loss is None and (rec.few_shot.k, rec.few_shot.seed) == (3, 0)
+        assert rec.few_shot.skipped.startswith("backend openai trains at the provider")
+        assert f"- few-shot baseline: skipped ({rec.few_shot.skipped})" in rec.summary_markdown()
         assert rec.preflight["train"]["valid"] == 24
         assert "sk-contract" not in rec.model_dump_json() and "sk-contract" not in ok.model_dump_json()
 

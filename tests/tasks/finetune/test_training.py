@@ -11,16 +11,21 @@ import zlib
 import pytest
 
 from sftflow.core.errors import SftflowError
-from sftflow.tasks.finetune import lineage
-from sftflow.tasks.finetune.backends import Hyperparameters
+from sftflow.tasks.finetune import few_shot, lineage
+from sftflow.tasks.finetune.backends import FewShotSpec, Hyperparameters, JobSpec
+from sftflow.tasks.finetune.files import read_json
+from sftflow.tasks.finetune.gate import eval_gate
 from sftflow.tasks.finetune.loss_plot import loss_curve_png, series
 from sftflow.tasks.finetune.training import (
     build_trainer,
     check_lengths,
+    few_shot_baseline,
+    load_tokenizer,
     loss_history,
     prepare_examples,
     split_turns,
     to_example,
+    train_messages,
 )
 from tests.tasks._finetune import tiny_chat_model, tiny_model  # noqa: F401
 
@@ -184,3 +189,40 @@ def test_long_rows_are_measured_with_the_base_tokenizer_and_dropped_never_trunca
         prepare_examples({"train": short + long}, tok, hp.model_copy(update={"length_policy": "fail"}))
     with pytest.raises(SftflowError, match="no train row fits in max_length 48 tokens"):
         prepare_examples({"train": long}, tok, hp)
+
+
+@pytest.mark.train
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_the_gate_refuses_a_fine_tune_that_the_few_shot_base_beats(tiny_chat_model, s3, tmp_path):
+    """One training step at a learning rate that wrecks the tiny model: the base model given two
+    train rows in its prompt has the lower loss on the eval completions, so the first model of
+    the dataset is not promoted. The few-shot loss is cached per (base model, version, k, seed)."""
+    rows = [_messages(f"Prompt {i}: explain item {i} in a sentence.",
+                      f"Item {i} is explained here with a sentence of moderate length.") for i in range(16)]
+    messages = {"train": rows[:12], "eval": rows[12:]}
+    hp = Hyperparameters(max_steps=1, batch_size=4, learning_rate=1.0, max_length=64)
+    cache = s3.uri("models/_few_shot/qa-v1.json")
+    spec = JobSpec(job="ft-wrecked", dataset="qa", version="v1", base_model=str(tiny_chat_model),
+                   method="full", hyperparameters=hp, train_files=[], eval_files=[],
+                   output_uri=s3.uri("models/ft-wrecked"), few_shot=FewShotSpec(k=2, seed=7, cache_uri=cache))
+    out = train_messages(s3, spec, messages, tmp_path)
+
+    shots = out["few_shot"]
+    assert (shots["k"], shots["seed"], shots["eval_rows"], shots["cached"]) == (2, 7, 4, False)
+    assert shots["examples"] == few_shot.choose_examples(rows[:12], list(range(12)), 2, 7)
+    assert (shots["base_model"], shots["dataset"], shots["version"]) == (str(tiny_chat_model), "qa", "v1")
+    m = out["metrics"]
+    assert m["steps"] == 1 and m["few_shot_eval_loss"] == shots["eval_loss"] > 0
+    assert m["eval_loss"] > shots["eval_loss"]
+    gate = eval_gate(m, None, shots)
+    assert gate["decision"] == "not better" and not gate["promote"] and not gate["beats_few_shot"]
+    assert "of the base model with 2 examples in its prompt" in gate["reason"]
+
+    # computed once per (base model, version, k, seed): the next job reads it, no model needed
+    assert read_json(s3, cache)["eval_loss"] == shots["eval_loss"]
+    tok = load_tokenizer(str(tiny_chat_model))
+    fmt, _, check = prepare_examples(messages, tok, hp)
+    again = few_shot_baseline(s3, spec.model_copy(update={"job": "ft-other"}), None, tok, fmt, messages,
+                              check, tmp_path)
+    assert again.cached and again.eval_loss == shots["eval_loss"] and again.examples == shots["examples"]
