@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # PYTEST_XDIST= (empty) runs it serially.
 PYTEST_XDIST ?= -n 4 --dist loadgroup
 
-.PHONY: install install-app install-labelstudio lock lint-imports test test-unit demo stack-up stack-down stack-status lint bench clean
+.PHONY: install install-app install-labelstudio lock lint-imports test test-slow test-unit demo stack-up stack-down stack-status lint bench clean
 
 install: install-app install-labelstudio
 
@@ -47,7 +47,11 @@ lint-imports: install-app
 
 test: install
 	$(BIN)/python tests/import_view.py
-	$(BIN)/pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
+	$(BIN)/pytest $(PYTEST_XDIST) -m "not slow" $(PYTEST_ARGS)
+
+# Tests bound by a server's fixed timers (minutes each): the Prefect restart and lease tests.
+test-slow: install
+	$(BIN)/pytest $(PYTEST_XDIST) -m slow $(PYTEST_ARGS)
 
 test-unit: install-app
 	$(BIN)/pytest -m "not integration and not prefect and not train" $(PYTEST_ARGS)

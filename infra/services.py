@@ -24,6 +24,19 @@ SERVICES = ("s3", "labelstudio", "prefect")
 #: Every service a stack may run; ``postgres`` only with ``stack.postgres`` on. Start order.
 ALL_SERVICES = ("postgres", *SERVICES)
 
+# -- Prefect: concurrency leases that outlive a restart (issue #18 item 2) ----------------------
+#: Deployment concurrency keeps each run's slot in the database (the limit's ``active_slots``)
+#: and the lease that frees it in the server's lease storage. Prefect's default storage is the
+#: server's memory: a restart forgets the leases but not the slots, so a run that dies after a
+#: restart keeps its slot forever (every later run waits in ``AwaitingConcurrencySlot``), and a
+#: live run's next renewal gets 410 and the engine cancels it. On disk (``PREFECT_HOME``, next
+#: to the SQLite database) the leases survive: a live run renews, a dead run's lease expires
+#: and the server's repossessor frees its slot. One server process per ``PREFECT_HOME``; a
+#: server replicated over several hosts needs a shared storage (``prefect-redis``).
+PREFECT_LEASES_ENV = {
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+}
+
 
 class StackServices(PostgresService):
     """The services' specs, start-time files and health checks, for ``settings.stack``."""
@@ -103,17 +116,21 @@ class StackServices(PostgresService):
 
     def _prefect_spec(self) -> ServiceSpec:
         c, host = self.cfg, self.cfg.host
+        immediate = not c.postgres and c.prefect_sqlite_immediate
+        launcher = ["{python}", str(self._prefect_launcher_path())] if immediate else ["{prefect}"]
         return ServiceSpec(
             name="prefect",
-            argv=["{prefect}", "server", "start", "--host", host, "--port", str(c.prefect_port)],
+            argv=[*launcher, "server", "start", "--host", host, "--port", str(c.prefect_port)],
             env={  # with stack.postgres, the database URL is added by _secret_env
                 "PREFECT_HOME": str(self._data_path("prefect")),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PREFECT_UI_API_URL": f"http://{host}:{c.prefect_port}/api",
+                **PREFECT_LEASES_ENV,
             },
             url=f"http://{host}:{c.prefect_port}",
             ports=[c.prefect_port],
             health=self._prefect_health,
+            before_start=self._write_prefect_launcher if immediate else lambda: None,
         )
 
     def _data_path(self, name: str) -> Path:
@@ -124,6 +141,7 @@ class StackServices(PostgresService):
             "{weed}": lambda: _bin("weed"),
             "{label-studio}": lambda: _bin("label-studio", self.cfg.label_studio_bin),
             "{prefect}": lambda: _bin("prefect"),
+            "{python}": lambda: str(Path(_bin("prefect")).parent / "python"),
             "{postgres}": lambda: self._pg_bin("postgres"),
         }
         return [subs[a]() if a in subs else a for a in argv]
@@ -179,6 +197,33 @@ class StackServices(PostgresService):
             "        'transaction_mode': 'IMMEDIATE',\n"
             "        'init_command': 'PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;',\n"
             "    }\n"
+        )
+
+    def _prefect_launcher_path(self) -> Path:
+        return self.dir / "prefect-sqlite" / "sftflow_prefect_server.py"
+
+    def _write_prefect_launcher(self) -> None:
+        # Prefect 3.8.8 on SQLite opens most write transactions DEFERRED (IMMEDIATE only for
+        # state changes through the API). Under WAL, a deferred transaction that has read and
+        # then writes after another connection committed fails at once with "database is
+        # locked": its snapshot is stale, so busy_timeout never applies (creating a flow run
+        # with its first state does exactly that). No Prefect setting changes the BEGIN mode,
+        # so the server starts through this launcher, which makes every transaction IMMEDIATE:
+        # writers queue on the lock (busy_timeout 60 s) instead of failing
+        # (bench/prefect_db_load.py measures both).
+        path = self._prefect_launcher_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            '"""Written by sftflow (infra/services.py): `prefect server start` with every SQLite\n'
+            'transaction BEGIN IMMEDIATE."""\n'
+            "import sys\n\n"
+            "from prefect.server.database import configurations\n\n"
+            "_begin = configurations.AioSqliteConfiguration.begin_transaction\n\n\n"
+            "def _immediate(self, session, with_for_update=False):\n"
+            "    return _begin(self, session, with_for_update=True)\n\n\n"
+            "configurations.AioSqliteConfiguration.begin_transaction = _immediate\n\n"
+            "from prefect.cli import app  # noqa: E402\n\n"
+            "sys.exit(app())\n"
         )
 
     def _write_s3_identities(self) -> None:

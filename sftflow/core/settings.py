@@ -207,6 +207,12 @@ class StackSettings(BaseModel):
         description="Run Label Studio and the Prefect server on PostgreSQL (a `postgres` service "
         "of the stack) instead of SQLite, as production does.",
     )
+    prefect_sqlite_immediate: bool = Field(
+        True,
+        description="On SQLite, start the Prefect server with every database transaction BEGIN "
+        "IMMEDIATE (Prefect's deferred ones fail with 'database is locked' under concurrent "
+        "runs); false runs `prefect server start` as shipped.",
+    )
     postgres_port: int = 15432
     postgres_password: SecretStr = Field(
         SecretStr(LOCAL_PG_PASSWORD), description="Password of the local `sftflow` role."

@@ -29,7 +29,9 @@ from tests.tasks._datasets import annotation, make_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
 
-PORT = 21300  # this test's own server (the suite's range for it: 21300-21399)
+#: This test's own server: in the test stacks' range (tests/infra/test_stack.py), below the
+#: ephemeral ports, moved with SFTFLOW_TEST_STACK_BASE like them.
+PORT = int(os.environ.get("SFTFLOW_TEST_STACK_BASE", "21100")) + 700
 PREFIX = "datasets"
 
 
