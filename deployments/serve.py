@@ -247,7 +247,29 @@ def _drafts_deployment(cfg: ServeConfig, extra: dict[str, Any], tags: list[str],
 
 
 def serve(cfg: ServeConfig, limit: int | None = None) -> None:
-    """Register the deployments and run their flow runs from this process (blocks)."""
-    import prefect
+    """Register the deployments and run their flow runs from this process (blocks); see
+    :func:`serve_deployments`."""
+    serve_deployments(build_deployments(cfg), limit=limit)
 
-    prefect.serve(*build_deployments(cfg), limit=limit)
+
+def serve_deployments(deployments: list[Any], limit: int | None = None,
+                      zombie_within_s: float | None = None) -> None:
+    """Serve ``deployments`` from this process (blocks), after ensuring the zombie automation
+    (``zombie_within_s``: its ``within``, default 3 heartbeats). Each flow run's process emits
+    heartbeats every ``settings.prefect.heartbeat_s``: a run whose process is killed (this
+    one with it) ends Crashed (deployments/zombies.py)."""
+    import os
+
+    import prefect
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from sftflow.deployments.zombies import HEARTBEAT_ENV, ensure_zombie_automation, heartbeat_env
+
+    heartbeat_s = int(heartbeat_env()[HEARTBEAT_ENV])
+    ensure_zombie_automation(heartbeat_s, zombie_within_s)
+    # Each flow run's process gets this process's environment and its current Prefect
+    # settings (which wins depends on how the runner starts it): both say heartbeat_s, the
+    # frequency the automation's `within` is derived from.
+    os.environ[HEARTBEAT_ENV] = str(heartbeat_s)
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: heartbeat_s}):
+        prefect.serve(*deployments, limit=limit)

@@ -17,7 +17,8 @@ def deploy_train_trl(work_pool: str, name: str = "default", source: str | Path |
     """Register the training flow as ``train-trl/<name>`` on a process work pool.
 
     The pool is created when missing. ``source`` is the project folder the worker imports the
-    flow from (default: this checkout). Returns the deployment id. Start a worker with
+    flow from (default: this checkout). Its runs emit heartbeats, and the zombie automation is
+    ensured (deployments/zombies.py). Returns the deployment id. Start a worker with
     ``prefect worker start --pool <work_pool>``.
     """
     from prefect.client.orchestration import get_client
@@ -25,6 +26,7 @@ def deploy_train_trl(work_pool: str, name: str = "default", source: str | Path |
     from prefect.exceptions import ObjectAlreadyExists
     from prefect.workers.process import ProcessWorker
 
+    from sftflow.deployments.zombies import ensure_zombie_automation, heartbeat_env
     from sftflow.flows.train_trl import train_trl
 
     with get_client(sync_client=True) as client:
@@ -48,5 +50,7 @@ def deploy_train_trl(work_pool: str, name: str = "default", source: str | Path |
         print_next_steps=False,
         description="TRL supervised fine-tuning of one sftflow job (see flows/train_trl.py).",
         tags=["sftflow", "train"],
+        job_variables={"env": heartbeat_env()},  # a killed training process ends Crashed
     )
+    ensure_zombie_automation()
     return str(dep_id)

@@ -79,6 +79,11 @@ class PrefectSettings(BaseModel):
     api_url: str = Field(
         "http://127.0.0.1:14200/api", description="Prefect API URL of the local stack's server."
     )
+    heartbeat_s: int = Field(
+        30, ge=30, description="Seconds between the heartbeats of sftflow's flow runs "
+        "(PREFECT_FLOWS_HEARTBEAT_FREQUENCY of their processes; Prefect's minimum is 30). The "
+        "zombie automation marks a run CRASHED after 3 x this without one (a killed process).",
+    )
 
 
 class DatasetSettings(BaseModel):
