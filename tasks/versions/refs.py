@@ -118,15 +118,16 @@ def resolve(s3: S3, dataset: str, version: str | None, *, prefix: str = DEFAULT_
 
 def read_mark(source: Mapping[str, Any]) -> str:
     """When the rows of a version were read from Label Studio, from its manifest's ``source``:
-    the ``watermark`` every build records (the Label Studio server time its reading began, less
-    the overlap: incremental and full builds alike), else the export ``snapshot_at`` (manifests
-    written before builds recorded a watermark); "" when unknown."""
+    the ``watermark`` every build records (on Label Studio's own clock, less the overlap: an
+    incremental build's is the latest ``updated_at`` its listing saw, a full build's the export
+    snapshot's creation), else the export ``snapshot_at`` (manifests written before builds
+    recorded a watermark); "" when unknown. Two reads with no edit between them tie."""
     return str(source.get("watermark") or source.get("snapshot_at") or "")
 
 
 def _instant(mark: str | None) -> datetime | None:
-    """A read mark as a UTC time to the second (an incremental build's watermark comes from the
-    server's ``Date`` header, a second's precision); None when missing or unreadable."""
+    """A read mark as a UTC time to the second (older manifests' watermarks came from a
+    ``Date`` header, a second's precision); None when missing or unreadable."""
     if not mark:
         return None
     try:
