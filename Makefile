@@ -17,9 +17,9 @@ PYTEST_ARGS ?=
 # PYTEST_XDIST= (empty) runs it serially.
 PYTEST_XDIST ?= -n 4 --dist loadgroup
 
-.PHONY: install install-app install-labelstudio lock lint-imports test test-slow test-unit demo stack-up stack-down stack-status lint bench clean
+.PHONY: install install-app install-labelstudio install-browser lock lint-imports test test-slow test-unit demo stack-up stack-down stack-status lint bench clean
 
-install: install-app install-labelstudio
+install: install-app install-labelstudio install-browser
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ install-app: $(UV)
 install-labelstudio: $(UV)
 	test -x $(LS_VENV)/bin/python || $(UV) venv -q -p $(PYTHON) $(LS_VENV)
 	$(UV) pip sync -q --python $(LS_VENV)/bin/python requirements/labelstudio.lock.txt
+
+# The editor tests' browser (tests/_browser.py): Debian's chromium and chromium-driver, installed
+# when missing and this user may (root, or sudo without a password); otherwise it says how.
+install-browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "install-browser: run 'sudo apt-get install chromium chromium-driver' (the editor tests need them)"; exit 0; fi; \
+	($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver) >/dev/null \
+	  || echo "install-browser: apt-get could not install chromium and chromium-driver"
 
 # Re-pin after editing pyproject.toml dependencies.
 lock: $(UV)

@@ -17,7 +17,10 @@ from sftflow.core.errors import ConfigError
 from sftflow.tasks.adapters.labelstudio import PROMPT_NAME, RESPONSE_NAME, find_project
 from sftflow.tasks.runtime.declare import io_task
 
-#: Label Studio's "Supervised Language Model Fine-tuning" template (generative-ai/supervised-llm).
+#: Label Studio's "Supervised Language Model Fine-tuning" template (generative-ai/supervised-llm),
+#: with two changes for drafts: the response is ``editable`` (a draft is edited in place, not
+#: deleted and retyped), and the response's text is dark (the template's white text made a
+#: pre-filled draft white on white in Label Studio 1.23's editor; tests/tasks/drafts/test_editor.py).
 SFT_LABEL_CONFIG = f"""<View className="root">
   <Style>
   .root {{
@@ -53,6 +56,10 @@ SFT_LABEL_CONFIG = f"""<View className="root">
     font-size: 16px;
     outline: none;
   }}
+  .answer-input .lsf-textarea__region p,
+  .answer-input textarea {{
+    color: #1f2937;
+  }}
   .answer-input:focus {{
     outline: none;
   }}
@@ -74,7 +81,7 @@ SFT_LABEL_CONFIG = f"""<View className="root">
                 maxSubmissions="1" required="true"
                 requiredMessage="You must provide the response to the prompt"
                 placeholder="Type your answer here..."
-                rows="10"
+                rows="10" editable="true"
       />
     </View>
   </View>
