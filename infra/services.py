@@ -104,6 +104,10 @@ class StackServices(PostgresService):
                 # Local stack only: webhooks and S3 endpoints on loopback must be allowed.
                 "SSRF_PROTECTION_ENABLED": "false",
                 "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+                # Nothing leaves the machine: Label Studio otherwise reports every API call
+                # (with the user's e-mail) from a new thread and errors to its Sentry; about
+                # half its CPU per request here, spent on calls that cannot reach the internet.
+                "COLLECT_ANALYTICS": "false", "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
                 "DJANGO_SETTINGS_MODULE": "sftflow_labelstudio_settings",
                 "PYTHONPATH": str(self.dir / "labelstudio-settings"),
                 **ls_db,

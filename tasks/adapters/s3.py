@@ -15,6 +15,8 @@ from datetime import datetime
 from typing import Any
 
 import boto3
+import botocore.loaders
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
@@ -235,6 +237,19 @@ class S3:
             raise ServiceUnavailable(f"S3 at {self.endpoint_url or 'AWS'}: {err}") from err
 
 
+#: One botocore data loader for the process: it caches the parsed service models and endpoint
+#: data (the S3 model is megabytes of JSON), so a client built after the first costs about 14 ms
+#: of CPU instead of 160 ms (each boto3 Session otherwise parses them again).
+_LOADER = botocore.loaders.create_loader()
+
+
+def _new_session() -> boto3.session.Session:
+    """A fresh boto3 session (its own credentials) sharing the process's data loader."""
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _LOADER)
+    return boto3.session.Session(botocore_session=core)
+
+
 def build_s3(settings: S3Settings) -> S3:
     """The one place an S3 client is built from settings. Credentials, first found: the
     prefect-aws ``AwsCredentials`` block named by ``credentials_block``, the configured key
@@ -244,7 +259,7 @@ def build_s3(settings: S3Settings) -> S3:
         session, endpoint, region = _block_session(settings.credentials_block, endpoint, region)
         key_id = secret = None  # the session carries them
     else:
-        session = boto3.session.Session()
+        session = _new_session()
         secret = resolve_secret(settings.secret_access_key, settings.secret_access_key_block)
         key_id = settings.access_key_id.get_secret_value() if settings.access_key_id else None
         if not key_id or not secret:
