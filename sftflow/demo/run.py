@@ -336,7 +336,7 @@ def run_demo(settings: Settings, workdir: Path = Path(".demo")) -> dict[str, Any
                 rounds.append(_turn(clients, round_no, model))
         finally:
             _stop_worker(worker)
-    return _summary(settings, clients, rounds, time.monotonic() - started)
+    return _summary(settings, clients, rounds, time.monotonic() - started, workdir)
 
 
 def wheel_figures(clients: Clients, rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -364,8 +364,19 @@ def _secs(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f} s"
 
 
+def _reproduced(settings: Settings, clients: Clients, job: str, workdir: Path) -> dict[str, Any]:
+    """``sftflow models reproduce JOB`` of the newest model: its token stream re-tokenised from
+    the dataset version and the training record."""
+    from sftflow.tasks.finetune.reproduce import reproduce
+
+    result = reproduce(clients.s3, settings.finetune.models_prefix, settings.datasets.prefix, job,
+                       workdir / "reproduce")
+    return {"job": job, "identical": result.identical, "batches_compared": result.batches_compared,
+            "rows_identical": result.rows_identical, "differences": result.differences}
+
+
 def _summary(settings: Settings, clients: Clients, rounds: list[dict[str, Any]],
-             seconds: float) -> dict[str, Any]:
+             seconds: float, workdir: Path) -> dict[str, Any]:
     from sftflow.tasks.adapters.labelstudio import find_project
     from sftflow.tasks.finetune.lineage import list_records
     from sftflow.tasks.versions.refs import latest_version
@@ -394,6 +405,7 @@ def _summary(settings: Settings, clients: Clients, rounds: list[dict[str, Any]],
         "models": [r.job for r in records],
         "model_manifest": (f"s3://{settings.s3.bucket}/{models_prefix}/{newest}/manifest.json"
                            if newest else None),
+        "reproduced": _reproduced(settings, clients, newest, workdir) if newest else None,
     }
     console.rule("[bold]what happened to every record")
     for r in rounds:
@@ -441,6 +453,12 @@ def _summary(settings: Settings, clients: Clients, rounds: list[dict[str, Any]],
     console.print(f"                          sftflow datasets show {DATASET}")
     console.print(f"model lineage manifest:   {summary['model_manifest']}")
     console.print("                          sftflow models list")
+    if rep := summary["reproduced"]:
+        console.print(f"reproduced:               model {rep['job']}'s token stream, re-tokenised from its "
+                      f"version and training record: {'identical' if rep['identical'] else 'DIFFERS'} "
+                      f"({rep['batches_compared']} batches compared, rows "
+                      f"{'identical' if rep['rows_identical'] else 'differ'}); "
+                      f"sftflow models reproduce {rep['job']}")
     console.print(f"simulated annotations this run: {summary['simulated_annotations']} "
                   f"({summary['simulated_from_drafts']} started from a model's draft); {seconds:.0f} s")
     return summary
