@@ -16,8 +16,8 @@ layers, 16 heads of 128, 8 KV heads, intermediate 3072, vocab 151936, tied embed
 download) saved to a temp folder in bf16 like the hub checkpoint, with a tokenizer trained on
 the spot by ``tasks/finetune/tiny_model.py`` (its chat template). Each configuration goes
 through sftflow's own pieces: ``load_tokenizer``, ``prepare_examples`` (chat format, length
-check), ``_load_model`` and ``_sft_config`` (the SFTConfig sftflow trains with: TRL's defaults
-bf16 and gradient checkpointing on, completion-only loss, ``logging_steps=1``); only
+check), ``_load_model`` and ``trl_config.sft_config`` (the SFTConfig sftflow trains with, here at
+``precision=bf16`` and gradient checkpointing on, completion-only loss, ``logging_steps=1``); only
 ``packing`` / ``max_length`` (and, for the extra rows, ``gradient_checkpointing``) are set on
 that config before TRL's ``SFTTrainer`` is built from it. Packing is TRL's best-fit decreasing
 (``packing_strategy="bfd"``, padding-free).
@@ -289,15 +289,15 @@ def run_case(model_dir: Path, rows: list, case: Case, mode: Mode, model_info: di
     import torch
     from trl import SFTTrainer
 
-    from sftflow.tasks.finetune import training
+    from sftflow.tasks.finetune import training, trl_config
     from sftflow.tasks.finetune.backends import Hyperparameters
 
     hp = Hyperparameters(max_steps=mode.steps, batch_size=case.batch_size, max_length=case.seq_len,
-                         learning_rate=1e-5)
+                         learning_rate=1e-5, precision="bf16", gradient_checkpointing=True)
     tokenizer = training.load_tokenizer(str(model_dir))
     _, examples, lengths = training.prepare_examples({"train": rows}, tokenizer, hp)
     model = training._load_model(str(model_dir))
-    args = training._sft_config(hp, workdir / "trainer")
+    args = trl_config.sft_config(hp, workdir / "trainer")
     # Set on sftflow's own SFTConfig: SFTTrainer reads these when it is built / trains.
     args.packing = case.packing
     args.max_length = case.seq_len if case.packing else None

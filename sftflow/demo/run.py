@@ -407,6 +407,15 @@ def _summary(settings: Settings, clients: Clients, rounds: list[dict[str, Any]],
                            if newest else None),
         "reproduced": _reproduced(settings, clients, newest, workdir) if newest else None,
     }
+    _print_records(rounds)
+    if wheel:
+        _print_wheel(wheel)
+    _print_where(summary, seconds)
+    return summary
+
+
+def _print_records(rounds: list[dict[str, Any]]) -> None:
+    """What happened to every record, round by round."""
     console.rule("[bold]what happened to every record")
     for r in rounds:
         ing = r["ingest"]
@@ -427,25 +436,32 @@ def _summary(settings: Settings, clients: Clients, rounds: list[dict[str, Any]],
                       f"({r['simulated_from_drafts']} from drafts); version {r['version'] or '-'}; "
                       f"model {r['model'] or '-'} ({r['eval_gate'] or 'no eval gate'}); "
                       f"{r['stage']}: {r['message']}")
-    if wheel:
-        console.rule("[bold]the turn of the wheel")
-        rate, sim = wheel.get("acceptance_rate"), wheel.get("mean_similarity")
+
+
+def _print_wheel(wheel: dict[str, Any]) -> None:
+    """The turn of the wheel: model 1's drafts in version 2, and their (simulated) return."""
+    console.rule("[bold]the turn of the wheel")
+    rate, sim = wheel.get("acceptance_rate"), wheel.get("mean_similarity")
+    console.print(
+        f"model {wheel['drafting_model']} drafted round 2; version {wheel['version']} records "
+        f"{wheel.get('rows', 0)} answers started from its drafts: "
+        f"{wheel.get('accepted_unchanged', 0)} accepted unchanged (acceptance rate "
+        f"{'-' if rate is None else f'{rate:.0%}'}), mean edit similarity "
+        f"{'-' if sim is None else f'{sim:.2f}'}; {wheel.get('excluded_by_policy') or 0} "
+        f"unedited drafts left out of training (draft_policy={wheel.get('policy')}); "
+        f"model {wheel['trained'] or '-'} trained on that version")
+    if saved := wheel.get("draft_return"):
         console.print(
-            f"model {wheel['drafting_model']} drafted round 2; version {wheel['version']} records "
-            f"{wheel.get('rows', 0)} answers started from its drafts: "
-            f"{wheel.get('accepted_unchanged', 0)} accepted unchanged (acceptance rate "
-            f"{'-' if rate is None else f'{rate:.0%}'}), mean edit similarity "
-            f"{'-' if sim is None else f'{sim:.2f}'}; {wheel.get('excluded_by_policy') or 0} "
-            f"unedited drafts left out of training (draft_policy={wheel.get('policy')}); "
-            f"model {wheel['trained'] or '-'} trained on that version")
-        if saved := wheel.get("draft_return"):
-            console.print(
-                f"[yellow]SIMULATED[/yellow] draft return (the simulated annotators' lead_time): "
-                f"{_secs(saved.get('saved_per_task_s'))} saved per task, "
-                f"{_secs(saved.get('saved_total_s'))} in total over {saved.get('compared', 0)} "
-                f"drafted answers ({_secs(saved.get('median_with_draft_s'))} with a draft, "
-                f"{_secs(saved.get('median_without_draft_s'))} without, like-for-like prompt "
-                f"lengths); sftflow datasets show {DATASET}")
+            f"[yellow]SIMULATED[/yellow] draft return (the simulated annotators' lead_time): "
+            f"{_secs(saved.get('saved_per_task_s'))} saved per task, "
+            f"{_secs(saved.get('saved_total_s'))} in total over {saved.get('compared', 0)} "
+            f"drafted answers ({_secs(saved.get('median_with_draft_s'))} with a draft, "
+            f"{_secs(saved.get('median_without_draft_s'))} without, like-for-like prompt "
+            f"lengths); sftflow datasets show {DATASET}")
+
+
+def _print_where(summary: dict[str, Any], seconds: float) -> None:
+    """Where to look: the UIs, the version, the model, and the reproduction's verdict."""
     console.rule("[bold]where to look")
     console.print(f"Prefect UI (flow runs):   {summary['prefect_ui']}")
     console.print(f"Label Studio project:     {summary['labelstudio_project']}")
@@ -461,4 +477,3 @@ def _summary(settings: Settings, clients: Clients, rounds: list[dict[str, Any]],
                       f"sftflow models reproduce {rep['job']}")
     console.print(f"simulated annotations this run: {summary['simulated_annotations']} "
                   f"({summary['simulated_from_drafts']} started from a model's draft); {seconds:.0f} s")
-    return summary

@@ -44,17 +44,33 @@ class Hyperparameters(BaseModel):
         "completion", description="trl: what the loss covers. completion: the tokens after the prompt "
         "(masked by the prompt/completion split); assistant: also only the tokens the chat template "
         "marks with {% generation %} (TRL's assistant_only_loss).")
+    packing: bool = Field(
+        False, description="trl: pack rows into sequences of max_length tokens with TRL's best-fit "
+        "decreasing strategy (packing_strategy=bfd, padding-free batches: each row attends only to "
+        "itself). No row is cut: rows over max_length are dropped before. Eval rows are not packed.")
+    gradient_checkpointing: bool = Field(
+        False, description="trl: recompute activations in the backward pass (less memory, slower).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="trl: auto is bf16 on a CUDA device that supports it, else fp32; bf16 "
+        "on CPU trains under torch's CPU autocast; bf16 on a CUDA device without it is refused.")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """``length_policy`` and ``loss`` are left out at their defaults (``drop``,
-        ``completion``): the job names (a hash of this dump) of configs written before they
-        existed do not change."""
+        """The fields added after the first configs (``length_policy``, ``loss``, ``packing``,
+        ``gradient_checkpointing``, ``precision``) are left out at their defaults: the job names
+        (a hash of this dump) of configs written before they existed do not change."""
         data = handler(self)
-        for key, default in (("length_policy", "drop"), ("loss", "completion")):
-            if data.get(key) == default:
+        for key, default in _ADDED_DEFAULTS:
+            if key in data and data[key] == default:
                 del data[key]
         return data
+
+
+#: Fields added to :class:`Hyperparameters` after job names were first hashed, with their
+#: defaults: left out of its dump at these values.
+_ADDED_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("length_policy", "drop"), ("loss", "completion"), ("packing", False),
+    ("gradient_checkpointing", False), ("precision", "auto"))
 
 
 class Baseline(BaseModel):

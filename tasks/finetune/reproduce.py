@@ -9,6 +9,10 @@ the training did (``training.prepare_examples``: format, length check) and token
 first that differs is named), the hash of every train row, the mask coverage. The tokenizer,
 chat template and library versions are compared too and each difference is listed, but the
 verdict is the stream's: a newer library that tokenizes identically still reproduces.
+
+A packed job (``packing``) is confirmed the same way: its rows are packed again by trl's own
+packer (``tokens.pack_rows``) and its batches are those of the packed sequences; the train rows
+and the coverage are compared before packing. A record without ``packing`` was not packed.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def _differences(rec: TokenRecord, now: TokenRecord, batch: int | None) -> list[
                    f"now {now.batches[batch][:12] if batch < len(now.batches) else 'none'}…")
     if rec.rows_sha256 != now.rows_sha256:
         out.append("the train rows' tokens or labels differ")
-    for key in ("tokenizer_sha256", "chat_template_sha256", "format", "loss"):
+    for key in ("tokenizer_sha256", "chat_template_sha256", "format", "loss", "packing", "packed_rows"):
         if getattr(rec, key) != getattr(now, key):
             out.append(f"{key}: recorded {getattr(rec, key)}, now {getattr(now, key)}")
     if rec.coverage != now.coverage:

@@ -12,7 +12,10 @@ can be computed before any training step and recomputed later without a model:
 - :func:`tokenize_rows`: ``(input_ids, labels)`` per row, labels ``-100`` outside the loss;
 - :func:`coverage`: trained tokens per row (min, median), rows with none, truncation;
   :func:`refuse_untrained` refuses a stream where a row trains on zero tokens;
-- :func:`batch_hashes`: sha256 of each of the first :data:`BATCHES_HASHED` batches, in order;
+- :func:`pack_rows`: with ``packing``, the rows packed into training sequences by TRL's own
+  best-fit decreasing packer (``trl.data_utils.pack_dataset``, as ``SFTTrainer`` calls it);
+- :func:`batch_hashes`: sha256 of each of the first :data:`BATCHES_HASHED` batches, in order
+  (of the packed sequences, when packing: what the trainer draws);
 - :class:`TokenRecord`: all of it, with the tokenizer's and template's hashes, the library
   versions and the seed: the lineage record's ``training_record`` (``lineage.py``).
 """
@@ -32,6 +35,7 @@ from sftflow.core.hashing import canonical_json, sha256_hex
 
 Loss = Literal["completion", "assistant"]
 Row = tuple[list[int], list[int]]  # (input_ids, labels)
+Packed = tuple[list[int], list[int], list[int]]  # (input_ids, labels, seq_lengths): rows packed
 
 #: How many of the first training batches are hashed into the record.
 BATCHES_HASHED = 4
@@ -189,6 +193,21 @@ def refuse_untrained(cov: Coverage, split: str = "train", *, why: str = "") -> N
         "not starting the training")
 
 
+# -- packing ----------------------------------------------------------------------------------
+def pack_rows(rows: Sequence[Row], max_length: int) -> list[Packed]:
+    """The rows packed into sequences of at most ``max_length`` tokens as trl's ``SFTTrainer``
+    packs them with ``packing_strategy="bfd"``: its ``pack_dataset`` over ``input_ids`` and
+    ``labels`` in split order, unshuffled; ``seq_lengths`` are the rows' lengths in each.
+    Labels are unchanged: every row keeps its own mask."""
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    ds = Dataset.from_dict({"input_ids": [list(ids) for ids, _ in rows],
+                            "labels": [list(labels) for _, labels in rows]})
+    packed = pack_dataset(ds, max_length, "bfd", {"num_proc": None})
+    return [(list(r["input_ids"]), list(r["labels"]), list(r["seq_lengths"])) for r in packed]
+
+
 # -- batches ----------------------------------------------------------------------------------
 def batch_order(n_rows: int, batch_size: int, seed: int, n_batches: int = BATCHES_HASHED) -> list[list[int]]:
     """Row indices of the first ``n_batches`` training batches as the trainer draws them:
@@ -206,12 +225,13 @@ def batch_order(n_rows: int, batch_size: int, seed: int, n_batches: int = BATCHE
     return batches[:n_batches]
 
 
-def batch_sha256(rows: Sequence[Row]) -> str:
-    """sha256 of one batch: its rows' ``input_ids`` and ``labels`` in order, unpadded."""
-    return _json_sha256([[list(ids), list(labels)] for ids, labels in rows])
+def batch_sha256(rows: Sequence[Row | Packed]) -> str:
+    """sha256 of one batch: its rows' ``input_ids`` and ``labels`` (packed: and
+    ``seq_lengths``) in order, unpadded."""
+    return _json_sha256([[list(part) for part in row] for row in rows])
 
 
-def batch_hashes(rows: Sequence[Row], batch_size: int, seed: int,
+def batch_hashes(rows: Sequence[Row | Packed], batch_size: int, seed: int,
                  n_batches: int = BATCHES_HASHED) -> list[str]:
     return [batch_sha256([rows[i] for i in batch])
             for batch in batch_order(len(rows), batch_size, seed, n_batches)]
@@ -238,19 +258,28 @@ class TokenRecord(BaseModel):
     batch_size: int
     coverage: Coverage
     versions: dict[str, str]
-    batches: list[str] = Field(description=f"sha256 of each of the first {BATCHES_HASHED} batches, in order.")
+    packing: Literal["bfd"] | None = Field(
+        None, description="How rows were packed into training sequences (None: a row per sequence).")
+    packed_rows: int | None = Field(None, description="Training sequences after packing.")
+    batches: list[str] = Field(description=f"sha256 of each of the first {BATCHES_HASHED} batches, in "
+                               "order (packing: of the packed sequences, with their seq_lengths).")
     batches_sha256: str = Field(description="sha256 of the list of batch hashes.")
-    rows_sha256: str = Field(description="sha256 of every train row's input_ids and labels, in split order.")
+    rows_sha256: str = Field(description="sha256 of every train row's input_ids and labels, in split "
+                             "order (before packing).")
     batches_observed: bool | None = Field(
         None, description="The trainer drew exactly these batches (checked as it trained).")
 
 
 def token_record(tokenizer, rows: Sequence[Row], *, name: str, fmt: str, loss: Loss, seed: int,
-                 batch_size: int, cov: Coverage) -> TokenRecord:
-    batches = batch_hashes(rows, batch_size, seed)
+                 batch_size: int, cov: Coverage, packed: Sequence[Packed] | None = None) -> TokenRecord:
+    """The record of a stream; ``packed``: the rows as packed (:func:`pack_rows`), whose
+    batches the trainer draws."""
+    batches = batch_hashes(rows if packed is None else packed, batch_size, seed)
     return TokenRecord(
         tokenizer=name, tokenizer_sha256=tokenizer_sha256(tokenizer),
         chat_template_sha256=template_sha256(tokenizer), format=fmt, loss=loss, seed=seed,
-        batch_size=batch_size, coverage=cov, versions=library_versions(), batches=batches,
+        batch_size=batch_size, coverage=cov, versions=library_versions(),
+        packing=None if packed is None else "bfd", packed_rows=None if packed is None else len(packed),
+        batches=batches,
         batches_sha256=_json_sha256(batches), rows_sha256=batch_sha256(rows),
     )

@@ -14,7 +14,13 @@ the result's ``notes`` and ``metrics["format"]``.
 
 Length (:func:`check_lengths`): every row is measured with the base model's tokenizer, the way
 TRL tokenizes it, before training. Rows over ``max_length`` are dropped and counted, or fail the
-run (``length_policy``); TRL gets no ``max_length`` of its own, so nothing is truncated.
+run (``length_policy``); TRL gets no ``max_length`` of its own (packing: the packed sequences'
+length, which every row already fits), so nothing is truncated.
+
+Options (``tasks/finetune/trl_config.py``): ``packing`` (TRL's best-fit decreasing, padding-free),
+``gradient_checkpointing`` and ``precision``. The metrics say what the trainer used: ``packing``,
+``training_sequences`` (rows, or packed sequences), and ``gradient_checkpointing`` and
+``precision`` as seen during the first training step.
 
 Token stream (:func:`token_stream`, ``tasks/finetune/tokens.py``): before the trainer is built,
 the train rows are tokenized the way TRL will, and the run is refused (SftflowError naming the
@@ -49,7 +55,7 @@ from sftflow.core.errors import SftflowError
 from sftflow.core.failpoints import failpoint
 from sftflow.core.hashing import sha256_hex
 from sftflow.tasks.adapters.s3 import S3
-from sftflow.tasks.finetune import few_shot, tokens
+from sftflow.tasks.finetune import few_shot, tokens, trl_config
 from sftflow.tasks.finetune.backends import Baseline, Hyperparameters, JobSpec
 from sftflow.tasks.finetune.files import download_prefix, prefix_has
 from sftflow.tasks.runtime.declare import compute_task, io_task
@@ -218,44 +224,13 @@ def prepare_examples(messages: dict[str, list], tokenizer, hp: Hyperparameters):
     return fmt, kept, check
 
 
-def _sft_config(spec_hp: Hyperparameters, output_dir: Path, eval_during_training: bool = False):
-    """No ``max_length``: the rows are measured and filtered before (:func:`prepare_examples`),
-    so TRL never truncates. The eval split is scored about ten times along the run. The loss
-    covers the completion (``loss=assistant``: and the template's generation markers); the
-    batches are drawn with ``data_seed = seed``."""
-    import torch
-    from trl import SFTConfig
-
-    return SFTConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=spec_hp.epochs,
-        max_steps=spec_hp.max_steps,
-        learning_rate=spec_hp.learning_rate,
-        per_device_train_batch_size=spec_hp.batch_size,
-        per_device_eval_batch_size=spec_hp.batch_size,
-        max_length=None,
-        completion_only_loss=True,
-        assistant_only_loss=spec_hp.loss == "assistant",
-        packing=False,
-        logging_steps=1,
-        eval_strategy="steps" if eval_during_training else "no",
-        eval_steps=0.1 if eval_during_training else None,
-        save_strategy="no",
-        report_to="none",
-        seed=spec_hp.seed,
-        data_seed=spec_hp.seed,  # the batch order: tokens.batch_order
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
-        dataset_num_proc=None,
-    )
-
-
 def build_trainer(model, tokenizer, hp: Hyperparameters, train_ds, eval_ds, output_dir: Path,
                   peft_config=None, eval_during_training: bool = False):
-    """An ``SFTTrainer`` over prepared examples (:func:`prepare_examples`), printing nothing."""
+    """An ``SFTTrainer`` over prepared examples (:func:`prepare_examples`), printing nothing;
+    its options (packing, gradient checkpointing, precision) are ``trl_config.sft_config``'s."""
     from trl import SFTTrainer
 
-    trainer = SFTTrainer(model=model, args=_sft_config(hp, output_dir, eval_during_training),
+    trainer = SFTTrainer(model=model, args=trl_config.sft_config(hp, output_dir, eval_during_training),
                          train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                          peft_config=peft_config)
     _quiet(trainer)
@@ -333,7 +308,7 @@ def evaluate_baseline(s3: S3, baseline: Baseline, eval_messages: list, spec: Job
     fmt = chat_format(tok)
     eval_ds = Dataset.from_list([to_example(m, fmt) for m in eval_messages])
     # SFTTrainer insists on a train set; nothing is trained, the eval rows stand in.
-    trainer = build_trainer(model, tok, spec.hyperparameters, eval_ds, eval_ds,
+    trainer = build_trainer(model, tok, trl_config.eval_only(spec.hyperparameters), eval_ds, eval_ds,
                             workdir / "baseline-eval")
     return float(trainer.evaluate()["eval_loss"])
 
@@ -377,7 +352,8 @@ def few_shot_baseline(s3: S3 | None, spec: JobSpec, model, tokenizer, fmt: Forma
 
     ds = Dataset.from_list(rows)
     # SFTTrainer insists on a train set; nothing is trained, the eval rows stand in.
-    trainer = build_trainer(model, tokenizer, spec.hyperparameters, ds, ds, workdir / "few-shot-eval")
+    trainer = build_trainer(model, tokenizer, trl_config.eval_only(spec.hyperparameters), ds, ds,
+                            workdir / "few-shot-eval")
     result.eval_loss = float(trainer.evaluate()["eval_loss"])
     if s3 is not None and ask.cache_uri:
         few_shot.write_cached(s3, ask.cache_uri, result)
@@ -386,9 +362,11 @@ def few_shot_baseline(s3: S3 | None, spec: JobSpec, model, tokenizer, fmt: Forma
 
 def token_stream(tokenizer, fmt: Format, messages: dict[str, list], examples: dict[str, Any],
                  check: LengthCheck, spec: JobSpec, *, refuse: bool = True):
-    """``(rows, TokenRecord)``: the train split's ``(input_ids, labels)`` as TRL will build them
-    (``tasks/finetune/tokens.py``) and the record of what decided them. With ``refuse``, an
-    SftflowError when the template lacks what the loss needs or a row would train on zero tokens."""
+    """``(stream, TokenRecord)``: the train split's ``(input_ids, labels)`` as TRL will build them
+    (``tasks/finetune/tokens.py``; with ``packing``, packed into ``(input_ids, labels,
+    seq_lengths)`` sequences as TRL packs them) and the record of what decided them. With
+    ``refuse``, an SftflowError when the template lacks what the loss needs or a row would
+    train on zero tokens."""
     hp = spec.hyperparameters
     if refuse:
         tokens.check_template(tokenizer, fmt, hp.loss)
@@ -397,17 +375,31 @@ def token_stream(tokenizer, fmt: Format, messages: dict[str, list], examples: di
                           dropped=len(messages["train"]) - len(check.keep["train"]))
     if refuse:
         tokens.refuse_untrained(cov)
-    return rows, tokens.token_record(tokenizer, rows, name=spec.base_model, fmt=fmt, loss=hp.loss,
-                                     seed=hp.seed, batch_size=hp.batch_size, cov=cov)
+    packed = tokens.pack_rows(rows, hp.max_length) if hp.packing else None
+    record = tokens.token_record(tokenizer, rows, name=spec.base_model, fmt=fmt, loss=hp.loss, seed=hp.seed,
+                                 batch_size=hp.batch_size, cov=cov, packed=packed)
+    return (rows if packed is None else packed), record
 
 
-def _check_prepared(trainer, rows: list[tokens.Row]) -> None:
-    """The rows TRL prepared are the analysed ones, or an SftflowError before any step: the
-    record would otherwise describe a stream the model never saw."""
+#: The columns of a prepared train row that make the stream (``seq_lengths``: packed rows only).
+_STREAM = ("input_ids", "labels", "seq_lengths")
+
+
+def _check_prepared(trainer, stream: list) -> None:
+    """The rows TRL prepared (packed, with ``packing``) are the analysed ones, or an
+    SftflowError before any step: the record would otherwise describe a stream the model
+    never saw."""
+    keys = _STREAM[:len(stream[0])]
+    n = len(trainer.train_dataset)
     for i, row in enumerate(trainer.train_dataset):
-        if i >= len(rows) or (list(row["input_ids"]), list(row["labels"])) != rows[i]:
-            raise SftflowError(f"TRL prepared train row {i} differently from sftflow's analysis of the "
-                               "token stream (a trl version it does not mirror?): not starting the training")
+        if i >= len(stream) or tuple(list(row[k]) for k in keys) != tuple(stream[i]):
+            break
+    else:
+        if n == len(stream):
+            return
+        i = min(n, len(stream))
+    raise SftflowError(f"TRL prepared train row {i} differently from sftflow's analysis of the "
+                       "token stream (a trl version it does not mirror?): not starting the training")
 
 
 def _observe_batches(trainer) -> list[str]:
@@ -418,7 +410,7 @@ def _observe_batches(trainer) -> list[str]:
 
     def observed(examples):
         if len(seen) < tokens.BATCHES_HASHED:
-            seen.append(tokens.batch_sha256([(e["input_ids"], e["labels"]) for e in examples]))
+            seen.append(tokens.batch_sha256([tuple(e[k] for k in _STREAM if k in e) for e in examples]))
         return collate(examples)
 
     def train_loader():
@@ -453,11 +445,12 @@ def train_messages(s3: S3 | None, spec: JobSpec, messages: dict[str, list], work
     """:func:`train_sft` on chat rows already read (``{"train": [messages, ...], "eval": ...}``);
     ``s3`` is only needed for an s3:// base model or a baseline."""
     hp = spec.hyperparameters
+    trl_config.resolve_precision(hp.precision)  # bf16 where the device lacks it: refused first
     model_dir = materialise_model(s3, spec.base_model, workdir / "models")
     tokenizer = load_tokenizer(model_dir)
     fmt, examples, lengths = prepare_examples(messages, tokenizer, hp)
     # refused here, before the model is even loaded
-    rows, record = token_stream(tokenizer, fmt, messages, examples, lengths, spec)
+    stream, record = token_stream(tokenizer, fmt, messages, examples, lengths, spec)
     model = _load_model(model_dir)
     # the base model as loaded, before any step changes it (LoRA wraps it in place)
     shots = few_shot_baseline(s3, spec, model, tokenizer, fmt, messages, lengths, workdir)
@@ -469,22 +462,11 @@ def train_messages(s3: S3 | None, spec: JobSpec, messages: dict[str, list], work
     if lengths.rows_over_max_length:
         notes.append(f"dropped {lengths.rows_over_max_length} of {lengths.rows_total} rows longer "
                      f"than max_length {hp.max_length} tokens (longest {lengths.max_tokens_seen})")
-
-    peft_config = None
-    if spec.method == "lora":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=hp.lora_r,
-            lora_alpha=hp.lora_alpha,
-            lora_dropout=hp.lora_dropout,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        )
+    peft_config = trl_config.lora_config(hp) if spec.method == "lora" else None
     trainer = build_trainer(model, tokenizer, hp, train_ds, eval_ds, workdir / "trainer",
                             peft_config, eval_during_training=eval_ds is not None)
-    _check_prepared(trainer, rows)
-    observed = _observe_batches(trainer)
+    _check_prepared(trainer, stream)
+    observed, options = _observe_batches(trainer), trl_config.observe_options(trainer)
     _step_failpoint(trainer)
     out = trainer.train()
     record.batches_observed = observed == record.batches[:len(observed)] and bool(observed)
@@ -500,6 +482,8 @@ def train_messages(s3: S3 | None, spec: JobSpec, messages: dict[str, list], work
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "format": fmt,
         **lengths.metrics(),
+        # what the trainer used: training sequences after packing; checkpointing and precision as seen
+        "packing": hp.packing, "training_sequences": len(trainer.train_dataset), **options,
     }
     if eval_ds is not None:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])

@@ -9,8 +9,9 @@ one edited) with the lead times the editor measured, and compares them with the 
 Seen failing before its fix: with Label Studio's template as shipped (white response text), the
 pre-filled draft was white on an off-white box, contrast 1.06 (``test_the_draft_is_pre_filled``
 below asserts at least 4.5, WCAG's figure for text); and without ``editable`` the draft had
-only a delete button, so an edit meant retyping it. Without ``select_drafts`` (the project's
-model version unset) the task opens empty and the test fails on its first wait.
+only a delete button, so an edit meant retyping it. (Label Studio 1.23's task view pre-fills a
+task's prediction even when the project selects no model version or turns
+``show_collab_predictions`` off: both tried, the drafts still showed.)
 """
 
 from __future__ import annotations
@@ -46,12 +47,20 @@ SCRATCH = "A broom sweeps the floor."
 REGION = "[data-testid=htx-textbox-content]"
 
 
-def _submit(driver: Any) -> None:
+def _button(driver: Any, label: str) -> None:
+    """Click the displayed button whose text is ``label`` (found afresh: the page re-renders)."""
     from selenium.webdriver.common.by import By
 
-    buttons = [b for b in driver.find_elements(By.CSS_SELECTOR, "button") if b.text.strip() == "Submit"]
-    assert buttons, "no Submit button on the task page"
-    buttons[0].click()
+    def find(d: Any) -> Any:
+        found = [b for b in d.find_elements(By.CSS_SELECTOR, "button")
+                 if b.is_displayed() and b.text.strip() == label]
+        return found[0] if found else None
+
+    wait_for(driver, find, 30, f"the {label} button").click()
+
+
+def _submit(driver: Any) -> None:
+    _button(driver, "Submit")
 
 
 def _open(driver: Any, base: str, project_id: int, task_id: int) -> None:
@@ -105,9 +114,8 @@ def _annotate_in_browser(driver: Any, base: str, project_id: int, tasks: dict[st
     # 3. no draft: the empty text box, typed from scratch
     _open(driver, base, project_id, tasks["scratch"].id)
     assert not driver.find_elements(By.CSS_SELECTOR, REGION), "an undrafted task shows a draft"
-    box = wait_for(driver, visible(".answer-input textarea"), 30, "the empty answer box")[0]
-    box.send_keys(SCRATCH)
-    box.send_keys(Keys.SHIFT, Keys.ENTER)  # "Press Shift + Enter to Add": the answer becomes a region
+    wait_for(driver, visible(".answer-input textarea"), 30, "the empty answer box")[0].send_keys(SCRATCH)
+    _button(driver, "Add")  # the typed answer becomes the response (a region), as Shift+Enter does
     wait_for(driver, visible(REGION), 30, "the typed answer added")
     _submit(driver)
 
