@@ -59,6 +59,22 @@ def _button(driver: Any, label: str) -> None:
     wait_for(driver, find, 30, f"the {label} button").click()
 
 
+def _type(driver: Any, css: str, text: str) -> None:
+    """Type ``text`` into the text box ``css`` until it holds it: a box the editor re-renders
+    while the task loads comes back empty (seen on CI: the typed answer was gone)."""
+    def typed(d: Any) -> bool:
+        boxes = visible(css)(d)
+        if not boxes:
+            return False
+        if boxes[0].get_attribute("value") == text:
+            return True
+        boxes[0].clear()
+        boxes[0].send_keys(text)
+        return False  # read it back on the next poll
+
+    wait_for(driver, typed, 30, f"{text!r} typed into {css}")
+
+
 def _submit(driver: Any) -> None:
     _button(driver, "Submit")
 
@@ -95,17 +111,14 @@ def _draft_shown(driver: Any, task_id: int) -> str:
 
 def _annotate_in_browser(driver: Any, base: str, project_id: int, tasks: dict[str, Any]) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
 
     # 1. the draft, edited in place: the region's edit button turns it into a text box
     _open(driver, base, project_id, tasks["edit"].id)
     assert _draft_shown(driver, tasks["edit"].id) == DRAFTS["edit"]
     driver.find_element(By.CSS_SELECTOR, "[data-testid=htx-textbox-edit-button]").click()
-    box = wait_for(driver, lambda d: d.switch_to.active_element if d.switch_to.active_element.tag_name
-                   == "textarea" else None, 30, "the draft's text box after Edit")
+    box = wait_for(driver, visible(".answer-input textarea"), 30, "the draft's text box after Edit")[0]
     assert box.get_attribute("value") == DRAFTS["edit"]
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys(EDITED)
+    _type(driver, ".answer-input textarea", EDITED)
     _submit(driver)
     # 2. the draft, submitted as it is
     _open(driver, base, project_id, tasks["accept"].id)
@@ -114,7 +127,7 @@ def _annotate_in_browser(driver: Any, base: str, project_id: int, tasks: dict[st
     # 3. no draft: the empty text box, typed from scratch
     _open(driver, base, project_id, tasks["scratch"].id)
     assert not driver.find_elements(By.CSS_SELECTOR, REGION), "an undrafted task shows a draft"
-    wait_for(driver, visible(".answer-input textarea"), 30, "the empty answer box")[0].send_keys(SCRATCH)
+    _type(driver, ".answer-input textarea", SCRATCH)
     _button(driver, "Add")  # the typed answer becomes the response (a region), as Shift+Enter does
     wait_for(driver, visible(REGION), 30, "the typed answer added")
     _submit(driver)
