@@ -26,14 +26,18 @@ $(UV):
 	$(BIN)/pip install -q uv==0.13.9
 
 # Exactly the locked versions (uv pip sync removes anything else), then the project itself.
+# Bytecode is compiled here, once: where PYTHONDONTWRITEBYTECODE is set (this project's machines
+# and CI), Python otherwise compiles every module from source in every process it starts
+# (`sftflow --help` took 1.2 s of CPU, 0.4 s with the bytecode; the suite starts hundreds).
 install-app: $(UV)
-	$(UV) pip sync -q --python $(BIN)/python $(FIND_LINKS) requirements/lock.txt
+	$(UV) pip sync -q --compile-bytecode --python $(BIN)/python $(FIND_LINKS) requirements/lock.txt
 	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
+	$(BIN)/python -m compileall -q -j 0 sftflow tasks flows infra deployments >/dev/null
 
 # Label Studio's pins clash with the app's: it gets its own virtual environment.
 install-labelstudio: $(UV)
 	test -x $(LS_VENV)/bin/python || $(UV) venv -q -p $(PYTHON) $(LS_VENV)
-	$(UV) pip sync -q --python $(LS_VENV)/bin/python requirements/labelstudio.lock.txt
+	$(UV) pip sync -q --compile-bytecode --python $(LS_VENV)/bin/python requirements/labelstudio.lock.txt
 
 # The editor tests' browser (tests/_browser.py): Debian's chromium and chromium-driver, installed
 # when missing and this user may (root, or sudo without a password); otherwise it says how.
