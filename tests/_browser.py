@@ -46,12 +46,21 @@ def chromium() -> Any:
 def wait_for(driver: Any, condition: Callable[[Any], Any], timeout: float, what: str) -> Any:
     """``condition(driver)`` once truthy (polled until ``timeout`` s); a TimeoutError naming
     ``what`` otherwise."""
-    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        ElementNotInteractableException,
+        StaleElementReferenceException,
+        TimeoutException,
+    )
     from selenium.webdriver.support.ui import WebDriverWait
 
-    try:  # a React page re-renders: an element found a moment ago may be gone, poll again
+    # A React page re-renders: an element found a moment ago may be gone, covered or not yet
+    # interactable; poll again (missing elements are ignored by WebDriverWait already).
+    ignored = (StaleElementReferenceException, ElementNotInteractableException,
+               ElementClickInterceptedException)
+    try:
         return WebDriverWait(driver, timeout, poll_frequency=0.2,
-                             ignored_exceptions=(StaleElementReferenceException,)).until(condition)
+                             ignored_exceptions=ignored).until(condition)
     except TimeoutException:
         raise TimeoutError(f"not shown within {timeout:.0f} s: {what} (page {driver.current_url})") from None
 

@@ -16,6 +16,7 @@ task's prediction even when the project selects no model version or turns
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -57,6 +58,30 @@ def _button(driver: Any, label: str) -> None:
         return found[0] if found else None
 
     wait_for(driver, find, 30, f"the {label} button").click()
+
+
+def _edit_box() -> Any:
+    """A condition: the draft's text box once Edit has opened it. Edit is clicked, and clicked
+    again when no box came 3 s later: on CI a click landed while the task view was still
+    re-rendering and was lost."""
+    last = [float("-inf")]
+
+    def opened(driver: Any) -> Any:
+        boxes = visible(".answer-input textarea")(driver)
+        if boxes:
+            return boxes[0]
+        regions = visible(REGION)(driver)
+        if regions and time.monotonic() - last[0] > 3.0:
+            from selenium.webdriver.common.action_chains import ActionChains
+            from selenium.webdriver.common.by import By
+
+            # the region's buttons show on hover, as for a person's mouse
+            ActionChains(driver).move_to_element(regions[0]).perform()
+            driver.find_element(By.CSS_SELECTOR, "[data-testid=htx-textbox-edit-button]").click()
+            last[0] = time.monotonic()
+        return None
+
+    return opened
 
 
 def _type(driver: Any, css: str, text: str) -> None:
@@ -115,8 +140,7 @@ def _annotate_in_browser(driver: Any, base: str, project_id: int, tasks: dict[st
     # 1. the draft, edited in place: the region's edit button turns it into a text box
     _open(driver, base, project_id, tasks["edit"].id)
     assert _draft_shown(driver, tasks["edit"].id) == DRAFTS["edit"]
-    driver.find_element(By.CSS_SELECTOR, "[data-testid=htx-textbox-edit-button]").click()
-    box = wait_for(driver, visible(".answer-input textarea"), 30, "the draft's text box after Edit")[0]
+    box = wait_for(driver, _edit_box(), 30, "the draft's text box after Edit")
     assert box.get_attribute("value") == DRAFTS["edit"]
     _type(driver, ".answer-input textarea", EDITED)
     _submit(driver)
