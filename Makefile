@@ -13,10 +13,12 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS),--extra-index-url $(TORCH_CPU_INDEX) --index-strategy unsafe-best-match)
 PYTEST_ARGS ?=
 # `make test` runs the suite on parallel workers (pytest-xdist; tests of one xdist_group share a
-# worker); most of its time is spent waiting on services, so more workers than cores pay (with
-# bytecode compiled at install the suite used 68 % of 2 cores on 4 workers: 6 fill the rest).
+# worker); most of its time is spent waiting on services, so more workers than cores pay. (With
+# bytecode compiled at install, 4 workers used 68 % of 2 cores; 6 were slower: 11 min 04 s of
+# pytest against 10 min 04 s, 18 min 20 s of user CPU against 14 min 13 s, one more harness
+# server per worker and more contention.)
 # PYTEST_XDIST= (empty) runs it serially.
-PYTEST_XDIST ?= -n 6 --dist loadgroup
+PYTEST_XDIST ?= -n 4 --dist loadgroup
 
 .PHONY: install install-app install-labelstudio install-browser lock lint-imports test test-slow test-unit demo stack-up stack-down stack-status lint bench clean
 

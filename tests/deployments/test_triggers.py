@@ -40,8 +40,11 @@ def bridge(prefect_harness, settings, s3):
 
     cfg = settings.model_copy(update={"s3": settings.s3.model_copy(update={"bucket": s3.bucket})})
     # Port 0: the kernel's choice, read back once listening (no window for another process).
-    server = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=0,
-                                           log_level="warning"))
+    # These tests are about what a crossing starts, not about a slow Label Studio (the bridge's
+    # own tests cover its 0.5 s limit): under a loaded CI machine Label Studio on PostgreSQL
+    # answered the counters past 0.5 s and no crossing was emitted (seen twice), so 10 s here.
+    server = uvicorn.Server(uvicorn.Config(create_app(cfg, verify_timeout_s=10.0), host="127.0.0.1",
+                                           port=0, log_level="warning"))
     ctx = contextvars.copy_context()  # carries the harness's PREFECT_API_URL into the thread
     thread = threading.Thread(target=ctx.run, args=(server.run,), daemon=True)
     thread.start()
