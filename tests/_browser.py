@@ -48,7 +48,7 @@ def wait_for(driver: Any, condition: Callable[[Any], Any], timeout: float, what:
     ``what`` otherwise."""
     from selenium.common.exceptions import (
         ElementClickInterceptedException,
-        ElementNotInteractableException,
+        InvalidElementStateException,
         StaleElementReferenceException,
         TimeoutException,
     )
@@ -56,7 +56,7 @@ def wait_for(driver: Any, condition: Callable[[Any], Any], timeout: float, what:
 
     # A React page re-renders: an element found a moment ago may be gone, covered or not yet
     # interactable; poll again (missing elements are ignored by WebDriverWait already).
-    ignored = (StaleElementReferenceException, ElementNotInteractableException,
+    ignored = (StaleElementReferenceException, InvalidElementStateException,  # and not interactable
                ElementClickInterceptedException)
     try:
         return WebDriverWait(driver, timeout, poll_frequency=0.2,
