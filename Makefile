@@ -22,7 +22,10 @@ PYTEST_XDIST ?= -n 4 --dist loadgroup
 
 .PHONY: install install-app install-labelstudio install-browser lock lint-imports test test-slow test-unit demo stack-up stack-down stack-status lint bench clean
 
-install: install-app install-labelstudio install-browser
+# The three are independent: run side by side (downloads of one overlap the other's bytecode
+# compilation and apt's unpacking), each one's output kept together.
+install: $(UV)
+	@$(MAKE) --no-print-directory -j3 -O install-app install-labelstudio install-browser
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)

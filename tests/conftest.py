@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -53,25 +54,50 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # -- the local stack: one per run --------------------------------------------------------------
 # Serial (`-p no:xdist`, `-n 0`): the session fixture `stack` starts what is missing and stops
 # what it started. Under pytest-xdist the controller (the process that runs no tests) brings
-# the stack up once, before the workers start, and stops what the run started once they have
-# all finished; the workers only reuse it. A worker that still finds a service missing (a run
+# the stack up once, in a thread while the workers start and run the tests that need no
+# service, and stops what the run started once they have all finished; the workers wait for
+# it and only reuse it. A worker that still finds a service missing (a run
 # whose -m leaves the integration tests out, a service that died) starts it under a file lock
 # and records it for the controller to stop.
 
 _RUN = pytest.StashKey["_StackRun"]()
-_WORKER_KEY = "sftflow_stack"  # in each worker's `workerinput`: {"dir": ..., "error": ...}
+_WORKER_KEY = "sftflow_stack"  # in each worker's `workerinput`: {"dir": ...}
 
 
 class _StackRun:
-    """The controller's side: what the run started, and where workers record what they did."""
+    """The controller's side: what the run started, and where workers record what they did.
+
+    The controller starts the stack in a thread while the workers start, collect and run the
+    tests that need no service (about a minute on 2 cores: PostgreSQL's initdb and Label
+    Studio's migrations). It writes ``ready.json`` (``{"error": ...}``) when the stack is up or
+    failed; a worker's ``stack`` fixture waits for that file before it looks at a service."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.dir = Path(tempfile.mkdtemp(prefix="sftflow-stack-run-"))
         self.started: list[str] = []
         self.error: str | None = None
+        self.message: str | None = None
+        self._thread: threading.Thread | None = None
 
-    def up(self, say) -> None:
+    @property
+    def ready_file(self) -> Path:
+        return self.dir / "ready.json"
+
+    def start(self, integration: bool) -> None:
+        """Bring the stack up in the background (or, without integration tests, say ready)."""
+        if not integration:
+            self._ready()
+            return
+        self._thread = threading.Thread(target=self.up, name="sftflow-stack-up", daemon=True)
+        self._thread.start()
+
+    def _ready(self) -> None:
+        tmp = self.dir / "ready.json.tmp"
+        tmp.write_text(json.dumps({"error": self.error}))
+        tmp.replace(self.ready_file)
+
+    def up(self) -> None:
         from sftflow.infra.stack import LocalStack
 
         local = LocalStack(self.settings)
@@ -84,19 +110,35 @@ class _StackRun:
             self.error = f"{type(err).__name__}: {err}"
         finally:
             self.started = list(local.started)
+            self._ready()
         if self.started or self.error:
-            say(f"sftflow stack for the run: started {', '.join(self.started) or 'nothing'} in "
-                f"{time.monotonic() - t0:.0f} s{f'; {self.error}' if self.error else ''}")
+            self.message = (f"sftflow stack for the run: started {', '.join(self.started) or 'nothing'}"
+                            f" in {time.monotonic() - t0:.0f} s{f'; {self.error}' if self.error else ''}"
+                            " (in the background while the workers started)")
 
     def down(self) -> None:
         from sftflow.infra.stack import LocalStack
 
+        if self._thread is not None:  # a run interrupted while the stack was still starting
+            self._thread.join(timeout=self.settings.stack.health_timeout_s + 60)
         names = set(self.started)
         for record in self.dir.glob("started-*.json"):
             names.update(json.loads(record.read_text()))
         if names:
             LocalStack(self.settings).down(names)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _await_controller_stack(run_dir: Path, timeout_s: float) -> dict:
+    """A worker: the controller's ``ready.json`` once it is written (the stack up or failed)."""
+    from sftflow.tasks.runtime.polling import Backoff, wait_until
+
+    ready = run_dir / "ready.json"
+    found = wait_until(ready.exists, timeout_s=timeout_s, backoff=Backoff(0.2, 1.0))
+    if not found:
+        raise RuntimeError(f"the local stack did not come up within {timeout_s:.0f} s "
+                           f"(the xdist controller wrote no {ready})")
+    return json.loads(ready.read_text())
 
 
 def _missing(local) -> list[str]:
@@ -118,22 +160,26 @@ def _runs_integration_tests(config: pytest.Config) -> bool:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """xdist controller only: the stack, up before the workers start (xdist starts them in its
-    own pytest_sessionstart, which runs last)."""
+    """xdist controller only: start the stack in the background (xdist starts the workers in
+    its own pytest_sessionstart, which runs last)."""
     config = session.config
     if hasattr(config, "workerinput") or not config.pluginmanager.hasplugin("dsession"):
         return  # a worker, or a serial run: the `stack` fixture does it
     run = config.stash[_RUN] = _StackRun(Settings())
-    if _runs_integration_tests(config):
-        reporter = config.pluginmanager.get_plugin("terminalreporter")
-        run.up(reporter.write_line if reporter else print)
+    run.start(_runs_integration_tests(config))
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node) -> None:
     """xdist controller: tell each worker where the run records what workers start."""
     run = node.config.stash[_RUN]
-    node.workerinput[_WORKER_KEY] = {"dir": str(run.dir), "error": run.error}
+    node.workerinput[_WORKER_KEY] = {"dir": str(run.dir)}
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    run = config.stash.get(_RUN, None)
+    if run is not None and run.message:
+        terminalreporter.write_line(run.message)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -173,8 +219,9 @@ def stack(settings: Settings, pytestconfig: pytest.Config) -> Iterator[Settings]
         if local.started:
             local.down(local.started)
         return
-    if shared["error"]:
-        raise RuntimeError(f"the local stack did not start for this run: {shared['error']}")
+    ready = _await_controller_stack(Path(shared["dir"]), settings.stack.health_timeout_s + 60)
+    if ready["error"]:
+        raise RuntimeError(f"the local stack did not start for this run: {ready['error']}")
     with _stack_lock(local):
         try:
             missing = _missing(local)
@@ -214,8 +261,20 @@ def prefect_harness() -> Iterator[None]:
     """A real, ephemeral Prefect API (runs triggers and automations, not the scheduler)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    # The harness server is a subprocess of this worker and inherits its environment: no
+    # telemetry calls to a host this machine cannot reach, no UI files copied at its start.
+    quiet = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    saved = {k: os.environ.get(k) for k in quiet}
+    os.environ.update(quiet)
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
