@@ -345,7 +345,8 @@ class ProjectImporter:
         return index
 
     def _existing_task_ids(self, prompt_ids: set[str]) -> dict[str, int]:
-        """Task ids of prompts in the index; those imported by this run are looked up in Label
+        """Task ids of prompts in the index. Those imported by this run came with the import's
+        answer; any still unknown (found landed after a 500 or a doubt) are looked up in Label
         Studio once per batch (their batch is confirmed by now)."""
         index = self._index
         if index is None:
@@ -403,6 +404,7 @@ class ProjectImporter:
         self.ledger.confirm(result.batch, result.landed, len(result.landed))
         failpoint("ingest.after-confirm")
         if self._index is not None:
+            self._index.set_task_ids(result.task_ids)
             self.ledger.fence()
             save_segment(self.ledger.s3, self.ledger.bucket, self.ledger.root, result.batch,
                          self._index, result.landed)

@@ -76,6 +76,9 @@ class Sent:
     refused: list[tuple[dict[str, Any], str]] = field(default_factory=list)
     requests: int = 0
     reconciled: int = 0
+    #: prompt_id -> task id of the tasks Label Studio created in answer to this call's requests
+    #: (the import answers them in order); none for tasks found there after a 500 or a doubt
+    task_ids: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class BatchResult:
     reconciled: int = 0  # of those, found already there from an earlier attempt
     rejected: list[tuple[dict[str, Any], str]] = field(default_factory=list)  # (task, reason)
     requests: int = 0
+    task_ids: dict[str, int] = field(default_factory=dict)  # as ``Sent.task_ids``
 
 
 def _ids_filter(key: str, value: str) -> str:
@@ -139,14 +143,21 @@ def await_outcome(
     return found if found is not None else batch_prompt_ids(client, project_id, batch)
 
 
-def _post(client: LabelStudio, project_id: int, tasks: list[dict[str, Any]], timeout_s: float | None) -> int:
+def _post(client: LabelStudio, project_id: int, tasks: list[dict[str, Any]],
+          timeout_s: float | None) -> dict[str, int]:
+    """POST ``tasks``; the ids Label Studio gave them, by prompt_id (empty when the answer
+    holds none, or not one per task)."""
     options: dict[str, Any] = {"max_retries": 0}
     if timeout_s is not None:
         options["timeout_in_seconds"] = timeout_s
     resp = client.projects.import_tasks(
-        id=project_id, request=[{"data": t} for t in tasks], request_options=options
+        id=project_id, request=[{"data": t} for t in tasks], return_task_ids=True,
+        request_options=options,
     )
-    return int(resp.task_count or 0)
+    ids = getattr(resp, "task_ids", None)  # in the answer's order: the request's
+    if not isinstance(ids, list) or len(ids) != len(tasks):
+        return {}
+    return {str(t.get("prompt_id")): int(i) for t, i in zip(tasks, ids, strict=True)}
 
 
 def committed_after_500(client: LabelStudio, project_id: int,
@@ -209,7 +220,7 @@ def send_tasks(
         sent.requests += 1
         sent_at = time.monotonic()
         try:
-            _post(client, project_id, part, timeout_s)
+            sent.task_ids.update(_post(client, project_id, part, timeout_s))
             sent.landed.extend(part)
             continue
         except ApiError as err:
@@ -276,6 +287,7 @@ def import_batch(
         result.rejected.extend(sent.refused)
         result.requests += sent.requests
         result.reconciled += sent.reconciled
+        result.task_ids.update(sent.task_ids)
         return result
     raise ImportOutcomeUnknown(f"batch {batch}: {_MAX_DOUBTS} import requests in doubt in a row")
 

@@ -87,6 +87,12 @@ class SignatureIndex:
     def row(self, prompt_id: str) -> int | None:
         return self._row.get(prompt_id)
 
+    def set_task_ids(self, task_ids: dict[str, int]) -> None:
+        """Record the Label Studio task ids of prompts in the index (others are ignored)."""
+        for pid, tid in task_ids.items():
+            if (r := self._row.get(pid)) is not None:
+                self.task_ids[r] = tid
+
     def _band_hashes(self, sigs: np.ndarray) -> np.ndarray:
         bands, r = lsh_params(self.cfg.threshold, self.cfg.num_perm)
         mult = mix64(np.arange(1, r + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))

@@ -82,6 +82,18 @@ def test_refused_tasks_are_isolated_by_bisection(labelstudio, project):
     assert len(landed) == 9 and [t for t, _ in refused] == [bad]
     assert refused[0][1].startswith("rejected_by_labelstudio: 400")
     assert requests > 1 and task_count(labelstudio, project.id) == 9
+    # Each landed task's id comes back with the import's answer, split requests included: no
+    # listing of the project is needed to name it (ingest's near-duplicate records do).
+    there = {d["prompt_id"]: tid for tid, d in iter_project_tasks(labelstudio, project.id)}
+    assert sent.task_ids == there
+
+
+@pytest.mark.integration
+def test_a_batch_result_names_the_task_of_each_prompt_it_landed(labelstudio, project):
+    batch = tasks_for([f"task id question {i}" for i in range(25)], "b-ids")
+    result = import_batch(labelstudio, project.id, "b-ids", batch)
+    there = {d["prompt_id"]: tid for tid, d in iter_project_tasks(labelstudio, project.id)}
+    assert result.task_ids == there and sorted(result.landed) == sorted(there)
 
 
 @pytest.mark.integration
