@@ -33,6 +33,7 @@ import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
+from sftflow.tasks.adapters.labelstudio import post_json
 from sftflow.tasks.runtime.declare import io_task
 from sftflow.tasks.runtime.polling import Backoff, wait_until
 
@@ -145,16 +146,11 @@ def await_outcome(
 
 def _post(client: LabelStudio, project_id: int, tasks: list[dict[str, Any]],
           timeout_s: float | None) -> dict[str, int]:
-    """POST ``tasks``; the ids Label Studio gave them, by prompt_id (empty when the answer
-    holds none, or not one per task)."""
-    options: dict[str, Any] = {"max_retries": 0}
-    if timeout_s is not None:
-        options["timeout_in_seconds"] = timeout_s
-    resp = client.projects.import_tasks(
-        id=project_id, request=[{"data": t} for t in tasks], return_task_ids=True,
-        request_options=options,
-    )
-    ids = getattr(resp, "task_ids", None)  # in the answer's order: the request's
+    """POST ``tasks`` (one request, no retry); the ids Label Studio gave them, by prompt_id
+    (empty when the answer holds none, or not one per task)."""
+    answer = post_json(client, f"api/projects/{project_id}/import", [{"data": t} for t in tasks],
+                       params={"return_task_ids": "true"}, timeout_s=timeout_s)
+    ids = answer.get("task_ids") if isinstance(answer, dict) else None  # the request's order
     if not isinstance(ids, list) or len(ids) != len(tasks):
         return {}
     return {str(t.get("prompt_id")): int(i) for t, i in zip(tasks, ids, strict=True)}

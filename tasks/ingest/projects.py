@@ -117,7 +117,7 @@ def ensure_project(client: LabelStudio, project: str | int, *, create: bool = Tr
     An existing project with an incompatible config is a ConfigError naming what is wrong;
     it is never modified.
     """
-    found = find_project(client, project)
+    found = find_project(client, project, counters=False)  # ingest reads none of them
     if found is None:
         if not create or isinstance(project, int) or str(project).isdigit():
             raise ConfigError(f"Label Studio project {project!r} does not exist")

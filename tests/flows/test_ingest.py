@@ -17,6 +17,7 @@ import pytest
 
 from sftflow.core.errors import ConfigError
 from sftflow.flows.ingest import IngestParams, ingest_prompts
+from sftflow.tasks.ingest.importer import FIRST_BATCH
 from sftflow.tasks.ingest.imports import iter_project_tasks, task_count
 from sftflow.tasks.ingest.prompts import FieldMapping, Limits, prompt_id
 from tests.conftest import unique
@@ -432,7 +433,8 @@ def test_an_import_whose_outcome_is_unknown_is_not_sent_twice(
     _, ids, _ = project_prompts(labelstudio, title)
     assert len(ids) == 6000 and set(ids.values()) == {1}
     assert (report.imported, report.duplicates_removed, report.full_scans) == (6000, 0, 0)
-    assert report.verified and report.reconciled == 3000  # the doubtful batch was found landed
+    # The doubtful request was the run's first batch (FIRST_BATCH tasks): found landed.
+    assert report.verified and report.reconciled == FIRST_BATCH
 
 
 def test_a_500_after_the_import_committed_creates_no_duplicate(
