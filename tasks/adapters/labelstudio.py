@@ -52,7 +52,7 @@ def post_json(client: LabelStudio, path: str, body: Any, *, params: dict[str, An
     import, bench/ingest.py), where ``json.dumps`` encodes it in C. The encoding is httpx's own
     (UTF-8, compact, no NaN); a value ``json`` cannot encode (a datetime from a Parquet column)
     is converted as the SDK would."""
-    wrapper = client._client_wrapper  # noqa: SLF001 - the SDK's own auth and base URL
+    wrapper = client._client_wrapper  # the SDK's own auth and base URL
     content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False,
                          default=jsonable_encoder).encode("utf-8")
     headers = {**wrapper.get_headers(), "content-type": "application/json"}

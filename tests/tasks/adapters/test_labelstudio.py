@@ -23,7 +23,7 @@ def project(labelstudio):
 
 
 def test_post_json_imports_what_the_sdk_would_and_names_the_new_tasks(labelstudio, project):
-    when = dt.datetime(2026, 12, 6, 23, 5, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 12, 6, 23, 5, tzinfo=dt.UTC)
     body = [{"data": {"prompt": "Grüße, 世界", "prompt_id": "p1", "at": when}},
             {"data": {"prompt": "second", "prompt_id": "p2", "at": None}}]
     answer = post_json(labelstudio, f"api/projects/{project.id}/import", body,
