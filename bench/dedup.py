@@ -117,11 +117,26 @@ def run_datasketch(texts, cfg):
     return np.array(a, np.int64), np.array(b, np.int64), elapsed, (lsh.b, lsh.r)
 
 
-def run_rensa(texts, cfg, bands):
+def simple_word_shingles(text: str, n: int) -> list[str]:
+    """What a rensa user would write: lower case, split on whitespace, word n-grams."""
+    w = text.lower().split()
+    return [" ".join(w[i:i + n]) for i in range(max(1, len(w) - n + 1))]
+
+
+def run_rensa(texts, cfg, bands, tokens="sftflow"):
+    """``tokens``: "sftflow" (``D.shingles``, timed: the same definition, in Python),
+    "given" (``D.shingles`` computed before the clock starts: rensa's own work only), or
+    "simple" (``simple_word_shingles``, timed: rensa's usual input)."""
     from rensa import RMinHash, RMinHashLSH
 
+    given = [list(D.shingles(x, cfg)) for x in texts] if tokens == "given" else None
     clock = Clock()
-    sets = [list(D.shingles(x, cfg)) for x in texts]
+    if given is not None:
+        sets = given
+    elif tokens == "simple":
+        sets = [simple_word_shingles(x, cfg.ngram) for x in texts]
+    else:
+        sets = [list(D.shingles(x, cfg)) for x in texts]
     mhs = RMinHash.from_token_sets(sets, cfg.num_perm, cfg.seed)
     lsh = RMinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, num_bands=bands)
     lsh_bands = lsh.get_num_bands()
@@ -230,6 +245,15 @@ def main() -> None:
     ra, rb, _, r_bands = r_runs[0]
     t_rs, c_rs = min(r[2] for r in r_runs)
     print(f"rensa: {t_rs:.2f} s")
+    # Equal terms (issue #19): one process each; rensa also without the tokenising (given the
+    # shingle sets) and with a plain whitespace tokeniser of its user's.
+    rensa_alone = {}
+    for tokens in ("given", "simple"):
+        runs = [run_rensa(texts, cfg, r_bands, tokens)[2] for _ in range(args.repeat)]
+        rensa_alone[tokens] = min(runs)
+        print(f"rensa, tokens {tokens}: {rensa_alone[tokens][0]:.2f} s")
+    _, (t_one_off, c_one_off) = best(run_sftflow, rows, cfg.model_copy(
+        update={"normalize_punctuation": False, "normalize_digits": False}), 1)
 
     fp = D.fingerprint(texts, cfg)
     fp_off = D.fingerprint(texts, off_cfg)
@@ -343,6 +367,24 @@ def main() -> None:
     results["sftflow"]["seconds_one_process"] = round(t_one, 3)
     results["sftflow"]["rows_per_s_one_process"] = round(n / t_one)
     results["sftflow"]["cpu_seconds_one_process"] = round(c_one, 3)
+    results["sftflow_punct_off"]["seconds_one_process"] = round(t_one_off, 3)
+    results["sftflow_punct_off"]["cpu_seconds_one_process"] = round(c_one_off, 3)
+    for tokens, (t, c) in rensa_alone.items():
+        results["rensa"][f"seconds_tokens_{tokens}"] = round(t, 3)
+        results["rensa"][f"cpu_seconds_tokens_{tokens}"] = round(c, 3)
+    # One process each, sftflow timing its own normalising and shingling throughout.
+    equal_terms = {
+        "processes": 1,
+        "sftflow_s": round(t_one, 3),
+        "rensa_given_shingles_s": round(rensa_alone["given"][0], 3),
+        "rensa_simple_tokens_s": round(rensa_alone["simple"][0], 3),
+        "rensa_sftflow_tokens_s": round(t_rs, 3),
+        "x_rensa_given_shingles": round(rensa_alone["given"][0] / t_one, 2),
+        "x_rensa_simple_tokens": round(rensa_alone["simple"][0] / t_one, 2),
+        "x_rensa_simple_tokens_vs_punct_off": round(rensa_alone["simple"][0] / t_one_off, 2),
+        "target_x": 2.5,
+    }
+    print("equal terms, one process each: " + json.dumps(equal_terms))
     results["sftflow"]["dropped"] = res.dropped
     results["sftflow"]["clusters_removed"] = res.clusters_removed
 
@@ -412,6 +454,7 @@ def main() -> None:
         "before timing; everything from raw text to groups is timed",
         "targets": TARGETS,
         "targets_met": met,
+        "equal_terms": equal_terms,
         "ground_truth": {
             "pairs_checked": len(pool_a),
             "similar": int(true.sum()),
