@@ -9,17 +9,8 @@ import pytest
 from label_studio_sdk.core.api_error import ApiError
 
 from sftflow.tasks.adapters.labelstudio import post_json
-from sftflow.tasks.ingest.projects import ensure_project
-from tests.conftest import unique
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture()
-def project(labelstudio):
-    p = ensure_project(labelstudio, unique("t"))
-    yield p
-    labelstudio.projects.delete(id=p.id)
 
 
 def test_post_json_imports_what_the_sdk_would_and_names_the_new_tasks(labelstudio, project):

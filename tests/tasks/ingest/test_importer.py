@@ -14,9 +14,7 @@ from sftflow.tasks.ingest.importer import ProjectImporter, rejected_lines, task_
 from sftflow.tasks.ingest.imports import import_batch
 from sftflow.tasks.ingest.intake import FileIntake
 from sftflow.tasks.ingest.ledger import Ledger
-from sftflow.tasks.ingest.projects import SFT_LABEL_CONFIG
 from sftflow.tasks.ingest.prompts import Prompt, prompt_id
-from tests.conftest import unique
 
 
 class Recorder:
@@ -33,13 +31,6 @@ class Recorder:
         self.sent.append((batch, len(tasks), marker is not None))
         result = import_batch(client, project_id, batch, tasks, **options)
         return SimpleNamespace(result=lambda: result)
-
-
-@pytest.fixture()
-def project(labelstudio):
-    p = labelstudio.projects.create(title=unique("t-importer"), label_config=SFT_LABEL_CONFIG)
-    yield p
-    labelstudio.projects.delete(id=p.id)
 
 
 def prompts(*texts: str) -> list[Prompt]:

@@ -14,20 +14,11 @@ from sftflow.tasks.adapters.labelstudio import build_labelstudio
 from sftflow.tasks.ingest.importer import ProjectImporter
 from sftflow.tasks.ingest.imports import iter_project_tasks, send_tasks
 from sftflow.tasks.ingest.ledger import Ledger
-from sftflow.tasks.ingest.projects import ensure_project
 from sftflow.tasks.ingest.prompts import prompt_id
 from sftflow.tasks.runtime.polling import Backoff, wait_until
-from tests.conftest import unique
 from tests.tasks._datasets import textarea
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture()
-def project(labelstudio):
-    p = ensure_project(labelstudio, unique("t-rescan"))
-    yield p
-    labelstudio.projects.delete(id=p.id)
 
 
 def put(client, project_id: int, text: str, batch: str | None) -> int:

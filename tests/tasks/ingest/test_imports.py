@@ -32,13 +32,6 @@ def prompt_ids_in(client, project_id: int) -> Counter:
     return Counter(d["prompt_id"] for _, d in iter_project_tasks(client, project_id))
 
 
-@pytest.fixture()
-def project(labelstudio):
-    p = ensure_project(labelstudio, unique("t"))
-    yield p
-    labelstudio.projects.delete(id=p.id)
-
-
 def test_config_check():
     assert config_problems(SFT_LABEL_CONFIG) == []
     bad = '<View><Text name="text" value="$text"/><Choices name="c" toName="text"/></View>'
