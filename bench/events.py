@@ -121,6 +121,28 @@ def annotate(ls, task_id: int) -> None:
           "to_name": "prompt", "type": "textarea", "value": {"text": ["an answer"]}}])
 
 
+def _steps(client, project_id: int, t0: float, run) -> dict:
+    """The crossing's event as the server stored it (its ``occurred`` and ``received`` times),
+    against ``t0`` and the run's creation."""
+    body = {"filter": {"event": {"prefix": ["sftflow.annotation"]},
+                       "any_resource": {"id": [f"sftflow.labelstudio.project.{project_id}"]}},
+            "limit": 50}
+    found: list = []
+    for _ in range(100):  # the persister writes events in batches (about every 5 s)
+        found = client._client.post("/events/filter", json=body).json().get("events", [])  # noqa: SLF001
+        if found:
+            break
+        time.sleep(0.1)
+    if not found:
+        return {}
+    ev = min(found, key=lambda e: e["occurred"])
+    occurred = datetime.fromisoformat(ev["occurred"]).timestamp()
+    received = datetime.fromisoformat(ev["received"]).timestamp()
+    created = run.created.timestamp()
+    return {"post_to_event": occurred - t0, "event_to_received": received - occurred,
+            "received_to_run": created - received}
+
+
 def latency_part(settings, ls, s3, crossings: int) -> dict:
     import httpx
     from prefect import get_client
@@ -145,7 +167,7 @@ def latency_part(settings, ls, s3, crossings: int) -> dict:
 
     server, thread, url = start_bridge(settings)
     secret = settings.webhooks.secret.get_secret_value()
-    latencies, post_s, runs_after_repeats, projects = [], [], [], []
+    latencies, post_s, runs_after_repeats, projects, steps = [], [], [], [], []
     try:
         with get_client(sync_client=True) as client:
             for i in range(crossings):
@@ -168,6 +190,7 @@ def latency_part(settings, ls, s3, crossings: int) -> dict:
                     time.sleep(0.05)
                 if runs:
                     latencies.append(runs[0].created.timestamp() - t0)
+                    steps.append(_steps(client, p.id, t0, runs[0]))
                 project = httpx.get(f"{settings.labelstudio.url}/api/projects/{p.id}", headers={
                     "Authorization": f"Token {settings.labelstudio.api_key.get_secret_value()}"}
                 ).json()
@@ -196,6 +219,10 @@ def latency_part(settings, ls, s3, crossings: int) -> dict:
                    "max_s": max(lat) if lat else None,
                    "annotation_post_with_webhook_median_s": statistics.median(post_s)},
         "runs_per_crossing_after_20_repeats": runs_after_repeats,
+        # Where the seconds go, medians over the crossings: annotation POST started -> the
+        # bridge's event (its ``occurred``) -> the server received it -> the run was created.
+        "steps_median_s": {k: round(statistics.median(x[k] for x in steps), 3)
+                           for k in (steps[0] if steps else {})},
         "polling": {"check_run_median_s": check,
                     "expected_latency_s": {f"interval_{iv}s": iv / 2 + check
                                            for iv in (60, 900)}},
