@@ -129,7 +129,7 @@ def _steps(client, project_id: int, t0: float, run) -> dict:
             "limit": 50}
     found: list = []
     for _ in range(100):  # the persister writes events in batches (about every 5 s)
-        found = client._client.post("/events/filter", json=body).json().get("events", [])  # noqa: SLF001
+        found = client._client.post("/events/filter", json=body).json().get("events", [])
         if found:
             break
         time.sleep(0.1)

@@ -115,8 +115,6 @@ def find_project(client: LabelStudio, project: str | int, *, counters: bool = Tr
     ``counters=False``: a project found by title comes without its annotation counters (Label
     Studio counts them over every task: 0.3 s of a 50,000-task project, against 0.1 s).
     """
-    from label_studio_sdk.core.api_error import ApiError
-
     if isinstance(project, int) or str(project).isdigit():
         try:
             return client.projects.get(id=int(project))

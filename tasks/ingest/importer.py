@@ -14,11 +14,12 @@
   an earlier one of the run (``near_duplicate_prompt``, when ``near_duplicates`` is given;
   ``tasks.ingest.index``), then queues the prompts whose id is not known yet, in batches of
   ``batch_size`` (the first of ``FIRST_BATCH``). A full batch is marked pending in the ledger
-  and submitted (``import_batch``) while the next one is read: one batch in flight. Before the next is sent, the one in flight
-  is settled: its landed prompt_ids become a segment, then their signatures a segment of the
-  signature index; tasks Label Studio refused go to ``quarantine/rejected/<batch>.jsonl``
-  (their ids are no longer known), and the source objects whose prompts were all in it or
-  earlier are marked processed, each after its near-duplicates' quarantine records (with the
+  and submitted (``import_batch``) while the next one is read: one batch in flight. Before the
+  next is sent, the one in flight is settled: its landed prompt_ids become a segment, then their
+  signatures (with the task ids from the import's answer) a segment of the signature index;
+  tasks Label Studio refused go to ``quarantine/rejected/<batch>.jsonl`` (their ids are no
+  longer known), and the source objects whose prompts were all in it or earlier are marked
+  processed, each after its near-duplicates' quarantine records (with the
   existing task's id) are written.
 
 A prompt whose id is already in the project is a duplicate, never a near-duplicate: so a rerun
