@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -141,17 +142,45 @@ def _labelstudio_reader(settings: Settings, timeout_s: float) -> CountersReader:
     return read
 
 
-async def _verify(read: CountersReader, project_id: int, timeout_s: float) -> ProjectCounters | str:
-    """Label Studio's counters of the project, or why they could not be had in time. A project
-    Label Studio does not have is a bad request (422)."""
+async def _verify(reading: asyncio.Future, project_id: int,
+                  timeout_s: float) -> ProjectCounters | str:
+    """Label Studio's counters of the project (``reading``, already started), or why they could
+    not be had in time. A project Label Studio does not have is a bad request (422)."""
     try:
-        return await asyncio.wait_for(run_in_threadpool(read, project_id), timeout_s)
+        return await asyncio.wait_for(reading, max(0.0, timeout_s))
     except ConfigError as err:  # 404: no such project
         raise BadRequest(f"project {project_id}: {err}", status=422) from None
     except TimeoutError:
         return f"Label Studio did not answer within {timeout_s} s"
     except Exception as err:  # noqa: BLE001 - unreachable, 5xx, refused token: not verified
         return f"{type(err).__name__}: {str(err)[:200]}"
+
+
+async def _baseline_and_check(
+    body: Any, query: ThresholdQuery,
+    baseline_of: Callable[[ThresholdQuery], Awaitable[tuple[str | None, dict[str, Any] | None]]],
+    read: CountersReader, timeout_s: float,
+) -> tuple[str | None, dict[str, Any] | None, int | None, ProjectCounters | str | None]:
+    """(baseline version, baseline, the project whose crossing the body claims, its counters as
+    Label Studio answered them or why not). The counter read starts with the baseline's, not
+    after it: both fit in ``timeout_s``, well inside Label Studio's 1 s wait for the answer."""
+    deadline = time.monotonic() + timeout_s
+    _, counters = labelstudio_project(body)
+    reading = None
+    if counters is not None and query.threshold() is not None:
+        reading = asyncio.ensure_future(run_in_threadpool(read, counters.project_id))
+    try:
+        version, baseline = await baseline_of(query)
+        claimed = claims_crossing(body, query, baseline)
+        verified = None
+        if claimed is not None and reading is not None:
+            verified = await _verify(reading, claimed, deadline - time.monotonic())
+        return version, baseline, claimed, verified
+    finally:
+        if reading is not None and not reading.done():
+            reading.cancel()
+        elif reading is not None and not reading.cancelled():
+            reading.exception()  # retrieved: an unneeded read's error is not logged
 
 
 async def _handle(
@@ -250,16 +279,13 @@ def create_app(
         async def parse(raw: bytes, body: Any) -> Parsed:
             query = ThresholdQuery.from_query(dict(request.query_params))
             labelstudio_project(body)  # the body's shape and types, checked before any I/O
-            version, baseline = await baseline_of(query)
-            verified = None
-            claimed = claims_crossing(body, query, baseline)
-            if claimed is not None:
-                verified = await _verify(read_counters, claimed, verify_timeout_s)
-                if isinstance(verified, str):
-                    counts["unverified"] += 1
-                    why = (f"threshold crossing of project {claimed} not verified ({verified}): "
-                           "left to the scheduled check")
-                    return Parsed(ignored=[why])
+            version, baseline, claimed, verified = await _baseline_and_check(
+                body, query, baseline_of, read_counters, verify_timeout_s)
+            if claimed is not None and isinstance(verified, str):
+                counts["unverified"] += 1
+                why = (f"threshold crossing of project {claimed} not verified ({verified}): "
+                       "left to the scheduled check")
+                return Parsed(ignored=[why])
             return labelstudio_event(body, raw, query, version, baseline, verified=verified)
 
         return await handle(request, parse)
