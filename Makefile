@@ -35,10 +35,12 @@ $(UV):
 # Bytecode is compiled here, once: where PYTHONDONTWRITEBYTECODE is set (this project's machines
 # and CI), Python otherwise compiles every module from source in every process it starts
 # (`sftflow --help` took 1.2 s of CPU, 0.4 s with the bytecode; the suite starts hundreds).
+# So are the dedup kernels (numba, cached beside tasks/dedup/kernel.py): ~10 s, once.
 install-app: $(UV)
 	$(UV) pip sync -q --compile-bytecode --python $(BIN)/python $(FIND_LINKS) requirements/lock.txt
 	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
 	$(BIN)/python -m compileall -q -j 0 sftflow tasks flows infra deployments >/dev/null
+	$(BIN)/python -c "from sftflow.tasks.dedup.minhash import compile_kernels; compile_kernels()"
 
 # Label Studio's pins clash with the app's: it gets its own virtual environment.
 install-labelstudio: $(UV)

@@ -1,4 +1,4 @@
-"""Deduplication and the cluster-aware split: pure numpy, no services, no Prefect.
+"""Deduplication and the cluster-aware split: numpy and numba, no services, no Prefect.
 
 Flows wrap these functions in tasks (``fingerprint`` per shard, ``cluster``/``deduplicate``
 once on the driver). The pipeline, one module per step:
@@ -6,6 +6,7 @@ once on the driver). The pipeline, one module per step:
 - ``config``: ``DedupConfig``, how rows are compared.
 - ``text``: normalisation, the compared text of a row, the shingle set (reference definition).
 - ``shingling``: the same shingles hashed for a whole batch at once, and exact keys.
+- ``kernel``: the compiled loops (one pass per text; pair agreement; connected components).
 - ``minhash``: MinHash fingerprints, LSH candidate pairs, verified similar pairs.
 - ``clustering``: clusters of duplicates and the keep rule (``deduplicate``).
 - ``stable``: the keep rule of a version built on its parent's rows.

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import pandas as pd
 
 from sftflow.tasks.dedup.config import DedupConfig
 from sftflow.tasks.dedup.hashing import U64, mix64
-from sftflow.tasks.dedup.shingling import prepare, shingle_hashes
+from sftflow.tasks.dedup.kernel import agreement, components, fingerprint_batch
+from sftflow.tasks.dedup.shingling import batch_inputs, prepare, shingle_hashes
 
 _EMPTY = np.uint32(0xFFFFFFFF)  # an empty OPH bin; real values are capped one below
 
@@ -81,47 +83,17 @@ def signatures(texts: Sequence[str], cfg: DedupConfig) -> np.ndarray:
 
 
 def _fingerprint_batch(pre: list[str], cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
-    sh, sh_doc, keys = shingle_hashes(pre, cfg)
-    n_docs, k = len(pre), cfg.num_perm
-    with np.errstate(over="ignore"):
-        # One-permutation hashing: the high half picks the bin, the low half is the value
-        # (31 bits, so it never equals the empty-bin marker).
-        cell = ((sh >> U64(32)) * U64(k)) >> U64(32)
-    vals = sh.view(np.uint32)[::2] if sh.dtype.byteorder != ">" else sh.view(np.uint32)[1::2]
-    vals = vals >> np.uint32(1)
-    cell = cell.view(np.int64)
-    cell += sh_doc * k
-    sig = np.full(n_docs * k, _EMPTY, dtype=np.uint32)
-    np.minimum.at(sig, cell, vals)
-    sig = sig.reshape(n_docs, k)
-    _densify(sig, cfg)
-    return sig, keys
+    """One-permutation hashing (the high half of a shingle hash picks the bin, the low 31 bits
+    are the value, so it never equals the empty-bin marker), then empty bins filled from the
+    first filled bin on each bin's fixed probe sequence: in ``kernel.fingerprint_batch``."""
+    return fingerprint_batch(*batch_inputs(pre, cfg), _probe_rows(cfg.num_perm, cfg.seed),
+                             cfg.num_perm)
 
 
-def _densify(sig: np.ndarray, cfg: DedupConfig) -> None:
-    """Fill empty bins in place from the first filled bin on each bin's fixed probe sequence."""
-    n, k = sig.shape
-    flat = sig.reshape(-1)
-    filled = flat != _EMPTY
-    empty = np.flatnonzero(~filled)
-    if not len(empty):
-        return
-    row_start = empty - empty % k
-    has_any = filled.reshape(n, k).any(axis=1)
-    keep = has_any[empty // k]
-    empty, row_start = empty[keep], row_start[keep]
-    probes = _probes(k, cfg.seed)
-    col = empty - row_start
-    donor = np.empty(len(empty), dtype=np.int64)
-    todo = np.arange(len(empty))
-    for t in range(k):
-        cand = row_start[todo] + probes[t, col[todo]]
-        ok = filled[cand]
-        donor[todo[ok]] = cand[ok]
-        todo = todo[~ok]
-        if not len(todo):
-            break
-    flat[empty] = flat[donor]
+@lru_cache(maxsize=16)
+def _probe_rows(num_perm: int, seed: int) -> np.ndarray:
+    """``_probes`` with bin j's sequence contiguous, as the kernel reads it."""
+    return np.ascontiguousarray(_probes(num_perm, seed).T)
 
 
 @lru_cache(maxsize=64)
@@ -145,24 +117,7 @@ def lsh_params(threshold: float, num_perm: int, fn_weight: float = 0.9) -> tuple
 
 def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Connected components of an undirected graph: the smallest node index per node."""
-    label = np.arange(n, dtype=np.int64)
-    if not len(a):
-        return label
-    while True:
-        la, lb = label[a], label[b]
-        low = np.minimum(la, lb)
-        new = label.copy()
-        np.minimum.at(new, la, low)
-        np.minimum.at(new, lb, low)
-        new = new[new]
-        while True:  # pointer jumping
-            nxt = new[new]
-            if np.array_equal(nxt, new):
-                break
-            new = nxt
-        if np.array_equal(new, label):
-            return label
-        label = new
+    return components(n, np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64))
 
 
 def candidate_pairs(
@@ -182,11 +137,13 @@ def candidate_pairs(
     order_keys = np.arange(n) if order_keys is None else order_keys
     mult = mix64(np.arange(1, r + 1, dtype=U64) * U64(0x9E3779B97F4A7C15))
     out = []
+    live = live[np.argsort(order_keys[live], kind="stable")]  # ties in a bucket: in key order
+    rows = sigs[live].astype(U64)
     for band in range(bands):
-        block = sigs[live, band * r : (band + 1) * r].astype(U64)
         with np.errstate(over="ignore"):
-            bh = mix64((block * mult).sum(axis=1, dtype=U64) + U64(band))
-        order = np.lexsort((order_keys[live], bh))
+            bh = mix64((rows[:, band * r : (band + 1) * r] * mult).sum(axis=1, dtype=U64)
+                       + U64(band))
+        order = np.argsort(bh, kind="stable")
         hs, idx = bh[order], live[order]
         same = hs[1:] == hs[:-1]
         if not same.any():
@@ -209,7 +166,9 @@ def candidate_pairs(
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     pairs = np.concatenate(out, axis=1)
     a, b = np.minimum(pairs[0], pairs[1]), np.maximum(pairs[0], pairs[1])
-    code = np.unique(a * np.int64(n) + b)
+    # the same pair comes from many bands: a hash table drops the repeats, then the few left
+    # are sorted (pandas' unique is O(n); numpy's sorts all of them)
+    code = np.sort(pd.unique(a * np.int64(n) + b))
     return code // n, code % n
 
 
@@ -290,10 +249,7 @@ def similar_pairs(
     if ignore_below:
         new = b >= ignore_below  # a < b: a pair has a new row when b is new
         a, b = a[new], b[new]
-    est = np.empty(len(a), dtype=np.float64)
-    step = max(1, (1 << 22) // sigs.shape[1])
-    for i in range(0, len(a), step):
-        est[i : i + step] = (sigs[a[i : i + step]] == sigs[b[i : i + step]]).mean(axis=1)
+    est = agreement(sigs, a, b)
     if texts is None or margin <= 0:
         ok = est >= cfg.threshold - 1e-9
         return a[ok], b[ok], est[ok]
@@ -321,3 +277,15 @@ def similar_pairs(
     return a[ok], b[ok], est[ok]
 
 
+
+
+def compile_kernels() -> None:
+    """Compile (or load from numba's cache) every kernel with the argument types the pipeline
+    uses, so no flow or test pays the ~10 s of compilation: ``make install`` runs it."""
+    cfg = DedupConfig()
+    texts = ["one two three four five six seven", "one two three four five six eight",
+             "一二三四五六七八九十", ""]
+    fp = fingerprint(texts, cfg)
+    similar_pairs(fp.sigs, cfg, fp.keys, texts)
+    exact_jaccard(texts, np.array([0, 1]), np.array([1, 2]), cfg)
+    connected_components(len(texts), np.array([0]), np.array([1]))

@@ -41,7 +41,7 @@ _CLASS_LIMIT = 0x20000  # code points from here on are kept as they are
 
 
 @lru_cache(maxsize=1)
-def _char_classes() -> np.ndarray:
+def char_classes() -> np.ndarray:
     """uint8 per code point below ``_CLASS_LIMIT`` (and one more, 0, for all above): 1 for
     punctuation (``string.punctuation`` and Unicode categories P*), 2 for digits (Nd)."""
     cls = np.zeros(_CLASS_LIMIT + 1, dtype=np.uint8)
@@ -62,7 +62,7 @@ def unicode_simplify(texts: list[str], punctuation: bool = True, digits: bool = 
     if not texts:
         return []
     cps = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype="<u4")
-    cls = _char_classes()[np.minimum(cps, _CLASS_LIMIT)]
+    cls = char_classes()[np.minimum(cps, _CLASS_LIMIT)]
     out = np.where(cls == 2, np.uint32(48), cps).astype("<u4") if digits else cps
     keep = cls != 1 if punctuation else np.ones(len(cps), dtype=bool)
     ck = np.zeros(len(cps) + 1, dtype=np.int64)

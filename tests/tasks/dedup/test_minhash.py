@@ -85,8 +85,13 @@ def reference_signature(text: str, cfg: DedupConfig) -> np.ndarray:
         x ^= x >> 29
         b, v = ((x >> 32) * k) >> 32, (x & 0xFFFFFFFF) >> 1
         sig[0, b] = min(int(sig[0, b]), v)
-    D._densify(sig, cfg)
-    return sig[0]
+    row = sig[0]
+    filled = row != D._EMPTY
+    if filled.any():  # optimal densification, written out: the first filled bin on j's probes
+        probes = D._probes(k, cfg.seed)
+        for j in np.flatnonzero(~filled):
+            row[j] = next(row[p] for p in probes[:, j] if filled[p])
+    return row
 
 
 EDGE_TEXTS = [
