@@ -203,17 +203,21 @@ def _text(buf, off, d, shape, flags, salt, tables, c, h, t_start, t_end, out):
 
 
 @njit(cache=True)
+def _scratch(off):
+    """Buffers for the longest text of the batch: its view, prefix hashes, token bounds."""
+    size = np.max(np.diff(off)) + 1
+    return (np.empty(size, np.uint8), np.empty(size + 1, np.uint64), np.empty(size, np.int64),
+            np.empty(size, np.int64))
+
+
+@njit(cache=True)
 def fingerprint_batch(buf, off, shape, flags, salt, tables, probes, k):
     """(signatures (n, k) uint32, exact keys (n,) int64) of the texts buf[off[d]:off[d+1]].
 
     ``probes[j]``: the order in which empty bin j looks for a filled one."""
     n = len(off) - 1
-    size = np.max(np.diff(off)) + 1
-    c = np.empty(size, np.uint8)
-    h = np.empty(size + 1, np.uint64)
-    t_start = np.empty(size, np.int64)
-    t_end = np.empty(size, np.int64)
-    out = np.empty(size + 1, np.uint64)
+    c, h, t_start, t_end = _scratch(off)
+    out = np.empty(len(c) + 1, np.uint64)
     filled = np.empty(k, np.bool_)
     sigs = np.full((n, k), _EMPTY, np.uint32)
     keys = np.empty(n, np.int64)
@@ -244,11 +248,7 @@ def fingerprint_batch(buf, off, shape, flags, salt, tables, probes, k):
 def shingle_hashes_batch(buf, off, shape, flags, salt, tables):
     """(hash per shingle, text index per shingle, exact key per text) of the batch's texts."""
     n = len(off) - 1
-    size = np.max(np.diff(off)) + 1
-    c = np.empty(size, np.uint8)
-    h = np.empty(size + 1, np.uint64)
-    t_start = np.empty(size, np.int64)
-    t_end = np.empty(size, np.int64)
+    c, h, t_start, t_end = _scratch(off)
     sh = np.empty(len(buf) + n, np.uint64)  # at most one per byte, or one per text
     sh_doc = np.empty(len(sh), np.int64)
     keys = np.empty(n, np.int64)
