@@ -163,17 +163,22 @@ async def _baseline_and_check(
 ) -> tuple[str | None, dict[str, Any] | None, int | None, ProjectCounters | str | None]:
     """(baseline version, baseline, the project whose crossing the body claims, its counters as
     Label Studio answered them or why not). The counter read starts with the baseline's, not
-    after it: both fit in ``timeout_s``, well inside Label Studio's 1 s wait for the answer."""
+    after it: both fit in ``timeout_s``, well inside Label Studio's 1 s wait for the answer.
+    When the baseline then shows no crossing, the read's answer goes unused."""
     deadline = time.monotonic() + timeout_s
-    _, counters = labelstudio_project(body)
     reading = None
-    if counters is not None and query.threshold() is not None:
-        reading = asyncio.ensure_future(run_in_threadpool(read, counters.project_id))
+    # A crossing needs the body's own count to reach min_new (the baseline only lowers it):
+    # below that no Label Studio call is made at all.
+    hopeful = claims_crossing(body, query, None)
+    if hopeful is not None:
+        reading = asyncio.ensure_future(run_in_threadpool(read, hopeful))
     try:
         version, baseline = await baseline_of(query)
         claimed = claims_crossing(body, query, baseline)
         verified = None
-        if claimed is not None and reading is not None:
+        if claimed is not None:
+            if reading is None:  # only a baseline below zero gets here: read now, never trust
+                reading = asyncio.ensure_future(run_in_threadpool(read, claimed))
             verified = await _verify(reading, claimed, deadline - time.monotonic())
         return version, baseline, claimed, verified
     finally:

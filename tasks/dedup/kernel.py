@@ -1,19 +1,23 @@
-"""The compiled single pass over a batch's bytes: exact keys, shingle hashes, MinHash signatures.
+"""The compiled loops of dedup: one pass per text over a batch's bytes (exact keys, shingle
+hashes, MinHash signatures), the Jaccard estimate of pairs, connected components.
 
-numba-compiled (``cache=True``: compiled once per machine, kept beside this file), one thread.
-For each text it reads the UTF-8 bytes once and computes, as ``shingling`` defines them:
+numba-compiled (``cache=True``: compiled once per machine, kept beside this file; ``make
+install`` runs ``minhash.compile_kernels``), one thread. For each text, one pass over its UTF-8
+bytes (``_views``) gives:
 
 1. the exact key: the polynomial hash of the text with whitespace runs collapsed, its length
    mixed in, ``mix64``, 63 bits;
-2. the near-duplicate view (``_simplified``): ASCII punctuation deleted, digit runs read as one
-   ``0``, whitespace runs collapsed, ends stripped (non-ASCII punctuation and digits were done
-   before, on code points: ``text.unicode_simplify``);
-3. its tokens (words, or UTF-8 characters for unspaced scripts) and the hash of each shingle of
-   ``n`` tokens: ``(H[end] - H[start]) * BASE**-start`` over the text's prefix hashes, salted and
-   scrambled; a text of fewer than ``n`` tokens has one shingle;
-4. the one-permutation MinHash signature with optimal densification (``minhash``).
+2. the near-duplicate view: punctuation deleted and digits read as ``0`` by code point (the
+   class table of ``text.char_classes``, as ``text.unicode_simplify`` does), digit and
+   whitespace runs shrunk to one, ends stripped; and the count that decides word or character
+   shingles (``text.is_unspaced``);
 
-The arithmetic is exactly the vectorised numpy version's it replaced (wrapping mod 2**64, the
+then ``_shingles`` finds its tokens (words, or UTF-8 characters for unspaced scripts) and
+hashes each shingle of ``n`` tokens as ``(H[end] - H[start]) * BASE**-start`` over the view's
+prefix hashes, salted and scrambled (a text of fewer than ``n`` tokens has one shingle), and
+``fingerprint_batch`` makes the one-permutation signature with optimal densification.
+
+The arithmetic is the vectorised numpy version's that this replaced (wrapping mod 2**64, the
 same constants), so keys, signatures and version ids did not move: tests compare it with a
 reference written out from the shingle strings (``tests/tasks/dedup/test_minhash.py``).
 """

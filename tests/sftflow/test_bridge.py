@@ -230,3 +230,20 @@ def test_when_label_studio_is_slow_the_answer_stays_fast_and_no_crossing_is_emit
     assert proxy.applied["delay"] >= 1
     counts = httpx.get(f"{url}/health").json()["counts"]
     assert counts["unverified"] == 1 and counts.get("emitted", 0) == 0
+
+
+def test_a_body_below_the_threshold_costs_no_label_studio_call(
+    settings, labelstudio, serve, project, stack
+):
+    """Its own count cannot reach ``min_new`` whatever the baseline: the bridge emits the
+    ``below`` event without asking Label Studio (it asked on every body before)."""
+    p, task_ids = project
+    annotate(labelstudio, task_ids[0])  # 1 of MIN_NEW
+    up = urlparse(stack.labelstudio.url)
+    with FaultProxy(up.hostname, up.port) as proxy:
+        url, secret = serve(proxy.url)
+        r = post(url, secret, f"/labelstudio?{QUERY}", webhook(project_payload(settings, p.id)))
+        assert r.status_code == 200 and len(r.json()["emitted"]) == 1
+        assert proxy.requests == 0
+    (event,) = annotation_events(p.id)
+    assert event.resource.get(THRESHOLD_LABEL) == "below"
