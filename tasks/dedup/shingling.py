@@ -1,12 +1,12 @@
 """Shingle hashes of a batch of texts at once: one 64-bit hash per shingle, and exact keys.
 
 The batch counterpart of ``text.shingles``: texts are pre-normalised one by one in Python
-(``prepare``: NFKC and casefold where not ASCII; ``text.unicode_simplify`` for the non-ASCII
-punctuation and digits), concatenated as UTF-8 bytes, and the rest (A-Z to a-z, whitespace
-runs, ASCII punctuation and digits, tokens, shingles, their hashes) is one compiled pass over
-the bytes (``kernel``). Shingles are hashed with polynomial prefix hashes over those bytes,
-salted by the seed and scrambled. The exact key of a text (a 63-bit hash of its normalised
-text, punctuation kept) comes out of the same pass. This module holds the tables both share.
+(``prepare``: NFKC and casefold where not ASCII), concatenated as UTF-8 bytes, and the rest
+(whitespace, A-Z to a-z, punctuation and digits by code point, tokens, shingles, their hashes)
+is one compiled pass per text over those bytes (``kernel``). Shingles are hashed with
+polynomial prefix hashes, salted by the seed and scrambled. The exact key of a text (a 63-bit
+hash of its normalised text, punctuation kept) comes out of the same pass. This module holds
+the tables the kernel reads and builds its arguments (``batch_inputs``).
 """
 
 from __future__ import annotations
