@@ -38,7 +38,7 @@ _EMPTY = np.uint32(0xFFFFFFFF)  # an empty OPH bin; real values are capped one b
 def _probes(num_perm: int, seed: int) -> np.ndarray:
     """(num_perm, num_perm): row j is the fixed order in which empty bin j looks for a donor."""
     rng = np.random.default_rng([seed, num_perm, 0x0DE5])
-    return np.stack([rng.permutation(num_perm) for _ in range(num_perm)]).T.copy()  # [t, j]
+    return np.stack([rng.permutation(num_perm) for _ in range(num_perm)])  # [j, t]
 
 
 @dataclass
@@ -86,14 +86,8 @@ def _fingerprint_batch(pre: list[str], cfg: DedupConfig) -> tuple[np.ndarray, np
     """One-permutation hashing (the high half of a shingle hash picks the bin, the low 31 bits
     are the value, so it never equals the empty-bin marker), then empty bins filled from the
     first filled bin on each bin's fixed probe sequence: in ``kernel.fingerprint_batch``."""
-    return fingerprint_batch(*batch_inputs(pre, cfg), _probe_rows(cfg.num_perm, cfg.seed),
+    return fingerprint_batch(*batch_inputs(pre, cfg), _probes(cfg.num_perm, cfg.seed),
                              cfg.num_perm)
-
-
-@lru_cache(maxsize=16)
-def _probe_rows(num_perm: int, seed: int) -> np.ndarray:
-    """``_probes`` with bin j's sequence contiguous, as the kernel reads it."""
-    return np.ascontiguousarray(_probes(num_perm, seed).T)
 
 
 @lru_cache(maxsize=64)

@@ -90,7 +90,7 @@ def reference_signature(text: str, cfg: DedupConfig) -> np.ndarray:
     if filled.any():  # optimal densification, written out: the first filled bin on j's probes
         probes = D._probes(k, cfg.seed)
         for j in np.flatnonzero(~filled):
-            row[j] = next(row[p] for p in probes[:, j] if filled[p])
+            row[j] = next(row[p] for p in probes[j] if filled[p])
     return row
 
 
