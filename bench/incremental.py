@@ -1,23 +1,27 @@
 """Benchmark: incremental builds against full builds of the same annotations, side by side.
 
-One Label Studio project, two datasets: ``inc`` built with ``mode=auto`` (the incremental
-export when the counters reconcile) and ``full`` built with ``mode=full`` (a full export
-snapshot, the same stable rule). Each build runs in its own process (peak RSS is that
-process's ``ru_maxrss``), against the stack's Prefect server.
+One Label Studio project per size, two datasets on it: ``inc`` built with ``mode=auto`` (the
+incremental export when the change list is proven) and ``full`` built with ``mode=full`` (a
+full export snapshot, the same stable rule). Each build runs in its own process (peak RSS is
+that process's ``ru_maxrss``), against the stack's Prefect server, and reports the seconds
+of each stage (``stage_seconds``: parent, export and its parts, filters, dedup, commit,
+publish).
 
-1. 55k annotated tasks from ``t0_train_50k.jsonl.gz``; first version of both datasets.
-2. +1 % changes mixed as in real work: new prompts (80 %), near-duplicates of existing rows
-   (punctuation and one word changed, 10 %), edited annotations on old tasks (10 %), and one
-   deleted task. Targets: incremental <= 15 s and <= 0.2x the full build; bytes written
-   <= 10 % of the first version's; the same version id as the full build; peak RSS < 1 GB.
-3. Rounds of +2.5 % new annotated tasks: the incremental build every round, the full build
-   every ``--full-every`` rounds (a full build costs a minute or more, so not every round).
-   Target: the last incremental round <= 1.5x the first. Plot: bench/results/incremental.png.
-   Between its full builds the ``full`` dataset is built incrementally too, so both datasets
-   always build from the same parent (the stable keep rule is relative to the parent).
+1. For each size (20k and 55k annotated tasks from ``t0_train_50k.jsonl.gz`` by default):
+   the first version of both datasets, then +1 % changes mixed as in real work: new prompts
+   (80 %), near-duplicates of existing rows (punctuation and one word changed, 10 %),
+   edited annotations on old tasks (10 %), and one deleted task. Targets (issue #19): at 20k
+   the incremental build <= 5 s and <= 0.25x the full build; at 55k <= 0.1x; the same
+   version id as the full build.
+2. On the largest project, rounds of a constant delta (``--delta`` changed tasks a round,
+   mixed as above, so the project grows by about 80 % of it): the incremental build every
+   round, the full build in the first, middle and last rounds. Target: the last incremental
+   round <= 1.2x the first. Plot: bench/results/incremental.png. Between its full builds the
+   ``full`` dataset is built incrementally too, so both datasets always build from the same
+   parent (the stable keep rule is relative to the parent).
 
-Run: ``.venv/bin/python bench/incremental.py [--rows N] [--rounds 20]`` (local stack and
-../shared/data). Writes ``bench/results/incremental.json``.
+Run: ``.venv/bin/python bench/incremental.py [--sizes 20000,55000] [--rounds 20] [--delta 500]``
+(local stack and ../shared/data). Writes ``bench/results/incremental.json``.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from bench.build import _peak_rss_mb, import_tasks, load_rows, machine
 
 RESULTS = ROOT / "bench" / "results" / "incremental.json"
 PLOT = ROOT / "bench" / "results" / "incremental.png"
-TARGETS = {"incremental_s": 15.0, "ratio_to_full": 0.2, "bytes_ratio": 0.10,
-           "flat_ratio": 1.5, "peak_rss_mb": 1024.0}
+TARGETS = {"incremental_s_20k": 5.0, "ratio_to_full_20k": 0.25, "ratio_to_full_55k": 0.1,
+           "flat_ratio": 1.2, "bytes_ratio": 0.10, "peak_rss_mb": 1024.0}
 
 
 def child_build(project: str, dataset: str, mode: str) -> dict:
@@ -98,7 +102,7 @@ def mixed_changes(ls, project_id: int, rows: list[dict], fresh: list[dict], n: i
     return {"new": n_new, "near_duplicates": n_near, "edited": n_edit, "deleted": 1}
 
 
-def plot(rounds: list[dict]) -> None:
+def plot(rounds: list[dict], delta: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,9 +114,9 @@ def plot(rounds: list[dict]) -> None:
     full = [(r["tasks"], r["full"]["seconds"]) for r in rounds if r.get("full")]
     if full:
         ax.plot(*zip(*full, strict=True), "s--", label="full export (--full)")
-    ax.set_xlabel("annotated tasks in the project")
+    ax.set_xlabel("tasks in the project")
     ax.set_ylabel("build seconds")
-    ax.set_title("Dataset version build time per round (+2.5 % annotations a round)")
+    ax.set_title(f"Dataset version build time per round ({delta} changed tasks a round)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -120,11 +124,57 @@ def plot(rounds: list[dict]) -> None:
     fig.savefig(PLOT)
 
 
+def one_percent(ls, size: int, base: list[dict], spare: list[dict], rng: random.Random) -> dict:
+    """A project of ``size`` tasks, its first versions, +1 % changes, both builds again."""
+    from sftflow.tasks.ingest.projects import ensure_project
+
+    title = f"bench-inc-{size // 1000}k-{uuid.uuid4().hex[:8]}"
+    project = ensure_project(ls, title)
+    tag = uuid.uuid4().hex[:6]
+    out: dict = {"project": title, "project_id": project.id, "tasks": size,
+                 "datasets": [f"bench-inc-{tag}", f"bench-full-{tag}"]}
+    out["import_s"] = round(import_tasks(ls, project.id, base[:size]), 1)
+    inc, full = out["datasets"]
+    out["first"] = {"inc": build(title, inc, "auto"), "full": build(title, full, "full")}
+    n = max(1, size // 100)
+    out["changes"] = mixed_changes(ls, project.id, base[:size], spare[:n], n, rng)
+    del spare[:n]
+    o = {"inc": build(title, inc, "auto"), "full": build(title, full, "full")}
+    o["ratio_to_full"] = round(o["inc"]["seconds"] / o["full"]["seconds"], 3)
+    o["bytes_ratio"] = round(o["inc"]["bytes_written"] / out["first"]["inc"]["bytes_total"], 4)
+    o["same_version"] = o["inc"]["version"] == o["full"]["version"]
+    out["one_percent"] = o
+    print(f"{size} +1%", json.dumps(o), flush=True)
+    return out
+
+
+def constant_rounds(ls, size: dict, base: list[dict], spare: list[dict], rounds: int,
+                    delta: int, rng: random.Random) -> list[dict]:
+    """``rounds`` rounds of ``delta`` mixed changes on the project of ``size``."""
+    title, (inc, full) = size["project"], size["datasets"]
+    tasks, out = size["tasks"] + size["changes"]["new"] + size["changes"]["near_duplicates"] - 1, []
+    checks = {0, rounds // 2 - 1, rounds - 1}
+    for i in range(rounds):
+        ch = mixed_changes(ls, size["project_id"], base, spare[:delta], delta, rng)
+        del spare[:delta]
+        tasks += ch["new"] + ch["near_duplicates"] - ch["deleted"]
+        rnd = {"round": i + 1, "tasks": tasks, "changes": ch,
+               "incremental": build(title, inc, "auto")}
+        if i in checks:
+            rnd["full"] = build(title, full, "full")
+            rnd["same_version"] = rnd["full"]["version"] == rnd["incremental"]["version"]
+        else:  # the stable rule depends on the parent: both datasets keep the same history
+            rnd["full_side_auto"] = build(title, full, "auto")["version"]
+        print("round", json.dumps(rnd), flush=True)
+        out.append(rnd)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=None, help="First N rows (default all, 55k).")
+    ap.add_argument("--sizes", default="20000,55000", help="Project sizes, comma-separated.")
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--full-every", type=int, default=5)
+    ap.add_argument("--delta", type=int, default=500, help="Changed tasks a round.")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -132,62 +182,37 @@ def main() -> None:
         return
 
     from sftflow.tasks.adapters.clients import Clients
-    from sftflow.tasks.ingest.projects import ensure_project
 
     rng = random.Random(11)
     data = load_rows(None)
-    base = data[: args.rows] if args.rows else data[:55_000]
+    sizes = [int(x) for x in args.sizes.split(",")]
+    base = data[:max(sizes)]
     spare = data[len(base):] + [
         {"prompt": f"{r['prompt']} (variant {i})", "completion": r["completion"]}
         for i, r in enumerate(data[: 60_000])]
     rng.shuffle(spare)
     ls = Clients.for_bucket(None).labelstudio
-    title = f"bench-inc-{uuid.uuid4().hex[:8]}"
-    project = ensure_project(ls, title)
-    tag = uuid.uuid4().hex[:6]
-    inc, full = f"bench-inc-{tag}", f"bench-full-{tag}"
     out: dict = {"benchmark": "incremental", "machine": machine(), "targets": TARGETS,
-                 "project": title, "rows_start": len(base)}
-    out["import_s"] = round(import_tasks(ls, project.id, base), 1)
-    out["first"] = {"inc": build(title, inc, "auto"), "full": build(title, full, "full")}
-    print("first", json.dumps(out["first"]), flush=True)
-
-    n = max(1, len(base) // 100)
-    out["changes"] = mixed_changes(ls, project.id, base, spare[:n], n, rng)
-    spare = spare[n:]
-    out["one_percent"] = {"inc": build(title, inc, "auto"), "full": build(title, full, "full")}
-    print("1%", json.dumps(out["one_percent"]), flush=True)
-    first_bytes = out["first"]["inc"]["bytes_total"]
-    o = out["one_percent"]
-    o["ratio_to_full"] = round(o["inc"]["seconds"] / o["full"]["seconds"], 3)
-    o["bytes_ratio"] = round(o["inc"]["bytes_written"] / first_bytes, 4)
-    o["same_version"] = o["inc"]["version"] == o["full"]["version"]
-
-    rounds = []
-    tasks = len(base) + n
-    for i in range(args.rounds):
-        k = max(1, int(tasks * 0.025))
-        import_tasks(ls, project.id, spare[:k])
-        spare, tasks = spare[k:], tasks + k
-        rnd = {"round": i + 1, "tasks": tasks, "incremental": build(title, inc, "auto")}
-        if i == 0 or (i + 1) % args.full_every == 0 or i == args.rounds - 1:
-            rnd["full"] = build(title, full, "full")
-            rnd["same_version"] = rnd["full"]["version"] == rnd["incremental"]["version"]
-        else:  # the stable rule depends on the parent: both datasets keep the same history
-            rnd["full_side_auto"] = build(title, full, "auto")["version"]
-        print("round", json.dumps(rnd), flush=True)
-        rounds.append(rnd)
+                 "sizes": {}}
+    for size in sizes:
+        out["sizes"][str(size)] = one_percent(ls, size, base, spare, rng)
+    largest = out["sizes"][str(max(sizes))]
+    rounds = constant_rounds(ls, largest, base[:max(sizes)], spare, args.rounds, args.delta,
+                             rng)
     out["rounds"] = rounds
+    out["delta"] = args.delta
     if rounds:
         out["flat_ratio"] = round(rounds[-1]["incremental"]["seconds"]
                                   / rounds[0]["incremental"]["seconds"], 3)
-        plot(rounds)
+        plot(rounds, args.delta)
     out["peak_rss_mb_incremental"] = max(
-        [o["inc"]["peak_rss_mb"]] + [r["incremental"]["peak_rss_mb"] for r in rounds])
+        [s["one_percent"]["inc"]["peak_rss_mb"] for s in out["sizes"].values()]
+        + [r["incremental"]["peak_rss_mb"] for r in rounds])
     out["load_avg_1m_end"] = __import__("os").getloadavg()[0]
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({k: out.get(k) for k in ("one_percent", "flat_ratio",
-                                              "peak_rss_mb_incremental")}, indent=1))
+    print(json.dumps({k: {s: v["one_percent"]["ratio_to_full"] for s, v in out["sizes"].items()}
+                      if k == "sizes" else out.get(k)
+                      for k in ("sizes", "flat_ratio", "peak_rss_mb_incremental")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ from sftflow.tasks.build.filters import (
     apply_draft_policy,
     filter_rows_task,
 )
-from sftflow.tasks.build.pictures import import_in_background, publish_version_pictures_task
+from sftflow.tasks.build.pictures import publish_version_pictures_task
 from sftflow.tasks.build.plan import plan_build_task
 from sftflow.tasks.build.publish import publish_counts, publish_version_task
 from sftflow.tasks.build.report import (
@@ -87,6 +87,7 @@ from sftflow.tasks.build.report import (
 )
 from sftflow.tasks.build.shards import chunks, dedup_texts, fingerprint_task, merge_filtered
 from sftflow.tasks.build.split import index_files, stable_split_task
+from sftflow.tasks.build.warm import warm_in_background
 from sftflow.tasks.dedup import DedupConfig
 from sftflow.tasks.drafts.figures import draft_figures, publish_figures_task
 from sftflow.tasks.runtime.progress import PhaseTimer
@@ -176,7 +177,6 @@ def build_dataset(params: BuildParams) -> BuildReport:
     dedup against the parent, split and commit one dataset version, holding the dataset's
     build lock throughout; see the module docstring."""
     keys.check_name("dataset", params.dataset)
-    import_in_background()  # the pictures' matplotlib, while the export waits on Label Studio
     clients = Clients.for_bucket(params.bucket)
     lock = build_lock(clients.s3, params.dataset,
                       lease_s=params.lock_lease_s or clients.settings.locks.lease_s)
@@ -190,13 +190,14 @@ def _build(params: BuildParams, clients: Clients) -> BuildReport:
     settings, ls, s3 = clients.settings, clients.labelstudio, clients.s3
     prefix, shard_rows = settings.datasets.prefix, params.shard_rows or settings.datasets.shard_rows
 
-    project = require_project(ls, params.project)
+    project = require_project(ls, params.project, counters=False)
     report = BuildReport(dataset=params.dataset, project_id=project.id, project=project.title)
-    source = project_source(settings.labelstudio.url, project)
     plan = plan_build_task(s3, params.dataset, prefix, params.build_config(), mode=params.mode,
                            full_every=settings.datasets.full_every)
     clock.lap("parent")
+    warm_in_background()  # matplotlib and the dedup kernels, while the export waits
     changes = read_changes_task(ls, int(project.id), quote(plan))
+    source = project_source(settings.labelstudio.url, project, changes.counters)
     with tempfile.TemporaryDirectory(prefix="sftflow-export-") as tmp:
         if changes.needs_export:
             snapshot = create_snapshot_task(ls, int(project.id), timeout_s=params.export_timeout_s)
@@ -240,7 +241,8 @@ def _build(params: BuildParams, clients: Clients) -> BuildReport:
                "dedup": outcome.stats, "changes": outcome.figures, "drafts": drafts},
         prefix=prefix, shard_rows=shard_rows, run_id=str(runtime.flow_run.id or ""),
         code_version=f"sftflow {sftflow.__version__}", system_prompt=params.system_prompt,
-        signatures=outcome.signatures, extra_files=index_files(outcome.tasks, all_exclusions))
+        signatures=outcome.signatures,
+        extra_files=index_files(plan, changes, outcome.tasks, all_exclusions))
     result = commit_version_task(s3, quote(request))
     if params.tag:
         set_tag_task(s3, params.dataset, params.tag, result.version, prefix=prefix)

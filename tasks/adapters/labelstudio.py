@@ -112,9 +112,11 @@ def find_project(client: LabelStudio, project: str | int, *, counters: bool = Tr
     """A project by numeric id or exact title; None when there is none.
 
     A title shared by several projects is an error (never guess which one is meant).
-    ``counters=False``: a project found by title comes without its annotation counters (Label
-    Studio counts them over every task: 0.3 s of a 50,000-task project, against 0.1 s).
+    ``counters=False``: a project found by title comes with its id, title, task number and
+    labeling config only, without the annotation counters (Label Studio counts them over
+    every task: 0.3 s of a 50,000-task project, against 0.1 s).
     """
+    light = "id,title,task_number,label_config"
     if isinstance(project, int) or str(project).isdigit():
         try:
             return client.projects.get(id=int(project))
@@ -122,7 +124,7 @@ def find_project(client: LabelStudio, project: str | int, *, counters: bool = Tr
             if err.status_code == 404:
                 return None
             raise
-    listed = client.projects.list(title=str(project), include=None if counters else "task_number")
+    listed = client.projects.list(title=str(project), include=None if counters else light)
     matches = [p for p in listed if p.title == str(project)]
     if len(matches) > 1:
         ids = ", ".join(str(p.id) for p in matches)
@@ -130,9 +132,26 @@ def find_project(client: LabelStudio, project: str | int, *, counters: bool = Tr
     return matches[0] if matches else None
 
 
-def require_project(client: LabelStudio, project: str | int) -> Any:
+def require_project(client: LabelStudio, project: str | int, *, counters: bool = True) -> Any:
     """Like ``find_project`` but a missing project is a clear error naming it."""
-    found = find_project(client, project)
+    found = find_project(client, project, counters=counters)
     if found is None:
         raise ConfigError(f"Label Studio project {project!r} does not exist")
     return found
+
+
+#: The project counters a build reconciles its change list against and records with a version.
+PROJECT_COUNTERS = ("task_number", "num_tasks_with_annotations", "total_annotations_number",
+                    "finished_task_number", "skipped_annotations_number")
+
+
+def project_counters(client: LabelStudio, project_id: int) -> dict[str, int]:
+    """The project's ``PROJECT_COUNTERS``, and nothing else (``GET /api/projects/counts/``:
+    Label Studio computes only the counters asked for, about 0.2 s of a 55,000-task project
+    against 0.4 s for the project itself). A missing project is a ConfigError."""
+    page = client.projects.list_counts(ids=str(int(project_id)),
+                                       include=",".join(("id", *PROJECT_COUNTERS)))
+    found = [p for p in page.results or [] if int(p.id or 0) == int(project_id)]
+    if not found:
+        raise ConfigError(f"Label Studio project {project_id} does not exist (deleted?)")
+    return {k: int(getattr(found[0], k, 0) or 0) for k in PROJECT_COUNTERS}

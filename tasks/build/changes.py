@@ -2,7 +2,7 @@
 
 ``read_changes`` is the incremental export: the tasks updated since the parent's watermark
 (a light listing proven complete against the total it announces, then only the changed tasks
-whole), reconciled against the project counters, deleted tasks found by bisecting id counts.
+whole, through Label Studio's direct export by id), reconciled against the project counters, deleted tasks found by bisecting id counts.
 Its ``reason`` is then the proof. When any of that cannot be proven (a failed, 404 or short
 page, counters that do not reconcile or moved during the reading), it asks for a full export,
 the reason naming the cause, and ``changes_from_snapshot`` reads the changes from the
@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftflow.tasks.adapters.labelstudio import PROMPT_NAME
+from prefect.utilities.annotations import quote
+
+from sftflow.tasks.adapters.labelstudio import PROMPT_NAME, project_counters
 from sftflow.tasks.build.delta import (
     TaskState,
+    export_tasks_task,
     fetch_tasks_task,
     find_deleted_task,
     list_task_ids_task,
@@ -35,16 +38,6 @@ from sftflow.tasks.runtime.declare import compute_task, io_task
 from sftflow.tasks.runtime.progress import PhaseTimer
 from sftflow.tasks.versions.rows import Exclusion
 
-#: Label Studio project counters recorded with every version (the next build's baseline).
-PROJECT_COUNTERS = ("task_number", "num_tasks_with_annotations", "total_annotations_number",
-                    "finished_task_number", "skipped_annotations_number")
-
-
-def read_counters(ls: Any, project_id: int) -> dict[str, int]:
-    """The project counters a build reconciles its change list against (one request)."""
-    project = ls.projects.get(id=int(project_id))
-    return {k: int(getattr(project, k, 0) or 0) for k in PROJECT_COUNTERS}
-
 
 @dataclass
 class Changes:
@@ -59,6 +52,9 @@ class Changes:
     watermark: str  # the next build's (``next_watermark``: Label Studio's clock, less the overlap)
     export: dict[str, Any] = field(default_factory=dict)  # snapshot id and time, requests
     needs_export: bool = False  # the change list is not proven: take a full export
+    #: the project counters read before anything else (recorded with the version: the next
+    #: build's baseline)
+    counters: dict[str, int] = field(default_factory=dict)
 
 
 def _reread(plan: Plan, states: Mapping[int, TaskState], deleted: set[int]) -> set[int]:
@@ -79,7 +75,7 @@ def _listing(ls: Any, project_id: int, plan: Plan, clock: PhaseTimer) -> tuple[A
     stale = sorted(int(t["id"]) for t in seen.tasks if int(t["id"]) not in known
                    or not known[int(t["id"])].get("updated_at")
                    or known[int(t["id"])]["updated_at"] != ls_time(t.get("updated_at")))
-    delta = fetch_tasks_task(ls, project_id, ids=stale)
+    delta = export_tasks_task(ls, project_id, stale)
     clock.lap("fetch")
     if delta.unproven:
         return f"reading the {len(stale)} changed tasks whole ({delta.unproven})"
@@ -91,7 +87,7 @@ def _deleted(ls: Any, project_id: int, plan: Plan, states: Mapping[int, TaskStat
     """The deleted tasks, when the counters say some are gone: named by counting id ranges,
     else by listing every id; and what still does not reconcile (None: all of it does)."""
     expected = set(plan.parent.tasks) | set(states)
-    found = find_deleted_task(ls, project_id, expected)
+    found = find_deleted_task(ls, project_id, quote(expected))  # 55k ids: not walked
     if found is None:
         found = list_task_ids_task(ls, project_id)
         if found is None:
@@ -100,16 +96,15 @@ def _deleted(ls: Any, project_id: int, plan: Plan, states: Mapping[int, TaskStat
     return found, reconcile(plan.parent.states(), states, found, counters)
 
 
-def _incremental(ls: Any, project_id: int, plan: Plan, prompt_name: str) -> Changes | str:
-    """The incremental export, proven; or why it is not (the build then takes a full one)."""
-    clock = PhaseTimer()  # its laps show where an incremental export's seconds go
-    before = read_counters(ls, project_id)
-    clock.lap("counters")
+def _incremental(ls: Any, project_id: int, plan: Plan, prompt_name: str,
+                 before: Mapping[str, int], clock: PhaseTimer) -> Changes | str:
+    """The incremental export, proven; or why it is not (the build then takes a full one).
+    ``before``: the counters read before the listing."""
     got = _listing(ls, project_id, plan, clock)
     if isinstance(got, str):
         return f"change list not proven: {got}"
     seen, delta = got
-    now = read_counters(ls, project_id)
+    now = project_counters(ls, project_id)
     clock.lap("counters")
     if now != before:
         return "change list not proven: the project changed during the reading"
@@ -122,7 +117,7 @@ def _incremental(ls: Any, project_id: int, plan: Plan, prompt_name: str) -> Chan
         return f"counters do not reconcile ({why})"
     reread = _reread(plan, states, deleted)
     orphans = sorted(reread - set(states) - deleted)
-    extra = fetch_tasks_task(ls, project_id, ids=orphans)
+    extra = export_tasks_task(ls, project_id, orphans)
     clock.lap("fetch")
     if extra.unproven:
         return f"change list not proven: reading the orphaned tasks ({extra.unproven})"
@@ -135,8 +130,7 @@ def _incremental(ls: Any, project_id: int, plan: Plan, prompt_name: str) -> Chan
              f"annotations{f', {len(deleted)} deleted' if deleted else ''})")
     mark = next_watermark(since, [seen.latest])
     return Changes("incremental", proof, [by_id[t] for t in sorted(reread) if t in by_id],
-                   states, deleted, reread, mark,
-                   {"requests": seen.requests + delta.requests + extra.requests,
+                   states, deleted, reread, mark, counters=dict(before), export={"requests": seen.requests + delta.requests + extra.requests,
                     "tasks_listed": len(seen.tasks), "tasks_fetched": len(delta.tasks),
                     "pages_listed": seen.pages, "seconds": clock.seconds(),
                     # the latest updated_at of every page (Label Studio's clock): when the
@@ -150,18 +144,23 @@ def read_changes(ls: Any, project_id: int, plan: Plan, *,
     """The incremental export: tasks updated since the parent's watermark (a listing proven
     complete against the total it announces), checked against the project counters, deleted
     tasks found by counting id ranges when the counts say some are gone. The answer's
-    ``reason`` is the proof. When the plan is not incremental, or any of it cannot be proven
+    ``reason`` is the proof; ``counters`` the project counters read first, whatever the mode.
+    When the plan is not incremental, or any of it cannot be proven
     (a failed, 404 or short page, counters that do not reconcile or that moved during the
     reading), the answer asks for a full export (``needs_export``, the reason naming the
     cause), which the flow then takes and hands to :func:`changes_from_snapshot`."""
     reason = plan.reason
+    clock = PhaseTimer()  # its laps show where an incremental export's seconds go
+    before = project_counters(ls, project_id)
+    clock.lap("counters")
     if plan.mode == "incremental":
-        got = _incremental(ls, project_id, plan, prompt_name)
+        got = _incremental(ls, project_id, plan, prompt_name, before, clock)
         if isinstance(got, Changes):
             return got
         reason = got
     mode: BuildMode = "full" if plan.parent.version else "scratch"
-    return Changes(mode, reason, [], {}, set(), set(), "", needs_export=True)
+    return Changes(mode, reason, [], {}, set(), set(), "", needs_export=True,
+                   counters=before)
 
 
 def changes_from_snapshot(plan: Plan, path: Path, reason: str, *,

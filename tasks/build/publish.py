@@ -57,7 +57,7 @@ def announce(s3: S3, prefix: str, dataset: str, version: str, payload: Mapping[s
                      dataset, version, type(err).__name__, err)
         return False
     if not wait_until(lambda: event_stored(event_id, resource["prefect.resource.id"]),
-                      timeout_s=confirm_s, backoff=Backoff(0.2, 1.0)):
+                      timeout_s=confirm_s, backoff=Backoff(0.1, 0.3)):
         _log.warning("%s@%s: dataset.versioned %s not readable from the Prefect API within "
                      "%.0f s; not marked announced", dataset, version, event_id, confirm_s)
         return False

@@ -11,7 +11,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from sftflow.core.urls import redact_url
-from sftflow.tasks.build.changes import PROJECT_COUNTERS, Changes
+from sftflow.tasks.adapters.labelstudio import PROJECT_COUNTERS
+from sftflow.tasks.build.changes import Changes
 from sftflow.tasks.versions import formats
 from sftflow.tasks.versions.commit import CommitResult
 
@@ -74,14 +75,15 @@ class BuildReport(BaseModel):
         )
 
 
-def project_source(labelstudio_url: str, project: Any) -> dict[str, Any]:
-    """The manifest's ``source`` record of a Label Studio project (before the snapshot); the
-    URL without credentials (``redact_url``): nothing stored holds a password or token."""
+def project_source(labelstudio_url: str, project: Any, counters: Mapping[str, int]) -> dict[str, Any]:
+    """The manifest's ``source`` record of a Label Studio project and its counters read
+    before the export; the URL without credentials (``redact_url``): nothing stored holds a
+    password or token."""
     return {
         "labelstudio_url": redact_url(labelstudio_url),
         "project_id": int(project.id),
         "project_title": project.title,
-        **{k: int(getattr(project, k, 0) or 0) for k in PROJECT_COUNTERS},
+        **{k: int(counters.get(k, 0) or 0) for k in PROJECT_COUNTERS},
     }
 
 

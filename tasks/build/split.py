@@ -18,6 +18,7 @@ from sftflow.tasks.build.incremental import (
     inherited_splits,
     record,
     task_index_files,
+    touched_chunks,
 )
 from sftflow.tasks.build.plan import Plan
 from sftflow.tasks.dedup import DedupConfig, Fingerprints
@@ -116,10 +117,15 @@ def stable_split(plan: Plan, changes: Changes, fresh: Sequence[SftRow],
     return Outcome(retained + kept, sigs, exclusions, res.stats, tasks, figures)
 
 
-def index_files(tasks: Mapping[int, TaskRecord], exclusions: Iterable[Exclusion],
-                ) -> list[ExtraFile]:
-    """The version's task index and exclusions, in content-addressed chunks."""
-    return task_index_files(tasks.values()) + exclusion_files(exclusions)
+def index_files(plan: Plan, changes: Changes, tasks: Mapping[int, TaskRecord],
+                exclusions: Iterable[Exclusion]) -> list[ExtraFile]:
+    """The version's task index and exclusions, in content-addressed chunks. A chunk holding
+    no task this build read again, deleted or saw change is the parent's, reused as read
+    (serialising and redacting every chunk again cost 1.5 s a build at 55k tasks)."""
+    touched = touched_chunks(changes.reread | changes.deleted | set(changes.states))
+    reuse = plan.parent.chunks
+    return (task_index_files(tasks.values(), reuse, touched)
+            + exclusion_files(exclusions, reuse, touched))
 
 
 # -- Prefect tasks: the functions above, as the flows run them ------------------------------

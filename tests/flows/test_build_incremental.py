@@ -10,6 +10,7 @@ import random
 import pytest
 
 from sftflow.flows.build_dataset import BuildParams, build_dataset
+from sftflow.tasks.build import incremental
 from sftflow.tasks.ingest.prompts import prompt_id
 from sftflow.tasks.versions.keys import DEFAULT_PREFIX
 from sftflow.tasks.versions.read import diff_versions, load_manifest, read_file, read_rows
@@ -124,8 +125,16 @@ def test_incremental_equals_full_through_every_kind_of_change(prefect_harness, s
     assert diff["shards_read"] < len(load_manifest(s3, "inc", None).files_of("parquet"))
 
 
+def _index_files(s3, dataset: str) -> set[tuple[str, str]]:
+    m = load_manifest(s3, dataset, None)
+    return {(f.format, f.sha256) for f in m.files if f.format in ("tasks", "exclusions")}
+
+
 def test_rounds_of_random_changes_stay_equal_to_full_builds(prefect_harness, s3, labelstudio,
-                                                            project):
+                                                            project, monkeypatch):
+    # chunks of 8 task ids: most of a round's index and exclusion chunks are untouched, and
+    # the incremental build reuses the parent's; the full build writes every one afresh
+    monkeypatch.setattr(incremental, "TASK_CHUNK", 8)
     rng = random.Random(7)
     _build(s3, project, "inc"), _build(s3, project, "full", "full")
     for rnd in range(3):
@@ -139,6 +148,7 @@ def test_rounds_of_random_changes_stay_equal_to_full_builds(prefect_harness, s3,
         labelstudio.tasks.delete(id=rng.choice(annotated).id)
         inc, full = _build(s3, project, "inc"), _build(s3, project, "full", "full")
         assert inc.mode == "incremental" and inc.version == full.version, (rnd, inc.mode_reason)
+        assert _index_files(s3, "inc") == _index_files(s3, "full"), rnd
 
 
 def test_a_change_list_that_does_not_reconcile_falls_back_to_a_full_export(

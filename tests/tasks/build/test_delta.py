@@ -41,6 +41,35 @@ def test_nothing_missing_costs_one_count_and_an_unnamed_task_gives_up():
     assert found == set(expected[100:200]) and counts < 100
 
 
+def lister(present: set[int]):
+    return lambda lo, hi: {i for i in present if lo <= i < hi}
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_short_ranges_are_listed_instead_of_bisected_down_to_one_id(seed):
+    rng = random.Random(seed)
+    expected = rng.sample(range(1, 200_000), 55_000)
+    gone = set(rng.sample(expected, rng.choice([1, 2, 5])))
+    present = set(expected) - gone
+    bisected, counts = find_missing(expected, counter(present))
+    found, requests = find_missing(expected, counter(present), listing=lister(present),
+                                   list_below=512)
+    assert found == bisected == gone
+    # down to 512 ids, then one listing: 7 halvings of 55k fewer per missing id
+    assert requests <= counts - 7 * len(gone) + len(gone), (requests, counts)
+
+
+def test_a_listing_that_disagrees_with_its_count_is_no_answer():
+    expected = list(range(0, 3000, 3))
+    present = set(expected) - {30}
+    assert find_missing(expected, counter(present), listing=lambda lo, hi: None)[0] is None
+    unnamed = lambda lo, hi: lister(present)(lo, hi) | ({31} if lo <= 31 < hi else set())
+    assert find_missing(expected, counter(present), listing=unnamed)[0] is None
+    moved = lambda lo, hi: lister(present - {33})(lo, hi)  # another task went meanwhile
+    assert find_missing(expected, counter(present), listing=moved)[0] is None
+    assert find_missing(expected, counter(present), listing=lister(present))[0] == {30}
+
+
 def test_the_request_budget_is_kept():
     expected = list(range(1000))
     found, counts = find_missing(expected, counter(set(range(0, 1000, 2))), max_requests=30)

@@ -12,6 +12,7 @@ import pytest
 from sftflow.core.settings import get_settings
 from sftflow.tasks.adapters.labelstudio import build_labelstudio
 from sftflow.tasks.build.delta import (
+    export_tasks,
     fetch_tasks,
     find_deleted,
     find_missing,
@@ -74,14 +75,14 @@ def test_a_capped_page_size_is_paged_to_the_announced_total(tasks):
                           light=True)
         assert (sorted(int(t["id"]) for t in got.tasks), got.total, got.pages) == (ids, 10, 4)
         assert got.unproven == ""
-        whole = fetch_tasks(ls, project_id, ids=ids)  # by id, whole, capped too
+        whole = export_tasks(ls, project_id, ids)  # by id, whole, through the export
         assert sorted(int(t["id"]) for t in whole.tasks) == ids and not whole.unproven
         assert list_task_ids(ls, project_id) == set(ids)
 
 
 @pytest.mark.integration
 def test_a_404_or_a_failed_page_leaves_the_listing_unproven(tasks):
-    project_id, ids = tasks
+    project_id, _ = tasks
     with _gateway(page_cap=3) as gw:
         ls = _client(gw)
         gw.add(Fault("status", "GET", r"api/tasks/\?.*[?&]page=2\b", times=0, status=404))
@@ -89,10 +90,21 @@ def test_a_404_or_a_failed_page_leaves_the_listing_unproven(tasks):
                           light=True)
         assert got.unproven == "page 2 answered 404 with 3 of 10 tasks read"
         assert list_task_ids(ls, project_id) is None  # not "the project holds 3 tasks"
+
+
+@pytest.mark.integration
+def test_an_export_by_id_that_fails_or_drops_a_task_is_no_proof(tasks, labelstudio):
+    project_id, ids = tasks
+    with _gateway() as gw:
+        ls = _client(gw)
+        assert export_tasks(ls, project_id, []).requests == 0  # none asked: no whole-project export
+        gw.add(Fault("status", "GET", r"api/projects/\d+/export\?", times=0, status=400))
+        assert export_tasks(ls, project_id, ids).unproven == "the export of 10 tasks answered 400"
         gw.clear()
-        gw.add(Fault("status", "GET", r"api/tasks/\?.*[?&]page=3\b", times=0, status=400))
-        got = fetch_tasks(ls, project_id, ids=ids)
-        assert got.unproven == "page 3 answered 400 with 6 of 10 tasks read"
+        labelstudio.tasks.delete(id=ids[2])
+        got = export_tasks(ls, project_id, ids)
+        assert got.unproven == "1 of 10 tasks asked for did not come back"
+        assert sorted(int(t["id"]) for t in got.tasks) == ids[:2] + ids[3:]
 
 
 @pytest.mark.integration

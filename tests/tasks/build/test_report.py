@@ -21,9 +21,10 @@ def test_report_figures():
 
 
 def test_project_source_records_the_counters():
-    project = SimpleNamespace(id="7", title="t", task_number=10, num_tasks_with_annotations=4,
-                              total_annotations_number=5, finished_task_number=None)
-    assert report.project_source("http://ls", project) == {
+    project = SimpleNamespace(id="7", title="t", task_number=99)  # the counters come apart
+    counters = {"task_number": 10, "num_tasks_with_annotations": 4,
+                "total_annotations_number": 5, "finished_task_number": None}
+    assert report.project_source("http://ls", project, counters) == {
         "labelstudio_url": "http://ls", "project_id": 7, "project_title": "t",
         "task_number": 10, "num_tasks_with_annotations": 4, "total_annotations_number": 5,
         "finished_task_number": 0, "skipped_annotations_number": 0}

@@ -1,0 +1,34 @@
+"""What a build needs late, loaded early: a daemon thread started as the build begins, while
+its first seconds wait on Label Studio.
+
+In a fresh process (a work pool's flow run, the CLI) a build otherwise pays, on its critical
+path: matplotlib's import (about 1 s) and its first drawing (fonts and the mathtext parser of log-scale ticks, about 1 s) when it draws
+the version's pictures, and numba's start-up when it fingerprints the first rows (its
+registries and runtime, about 1.3 s, even with every kernel in numba's on-disk cache).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+
+def _warm() -> None:
+    from matplotlib.figure import Figure
+
+    from sftflow.tasks.dedup.minhash import compile_kernels
+
+    fig = Figure(figsize=(1, 1), dpi=20)
+    ax = fig.add_subplot()
+    ax.bar(["1", "2"], [10, 1000])
+    ax.set_yscale("log")  # its tick labels are mathtext: the parser is built on first use
+    ax.set_title("warm")
+    fig.savefig(io.BytesIO(), format="png")
+    compile_kernels()
+
+
+def warm_in_background() -> threading.Thread:
+    """Start loading matplotlib (and its fonts) and the dedup kernels in a daemon thread."""
+    thread = threading.Thread(target=_warm, name="sftflow-warm-up", daemon=True)
+    thread.start()
+    return thread
