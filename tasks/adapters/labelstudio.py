@@ -114,8 +114,8 @@ def find_project(client: LabelStudio, project: str | int, *, counters: bool = Tr
     A title shared by several projects is an error (never guess which one is meant).
     ``counters=False``: a project found by title comes with its id, title, creation time (the
     ingest ledger's epoch), task number and labeling config only, without the annotation
-    counters (Label Studio counts them over
-    every task: 0.3 s of a 50,000-task project, against 0.1 s).
+    counters (Label Studio counts them over every task: 0.3 s of a 50,000-task project,
+    against 0.1 s).
     """
     light = "id,title,created_at,task_number,label_config"
     if isinstance(project, int) or str(project).isdigit():

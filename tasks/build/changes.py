@@ -2,7 +2,8 @@
 
 ``read_changes`` is the incremental export: the tasks updated since the parent's watermark
 (a light listing proven complete against the total it announces, then only the changed tasks
-whole, through Label Studio's direct export by id), reconciled against the project counters, deleted tasks found by bisecting id counts.
+whole, through Label Studio's direct export by id), reconciled against the project counters,
+deleted tasks found by bisecting id counts.
 Its ``reason`` is then the proof. When any of that cannot be proven (a failed, 404 or short
 page, counters that do not reconcile or moved during the reading), it asks for a full export,
 the reason naming the cause, and ``changes_from_snapshot`` reads the changes from the
@@ -130,13 +131,14 @@ def _incremental(ls: Any, project_id: int, plan: Plan, prompt_name: str,
              f"annotations{f', {len(deleted)} deleted' if deleted else ''})")
     mark = next_watermark(since, [seen.latest])
     return Changes("incremental", proof, [by_id[t] for t in sorted(reread) if t in by_id],
-                   states, deleted, reread, mark, counters=dict(before), export={"requests": seen.requests + delta.requests + extra.requests,
-                    "tasks_listed": len(seen.tasks), "tasks_fetched": len(delta.tasks),
-                    "pages_listed": seen.pages, "seconds": clock.seconds(),
-                    # the latest updated_at of every page (Label Studio's clock): when the
-                    # reading's rows were read, to order builds (not a watermark: see delta)
-                    "read_at": max((ls_time(t.get("updated_at")) for t in seen.tasks),
-                                   default="")})
+                   states, deleted, reread, mark, counters=dict(before), export={
+                       "requests": seen.requests + delta.requests + extra.requests,
+                       "tasks_listed": len(seen.tasks), "tasks_fetched": len(delta.tasks),
+                       "pages_listed": seen.pages, "seconds": clock.seconds(),
+                       # the latest updated_at of every page (Label Studio's clock): when the
+                       # reading's rows were read, to order builds (not a watermark: see delta)
+                       "read_at": max((ls_time(t.get("updated_at")) for t in seen.tasks),
+                                      default="")})
 
 
 def read_changes(ls: Any, project_id: int, plan: Plan, *,
