@@ -18,6 +18,13 @@ import httpx
 from sftflow.core.errors import ServiceUnavailable, SftflowError
 from sftflow.infra.postgres import PG_DATABASES, PG_ROLE, PostgresService
 from sftflow.infra.processes import ServiceSpec, _bin, weed_grpc_port
+from sftflow.infra.templates import (
+    ensure_template,
+    installed_version,
+    labelstudio_migrator,
+    prefect_migrator,
+    seed,
+)
 
 #: The services of the default (SQLite) stack.
 SERVICES = ("s3", "labelstudio", "prefect")
@@ -96,31 +103,33 @@ class StackServices(PostgresService):
             ls_db = {"DJANGO_DB": "postgresql", "POSTGRE_NAME": PG_DATABASES["labelstudio"],
                      "POSTGRE_USER": PG_ROLE, "POSTGRE_HOST": host,
                      "POSTGRE_PORT": str(c.postgres_port)}
+        env = {
+            "LABEL_STUDIO_BASE_DATA_DIR": str(self._data_path("labelstudio")),
+            # Taken only when the first organization is created (empty database).
+            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+            # Local stack only: webhooks and S3 endpoints on loopback must be allowed.
+            "SSRF_PROTECTION_ENABLED": "false",
+            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+            # Nothing leaves the machine: Label Studio otherwise reports every API call
+            # (with the user's e-mail) from a new thread and errors to its Sentry; about
+            # half its CPU per request here, spent on calls that cannot reach the internet.
+            "COLLECT_ANALYTICS": "false", "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
+            "DJANGO_SETTINGS_MODULE": "sftflow_labelstudio_settings",
+            "PYTHONPATH": str(self.dir / "labelstudio-settings"),
+            **ls_db,
+        }
         return ServiceSpec(
             name="labelstudio",
             argv=[
                 "{label-studio}", "start", "--no-browser", "--port", str(c.label_studio_port),
                 "--internal-host", host,
             ],  # the admin's credentials go in the environment (_secret_env), not argv
-            env={
-                "LABEL_STUDIO_BASE_DATA_DIR": str(self._data_path("labelstudio")),
-                # Taken only when the first organization is created (empty database).
-                "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-                # Local stack only: webhooks and S3 endpoints on loopback must be allowed.
-                "SSRF_PROTECTION_ENABLED": "false",
-                "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-                # Nothing leaves the machine: Label Studio otherwise reports every API call
-                # (with the user's e-mail) from a new thread and errors to its Sentry; about
-                # half its CPU per request here, spent on calls that cannot reach the internet.
-                "COLLECT_ANALYTICS": "false", "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
-                "DJANGO_SETTINGS_MODULE": "sftflow_labelstudio_settings",
-                "PYTHONPATH": str(self.dir / "labelstudio-settings"),
-                **ls_db,
-            },
+            env=env,
             url=f"http://{host}:{c.label_studio_port}",
             ports=[c.label_studio_port],
             health=self._labelstudio_health,
-            before_start=self._write_labelstudio_settings,
+            before_start=lambda: (self._write_labelstudio_settings(),
+                                  self._seed_labelstudio_db(env)),
         )
 
     def _prefect_spec(self) -> ServiceSpec:
@@ -140,8 +149,30 @@ class StackServices(PostgresService):
             url=f"http://{host}:{c.prefect_port}",
             ports=[c.prefect_port],
             health=self._prefect_health,
-            before_start=self._write_prefect_launcher if immediate else lambda: None,
+            before_start=lambda: (self._write_prefect_launcher() if immediate else None,
+                                  self._seed_prefect_db()),
         )
+
+    # -- migrated templates (infra/templates.py): SQLite only ---------------------------------
+    def _uses_templates(self) -> bool:
+        return self.cfg.templates and not self.cfg.postgres
+
+    def _seed_labelstudio_db(self, env: dict[str, str]) -> None:
+        target = self._data_path("labelstudio") / "label_studio.sqlite3"
+        if not self._uses_templates() or target.exists():
+            return
+        python = Path(self._resolve_argv(["{label-studio}"])[0]).parent / "python"
+        name = installed_version(python, "label-studio")
+        seed(ensure_template(self.cfg.template_dir, name, labelstudio_migrator(python, env)),
+             target)
+
+    def _seed_prefect_db(self) -> None:
+        target = self._data_path("prefect") / "prefect.db"
+        if not self._uses_templates() or target.exists():
+            return
+        prefect = self._resolve_argv(["{prefect}"])[0]
+        name = installed_version(Path(prefect).parent / "python", "prefect")
+        seed(ensure_template(self.cfg.template_dir, name, prefect_migrator(prefect)), target)
 
     def _data_path(self, name: str) -> Path:
         return self.dir / "data" / name

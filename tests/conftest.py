@@ -256,6 +256,39 @@ def labelstudio(stack: Settings):
     return build_labelstudio(stack.labelstudio)
 
 
+def prefect_template() -> Path:
+    """The migrated Prefect SQLite database (infra/templates.py), made once for the machine:
+    a test's own Prefect server copies it instead of running the migrations (~9 s of CPU)."""
+    from sftflow.infra.processes import _bin
+    from sftflow.infra.templates import ensure_template, installed_version, prefect_migrator
+
+    prefect = _bin("prefect")
+    name = installed_version(Path(prefect).parent / "python", "prefect")
+    return ensure_template(Settings().stack.template_dir, name, prefect_migrator(prefect))
+
+
+@contextlib.contextmanager
+def _harness_database_from_template() -> Iterator[None]:
+    """``prefect_test_harness`` makes its SQLite database in a folder of its own (``mkdtemp``);
+    this puts a copy of the migrated template there first, so its server skips the migrations."""
+    import prefect.testing.utilities as harness
+
+    from sftflow.infra.templates import seed
+
+    template, mkdtemp = prefect_template(), harness.mkdtemp
+
+    def seeded() -> str:
+        folder = mkdtemp()
+        seed(template, Path(folder) / "prefect-test.db")
+        return folder
+
+    harness.mkdtemp = seeded
+    try:
+        yield
+    finally:
+        harness.mkdtemp = mkdtemp
+
+
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     """A real, ephemeral Prefect API (runs triggers and automations, not the scheduler)."""
@@ -267,7 +300,7 @@ def prefect_harness() -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in quiet}
     os.environ.update(quiet)
     try:
-        with prefect_test_harness(server_startup_timeout=120):
+        with _harness_database_from_template(), prefect_test_harness(server_startup_timeout=120):
             yield
     finally:
         for k, v in saved.items():

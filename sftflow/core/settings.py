@@ -218,6 +218,17 @@ class StackSettings(BaseModel):
         "IMMEDIATE (Prefect's deferred ones fail with 'database is locked' under concurrent "
         "runs); false runs `prefect server start` as shipped.",
     )
+    templates: bool = Field(
+        True,
+        description="Start a new SQLite stack's Label Studio and Prefect databases from migrated "
+        "templates (made once per installed version) instead of migrating each one "
+        "(infra/templates.py).",
+    )
+    template_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        / "sftflow" / "templates",
+        description="Where the migrated database templates are kept.",
+    )
     postgres_port: int = 15432
     postgres_password: SecretStr = Field(
         SecretStr(LOCAL_PG_PASSWORD), description="Password of the local `sftflow` role."

@@ -22,9 +22,10 @@ import pytest
 from sftflow.deployments.serve import CHECK, FINETUNE, ServeConfig, build_deployments
 from sftflow.flows.build_dataset import BuildParams, build_dataset
 from sftflow.flows.check_annotations import CheckParams, check_annotations
+from sftflow.infra.templates import seed
 from sftflow.tasks.runtime.polling import wait_until
 from sftflow.tasks.versions.keys import DatasetKeys
-from tests.conftest import unique
+from tests.conftest import prefect_template, unique
 from tests.tasks._datasets import annotation, make_project
 
 pytestmark = [pytest.mark.integration, pytest.mark.prefect]
@@ -76,6 +77,7 @@ class OwnPrefectServer:
 
 @pytest.fixture()
 def server(tmp_path):
+    seed(prefect_template(), tmp_path / "prefect.db")  # migrated once for the machine
     srv = OwnPrefectServer(tmp_path, PORT)
     srv.start()
     yield srv
