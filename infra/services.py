@@ -163,6 +163,8 @@ class StackServices(PostgresService):
             return
         python = Path(self._resolve_argv(["{label-studio}"])[0]).parent / "python"
         name = installed_version(python, "label-studio")
+        if name is None:
+            return
         seed(ensure_template(self.cfg.template_dir, name, labelstudio_migrator(python, env)),
              target)
 
@@ -172,6 +174,8 @@ class StackServices(PostgresService):
             return
         prefect = self._resolve_argv(["{prefect}"])[0]
         name = installed_version(Path(prefect).parent / "python", "prefect")
+        if name is None:
+            return
         seed(ensure_template(self.cfg.template_dir, name, prefect_migrator(prefect)), target)
 
     def _data_path(self, name: str) -> Path:

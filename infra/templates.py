@@ -29,14 +29,13 @@ from pathlib import Path
 from sftflow.core.errors import SftflowError
 
 
-def installed_version(python: str | Path, dist: str) -> str:
+def installed_version(python: str | Path, dist: str) -> str | None:
     """``<dist>-<version>`` of a distribution installed for ``python`` (its dist-info folder;
-    nothing is run)."""
+    nothing is run), or None where there is none (an executable outside a virtual environment:
+    its database is then migrated at its start, as without templates)."""
     venv = Path(python).absolute().parent.parent  # not resolved: bin/python links out of the venv
     found = sorted(venv.glob(f"lib/python*/site-packages/{dist.replace('-', '_')}-*.dist-info"))
-    if not found:
-        raise SftflowError(f"{dist} is not installed next to {python}")
-    return found[-1].name.removesuffix(".dist-info").replace("_", "-")
+    return found[-1].name.removesuffix(".dist-info").replace("_", "-") if found else None
 
 
 @contextlib.contextmanager

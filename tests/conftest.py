@@ -264,6 +264,7 @@ def prefect_template() -> Path:
 
     prefect = _bin("prefect")
     name = installed_version(Path(prefect).parent / "python", "prefect")
+    assert name is not None, f"prefect's dist-info not found next to {prefect}"
     return ensure_template(Settings().stack.template_dir, name, prefect_migrator(prefect))
 
 

@@ -103,5 +103,4 @@ def test_installed_version_reads_the_dist_info_without_running_anything(tmp_path
     python = tmp_path / "venv" / "bin" / "python"
     python.symlink_to(sys.executable)  # as in a venv: resolving it would leave the venv
     assert installed_version(python, "label-studio") == "label-studio-1.23.2"
-    with pytest.raises(SftflowError, match="prefect is not installed"):
-        installed_version(python, "prefect")
+    assert installed_version(python, "prefect") is None  # migrated at its start instead
