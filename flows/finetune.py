@@ -104,7 +104,9 @@ class FinetuneParams(BaseModel):
     min_eval_rows: int = Field(1, ge=0, description="Gate: and this many eval rows (0 allows no eval split).")
     deadline_s: float = Field(6 * 3600, gt=0, description="Stop watching after this long (the job keeps its record).")
     poll_min_s: float = Field(2.0, gt=0, description="First pause between status polls.")
-    poll_max_s: float = Field(60.0, gt=0, description="Longest pause between status polls (backoff cap).")
+    poll_max_s: float | None = Field(None, gt=0, description=(
+        "Longest pause between status polls (backoff cap); empty: the backend's own (trl 5 s, "
+        "its state read from this Prefect API; openai 60 s)."))
     cancel_on_deadline: bool = Field(False, description="Cancel the job when the deadline passes.")
     eval_gate: bool = Field(True, description="Compare eval loss with the dataset's best model; tag the better one best.")
     claim_ttl_s: float = Field(900.0, gt=0, description=(
@@ -238,11 +240,17 @@ def _claim(new: LineageRecord, params: FinetuneParams, *, s3: S3, prefix: str,
             return adopted, False
         return None
 
-    backoff = Backoff(params.poll_min_s, max(params.poll_min_s, params.poll_max_s))
-    waited_s = params.claim_ttl_s + params.poll_max_s * 2
+    backoff = _backoff(params, backend)
+    waited_s = params.claim_ttl_s + backoff.max_interval_s * 2
     found = wait_until(probe, timeout_s=waited_s, backoff=backoff)
     # one last look: the job may have been named as the wait ended
     return found or probe() or _refuse(new, waited_s, s3=s3, prefix=prefix)
+
+
+def _backoff(params: FinetuneParams, backend: Backend) -> Backoff:
+    """Status polls: from ``poll_min_s`` up to ``poll_max_s``, or the backend's own cap."""
+    cap = params.poll_max_s if params.poll_max_s is not None else backend.poll_max_s
+    return Backoff(params.poll_min_s, max(params.poll_min_s, cap))
 
 
 def _refuse(new: LineageRecord, waited_s: float, *, s3: S3, prefix: str) -> NoReturn:
@@ -282,7 +290,7 @@ def _watch(backend: Backend, backend_job_id: str, params: FinetuneParams, *, s3:
                                event=status.state)
         return status if status.terminal else None
 
-    backoff = Backoff(params.poll_min_s, max(params.poll_min_s, params.poll_max_s))
+    backoff = _backoff(params, backend)
     return wait_until(probe, timeout_s=params.deadline_s, backoff=backoff, progressed=lambda _: last["changed"])
 
 

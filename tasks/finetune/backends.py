@@ -136,6 +136,10 @@ class JobResult(BaseModel):
 @runtime_checkable
 class Backend(Protocol):
     name: str
+    #: The longest pause between two status polls (the backoff's cap) unless the flow sets one:
+    #: a remote provider's rate limits call for a long one, a job on our own work pool (its state
+    #: read from our Prefect API) for a short one.
+    poll_max_s: float
 
     def preflight(self, spec: JobSpec) -> dict[str, Any]:
         """Raise SftflowError if the job cannot work (missing base model, bad files)."""

@@ -49,6 +49,7 @@ class _HttpStatusError(Exception):
 
 class OpenAIBackend:
     name = "openai"
+    poll_max_s = 60.0  # a remote API with rate limits: jobs take minutes to hours
 
     def __init__(self, s3: S3, base_url: str, api_key: str | None, *, timeout_s: float = 60.0,
                  attempts: int = 4, min_examples: int = 10, max_tokens_per_example: int = 65_536,

@@ -44,6 +44,9 @@ def map_prefect_state(state_type: str) -> str:
 
 class TrlBackend:
     name = "trl"
+    #: Its status is a flow run's state on our own Prefect API: cheap to read. With the old 60 s
+    #: cap a local training that ended was noticed up to ~40 s late (the demo's second round).
+    poll_max_s = 5.0
 
     def __init__(self, s3: S3, mode: str = "deployment", deployment: str = "train-trl/default",
                  run_local: Callable[[JobSpec], Any] | None = None):
