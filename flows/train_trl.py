@@ -50,7 +50,7 @@ from sftflow.tasks.runtime.declare import artifact_key
 FLOW_NAME = "train-trl"
 
 
-@flow(name=FLOW_NAME, flow_run_name="train {params.dataset}@{params.version} job {params.job}", log_prints=True)
+@flow(name=FLOW_NAME, flow_run_name="train {params.dataset}@{params.version} job {params.job}", log_prints=False)
 def train_trl(params: JobSpec) -> TrainResult:
     """Train one job with TRL SFTTrainer and upload the model and its result to S3
     (a job whose result says succeeded is returned without training again)."""

@@ -56,6 +56,26 @@ def _artifact(key: str):
     return found[0] if found else None
 
 
+def _latest_run_logs(flow_name: str) -> list[str]:
+    """The messages the latest run of ``flow_name`` sent to the Prefect API (its first 200)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)  # what the run logged is sent before it is read
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                       sort=FlowRunSort.START_TIME_DESC, limit=1)
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    return [log.message for log in logs]
+
+
 def test_chat_training_drops_long_rows_and_draws_the_loss_curves(prefect_harness, flow_settings, s3,
                                                                  tiny_chat_model, tmp_path):
     version = _version_with_long_rows(s3)
@@ -67,6 +87,13 @@ def test_chat_training_drops_long_rows_and_draws_the_loss_curves(prefect_harness
     result = train_trl(spec)
 
     assert result.status == "succeeded"
+    # What reached the run's log is the flow's own lines. With log_prints on, Prefect logged
+    # every print made during the training, and `datasets` hashing a function through dill
+    # prints its bytecode (dill reads dis.dis from a captured stdout, which Prefect's print
+    # bypassed): ~4,600 lines a job, sent to the API, and dill saw no globals in them.
+    logs = _latest_run_logs("train-trl")
+    assert any("trained ft-chat-drop" in line for line in logs), logs[:5]
+    assert not [line for line in logs if "LOAD_GLOBAL" in line or "Disassembly of" in line]
     m = result.metrics
     assert m["format"] == "chat" and m["length_policy"] == "drop" and m["max_length"] == 64
     assert m["rows_total"] == 40 and m["rows_over_max_length"] == 4 and m["max_tokens_seen"] > 64
