@@ -18,13 +18,7 @@ import httpx
 from sftflow.core.errors import ServiceUnavailable, SftflowError
 from sftflow.infra.postgres import PG_DATABASES, PG_ROLE, PostgresService
 from sftflow.infra.processes import ServiceSpec, _bin, weed_grpc_port
-from sftflow.infra.templates import (
-    ensure_template,
-    installed_version,
-    labelstudio_migrator,
-    prefect_migrator,
-    seed,
-)
+from sftflow.infra.templates import labelstudio_template, prefect_template, seed
 
 #: The services of the default (SQLite) stack.
 SERVICES = ("s3", "labelstudio", "prefect")
@@ -162,21 +156,17 @@ class StackServices(PostgresService):
         if not self._uses_templates() or target.exists():
             return
         python = Path(self._resolve_argv(["{label-studio}"])[0]).parent / "python"
-        name = installed_version(python, "label-studio")
-        if name is None:
-            return
-        seed(ensure_template(self.cfg.template_dir, name, labelstudio_migrator(python, env)),
-             target)
+        template = labelstudio_template(self.cfg.template_dir, python, env)
+        if template is not None:
+            seed(template, target)
 
     def _seed_prefect_db(self) -> None:
         target = self._data_path("prefect") / "prefect.db"
         if not self._uses_templates() or target.exists():
             return
-        prefect = self._resolve_argv(["{prefect}"])[0]
-        name = installed_version(Path(prefect).parent / "python", "prefect")
-        if name is None:
-            return
-        seed(ensure_template(self.cfg.template_dir, name, prefect_migrator(prefect)), target)
+        template = prefect_template(self.cfg.template_dir, self._resolve_argv(["{prefect}"])[0])
+        if template is not None:
+            seed(template, target)
 
     def _data_path(self, name: str) -> Path:
         return self.dir / "data" / name

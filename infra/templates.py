@@ -122,3 +122,17 @@ def prefect_migrator(prefect: str | Path) -> Callable[[Path], None]:
               "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}"},
              "Prefect's migrations")
     return migrate
+
+
+def labelstudio_template(folder: Path, python: str | Path, env: dict[str, str]) -> Path | None:
+    """Label Studio's template for the installation of ``python``, made if missing; None for
+    an executable outside a virtual environment."""
+    name = installed_version(python, "label-studio")
+    return ensure_template(folder, name, labelstudio_migrator(python, env)) if name else None
+
+
+def prefect_template(folder: Path, prefect: str | Path) -> Path | None:
+    """Prefect's template for the installation of the ``prefect`` executable, made if missing;
+    None for an executable outside a virtual environment."""
+    name = installed_version(Path(prefect).parent / "python", "prefect")
+    return ensure_template(folder, name, prefect_migrator(prefect)) if name else None

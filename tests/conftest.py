@@ -260,12 +260,11 @@ def prefect_template() -> Path:
     """The migrated Prefect SQLite database (infra/templates.py), made once for the machine:
     a test's own Prefect server copies it instead of running the migrations (~9 s of CPU)."""
     from sftflow.infra.processes import _bin
-    from sftflow.infra.templates import ensure_template, installed_version, prefect_migrator
+    from sftflow.infra.templates import prefect_template as made
 
-    prefect = _bin("prefect")
-    name = installed_version(Path(prefect).parent / "python", "prefect")
-    assert name is not None, f"prefect's dist-info not found next to {prefect}"
-    return ensure_template(Settings().stack.template_dir, name, prefect_migrator(prefect))
+    template = made(Settings().stack.template_dir, _bin("prefect"))
+    assert template is not None, "prefect's dist-info not found beside the prefect executable"
+    return template
 
 
 @contextlib.contextmanager
