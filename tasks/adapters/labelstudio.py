@@ -9,16 +9,18 @@ from __future__ import annotations
 import functools
 import json
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
-from label_studio_sdk.core.jsonable_encoder import jsonable_encoder
 
 from sftflow.core.errors import ConfigError, ServiceUnavailable
 from sftflow.core.settings import LabelStudioSettings, resolve_secret
 from sftflow.core.urls import redact_url
+
+if TYPE_CHECKING:  # the SDK's client imports ~1.4 s of modules (pandas, jsonschema, jsf):
+    # loaded when a client is built, not by a health check or a CLI command that needs none
+    from label_studio_sdk import LabelStudio
 
 
 @functools.cache
@@ -36,6 +38,8 @@ def build_labelstudio(settings: LabelStudioSettings) -> LabelStudio:
             "Label Studio API key is not set (SFTFLOW_LABELSTUDIO__API_KEY or "
             "SFTFLOW_LABELSTUDIO__API_KEY_BLOCK)"
         )
+    from label_studio_sdk import LabelStudio
+
     client = httpx.Client(timeout=settings.timeout_s, follow_redirects=True, verify=_tls())
     return LabelStudio(base_url=settings.url.rstrip("/"), api_key=api_key, timeout=settings.timeout_s,
                        httpx_client=client)
@@ -52,6 +56,8 @@ def post_json(client: LabelStudio, path: str, body: Any, *, params: dict[str, An
     import, bench/ingest.py), where ``json.dumps`` encodes it in C. The encoding is httpx's own
     (UTF-8, compact, no NaN); a value ``json`` cannot encode (a datetime from a Parquet column)
     is converted as the SDK would."""
+    from label_studio_sdk.core.jsonable_encoder import jsonable_encoder
+
     wrapper = client._client_wrapper  # the SDK's own auth and base URL
     content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False,
                          default=jsonable_encoder).encode("utf-8")
@@ -87,8 +93,6 @@ def labelstudio_health(url: str, timeout_s: float = 5.0) -> dict[str, Any]:
 
 def check_labelstudio_auth(client: LabelStudio, url: str) -> str:
     """The e-mail of the token's user; a clear error when the token is refused."""
-    from label_studio_sdk.core.api_error import ApiError
-
     where = redact_url(url)
     try:
         return str(client.users.whoami().email)

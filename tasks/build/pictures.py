@@ -17,6 +17,12 @@ artifact as ``<img src=...>``, which takes a data URI; a link to S3 would not lo
 without credentials. A markdown artifact (:func:`pictures_markdown`) puts them side by side with
 their captions (the UI's markdown sanitiser keeps ``data:`` URIs on images). The PNGs are kept
 small (480 x 256 px, ~10-20 kB) since each is stored in the Prefect database as text.
+
+Every build draws them, so they are drawn cheaply: fixed margins (the left one sized to the
+longest bar label) instead of a constrained layout, which solves the layout on every save; a
+histogram as one filled step line per series (``stairs``) rather than a patch per bin; plain
+numbers on the log axis rather than mathtext powers. Measured on this machine (200 rows, a
+warm process): 0.46-0.66 s of CPU for the three pictures before, 0.20-0.23 s after.
 """
 
 from __future__ import annotations
@@ -43,10 +49,21 @@ CAPTIONS = {
 }
 
 
-def _figure():
+#: Margins in figure fractions; ``_figure(labels=...)`` widens the left one for bar labels.
+MARGINS = {"left": 0.12, "right": 0.97, "bottom": 0.17, "top": 0.89}
+_LABEL_PX_PER_CHAR = 5.5  # at fontsize 8 and DPI 80 (DejaVu Sans averages ~0.6 em a character)
+
+
+def _figure(labels: Sequence[str] = ()):
+    """A figure with one axes and fixed margins, the left one wide enough for ``labels``
+    (horizontal bars' names), up to half the width. Titles (and the bar charts' x labels) are
+    the figure's, centred on the picture, so a wide left margin pushes nothing off its edge."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI)
+    longest = max((len(x) for x in labels), default=0)
+    left = max(MARGINS["left"], min(0.5, (longest * _LABEL_PX_PER_CHAR + 12) / (WIDTH_IN * DPI)))
+    fig.subplots_adjust(**{**MARGINS, "left": left})
     return fig, fig.add_subplot()
 
 
@@ -103,11 +120,13 @@ def lengths_png(lengths: Mapping[str, Sequence[int]], bins: int = 30) -> bytes:
         edges = [top * i / bins for i in range(bins + 1)] if top else [0, 1]
         colours = iter([PROMPT_COLOUR, RESPONSE_COLOUR, "#2ca02c", "#d62728"])
         for name, values in series.items():
-            ax.hist(values, bins=edges, alpha=0.6, label=f"{name} (n={len(values)})", color=next(colours))
+            counts, _ = np.histogram(values, bins=edges)
+            ax.stairs(counts, edges, fill=True, alpha=0.6, label=f"{name} (n={len(values)})",
+                      color=next(colours))
         ax.set_xlabel("characters")
         ax.set_ylabel("rows")
         ax.legend(fontsize=8)
-    ax.set_title(CAPTIONS["lengths"], fontsize=10)
+    fig.suptitle(CAPTIONS["lengths"], fontsize=10)
     return _png(fig)
 
 
@@ -131,28 +150,35 @@ def clusters_png(sizes: Sequence[int]) -> bytes:
     if not counts:
         _empty(ax, "clusters")
     else:
+        from matplotlib.ticker import LogFormatter
+
         xs = [b for b in (size_bin(lo) for lo, _ in SIZE_BINS) if b in counts]
         bars = ax.bar(xs, [counts[x] for x in xs], color=BAR_COLOUR)
         ax.bar_label(bars, fontsize=8)
         ax.set_yscale("log")
+        ax.margins(y=0.1)
+        # 100, 50: plain numbers (the default writes mathtext powers, laid out per label)
+        ax.yaxis.set_major_formatter(LogFormatter())
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
         ax.set_xlabel("cluster size (rows)")
         ax.set_ylabel("clusters")
-    ax.set_title(CAPTIONS["clusters"], fontsize=10)
+    fig.suptitle(CAPTIONS["clusters"], fontsize=10)
     return _png(fig)
 
 
 def drops_png(dropped: Mapping[str, int]) -> bytes:
     """Horizontal bars: rows dropped per reason, the largest on top."""
-    fig, ax = _figure()
     items = sorted(((k, int(v)) for k, v in dropped.items() if v), key=lambda kv: kv[1])
+    fig, ax = _figure([k for k, _ in items])
     if not items:
         _empty(ax, "rows dropped")
     else:
         bars = ax.barh([k for k, _ in items], [v for _, v in items], color=BAR_COLOUR)
-        ax.bar_label(bars, fontsize=8)
-        ax.set_xlabel("rows")
+        ax.bar_label(bars, fontsize=8, padding=2)
+        ax.margins(x=0.08)
+        fig.supxlabel("rows", fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
-    ax.set_title(CAPTIONS["drops"], fontsize=10)
+    fig.suptitle(CAPTIONS["drops"], fontsize=10)
     return _png(fig)
 
 
@@ -160,21 +186,22 @@ def draft_return_png(figures: Mapping[str, Any]) -> bytes:
     """Horizontal bars: seconds saved per task, for each drafting model and each annotator
     (``draft_return.draft_return``), with the tasks compared; groups with no comparison (no
     undrafted baseline, no lead_time) are left out, never drawn as zero."""
-    fig, ax = _figure()
     items = [(f"{label} {name} (n={f['compared']})", float(f["saved_per_task_s"]))
              for label, key in (("model", "models"), ("annotator", "annotators"))
              for name, f in (figures.get(key) or {}).items()
              if f.get("saved_per_task_s") is not None][::-1]
+    fig, ax = _figure([k for k, _ in items])
     if not items:
         _empty(ax, "draft compared like for like")
     else:
         bars = ax.barh([k for k, _ in items], [v for _, v in items],
                        color=[BAR_COLOUR if v >= 0 else "#d62728" for _, v in items])
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+        ax.margins(x=0.12)
         ax.axvline(0, color="grey", linewidth=0.8)
-        ax.set_xlabel("seconds saved per task (median without draft - with draft)")
+        fig.supxlabel("seconds saved per task (median without draft - with draft)", fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
-    ax.set_title(CAPTIONS["draft_return"], fontsize=10)
+    fig.suptitle(CAPTIONS["draft_return"], fontsize=10)
     return _png(fig)
 
 

@@ -19,15 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from label_studio_sdk import LabelStudio
 from pydantic import BaseModel, Field
 
 from sftflow.tasks.adapters.labelstudio import PROMPT_NAME, RESPONSE_NAME
 from sftflow.tasks.drafts.generators import DraftGenerator, failure_reason
 from sftflow.tasks.runtime.declare import io_task
 from sftflow.tasks.runtime.polling import Backoff, retry
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
 
 #: Failures whose messages the report keeps (the counts cover all of them).
 MAX_FAILURE_SAMPLES = 50

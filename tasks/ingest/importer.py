@@ -43,10 +43,9 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from label_studio_sdk import LabelStudio
 from prefect.utilities.annotations import quote
 
 from sftflow.core.clock import utc_now
@@ -73,6 +72,9 @@ from sftflow.tasks.ingest.intake import FileIntake, new_prompts
 from sftflow.tasks.ingest.ledger import Ledger, rejected_batch_key
 from sftflow.tasks.ingest.prompts import Prompt, prompt_id
 from sftflow.tasks.runtime.progress import PhaseTimer
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
 
 
 def _submit_import(client: LabelStudio, project_id: int, batch: str, tasks: list[dict[str, Any]],

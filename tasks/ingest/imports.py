@@ -27,15 +27,17 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from sftflow.tasks.adapters.labelstudio import post_json
 from sftflow.tasks.runtime.declare import io_task
 from sftflow.tasks.runtime.polling import Backoff, wait_until
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
 
 #: Label Studio refuses these for the request as a whole (bad task, body too large).
 _REJECTED = (400, 413, 422)

@@ -9,13 +9,14 @@ toName="prompt">``: everything downstream (export, build) reads exactly those na
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import Any
-
-from label_studio_sdk import LabelStudio
+from typing import TYPE_CHECKING, Any
 
 from sftflow.core.errors import ConfigError
 from sftflow.tasks.adapters.labelstudio import PROMPT_NAME, RESPONSE_NAME, find_project
 from sftflow.tasks.runtime.declare import io_task
+
+if TYPE_CHECKING:
+    from label_studio_sdk import LabelStudio
 
 #: Label Studio's "Supervised Language Model Fine-tuning" template (generative-ai/supervised-llm),
 #: with two changes for drafts: the response is ``editable`` (a draft is edited in place, not
