@@ -67,6 +67,7 @@ from sftflow.tasks.build.export import (
     create_snapshot_task,
     delete_snapshot,
     download_snapshot_task,
+    export_deadline,
     parse_tasks,
 )
 from sftflow.tasks.build.filters import (
@@ -126,9 +127,10 @@ class BuildParams(BaseModel):
     shard_rows: int | None = Field(
         None, ge=1, description="Rows per Parquet shard (empty: settings.datasets.shard_rows)."
     )
-    export_timeout_s: float = Field(
-        900.0, gt=0, description="One deadline for the export snapshot: its creation (retries "
-        "included) and Label Studio finishing it."
+    export_timeout_s: float | None = Field(
+        None, gt=0, description="One deadline for the export snapshot: its creation (retries "
+        "included) and Label Studio finishing it (empty: from the project's size, 900 s up to "
+        "180k tasks and 5 ms a task above, at most 6 h; see tasks/build/export.py)."
     )
     keep_snapshot: bool = Field(
         False, description="Keep the export snapshot on the Label Studio server afterwards."
@@ -200,7 +202,9 @@ def _build(params: BuildParams, clients: Clients) -> BuildReport:
     source = project_source(settings.labelstudio.url, project, changes.counters)
     with tempfile.TemporaryDirectory(prefix="sftflow-export-") as tmp:
         if changes.needs_export:
-            snapshot = create_snapshot_task(ls, int(project.id), timeout_s=params.export_timeout_s)
+            deadline = params.export_timeout_s or export_deadline(
+                int(changes.counters.get("task_number") or 0))
+            snapshot = create_snapshot_task(ls, int(project.id), timeout_s=deadline)
             source.update(export_id=snapshot.export_id, snapshot_at=snapshot.created_at)
             path = download_snapshot_task(ls, snapshot, Path(tmp) / "export.json")
             if not params.keep_snapshot:
