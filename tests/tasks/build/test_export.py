@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 
 import pytest
@@ -256,4 +257,4 @@ def test_the_export_deadline_grows_with_the_project_and_stays_bounded():
     assert export_deadline(1_000_000) == 5_000.0
     assert export_deadline(10_000_000) == export_deadline(10**9) == 6 * 3600.0
     sizes = range(0, 10_000_000, 250_000)
-    assert all(export_deadline(a) <= export_deadline(b) for a, b in zip(sizes, sizes[1:]))
+    assert all(export_deadline(a) <= export_deadline(b) for a, b in itertools.pairwise(sizes))
