@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -39,3 +40,42 @@ def test_an_error_is_retried_at_the_next_tick_and_a_lost_lease_stops_the_loop():
 def test_a_period_must_be_positive():
     with pytest.raises(ValueError, match="every_s must be > 0"), renewing(lambda: True, 0, name="z"):
         pass
+
+
+def test_a_slow_renewal_does_not_stretch_the_period_between_renewals():
+    """Renewals start on a fixed cadence: one that takes most of a period (a store slow to
+    answer) is not followed by a whole period of waiting, so the gap between two renewals'
+    starts stays one period, not a period plus the call. (With a fixed wait after each call, a
+    call of 2/3 of a period made the gaps 5/3 of one: a lease of three periods was lost after
+    two slow renewals in a row, as a fine-tune claim with a 4 s lease was on a loaded machine.)"""
+    import time
+
+    starts: list[float] = []
+
+    def slow() -> bool:
+        starts.append(time.monotonic())
+        time.sleep(0.2)
+        return True
+
+    with renewing(slow, 0.3, name="slow") as state:
+        assert wait_until(lambda: state.renewed >= 5, timeout_s=10, backoff=Backoff(0.02, 0.05))
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert max(gaps) < 0.4, [round(g, 3) for g in gaps]  # 0.5 with a wait of 0.3 after each call
+
+
+def test_a_renewal_slower_than_its_period_is_followed_at_once_and_the_late_one_is_logged(caplog):
+    import time
+
+    durations = iter([0.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    starts: list[float] = []
+
+    def renew() -> bool:
+        starts.append(time.monotonic())
+        time.sleep(next(durations, 0.0))
+        return True
+
+    with caplog.at_level("WARNING", logger="sftflow.tasks.runtime.renewal"), \
+            renewing(renew, 0.1, name="late") as state:
+        assert wait_until(lambda: state.renewed >= 3, timeout_s=10, backoff=Backoff(0.02, 0.05))
+    assert starts[1] - starts[0] < 0.3  # right after the slow one ended, not a period later
+    assert any("late" in r.getMessage() and "lease" in r.getMessage() for r in caplog.records), caplog.text
