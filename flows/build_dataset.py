@@ -198,24 +198,13 @@ def _build(params: BuildParams, clients: Clients) -> BuildReport:
                            full_every=settings.datasets.full_every)
     clock.lap("parent")
     warm_in_background()  # matplotlib and the dedup kernels, while the export waits
-    changes = read_changes_task(ls, int(project.id), quote(plan))
-    source = project_source(settings.labelstudio.url, project, changes.counters)
     with tempfile.TemporaryDirectory(prefix="sftflow-export-") as tmp:
-        if changes.needs_export:
-            deadline = params.export_timeout_s or export_deadline(
-                int(changes.counters.get("task_number") or 0))
-            snapshot = create_snapshot_task(ls, int(project.id), timeout_s=deadline)
-            source.update(export_id=snapshot.export_id, snapshot_at=snapshot.created_at)
-            path = download_snapshot_task(ls, snapshot, Path(tmp) / "export.json")
-            if not params.keep_snapshot:
-                delete_snapshot(ls, snapshot)
-            changes = changes_from_snapshot_task(quote(plan), path, changes.reason)
-    source.update(mode=changes.mode, mode_reason=changes.reason,
-                  since_full=plan.since_full if changes.mode == "incremental" else 0,
-                  watermark=changes.watermark or watermark(ls_time(source["snapshot_at"])))
-    clock.lap("export")
-
-    parsed = parse_tasks(changes.tasks, params.annotation_policy, params.response_name)
+        changes, source = _read_changes(params, ls, settings.labelstudio.url, project, plan,
+                                        Path(tmp))
+        clock.lap("export")
+        # a full export's tasks stream from its snapshot, which must still be on disk here
+        parsed = parse_tasks(changes.iter_tasks(), params.annotation_policy,
+                             params.response_name)
     report.counts["export"] = dict(parsed.counts)
     drafts = draft_figures(parsed.rows, parsed.agreement, params.draft_policy,
                            lead_times=parsed.lead_times)
@@ -264,6 +253,27 @@ def _build(params: BuildParams, clients: Clients) -> BuildReport:
     clock.lap("publish")  # artifacts, pictures and the event
     report.record_seconds(clock.seconds(), changes)
     return report
+
+
+def _read_changes(params: BuildParams, ls: Any, ls_url: str, project: Any, plan: Any,
+                  tmp: Path) -> tuple[Any, dict[str, Any]]:
+    """The changes since the parent (incremental), or a full export snapshot downloaded into
+    ``tmp`` (``Changes.snapshot``); and the version's ``source`` record."""
+    changes = read_changes_task(ls, int(project.id), quote(plan))
+    source = project_source(ls_url, project, changes.counters)
+    if changes.needs_export:
+        deadline = params.export_timeout_s or export_deadline(
+            int(changes.counters.get("task_number") or 0))
+        snapshot = create_snapshot_task(ls, int(project.id), timeout_s=deadline)
+        source.update(export_id=snapshot.export_id, snapshot_at=snapshot.created_at)
+        path = download_snapshot_task(ls, snapshot, tmp / "export.json")
+        if not params.keep_snapshot:
+            delete_snapshot(ls, snapshot)
+        changes = changes_from_snapshot_task(quote(plan), path, changes.reason)
+    source.update(mode=changes.mode, mode_reason=changes.reason,
+                  since_full=plan.since_full if changes.mode == "incremental" else 0,
+                  watermark=changes.watermark or watermark(ls_time(source["snapshot_at"])))
+    return changes, source
 
 
 def build_dataset_on(dask_address: str | None = None, **dask_kwargs: Any):

@@ -13,7 +13,7 @@ seen, deletions, and the tasks whose parent rows leave.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,9 @@ class Changes:
 
     mode: BuildMode
     reason: str
-    tasks: list[dict[str, Any]]  # the tasks to parse (changed, new, orphaned), whole
+    #: the tasks to parse (changed, new, orphaned), whole, when read through the API; a full
+    #: export leaves it empty and names its ``snapshot`` instead (see ``iter_tasks``)
+    tasks: list[dict[str, Any]]
     states: dict[int, TaskState]  # current states of those tasks (all tasks on a full export)
     deleted: set[int]
     reread: set[int]  # changed or deleted or orphaned: their parent rows leave
@@ -56,6 +58,25 @@ class Changes:
     #: the project counters read before anything else (recorded with the version: the next
     #: build's baseline)
     counters: dict[str, int] = field(default_factory=dict)
+    #: a full export: the downloaded snapshot, from which ``iter_tasks`` streams the tasks in
+    #: ``reread`` (a scratch build of 300k tasks held them all whole: most of its 7 GB)
+    snapshot: Path | None = None
+    tasks_read: int | None = None  # how many ``iter_tasks`` yields (None: ``len(tasks)``)
+
+    def iter_tasks(self) -> Iterator[Any]:
+        """The tasks to parse, one at a time: ``tasks``, or those of the snapshot read again
+        (and anything in it that is not a task object, which the parser counts as malformed).
+        The snapshot must still be on disk."""
+        if self.snapshot is None:
+            yield from self.tasks
+            return
+        with self.snapshot.open("rb") as fp:
+            for t in iter_json_array(fp):
+                if not isinstance(t, dict) or int(t.get("id") or 0) in self.reread:
+                    yield t
+
+    def count_read(self) -> int:
+        return len(self.tasks) if self.tasks_read is None else self.tasks_read
 
 
 def _reread(plan: Plan, states: Mapping[int, TaskState], deleted: set[int]) -> set[int]:
@@ -169,18 +190,25 @@ def changes_from_snapshot(plan: Plan, path: Path, reason: str, *,
                           prompt_name: str = PROMPT_NAME) -> Changes:
     """The changes a full export shows (``path``: a downloaded snapshot): every task's state,
     the parent's tasks that are gone, and the tasks read again (all of them on a scratch
-    build). No watermark: the flow takes the snapshot's creation time (Label Studio's clock,
-    before the snapshot was serialised) less the overlap."""
+    build), which ``Changes.iter_tasks`` then streams from the file. No watermark: the flow
+    takes the snapshot's creation time (Label Studio's clock, before the snapshot was
+    serialised) less the overlap."""
+    states: dict[int, TaskState] = {}
+    ids: list[int] = []  # in file order, repeats kept: what ``iter_tasks`` will yield
+    malformed = 0
     with path.open("rb") as fp:
-        states = {int(t["id"]): task_state(t, prompt_name) for t in iter_json_array(fp)
-                  if isinstance(t, dict)}
+        for t in iter_json_array(fp):
+            if isinstance(t, dict):
+                state = task_state(t, prompt_name)
+                states[int(t["id"])] = state
+                ids.append(int(t.get("id") or 0))
+            else:
+                malformed += 1
     deleted = set(plan.parent.tasks) - set(states)
     reread = _reread(plan, states, deleted) if plan.parent.version else set(states)
-    with path.open("rb") as fp:
-        tasks = [t for t in iter_json_array(fp)
-                 if not isinstance(t, dict) or int(t.get("id") or 0) in reread]
     mode: BuildMode = "scratch" if not plan.parent.version else "full"
-    return Changes(mode, reason, tasks, states, deleted, reread, "")
+    return Changes(mode, reason, [], states, deleted, reread, "", snapshot=path,
+                   tasks_read=malformed + sum(1 for i in ids if i in reread))
 
 
 def carried_exclusions(plan: Plan, changes: Changes) -> list[Exclusion]:

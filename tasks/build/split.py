@@ -105,7 +105,7 @@ def stable_split(plan: Plan, changes: Changes, fresh: Sequence[SftRow],
     had_rows = {r["task_id"] for r in plan.parent.rows if r["task_id"] in changes.reread}
     new_tasks = {r["task_id"] for r in kept}
     figures = {
-        "tasks_read": len(changes.tasks),
+        "tasks_read": changes.count_read(),
         "tasks_deleted": len(changes.deleted),
         "rows_exported": len(fresh),
         "rows_added": sum(1 for r in kept if r["task_id"] not in had_rows),
