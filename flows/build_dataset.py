@@ -130,7 +130,7 @@ class BuildParams(BaseModel):
     export_timeout_s: float | None = Field(
         None, gt=0, description="One deadline for the export snapshot: its creation (retries "
         "included) and Label Studio finishing it (empty: from the project's size, 900 s up to "
-        "180k tasks and 5 ms a task above, at most 6 h; see tasks/build/export.py)."
+        "90k tasks and 10 ms a task above, at most 6 h; see tasks/build/export.py)."
     )
     keep_snapshot: bool = Field(
         False, description="Keep the export snapshot on the Label Studio server afterwards."
@@ -203,22 +203,10 @@ def _build(params: BuildParams, clients: Clients) -> BuildReport:
                                         Path(tmp))
         clock.lap("export")
         # a full export's tasks stream from its snapshot, which must still be on disk here
-        parsed = parse_tasks(changes.iter_tasks(), params.annotation_policy,
-                             params.response_name)
-    report.counts["export"] = dict(parsed.counts)
-    drafts = draft_figures(parsed.rows, parsed.agreement, params.draft_policy,
-                           lead_times=parsed.lead_times)
-    report.draft_return = drafts.get("return")
-    rows, draft_excluded = apply_draft_policy(parsed.rows, params.draft_policy)
-    shards = chunks(rows, shard_rows) if rows else []
-    filtered = [f.result() for f in filter_rows_task.map(shards, unmapped(params.filters))]
-    fresh, exclusions, filter_counts = merge_filtered(parsed.exclusions + draft_excluded, filtered)
-    report.counts["filters"] = dict(filter_counts)
+        fresh, exclusions, drafts = _parse_and_filter(changes, params, report, shard_rows)
     clock.lap("filters")
-    texts = chunks(dedup_texts(fresh, params.dedup), shard_rows)
-    fps = [f.result() for f in fingerprint_task.map(texts, unmapped(params.dedup))] if fresh else []
-    outcome = stable_split_task(quote(plan), quote(changes), quote(fresh), quote(fps),
-                                params.dedup, params.eval_fraction, params.split_seed)
+    outcome = _dedup_and_split(plan, changes, fresh, params, shard_rows)
+    del fresh  # the outcome holds its own copies of the rows it keeps: these can go now
     report.counts["dedup"] = dedup_counts(outcome.stats)
     clock.lap("dedup")
     if not outcome.rows:
@@ -253,6 +241,34 @@ def _build(params: BuildParams, clients: Clients) -> BuildReport:
     clock.lap("publish")  # artifacts, pictures and the event
     report.record_seconds(clock.seconds(), changes)
     return report
+
+
+def _parse_and_filter(changes: Any, params: BuildParams, report: BuildReport,
+                      shard_rows: int) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """The changed tasks parsed into rows, the draft policy and the filters applied (mapped
+    over shards): the rows left, every exclusion, and the draft figures. What is only needed
+    on the way (the parsed export, the shards) is freed on return."""
+    parsed = parse_tasks(changes.iter_tasks(), params.annotation_policy, params.response_name)
+    report.counts["export"] = dict(parsed.counts)
+    drafts = draft_figures(parsed.rows, parsed.agreement, params.draft_policy,
+                           lead_times=parsed.lead_times)
+    report.draft_return = drafts.get("return")
+    rows, draft_excluded = apply_draft_policy(parsed.rows, params.draft_policy)
+    shards = chunks(rows, shard_rows) if rows else []
+    filtered = [f.result() for f in filter_rows_task.map(shards, unmapped(params.filters))]
+    fresh, exclusions, filter_counts = merge_filtered(parsed.exclusions + draft_excluded, filtered)
+    report.counts["filters"] = dict(filter_counts)
+    return fresh, exclusions, drafts
+
+
+def _dedup_and_split(plan: Any, changes: Any, fresh: list[Any], params: BuildParams,
+                     shard_rows: int) -> Any:
+    """MinHash fingerprints of the fresh rows (mapped over shards), then the stable dedup
+    against the parent and the split; the dedup texts and fingerprints are freed on return."""
+    texts = chunks(dedup_texts(fresh, params.dedup), shard_rows)
+    fps = [f.result() for f in fingerprint_task.map(texts, unmapped(params.dedup))] if fresh else []
+    return stable_split_task(quote(plan), quote(changes), quote(fresh), quote(fps),
+                             params.dedup, params.eval_fraction, params.split_seed)
 
 
 def _read_changes(params: BuildParams, ls: Any, ls_url: str, project: Any, plan: Any,

@@ -252,9 +252,10 @@ def test_the_export_deadline_covers_the_create_request_and_its_retries(small_pro
 def test_the_export_deadline_grows_with_the_project_and_stays_bounded():
     from sftflow.tasks.build.export import export_deadline
 
-    assert export_deadline(0) == export_deadline(55_000) == export_deadline(180_000) == 900.0
-    assert export_deadline(300_000) == 1_500.0  # issue #21's largest project
-    assert export_deadline(1_000_000) == 5_000.0
+    assert export_deadline(0) == export_deadline(55_000) == export_deadline(90_000) == 900.0
+    # issue #21's largest project: its export stage took 850 s quiet and 1,218 s loaded
+    assert export_deadline(300_000) == 3_000.0
+    assert export_deadline(1_000_000) == 10_000.0
     assert export_deadline(10_000_000) == export_deadline(10**9) == 6 * 3600.0
     sizes = range(0, 10_000_000, 250_000)
     assert all(export_deadline(a) <= export_deadline(b) for a, b in itertools.pairwise(sizes))
