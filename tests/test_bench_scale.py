@@ -46,13 +46,14 @@ def test_the_first_limit_is_the_memory_of_a_build_that_grows_with_the_project():
     assert [f["runs_out_at_tasks"] for f in found] == sorted(f["runs_out_at_tasks"] for f in found)
 
 
-def test_rows_past_the_shared_corpus_join_two_different_real_rows(monkeypatch):
-    real = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(5)]
+def test_rows_past_the_shared_corpus_join_halves_of_two_different_real_rows(monkeypatch):
+    real = [{"prompt": f"p{i}a p{i}b p{i}c p{i}d", "completion": f"c{i}a c{i}b c{i}c c{i}d"}
+            for i in range(5)]
     monkeypatch.setattr(bench, "load_rows", lambda limit: list(real))
     rows = bench.corpus(12)
     assert rows[:5] == real and len(rows) == 12
     for r in rows[5:]:
-        a, b = r["prompt"].split("\n\n")
-        assert a != b and {a, b} <= {x["prompt"] for x in real}
-        assert r["completion"] == f"c{a[1:]}\n\nc{b[1:]}"
+        a, b = r["prompt"][1], r["prompt"][-2]  # the rows the two halves come from
+        assert a != b and r["prompt"] == f"p{a}a p{a}b p{b}c p{b}d"
+        assert r["completion"] == f"c{a}a c{a}b c{b}c c{b}d"  # as long as a real row
     assert bench.corpus(12) == rows  # seeded
