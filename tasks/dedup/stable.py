@@ -52,6 +52,38 @@ class StableResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+class DedupTexts(Sequence[str]):
+    """Row ``i``'s dedup text (retained rows first, then fresh ones), made the first time it is
+    asked for and kept. Only the rows of pairs verified by exact Jaccard (estimates near the
+    threshold) and of the examples need theirs: making every row's, retained ones included,
+    cost an incremental build time and memory sized by the project, not by its change.
+    Indexed by integers only; ``subset`` gives a view of some rows, sharing what was made."""
+
+    def __init__(self, retained: Sequence[Mapping[str, Any]], fresh: Sequence[Mapping[str, Any]],
+                 cfg: DedupConfig, index: np.ndarray | None = None,
+                 made: dict[int, str] | None = None):
+        self._retained, self._fresh, self._cfg, self._index = retained, fresh, cfg, index
+        self._made: dict[int, str] = {} if made is None else made
+
+    def __len__(self) -> int:
+        return len(self._retained) + len(self._fresh) if self._index is None else len(self._index)
+
+    def __getitem__(self, i: Any) -> Any:
+        if not isinstance(i, int | np.integer):
+            raise TypeError("DedupTexts are indexed by integers only")
+        j = int(i) if self._index is None else int(self._index[i])
+        text = self._made.get(j)
+        if text is None:
+            n_r = len(self._retained)
+            row = self._retained[j] if j < n_r else self._fresh[j - n_r]
+            text = self._made[j] = dedup_text(row["prompt"], row["completion"], self._cfg)
+        return text
+
+    def subset(self, index: np.ndarray) -> DedupTexts:
+        index = np.asarray(index) if self._index is None else self._index[np.asarray(index)]
+        return DedupTexts(self._retained, self._fresh, self._cfg, index, self._made)
+
+
 def stable_dedup(
     retained: Sequence[Mapping[str, Any]], retained_sigs: np.ndarray,
     fresh: Sequence[Mapping[str, Any]], fresh_fps: Fingerprints, cfg: DedupConfig, *,
@@ -74,8 +106,7 @@ def stable_dedup(
                                 "examples": [], "leakage_prompts": 0, "leakage_clusters": 0})
     r_sigs = np.asarray(retained_sigs, dtype=np.uint32).reshape(n_r, fresh_fps.sigs.shape[1])
     sigs = np.concatenate([r_sigs, fresh_fps.sigs])
-    texts = [dedup_text(r["prompt"], r["completion"], cfg) for r in retained]
-    texts += [dedup_text(r["prompt"], r["completion"], cfg) for r in fresh]
+    texts = DedupTexts(retained, fresh, cfg)
     part = _connected_parts(keys, sigs, texts, n_r, cfg)  # connected part per row
     f_part, f_keys = part[n_r:], keys[n_r:]
 
@@ -110,7 +141,7 @@ def stable_dedup(
 
 
 def _connected_parts(
-    keys: np.ndarray, sigs: np.ndarray, texts: list[str], n_r: int, cfg: DedupConfig
+    keys: np.ndarray, sigs: np.ndarray, texts: DedupTexts, n_r: int, cfg: DedupConfig
 ) -> np.ndarray:
     """Connected part per row (retained rows first): exact groups, one representative each,
     joined by near-duplicate pairs that hold a fresh row (verified as in ``cluster``)."""
@@ -125,7 +156,7 @@ def _connected_parts(
     comp = np.arange(len(reps), dtype=np.int64)
     if cfg.near and len(reps) > 1:
         n_r_reps = int(np.searchsorted(reps, n_r))
-        a, b, _ = similar_pairs(sigs[reps], cfg, keys[reps], [texts[i] for i in reps],
+        a, b, _ = similar_pairs(sigs[reps], cfg, keys[reps], texts.subset(reps),
                                 ignore_below=n_r_reps)
         comp = connected_components(len(reps), a, b)
     return comp[rep_of_row]
@@ -206,7 +237,7 @@ def _check_leakage(
 
 def _examples(
     res: StableResult, f_part: np.ndarray, parts: np.ndarray, r_keys: np.ndarray,
-    texts: list[str], example_chars: int,
+    texts: Sequence[str], example_chars: int,
 ) -> list[dict]:
     """One example per part in ``parts`` (that lost fresh rows): the kept (or retained) row's
     text and up to three dropped ones, truncated to ``example_chars``."""

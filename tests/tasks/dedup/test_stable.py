@@ -69,3 +69,25 @@ def test_splits_follow_shared_prompts_then_the_tasks_parent_split():
                        eval_fraction=1.0, inherited={3: "train"})
     assert res.keep.all()
     assert res.split == ["eval", "train", "eval"]  # shared prompt; inherited; hashed (all eval)
+
+
+def test_only_rows_of_verified_pairs_and_examples_get_a_dedup_text(monkeypatch):
+    """Every retained row's dedup text was made at each build (time and memory sized by the
+    project, not by the change: most of the dedup stage of a +1 % build at 300k tasks). Now
+    only the rows of pairs verified by exact Jaccard and of the examples get theirs."""
+    from sftflow.tasks.dedup import stable
+
+    made: list[str] = []
+    real = stable.dedup_text
+    monkeypatch.setattr(stable, "dedup_text",
+                        lambda p, c, cfg: made.append(p) or real(p, c, cfg))
+    rows = [_row(i, f"question {i} on topic {i * 7919}",
+                 " ".join(f"w{(i * j) % 997}" for j in range(1, 40))) for i in range(2000)]
+    kept, sigs = _retained(rows, ["train"] * len(rows))
+    fresh = [_row(5000, "Q one", LONG + "!"),
+             _row(5001, rows[3]["prompt"], rows[3]["completion"] + " w1 w2")]
+    res = stable_dedup(kept, sigs, fresh, fingerprint(_texts(fresh), CFG), CFG,
+                       eval_fraction=0.5)
+    assert res.stats["rows"] == 2 and res.stats["retained"] == 2000
+    assert res.keep.tolist() == [True, False] and res.against_parent[1]
+    assert len(made) <= 4, f"{len(made)} dedup texts made for 2 fresh rows"
