@@ -259,6 +259,37 @@ def fit_all(sizes: dict[str, dict]) -> dict:
     return out
 
 
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
+    """``y = a + b * x`` by least squares: ``(a, b)``; None with under two points."""
+    if len(xs) < 2:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    return my - b * mx, b
+
+
+def memory_lines(sizes: dict[str, dict], memory_gb: float) -> dict:
+    """Each step's peak RSS as a fixed part (the imports: ~0.5 GB) plus a part per task, and
+    where that line passes the machine's memory. A power fit bends under the fixed part (its
+    exponent comes out below 1) and so projects memory running out too late."""
+    ns = sorted(int(k) for k in sizes)
+    per = {n: figures(sizes[str(n)]) for n in ns}
+    out: dict = {}
+    for s in STEPS:
+        have = [n for n in ns if f"{s}_peak_rss_mb" in per[n]]
+        fit = linear_fit([float(n) for n in have], [per[n][f"{s}_peak_rss_mb"] for n in have])
+        if fit is None or fit[1] <= 0:
+            continue
+        a, b = fit
+        out[s] = {"fixed_mb": round(a), "mb_per_1k_tasks": round(b * 1000, 2),
+                  "projected_mb": {str(p): round(a + b * p) for p in PROJECT_TO},
+                  "runs_out_at_tasks": int((memory_gb * 1024 - a) / b)}
+    return out
+
+
 def _runs_out(c: float, k: float, limit) -> int | None:
     """The smallest N (10k to 100M, 20 steps a decade) where ``c * N**k`` passes ``limit(N)``."""
     grid = [int(10 ** (4 + i / 20)) for i in range(81)]
@@ -318,9 +349,14 @@ def summarise(sizes: dict[str, dict], info: dict) -> dict:
     fits = fit_all(sizes) if len(sizes) >= 2 else {}
     disk_free_gb = shutil.disk_usage(ROOT).free / 2**30
     top = sizes.get(str(max(int(k) for k in sizes)), {})
+    lines = memory_lines(sizes, info["memory_gb"]) if len(sizes) >= 2 else {}
+    found = limits(fits, info["memory_gb"], disk_free_gb) if fits else []
+    found += [{"figure": f"{s}_peak_rss_mb (fixed + per task)", "runs_out_at_tasks": line["runs_out_at_tasks"],
+               "what": f"the machine's {info['memory_gb']:.0f} GB of memory"} for s, line in lines.items()]
     return {
         "benchmark": "scale", "machine": info, "targets": TARGETS, "sizes": sizes,
-        "fits": fits, "first_limits": limits(fits, info["memory_gb"], disk_free_gb) if fits else [],
+        "fits": fits, "memory_lines": lines,
+        "first_limits": sorted(found, key=lambda f: f["runs_out_at_tasks"]),
         "largest": {"tasks": top.get("tasks"),
                     "scratch_peak_rss_mb": top.get("scratch", {}).get("peak_rss_mb"),
                     "incremental_s": top.get("incremental", {}).get("seconds")},

@@ -57,3 +57,13 @@ def test_rows_past_the_shared_corpus_join_halves_of_two_different_real_rows(monk
         assert a != b and r["prompt"] == f"p{a}a p{a}b p{b}c p{b}d"
         assert r["completion"] == f"c{a}a c{a}b c{b}c c{b}d"  # as long as a real row
     assert bench.corpus(12) == rows  # seeded
+
+
+def test_memory_lines_split_a_fixed_part_from_a_part_per_task_and_say_where_memory_ends():
+    sizes = {str(n): {"scratch": {"seconds": 1.0, "peak_rss_mb": 500 + n / 100,
+                                  "bytes_written": 1}} for n in (50_000, 150_000, 300_000)}
+    line = bench.memory_lines(sizes, memory_gb=24)["scratch"]
+    assert line["fixed_mb"] == 500 and line["mb_per_1k_tasks"] == 10.0
+    assert line["projected_mb"]["1000000"] == 10_500
+    assert line["runs_out_at_tasks"] == int((24 * 1024 - 500) / 0.01)
+    assert bench.linear_fit([1.0], [2.0]) is None
