@@ -61,7 +61,8 @@ def test_rows_past_the_shared_corpus_join_halves_of_two_different_real_rows(monk
 
 def test_memory_lines_split_a_fixed_part_from_a_part_per_task_and_say_where_memory_ends():
     sizes = {str(n): {"scratch": {"seconds": 1.0, "peak_rss_mb": 500 + n / 100,
-                                  "bytes_written": 1}} for n in (50_000, 150_000, 300_000)}
+                                  "bytes_written": 1, "stage_seconds": {}}}
+             for n in (50_000, 150_000, 300_000)}
     line = bench.memory_lines(sizes, memory_gb=24)["scratch"]
     assert line["fixed_mb"] == 500 and line["mb_per_1k_tasks"] == 10.0
     assert line["projected_mb"]["1000000"] == 10_500
