@@ -199,9 +199,9 @@ def changes_from_snapshot(plan: Plan, path: Path, reason: str, *,
     with path.open("rb") as fp:
         for t in iter_json_array(fp):
             if isinstance(t, dict):
-                state = task_state(t, prompt_name)
-                states[int(t["id"])] = state
-                ids.append(int(t.get("id") or 0))
+                tid = int(t["id"])
+                states[tid] = task_state(t, prompt_name)
+                ids.append(tid)
             else:
                 malformed += 1
     deleted = set(plan.parent.tasks) - set(states)

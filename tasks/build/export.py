@@ -57,13 +57,12 @@ class Snapshot:
 MAX_SNAPSHOTS = 3
 
 #: The export deadline scales with the project (issue #21): Label Studio builds a snapshot in
-#: one request. Measured on this project's 2-core machines (bench/scale.py), the whole export
-#: stage (the snapshot, its download and the reading of every task's state) took 2.5 ms a task
-#: at 55k tasks, 2.8 ms at 300k on a quiet machine and 4.1 ms at 300k on a loaded one (its
-#: time grows a little faster than the project: an exponent of 1.08 quiet, 1.3 loaded). The
-#: deadline allows 10 ms a task, over three times the quiet rate and twice the loaded one, never
-#: less than the 900 s every project had before, and never more than 6 hours (reached at 2.16M
-#: tasks).
+#: one request. The whole export stage (the snapshot, its download and the reading of every
+#: task's state; bench/scale.py) took 1.2 ms a task at 300k tasks on a quiet machine (session
+#: 14) and up to 4.1 ms on a slower, loaded one (session 13); it grows about as fast as the
+#: project (exponent 1.02 over 55k-300k). The deadline allows 10 ms a task, twice the worst
+#: rate seen, never less than the 900 s every project had before, and never more than 6 hours
+#: (reached at 2.16M tasks).
 EXPORT_DEADLINE_MIN_S = 900.0
 EXPORT_DEADLINE_PER_TASK_S = 0.010
 EXPORT_DEADLINE_MAX_S = 6 * 3600.0
