@@ -58,14 +58,14 @@ def test_the_holder_renews_its_lease_while_it_works(s3):
 
 
 def test_a_dead_holders_lock_is_taken_over_after_its_lease_and_the_stale_holder_cannot_write(s3):
-    stale = s3_lock(s3, s3.bucket, "_sftflow", "l4", lease_s=1)
+    # a 4 s lease: with 1 s, a loaded CI run's S3 round-trips outlasted it before the first write
+    stale = s3_lock(s3, s3.bucket, "_sftflow", "l4", lease_s=4)
     assert stale.try_acquire()  # acquired, then never renewed: as a killed or frozen holder
     ledger = Ledger(s3, s3.bucket, "_sftflow", 7, fence=stale.fence)
     ledger.mark_pending("b0", 1)  # while the lease holds, the holder writes
     new = s3_lock(s3, s3.bucket, "_sftflow", "l4", lease_s=30)
     assert not new.try_acquire()
-    time.sleep(1.2)  # on purpose: the stale holder's 1 s lease runs out
-    with new.held(timeout_s=5):
+    with new.held(timeout_s=30):  # waits until the stale holder's lease has run out
         assert new.token == stale.token + 1
         with pytest.raises(LeaseLost, match="token 1"):
             ledger.confirm("b0", ["a"], 1)
