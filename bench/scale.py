@@ -231,17 +231,11 @@ def figures(size: dict) -> dict[str, float]:
 
 
 def power_fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
-    """``y = c * x**k`` by least squares on logs: ``(c, k)``; None with under two points."""
+    """``y = c * x**k`` by least squares on logs (``linear_fit`` of log y on log x):
+    ``(c, k)``; None with under two points."""
     pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if x > 0 and y > 0]
-    if len(pts) < 2:
-        return None
-    mx = sum(p[0] for p in pts) / len(pts)
-    my = sum(p[1] for p in pts) / len(pts)
-    sxx = sum((p[0] - mx) ** 2 for p in pts)
-    if sxx == 0:
-        return None
-    k = sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
-    return math.exp(my - k * mx), k
+    fit = linear_fit([p[0] for p in pts], [p[1] for p in pts])
+    return None if fit is None else (math.exp(fit[0]), fit[1])
 
 
 def fit_all(sizes: dict[str, dict]) -> dict:
