@@ -67,17 +67,21 @@ def test_completes_when_annotations_arrive(prefect_harness, labelstudio, project
     def annotators() -> None:
         # They arrive once the flow has seen too few (not after a fixed pause, which a slow
         # flow start on a busy machine could outlast).
-        if not first_poll.wait(60):
+        if not first_poll.wait(240):
             return  # the flow never polled: its report says so below
         for i in ids[:3]:
             annotate(labelstudio, i)
 
     worker = threading.Thread(target=annotators)
     worker.start()
-    report = wait_for_annotations(fast(project=str(p.id), min_new=3, timeout_s=60))
+    # The deadline is far: a passing run ends within seconds, and in one CI run a single
+    # Prefect API call (the progress artifact's update after the second poll) took 62 s, so
+    # a 60 s deadline reported a wait that had succeeded as late. (60 s is both the Prefect
+    # client's timeout and the harness server's SQLite busy timeout; the cause is unknown.)
+    report = wait_for_annotations(fast(project=str(p.id), min_new=3, timeout_s=300))
     worker.join()
     assert report.reached and report.new == 3 and report.counter == "num_tasks_with_annotations"
-    assert report.waited_s < 60 and report.polls >= 2
+    assert report.waited_s < 300 and report.polls >= 2
 
 
 def test_counts_annotations_since_the_last_dataset_version(prefect_harness, labelstudio, project, s3):
