@@ -195,18 +195,45 @@ def _iter_jsonl(stream: BinaryIO, mapping: FieldMapping, limits: Limits) -> Iter
         except UnicodeDecodeError as err:
             yield Rejected(row, "invalid_utf8", str(err), raw_preview(line))
             continue
-        record = _loads(text, row)
+        record = _loads(text, row, limits.max_depth)
         yield record if isinstance(record, Rejected) else to_prompt(record, row, mapping, limits,
                                                                      raw=text)
 
 
-def _loads(text: str, row: int) -> Any:
-    """One JSON record, or why it cannot be read (too deeply nested: Python's parser recurses)."""
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')  # a string (skipped whole) or a bracket
+
+
+def nesting_depth(text: str, limit: int) -> int:
+    """The deepest nesting of arrays and objects in JSON ``text``, counted without recursion
+    (brackets inside strings do not count); it stops counting past ``limit``. A text with no
+    more than ``limit`` opening brackets is not scanned."""
+    if text.count("[") + text.count("{") <= limit:
+        return 0
+    depth = deepest = 0
+    for m in _TOKEN.finditer(text):
+        ch = m.group()
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                break
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _loads(text: str, row: int, max_depth: int) -> Any:
+    """One JSON record, or why it cannot be read. Nesting past ``max_depth`` is refused before
+    ``json.loads``, whose parser recurses: a RecursionError caught at the interpreter's limit
+    is not enough, since whatever else runs at that depth (a finaliser the garbage collector
+    calls there) fails too."""
+    if nesting_depth(text, max_depth) > max_depth:
+        return Rejected(row, "too_deep", f"nested deeper than {max_depth} levels", text[:500])
     try:
         return json.loads(text)
     except ValueError as err:
         return Rejected(row, "invalid_json", str(err), text[:500])
-    except RecursionError:
+    except RecursionError:  # a max_depth near the interpreter's own limit
         return Rejected(row, "too_deep", "nested too deeply to parse", text[:500])
 
 
@@ -229,7 +256,7 @@ def _iter_json(stream: BinaryIO, mapping: FieldMapping, limits: Limits) -> Itera
             raise FileProblem("invalid_utf8", str(err)) from err
 
     for row, text in enumerate(array_elements(chunks()), 1):
-        record = _loads(text, row)
+        record = _loads(text, row, limits.max_depth)
         yield record if isinstance(record, Rejected) else to_prompt(record, row, mapping, limits)
 
 

@@ -73,6 +73,11 @@ class FieldMapping(BaseModel):
 
 class Limits(BaseModel):
     max_prompt_chars: int = Field(100_000, gt=0, description="Longer prompts are quarantined.")
+    max_depth: int = Field(
+        100, gt=0, le=500,
+        description="Records nested deeper (arrays and objects) are quarantined as too_deep, "
+        "before Python's JSON parser would recurse that far.",
+    )
     max_file_bytes: int = Field(
         512 * 2**20, gt=0,
         description="Larger source objects are quarantined without reading; a compressed object "

@@ -13,7 +13,13 @@ import pytest
 
 from sftflow.tasks.adapters.s3 import ObjectInfo
 from sftflow.tasks.ingest.ledger import Ledger, _key_hash
-from sftflow.tasks.ingest.parse import FileProblem, array_elements, detect_format, parse_stream
+from sftflow.tasks.ingest.parse import (
+    FileProblem,
+    array_elements,
+    detect_format,
+    nesting_depth,
+    parse_stream,
+)
 from sftflow.tasks.ingest.prompts import (
     FieldMapping,
     Limits,
@@ -156,6 +162,23 @@ def test_deeply_nested_records_are_quarantined_not_raised():
     prompts, rejected = parse(array, "d.json")
     assert [p.prompt for p in prompts] == ["before", "after"]
     assert [(r.row, r.reason) for r in rejected] == [(2, "too_deep")]
+
+
+def test_nesting_past_the_limit_is_quarantined_and_brackets_in_strings_do_not_count():
+    def nested(depth: int) -> str:
+        return json.dumps({"prompt": f"p{depth}", "x": None}).replace(
+            "null", "[" * (depth - 1) + "]" * (depth - 1))
+
+    jsonl = "\n".join([nested(100), nested(101), nested(300),
+                       json.dumps({"prompt": "[" * 5000 + "{" * 5000})]).encode()
+    prompts, rejected = parse(jsonl, "n.jsonl")
+    assert [p.prompt for p in prompts] == ["p100", "[" * 5000 + "{" * 5000]
+    assert [(r.row, r.reason, r.detail) for r in rejected] == [
+        (2, "too_deep", "nested deeper than 100 levels"), (3, "too_deep", "nested deeper than 100 levels")]
+    prompts, rejected = parse(jsonl, "n.jsonl", limits=Limits(max_depth=300))
+    assert [p.prompt for p in prompts] == ["p100", "p101", "p300", "[" * 5000 + "{" * 5000]
+    assert nesting_depth('{"a": "' + "[" * 50 + '"}', 10) == 1  # brackets in a string
+    assert nesting_depth('{"a": "[[[[", "b": [[{"c": "\\"]]"}]]}', 3) == 4  # an escaped quote
 
 
 def test_control_characters_are_quarantined_tab_newline_cr_are_text():
