@@ -18,8 +18,8 @@ from sftflow.core.errors import ConfigError, ServiceUnavailable
 from sftflow.core.settings import LabelStudioSettings, resolve_secret
 from sftflow.core.urls import redact_url
 
-if TYPE_CHECKING:  # the SDK's client imports ~1.4 s of modules (pandas, jsonschema, jsf):
-    # loaded when a client is built, not by a health check or a CLI command that needs none
+if TYPE_CHECKING:  # the SDK's client module imports ~1.4 s of modules (pandas, jsonschema,
+    # jsf): only its type here; ``_client_class`` builds the client on the base client
     from label_studio_sdk import LabelStudio
 
 
@@ -38,11 +38,47 @@ def build_labelstudio(settings: LabelStudioSettings) -> LabelStudio:
             "Label Studio API key is not set (SFTFLOW_LABELSTUDIO__API_KEY or "
             "SFTFLOW_LABELSTUDIO__API_KEY_BLOCK)"
         )
-    from label_studio_sdk import LabelStudio
-
     client = httpx.Client(timeout=settings.timeout_s, follow_redirects=True, verify=_tls())
-    return LabelStudio(base_url=settings.url.rstrip("/"), api_key=api_key, timeout=settings.timeout_s,
-                       httpx_client=client)
+    return _client_class()(base_url=settings.url.rstrip("/"), api_key=api_key,
+                           timeout=settings.timeout_s, httpx_client=client)
+
+
+@functools.cache
+def _client_class() -> type:
+    """The SDK's client as ``label_studio_sdk.LabelStudio`` behaves for what sftflow calls (its
+    listings end at Label Studio's 404 past the last page; task listings default to
+    ``fields=all``), built on the generated base client. ``LabelStudio`` itself imports its
+    extensions' label-config interface (jsf, smart_open, Google auth): about 0.4 s of CPU in
+    every process that builds a client, a build's included, for helpers sftflow never calls
+    (``get_label_interface``, ``exports.as_pandas``)."""
+    from label_studio_sdk._extensions.pager_ext import SyncPagerExt
+    from label_studio_sdk.base_client import LabelStudioBase
+    from label_studio_sdk.projects.client import ProjectsClient
+    from label_studio_sdk.tasks.client import TasksClient
+
+    class Projects(ProjectsClient):
+        def list(self, **kwargs: Any) -> Any:
+            return SyncPagerExt.from_sync_pager(super().list(**kwargs))
+
+    class Tasks(TasksClient):
+        def list(self, **kwargs: Any) -> Any:
+            kwargs.setdefault("fields", "all")
+            return SyncPagerExt.from_sync_pager(super().list(**kwargs))
+
+    class Client(LabelStudioBase):
+        @property
+        def projects(self) -> Projects:
+            if self._projects is None:
+                self._projects = Projects(client_wrapper=self._client_wrapper)
+            return self._projects
+
+        @property
+        def tasks(self) -> Tasks:
+            if self._tasks is None:
+                self._tasks = Tasks(client_wrapper=self._client_wrapper)
+            return self._tasks
+
+    return Client
 
 
 def post_json(client: LabelStudio, path: str, body: Any, *, params: dict[str, Any] | None = None,

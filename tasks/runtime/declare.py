@@ -8,6 +8,9 @@
 Tasks take service clients as arguments, which cannot be hashed into cache keys, so caching is
 off (``NO_CACHE``); idempotency comes from ledgers, content ids and conditional writes instead.
 The plain function stays callable as ``task.fn`` and is what the unit tests call.
+
+Importing this module also makes the flow runs of this process end as soon as their work does
+(``heartbeat.install``: Prefect's heartbeat thread otherwise holds each run up to 1 s).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from sftflow.tasks.runtime import heartbeat
 from sftflow.tasks.runtime.polling import is_transient
+
+heartbeat.install()
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
