@@ -301,8 +301,8 @@ def prefect_harness() -> Iterator[None]:
     # automations), and it was about a fifth of each harness server's CPU (18 -> 14 s over
     # the incremental-rounds test), the harness servers a sixth of the suite's. The stack's
     # Prefect server, which the UI and deployment tests use, keeps it.
-    # The event persister flushes every second, as the stack's server does (Prefect's default
-    # is 5 s): a build marks its version announced only once the API returns its event, so
+    # The event persister flushes as often as the stack's server's does (PREFECT_EVENTS_ENV;
+    # Prefect's default is 5 s): a build marks its version announced only once the API returns its event, so
     # the default left every announcing build idle for up to 5 s (test_build_dataset.py,
     # serially: 113 s -> 84-94 s of wall time, the same CPU).
     from sftflow.infra.services import PREFECT_EVENTS_ENV

@@ -61,6 +61,9 @@ def test_compose_services_and_references():
         for dep in svc.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown {dep}"
     assert "3.8.8" in services["prefect-server"]["image"]  # the version the project pins
+    from sftflow.infra.services import PREFECT_EVENTS_ENV  # as the local stack's server
+
+    assert PREFECT_EVENTS_ENV.items() <= services["prefect-server"]["environment"].items()
 
 
 def test_k8s_manifests_parse_and_reference_each_other():
