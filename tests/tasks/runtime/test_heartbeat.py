@@ -46,12 +46,20 @@ def test_the_run_ends_without_waiting_for_the_heartbeat_thread() -> None:
     assert len(engine.sent) == 1  # one heartbeat at the start, the next due in 180 s
 
 
+def _heartbeat_threads() -> list[threading.Thread]:
+    """Live threads running a heartbeat loop (other threads of the process come and go)."""
+    return [t for t in threading.enumerate()
+            if any(getattr(a, "__name__", "") == "heartbeat_loop" for a in getattr(t, "_args", ()))]
+
+
 def test_no_heartbeat_thread_when_heartbeats_are_off() -> None:
     engine = _Engine(None)
-    before = threading.active_count()
     with heartbeat.send_heartbeats(engine):
-        assert threading.active_count() == before
+        assert _heartbeat_threads() == []
     assert engine.sent == []
+    with heartbeat.send_heartbeats(_Engine(180)):  # the check sees one when they are on
+        assert len(_heartbeat_threads()) == 1
+    assert _heartbeat_threads() == []
 
 
 def test_installed_for_the_pinned_prefect() -> None:
